@@ -1,0 +1,31 @@
+"""attnflow_zoo: normalizing flows with invertible attention, on the Hugging Face Hub."""
+
+from .core import FlowModel, FlowSequential, InvertibleModule
+from .errors import (
+    AttnFlowError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ShapeError,
+    TrainingError,
+)
+from .metrics import bits_per_dim
+from .registry import create_model, list_models, register_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnFlowError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FlowModel",
+    "FlowSequential",
+    "InvertibleModule",
+    "ShapeError",
+    "TrainingError",
+    "bits_per_dim",
+    "create_model",
+    "list_models",
+    "register_model",
+]

@@ -1,0 +1,27 @@
+"""Exceptions a user can cause. Each message says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class AttnFlowError(Exception):
+    """Base of every error the library raises on purpose (the CLI prints it in one line)."""
+
+
+class ConfigError(AttnFlowError, ValueError):
+    """An unknown preset, an unknown config key, or a value the architecture cannot take."""
+
+
+class ShapeError(AttnFlowError, ValueError):
+    """An input whose shape does not fit the model or layer (e.g. odd H for a squeeze)."""
+
+
+class CheckpointError(AttnFlowError):
+    """A checkpoint that is missing, corrupt, of another architecture, or mismatches its config."""
+
+
+class DataError(AttnFlowError):
+    """A dataset that cannot be found, read or used with the requested model."""
+
+
+class TrainingError(AttnFlowError):
+    """Training that cannot go on (e.g. repeated non-finite losses)."""

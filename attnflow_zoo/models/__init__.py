@@ -1,0 +1,1 @@
+"""One architecture per file; importing this package registers every preset."""

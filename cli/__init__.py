@@ -1,0 +1,1 @@
+"""The ``attnflow`` command line: thin Typer commands over ``attnflow_zoo`` (one per file)."""
