@@ -229,9 +229,9 @@ def test_torchrun_two_processes_gloo(digits, tmp_path):
                                      out=str(out)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "0", str(script)],
-        capture_output=True, text=True, timeout=300, env=env)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script)],
+        capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sums = [json.loads((out / f"checksum-{r}.json").read_text()) for r in (0, 1)]
     assert sums[0]["world"] == 2 and sums[0]["checksum"] == sums[1]["checksum"]
