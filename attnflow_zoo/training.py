@@ -574,6 +574,7 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
                     checkpoint_path = _save_checkpoint(
                         out, step, model, ema.module if ema is not None else None, optimizer,
                         scaler, config, {"world_size": ctx.world_size,
+                                         "model_class": type(model).__name__,
                                          "eval_bpd": last_eval if step == total_steps else None})
                 if ctx.active:
                     dist.barrier()
@@ -598,3 +599,123 @@ def _batch(images: Tensor, step: int, config: TrainConfig, steps_per_epoch: int,
     chosen = perm[index * config.batch_size:(index + 1) * config.batch_size]
     mine = chosen[ctx.rank * local_batch:(ctx.rank + 1) * local_batch]
     return images[mine].to(dev, non_blocking=True)
+
+
+# --- entry points of `attnflow train` / `attnflow evaluate` ----------------------------------
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" -> CUDA if available else CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from err
+
+
+def heldout_split(dataset: str | os.PathLike[str]) -> str | None:
+    """The split held-out bits/dim is reported on: "test" (every named dataset has it), else a
+    local folder's test/valid/validation split, else None."""
+    spec = data.DATASETS.get(str(dataset).lower())
+    if spec is not None:
+        return "test"
+    folder = Path(dataset)
+    for name in ("test", "valid", "validation"):
+        if (folder / name).is_dir():
+            return name
+    return None
+
+
+def train_preset(model_name: str, dataset: str | os.PathLike[str], config: TrainConfig, *,
+                 out_dir: str | os.PathLike[str], resume: bool = False,
+                 overrides: dict[str, Any] | None = None, limit: int | None = None,
+                 eval_limit: int | None = None, device: str = "auto",
+                 show_progress: bool | None = None) -> FitResult:
+    """Build preset ``model_name`` (config ``overrides``), load ``dataset`` at its image size and
+    ``fit`` it into ``out_dir``. Every check (preset, data, image size, resume compatibility)
+    runs before anything is written to ``out_dir``."""
+    from .registry import create_model
+
+    model = create_model(model_name, **(overrides or {}))
+    out = Path(out_dir)
+    if resume:
+        check_same_architecture(model, resolve_checkpoint(out))
+    elif out.exists() and (any(out.glob("step-*")) or (out / LATEST).exists()):
+        raise TrainingError(f"{out} already holds a training run; pass --resume to continue it "
+                            "or choose another --out")
+    train = load_training_data(dataset, model, "train", limit=limit)
+    split = heldout_split(dataset)
+    heldout = load_training_data(dataset, model, split, limit=eval_limit) if split else None
+    return fit(model, train, config, eval_data=heldout, out_dir=out, resume=resume,
+               device=resolve_device(device), show_progress=show_progress)
+
+
+def load_checkpoint_model(checkpoint: str | os.PathLike[str]) -> nn.Module:
+    """A zoo model from a checkpoint directory, a training ``--out`` folder or a Hub repo id."""
+    try:
+        from .hub import load_model
+    except ImportError:  # pragma: no cover - before the hub helper's loader landed
+        load_model = None
+    path = Path(checkpoint).expanduser()
+    if path.exists():
+        path = resolve_checkpoint(path)
+        source: str | Path = path
+    else:
+        source = str(checkpoint)
+    if load_model is not None:
+        return load_model(source)
+    return _load_by_class_name(Path(source))  # pragma: no cover - until hub.load_model lands
+
+
+def _load_by_class_name(path: Path) -> nn.Module:  # pragma: no cover - fallback
+    from .registry import _REGISTRY, _load_all
+
+    _load_all()
+    names = []
+    for candidate in (path / "config.json", path / STATE_DIR / "state.json"):
+        if candidate.is_file():
+            saved = json.loads(candidate.read_text())
+            names += [saved.get("architecture"), saved.get("model_class")]
+    for entry in _REGISTRY.values():
+        if entry.model_cls.__name__ in names:
+            return entry.model_cls.from_pretrained(path)
+    raise CheckpointError(f"cannot tell which zoo class {path} holds (no architecture name in "
+                          "config.json); load it with <Class>.from_pretrained")
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[str],
+                        split: str = "test", *, batch_size: int = 256, seed: int = 0,
+                        limit: int | None = None, device: str = "auto", fid: bool = False,
+                        num_samples: int = 50_000, temperature: float = 1.0,
+                        show_progress: bool | None = None) -> dict[str, Any]:
+    """Held-out bits/dim (``evaluate_bpd`` with a generator seeded ``seed`` — the numbers ``fit``
+    logs with the same seed and batch size) and, with ``fid``, the FID of ``num_samples``
+    samples against the dataset's train split."""
+    dev = resolve_device(device)
+    model = load_checkpoint_model(checkpoint).to(dev)
+    images = load_training_data(dataset, model, split, limit=limit)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    result: dict[str, Any] = {"bits_per_dim": evaluate_bpd(model, images, batch_size, g,
+                                                           show_progress=show_progress),
+                              "split": split, "num_images": len(images), "dataset": str(dataset),
+                              "estimate": "single-sample dequantisation"}
+    if fid:
+        try:
+            from .inception import load_inception
+            from .metrics import dataset_statistics, fid_from_model
+        except ImportError as err:
+            from .errors import AttnFlowError
+
+            raise AttnFlowError("FID is not available in this version of attnflow_zoo "
+                                "(no Inception feature extractor); evaluate without --fid") from err
+        extractor = load_inception(device=dev)
+        reference = dataset_statistics(dataset, "train", extractor,
+                                       image_size=model.input_shape[1])  # type: ignore
+        sample_gen = torch.Generator(device=dev).manual_seed(seed)
+        res = fid_from_model(model, reference, num_samples=num_samples, temperature=temperature,
+                             generator=sample_gen, extractor=extractor,
+                             reference=f"{dataset} train")
+        result.update(res.as_metrics())
+    return result

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import models
+from . import evaluate, models, train
 
 app = typer.Typer(
     name="attnflow",
@@ -27,6 +27,8 @@ def _root() -> None:
 
 
 app.command("models")(models.models)
+app.command("train")(train.train)
+app.command("evaluate")(evaluate.evaluate)
 
 
 def main() -> None:
