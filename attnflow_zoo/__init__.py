@@ -1,6 +1,7 @@
 """attnflow_zoo: normalizing flows with invertible attention, on the Hugging Face Hub."""
 
 from .core import FlowModel, FlowSequential, InvertibleModule
+from .data import load_images
 from .errors import (
     AttnFlowError,
     CheckpointError,
@@ -11,6 +12,7 @@ from .errors import (
 )
 from .metrics import bits_per_dim
 from .registry import create_model, list_models, register_model
+from .training import TrainConfig, evaluate_bpd, fit
 
 __version__ = "0.1.0"
 
@@ -23,9 +25,13 @@ __all__ = [
     "FlowSequential",
     "InvertibleModule",
     "ShapeError",
+    "TrainConfig",
     "TrainingError",
     "bits_per_dim",
     "create_model",
+    "evaluate_bpd",
+    "fit",
     "list_models",
+    "load_images",
     "register_model",
 ]
