@@ -62,11 +62,23 @@ def _train_args(folder, out, *extra) -> list[str]:
             "--warmup-steps", 10, "--log-every", 50, *extra]
 
 
+def _zoo_tiny() -> list:
+    """The zoo's own tiny MaR-Flow once the AttnFlow family is registered (else skipped)."""
+    available = "marflow_tiny" in registry.list_models("marflow_tiny")
+    return [pytest.param("marflow_tiny", 100, ["--in-channels", 1], marks=pytest.mark.skipif(
+        not available, reason="the AttnFlow family is not registered on this branch yet"))]
+
+
 @pytest.mark.slow
-def test_train_lowers_bpd_and_evaluate_reproduces_it(mnist_folder, tmp_path, capsys):
+@pytest.mark.parametrize(("preset", "steps", "extra"),
+                         [(PRESET, 200, []), *_zoo_tiny()])
+def test_train_lowers_bpd_and_evaluate_reproduces_it(preset, steps, extra, mnist_folder,
+                                                     tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, err = run(_train_args(mnist_folder, out, "--steps", 200, "--lr", 5e-3,
-                                        "--eval-every", 100), capsys)
+    args = _train_args(mnist_folder, out, "--steps", steps, "--lr", 5e-3,
+                       "--eval-every", steps // 2, *extra)
+    args[2] = preset
+    code, stdout, err = run(args, capsys)
     assert code == 0, err
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_bpd"] for r in records if "eval_bpd" in r]
