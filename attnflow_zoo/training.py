@@ -409,8 +409,9 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     elif dev.type == "cuda" and ctx.active:
         dev = torch.device("cuda", ctx.local_rank)
     if isinstance(train_data, (str, os.PathLike)):
-        if eval_data is None:
-            eval_data = load_training_data(train_data, model, "test")
+        split = heldout_split(train_data)
+        if eval_data is None and split is not None:
+            eval_data = load_training_data(train_data, model, split)
         train_data = load_training_data(train_data, model, "train")
     model.check_images(train_data[:1])  # type: ignore[attr-defined]
     if eval_data is not None:
@@ -689,6 +690,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
                         split: str = "test", *, batch_size: int = 256, seed: int = 0,
                         limit: int | None = None, device: str = "auto", fid: bool = False,
                         num_samples: int = 50_000, temperature: float = 1.0,
+                        inception_weights: str | os.PathLike[str] | None = None,
                         show_progress: bool | None = None) -> dict[str, Any]:
     """Held-out bits/dim (``evaluate_bpd`` with a generator seeded ``seed`` — the numbers ``fit``
     logs with the same seed and batch size) and, with ``fid``, the FID of ``num_samples``
@@ -710,7 +712,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
 
             raise AttnFlowError("FID is not available in this version of attnflow_zoo "
                                 "(no Inception feature extractor); evaluate without --fid") from err
-        extractor = load_inception(device=dev)
+        extractor = load_inception(inception_weights, device=dev)
         reference = dataset_statistics(dataset, "train", extractor,
                                        image_size=model.input_shape[1])  # type: ignore
         sample_gen = torch.Generator(device=dev).manual_seed(seed)

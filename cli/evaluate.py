@@ -23,6 +23,9 @@ def evaluate(
     fid: Annotated[bool, typer.Option("--fid/--no-fid", help="Also compute FID.")] = False,
     num_samples: Annotated[int, typer.Option(help="Samples for FID (50000 for papers).")] = 50_000,
     temperature: Annotated[float, typer.Option(help="Sampling temperature for FID.")] = 1.0,
+    inception_weights: Annotated[Path | None, typer.Option(
+        help="The pytorch-fid Inception weights file (else $ATTNFLOW_INCEPTION_WEIGHTS or the "
+             "torch hub cache).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -36,7 +39,7 @@ def evaluate(
     source = checkpoint if checkpoint is not None else repo
     result = evaluate_checkpoint(source, dataset, split, batch_size=batch_size, seed=seed,
                                  limit=limit, device=device, fid=fid, num_samples=num_samples,
-                                 temperature=temperature)
+                                 temperature=temperature, inception_weights=inception_weights)
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -138,6 +138,12 @@ def test_bad_input_is_one_line_and_writes_nothing(case, mnist_folder, tmp_path, 
 def test_evaluate_errors(mnist_folder, tmp_path, capsys):
     code, _, err = run(["evaluate", "--checkpoint", tmp_path, "--dataset", mnist_folder], capsys)
     assert code == 1 and "not a checkpoint" in err and len(err.strip().splitlines()) == 1
+    # --fid without the Inception weights (or without FID support) is one clear line too.
+    out = tmp_path / "run"
+    assert run(_train_args(mnist_folder, out, "--steps", 1), capsys)[0] == 0
+    code, _, err = run(["evaluate", "--checkpoint", out, "--dataset", mnist_folder, "--limit",
+                        16, "--fid", "--num-samples", 8, "--device", "cpu"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
 
 
 def test_console_script_error_is_one_line():
