@@ -82,6 +82,14 @@ class ZooHubMixin(
         (Path(save_directory) / CONFIG_NAME).write_text(json.dumps(payload, indent=2,
                                                                    sort_keys=True))
 
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
+        """The zoo's card (``cards/``) for this model, written by ``save_pretrained``."""
+        from .modelcard import render_card
+
+        return render_card(architecture=type(self).__name__, config=self._get_config(),
+                           preset=getattr(self, "zoo_preset", None),
+                           repo_id=kwargs.get("repo_id", "<user>/<repo>"))
+
     def _get_config(self) -> Any:
         config = getattr(self, "config", None)
         if config is None or not dataclasses.is_dataclass(config):
@@ -397,3 +405,85 @@ def load_weights_strict(model: Any, path: Path, map_location: str = "cpu") -> No
 def _few(names: list[str], k: int = 4) -> str:
     more = f" and {len(names) - k} more" if len(names) > k else ""
     return ", ".join(names[:k]) + more
+
+
+# --- pushing -------------------------------------------------------------------------------
+def check_round_trip(model: Any, num_images: int = 4, seed: int = 0) -> float:
+    """Max |inverse(forward(x)) − x| on a few dequantised random images; raises
+    ``CheckpointError`` above half a quantisation step (1/512), where samples would change.
+
+    A model with its own check (``model.check_invertibility()`` returning the error, e.g. the
+    fixed-point validator) uses that instead.
+    """
+    import torch
+
+    from . import data
+
+    own = getattr(model, "check_invertibility", None)
+    if callable(own):
+        err = float(own())
+    else:
+        shape = getattr(model, "input_shape", None)
+        if shape is None:
+            raise CheckpointError(f"{type(model).__name__} has no input_shape; cannot check "
+                                  "its round trip before pushing")
+        gen = torch.Generator().manual_seed(seed)
+        x_u8 = torch.randint(0, 256, (num_images, *shape), generator=gen, dtype=torch.uint8)
+        x = data.dequantize(x_u8, generator=gen) - 0.5
+        with torch.no_grad():
+            z, logdet = model(x)
+            x_rec = model.inverse(z)
+        if not torch.isfinite(logdet).all():
+            raise CheckpointError("the checkpoint gives a non-finite log-determinant; "
+                                  "refusing to push it")
+        err = (x_rec - x).abs().max().item()
+    if not err <= 1 / 512:
+        raise CheckpointError(f"the checkpoint's round trip inverse(forward(x)) is off by {err:.3g}"
+                              " (more than 1/512); refusing to push a model that does not invert")
+    return err
+
+
+def push_checkpoint(checkpoint: str | os.PathLike[str], repo_id: str, *,
+                    metrics: dict[str, Any] | None = None, private: bool = False,
+                    preset: str | None = None, token: str | None = None,
+                    commit_message: str | None = None) -> str:
+    """Check a local checkpoint and upload exactly config.json, model.safetensors, README.md.
+
+    The checkpoint is loaded strictly, its round trip is checked (``check_round_trip``), the model
+    card is rendered from ``cards/`` (with ``metrics``, see ``modelcard.render_card``) and the
+    three files go to ``repo_id`` in one commit. Returns the commit URL.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .modelcard import render_card
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise CheckpointError(f"{repo_id!r} is not a valid Hub repo id (user/name)") from err
+    if "/" not in repo_id:
+        raise CheckpointError(f"give the repo with its owner, e.g. user/{repo_id}")
+    name = os.fspath(checkpoint)
+    directory = resolve_checkpoint(Path(name) if not looks_like_path(name) else name)
+    model = load_model(directory)
+    check_round_trip(model)
+    payload = read_config(directory)
+    card = render_card(architecture=payload["architecture"], config=model.config,
+                       preset=preset or payload.get("preset"), repo_id=repo_id, metrics=metrics)
+    operations = [
+        CommitOperationAdd(CONFIG_NAME, str(directory / CONFIG_NAME)),
+        CommitOperationAdd(WEIGHTS_NAME, str(directory / WEIGHTS_NAME)),
+        CommitOperationAdd("README.md", str(card).encode("utf-8")),
+    ]
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.create_commit(repo_id, operations, repo_type="model",
+                                 commit_message=commit_message
+                                 or f"Upload {payload['architecture']} with attnflow_zoo")
+    except (HfHubHTTPError, OSError) as err:
+        raise CheckpointError(f"upload to {repo_id!r} failed: {str(err).splitlines()[0]}"
+                              ) from err
+    return str(info.commit_url)

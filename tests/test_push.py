@@ -1,0 +1,162 @@
+"""push → a local Hub server → download into a fresh cache → offline `attnflow sample`.
+
+Also: the model card's YAML, and every broken checkpoint failing in one CLI line with nothing
+uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+from _hub_server import HubServer  # noqa: E402
+from _toy_flow import ToyFlow, ToyFlowConfig  # noqa: E402
+from attnflow_cli.main import main  # noqa: E402
+
+from attnflow_zoo.sampling import draw_samples  # noqa: E402
+
+# The CLI in a fresh interpreter, with the toy architecture importable (it is not a preset).
+CLI = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import _toy_flow; "
+       "from attnflow_cli.main import main; main()")
+METRICS = {"dataset": "mnist", "split": "test", "bpd": 1.2345, "bpd_estimator": "single-sample",
+           "bpd_num_images": 1000, "fid": 12.5, "fid_num_samples": 50000,
+           "fid_temperature": 1.0, "fid_reference": "mnist train",
+           "fid_weights": "pt_inception-2015-12-05-6726825d"}
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update({"HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0",
+                "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
+def _run(args: list[str], env: dict[str, str], code: str = CLI) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, str(TESTS), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path, gen: torch.Generator) -> Path:
+    model = ToyFlow(ToyFlowConfig())
+    model.train()
+    model(torch.rand(16, 1, 8, 8, generator=gen) - 0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_push_download_sample_offline(ckpt: Path, tmp_path: Path) -> None:
+    with HubServer() as hub:
+        push = _run(["push", "--checkpoint", str(ckpt), "--repo", "user/toy-flow",
+                     "--metrics", json.dumps(METRICS), "--private"],
+                    _env(tmp_path / "home_push", HF_ENDPOINT=hub.url, HF_TOKEN="hf_test"))
+        assert push.returncode == 0, push.stderr
+        repo = hub.state.repos["user/toy-flow"]
+        assert repo.private
+        assert set(repo.files) == {"config.json", "model.safetensors", "README.md"}
+        assert [c["files"] for c in repo.commits] == [sorted(repo.files)]
+        assert repo.files["config.json"] == (ckpt / "config.json").read_bytes()
+        assert repo.files["model.safetensors"] == (ckpt / "model.safetensors").read_bytes()
+
+        card = ModelCard(repo.files["README.md"].decode())
+        data = card.data.to_dict()
+        assert data["library_name"] == "attnflow_zoo"
+        assert data["license"] == "apache-2.0"
+        assert data["datasets"] == ["ylecun/mnist"]
+        assert "normalizing-flows" in data["tags"]
+        results = data["model-index"][0]["results"]
+        metrics = {r["metrics"][0]["type"]: r for r in results}
+        assert metrics["bits_per_dim"]["metrics"][0]["value"] == pytest.approx(1.2345)
+        assert metrics["bits_per_dim"]["dataset"]["split"] == "test"
+        assert metrics["fid"]["metrics"][0]["value"] == pytest.approx(12.5)
+        assert "single-sample estimate" in card.text and "50000 samples" in card.text
+
+        home = tmp_path / "fresh_home"
+        down = _run([], _env(home, HF_ENDPOINT=hub.url),
+                    code="import sys; from huggingface_hub import snapshot_download; "
+                         "print(snapshot_download('user/toy-flow'))")
+        assert down.returncode == 0, down.stderr
+        assert {p.name for p in Path(down.stdout.strip()).iterdir()} == set(repo.files)
+
+    # The server is gone; the fresh cache alone serves the model, in a new offline process.
+    offline = _env(home, HF_HUB_OFFLINE="1")
+    grid, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
+    for out in (grid, npz):
+        res = _run(["sample", "--repo", "user/toy-flow", "-n", "16", "--seed", "3",
+                    "--temperature", "0.7", "--device", "cpu", "-o", str(out)], offline)
+        assert res.returncode == 0, res.stderr
+    assert Image.open(grid).size == (4 * 10 + 2, 4 * 10 + 2)  # 4×4 grid of 8 px + 2 px pad
+    images = np.load(npz)["images"]
+    assert images.shape == (16, 8, 8, 1) and images.dtype == np.uint8
+    # The downloaded model is the pushed one: same seed, same images as the local checkpoint.
+    local = draw_samples(ToyFlow.from_pretrained(ckpt), 16, temperature=0.7, seed=3)
+    assert np.array_equal(images, local.permute(0, 2, 3, 1).numpy())
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    old = sys.argv
+    sys.argv = ["attnflow", *args]
+    try:
+        with pytest.raises(SystemExit) as info:
+            main()
+    finally:
+        sys.argv = old
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "truncated", "corrupted", "other_arch",
+                                  "missing_tensor", "unknown_key", "bad_metrics",
+                                  "random_fid"])
+def test_cli_errors_are_one_line(ckpt: Path, tmp_path: Path, case: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights, config = ckpt / "model.safetensors", ckpt / "config.json"
+    metrics = None
+    if case == "missing_dir":
+        ckpt = tmp_path / "no" / "such" / "dir"
+    elif case == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif case == "corrupted":
+        data = bytearray(weights.read_bytes())
+        data[-10] ^= 0x55
+        weights.write_bytes(bytes(data))
+    elif case == "other_arch":
+        payload = json.loads(config.read_text())
+        payload["architecture"] = "ResFlow9000"
+        config.write_text(json.dumps(payload))
+    elif case == "missing_tensor":
+        state = load_file(weights)
+        state.pop(sorted(state)[0])
+        save_file(state, weights)
+    elif case == "unknown_key":
+        payload = json.loads(config.read_text())
+        payload["config"]["num_heads"] = 4
+        config.write_text(json.dumps(payload))
+    elif case == "bad_metrics":
+        metrics = json.dumps({"bpd": 3.3})
+    elif case == "random_fid":
+        metrics = json.dumps({**METRICS, "fid_weights": "random-init (NOT a real FID)"})
+    for command in (["push", "--repo", "user/x", "--checkpoint", str(ckpt)]
+                    + (["--metrics", metrics] if metrics else []),
+                    ["sample", "--checkpoint", str(ckpt), "-n", "2",
+                     "-o", str(tmp_path / "g.png")]):
+        if metrics and command[0] == "sample":
+            continue
+        code, err = _cli(command, capsys)
+        assert code == 1
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "g.png").exists()
