@@ -160,3 +160,80 @@ def test_cli_errors_are_one_line(ckpt: Path, tmp_path: Path, case: str,
         assert err.startswith("error: ") and err.count("\n") == 1, err
         assert "Traceback" not in err
     assert not (tmp_path / "g.png").exists()
+
+
+def _card_names() -> list[str]:
+    from attnflow_zoo.modelcard import resource_dir
+    from attnflow_zoo.registry import list_models
+
+    files = {p.name[:-5] for p in resource_dir("cards").iterdir()
+             if p.name.endswith(".json") and p.name != "datasets.json"}
+    return sorted(files | set(list_models()))
+
+
+@pytest.mark.parametrize("name", _card_names())
+def test_every_zoo_entry_renders_a_card(name: str) -> None:
+    import yaml
+
+    from attnflow_zoo.modelcard import card_spec, read_resource, render_card
+    from attnflow_zoo.registry import _REGISTRY, list_models
+
+    if name in list_models():
+        entry = _REGISTRY[name]
+        arch, config = entry.model_cls.__name__, entry.make_config()
+    else:  # a card for an entry not (yet) registered
+        arch, config = "", {}
+    spec = card_spec(name, arch)
+    assert spec["family"] != "default", f"{name} has no card family"
+    metrics = {**METRICS, "dataset": spec["dataset_key"]}
+    card = render_card(architecture=arch or "Model", config=config, preset=name,
+                       repo_id=f"user/{name}", metrics=metrics)
+    header = yaml.safe_load(str(card).split("---")[1])
+    assert header["library_name"] == "attnflow_zoo"
+    assert header["datasets"] == [spec["dataset"]["hub_id"]]
+    assert {r["metrics"][0]["type"] for r in header["model-index"][0]["results"]} == {
+        "bits_per_dim", "fid"}
+    assert "{" not in spec["title"] and spec["paper"]["url"] in card.text
+    assert spec["citation"].split("\n")[0] in card.text
+    assert read_resource("dataset_license", spec["dataset"]["license_file"]).startswith("# ")
+    # SPEC §5's CIFAR-10 reference numbers appear beside CIFAR-10 results only.
+    assert ("Reference numbers" in card.text) == (spec["dataset_key"] == "cifar10"
+                                                   and spec["family"] != "validator")
+
+
+def test_cards_and_licenses_ship_in_the_wheel(tmp_path: Path) -> None:
+    import zipfile
+
+    root = TESTS.parent
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
+                            "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
+                            str(root)], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    if build.returncode != 0 and "bdist_wheel" in build.stderr + build.stdout:
+        pytest.skip("no offline wheel backend (install `wheel` or setuptools>=70.1)")
+    assert build.returncode == 0, build.stderr
+    wheel = next((tmp_path / "dist").glob("attnflow_zoo-*.whl"))
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    shipped = {p.relative_to(root).as_posix() for d in ("cards", "dataset_license")
+               for p in (root / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    for path in shipped:
+        pkg = path.replace("cards/", "attnflow_zoo/_cards/", 1).replace(
+            "dataset_license/", "attnflow_zoo/_licenses/", 1)
+        assert (site / pkg).is_file(), f"{path} is missing from the wheel"
+    code = (
+        "import sys; site = sys.argv[1]\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+        "getattr(f, '__module__', '')]\n"
+        "sys.path.insert(0, site)\n"
+        "import attnflow_zoo, attnflow_zoo.modelcard as mc\n"
+        "assert attnflow_zoo.__file__.startswith(site), attnflow_zoo.__file__\n"
+        "assert str(mc.resource_dir('cards')).startswith(site)\n"
+        "card = mc.render_card(architecture='AttnFlow', config={}, "
+        "preset='attnflow_imap_celeba', repo_id='u/x')\n"
+        "assert 'CelebA' in card.text\n"
+        "print(mc.read_resource('dataset_license', 'celeba.md').splitlines()[0])\n")
+    run = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("# CelebA")
