@@ -423,17 +423,19 @@ def check_round_trip(model: Any, num_images: int = 4, seed: int = 0) -> float:
     if callable(own):
         err = float(own())
     else:
-        shape = getattr(model, "input_shape", None)
+        shape = getattr(model, "input_shape", None) or getattr(model, "image_shape", None)
         if shape is None:
             raise CheckpointError(f"{type(model).__name__} has no input_shape; cannot check "
                                   "its round trip before pushing")
         gen = torch.Generator().manual_seed(seed)
         x_u8 = torch.randint(0, 256, (num_images, *shape), generator=gen, dtype=torch.uint8)
-        x = data.dequantize(x_u8, generator=gen) - 0.5
+        x = (data.dequantize(x_u8, generator=gen) - 0.5).to(_device_of(model))
         with torch.no_grad():
-            z, logdet = model(x)
+            out = model(x)
+            # Density models return (z, logdet); a bare bijection (the validator) returns z.
+            z, logdet = out if isinstance(out, tuple) else (out, None)
             x_rec = model.inverse(z)
-        if not torch.isfinite(logdet).all():
+        if logdet is not None and not torch.isfinite(logdet).all():
             raise CheckpointError("the checkpoint gives a non-finite log-determinant; "
                                   "refusing to push it")
         err = (x_rec - x).abs().max().item()
@@ -441,6 +443,12 @@ def check_round_trip(model: Any, num_images: int = 4, seed: int = 0) -> float:
         raise CheckpointError(f"the checkpoint's round trip inverse(forward(x)) is off by {err:.3g}"
                               " (more than 1/512); refusing to push a model that does not invert")
     return err
+
+
+def _device_of(model: Any) -> Any:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return "cpu"
 
 
 def push_checkpoint(checkpoint: str | os.PathLike[str], repo_id: str, *,

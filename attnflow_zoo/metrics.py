@@ -144,6 +144,32 @@ def stats_cache_path(dataset: str, split: str, weights_id: str,
     return root / "fid_stats" / f"{safe}.npz"
 
 
+def dataset_statistics(dataset: str | Path, split: str, extractor: Any, *,
+                       image_size: int | None = None, limit: int | None = None,
+                       batch_size: int = 200, cache_root: str | Path | None = None) -> FIDStats:
+    """FID statistics of a dataset split (``data.load_images``), cached per split as .npz.
+
+    The cache key holds the dataset (a local folder by its absolute path), split, image size,
+    limit and Inception weights, so a different protocol never reuses another's statistics.
+    """
+    import hashlib
+
+    from .data import load_images
+
+    name = str(dataset)
+    if Path(name).exists():
+        resolved = str(Path(name).resolve())
+        name = f"{Path(name).name}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
+    key = f"{name}_{image_size or 'native'}_{limit or 'all'}"
+    cache = stats_cache_path(key, split, extractor.weights_id, cache_root)
+    if cache.is_file():
+        stats = FIDStats.load(cache)
+        if stats.weights_id == extractor.weights_id:
+            return stats
+    images = load_images(dataset, split, image_size=image_size, limit=limit)
+    return image_statistics(images, extractor, batch_size, cache=cache)
+
+
 @dataclass(frozen=True)
 class FIDResult:
     """A FID with its protocol (what the model card states)."""

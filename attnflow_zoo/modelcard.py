@@ -63,13 +63,28 @@ def family_of(preset: str | None, architecture: str) -> str:
     return "default"
 
 
+def _registered_card(preset: str | None) -> str | None:
+    if not preset:
+        return None
+    from .registry import _REGISTRY, _load_all
+
+    _load_all()
+    entry = _REGISTRY.get(preset)
+    return entry.card if entry is not None and entry.card != preset else None
+
+
 def card_spec(preset: str | None, architecture: str = "", config: dict[str, Any] | None = None,
               dataset: str | None = None) -> dict[str, Any]:
     """The merged card data: family defaults ← entry file ← what the name/config say."""
     config = config or {}
     family = family_of(preset, architecture)
+    entry_card = _registered_card(preset)
+    if entry_card in FAMILIES:  # the registry names the entry's card family
+        family = entry_card
     spec: dict[str, Any] = dict(_json(f"families/{family}.json") or {})
     entry = _json(f"{preset}.json") if preset else None
+    if entry is None and entry_card and entry_card not in FAMILIES:
+        entry = _json(f"{entry_card}.json")
     spec.update(entry or {})
     tokens = (preset or "").split("_")
     datasets = _json("datasets.json") or {}

@@ -155,3 +155,21 @@ def test_weights_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ext
     cached.write_bytes(b"not the weights")
     with pytest.raises(ConfigError, match="SHA-256"):
         inception.load_inception()
+
+
+def test_dataset_statistics_cached_per_split(mnist_folder: Path, extractor, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "data_cache"))
+    stats = metrics.dataset_statistics(mnist_folder, "test", extractor, limit=3,
+                                       cache_root=tmp_path)
+    assert stats.num_images == 3 and stats.mu.shape == (inception.FEATURE_DIM,)
+    files = list((tmp_path / "fid_stats").glob("*.npz"))
+    assert len(files) == 1 and "test" in files[0].name and "3" in files[0].name
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a cached split must not be loaded again")
+
+    monkeypatch.setattr("attnflow_zoo.data.load_images", no_loading)
+    again = metrics.dataset_statistics(mnist_folder, "test", extractor, limit=3,
+                                       cache_root=tmp_path)
+    np.testing.assert_array_equal(again.sigma, stats.sigma)
