@@ -103,6 +103,12 @@ def card_spec(preset: str | None, architecture: str = "", config: dict[str, Any]
         name_attn = next((t for t in tokens if t in ATTENTION_NAMES), None)
         if name_attn and "attention" not in (entry or {}):
             spec["attention"] = ATTENTION_NAMES[name_attn]
+    decisions = list(spec.get("decisions", []))
+    if spec.get("decisions_note"):
+        decisions.append(f"This entry: {spec['decisions_note']}")
+    if isinstance(config.get("lipschitz"), str):
+        decisions.append(f"This checkpoint: lipschitz = {config['lipschitz']}.")
+    spec["decisions"] = decisions
     if dataset != "cifar10":
         # SPEC §5's reference numbers are CIFAR-10 results; beside other data they mislead.
         spec["reference_results"] = (entry or {}).get("reference_results", [])
