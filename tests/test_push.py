@@ -48,16 +48,39 @@ def _run(args: list[str], env: dict[str, str], code: str = CLI) -> subprocess.Co
                           capture_output=True, text=True, timeout=300)
 
 
+E2E_PRESET = "attnflow_imap_tiny"
+
+
+def _model(zoo: bool):
+    """The zoo's tiny AttnFlow once it is registered, else the test-only toy flow."""
+    from attnflow_zoo.registry import create_model, list_models
+
+    if zoo and E2E_PRESET in list_models():
+        return create_model(E2E_PRESET)
+    return ToyFlow(ToyFlowConfig())
+
+
+def _save(model, path: Path, gen: torch.Generator) -> Path:
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, *model.input_shape, generator=gen) - 0.5)  # ActNorm data init
+    model.eval().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def ckpt(tmp_path: Path, gen: torch.Generator) -> Path:
-    model = ToyFlow(ToyFlowConfig())
-    model.train()
-    model(torch.rand(16, 1, 8, 8, generator=gen) - 0.5)
-    model.save_pretrained(tmp_path / "ckpt")
-    return tmp_path / "ckpt"
+    return _save(_model(zoo=False), tmp_path / "ckpt", gen)
 
 
-def test_push_download_sample_offline(ckpt: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def zoo_ckpt(tmp_path: Path, gen: torch.Generator) -> Path:
+    return _save(_model(zoo=True), tmp_path / "zoo_ckpt", gen)
+
+
+def test_push_download_sample_offline(zoo_ckpt: Path, tmp_path: Path) -> None:
+    ckpt = zoo_ckpt
+    arch = json.loads((ckpt / "config.json").read_text())["architecture"]
     with HubServer() as hub:
         push = _run(["push", "--checkpoint", str(ckpt), "--repo", "user/toy-flow",
                      "--metrics", json.dumps(METRICS), "--private"],
@@ -99,9 +122,12 @@ def test_push_download_sample_offline(ckpt: Path, tmp_path: Path) -> None:
         assert res.returncode == 0, res.stderr
     assert Image.open(grid).size == (4 * 10 + 2, 4 * 10 + 2)  # 4×4 grid of 8 px + 2 px pad
     images = np.load(npz)["images"]
-    assert images.shape == (16, 8, 8, 1) and images.dtype == np.uint8
+    from attnflow_zoo.registry import model_class
+
+    model = model_class(arch).from_pretrained(ckpt)
+    assert images.shape == (16, 8, 8, model.input_shape[0]) and images.dtype == np.uint8
     # The downloaded model is the pushed one: same seed, same images as the local checkpoint.
-    local = draw_samples(ToyFlow.from_pretrained(ckpt), 16, temperature=0.7, seed=3)
+    local = draw_samples(model, 16, temperature=0.7, seed=3)
     assert np.array_equal(images, local.permute(0, 2, 3, 1).numpy())
 
 
