@@ -10,6 +10,7 @@ from .errors import (
     ShapeError,
     TrainingError,
 )
+from .hub import load_model
 from .metrics import bits_per_dim
 from .registry import create_model, list_models, register_model
 from .training import TrainConfig, evaluate_bpd, fit
@@ -33,5 +34,6 @@ __all__ = [
     "fit",
     "list_models",
     "load_images",
+    "load_model",
     "register_model",
 ]

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import evaluate, models, train
+from . import evaluate, models, push, sample, train
 
 app = typer.Typer(
     name="attnflow",
@@ -29,6 +29,8 @@ def _root() -> None:
 app.command("models")(models.models)
 app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
+app.command("sample")(sample.sample)
+app.command("push")(push.push)
 
 
 def main() -> None:
