@@ -345,3 +345,10 @@ def test_factorisation_is_right_for_a_large_batch_on_cpu() -> None:
     torch.testing.assert_close(logdet.double(), ref, rtol=1e-6, atol=1e-6)
     y = torch.randn(3, n, 5, generator=gen)
     torch.testing.assert_close(attn @ solve_attention(lu, pivots, y), y, rtol=0, atol=1e-5)
+
+
+def test_logdet_gradient_is_the_inverse_transpose() -> None:
+    gen = torch.Generator().manual_seed(11)
+    attn = torch.softmax(torch.randn(3, 5, 5, generator=gen, dtype=torch.float64), -1)
+    attn = (attn + 1.2 * torch.eye(5, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: factorize_attention(a)[2], (attn,))
