@@ -7,7 +7,7 @@ same shape, and prints each time and its ratio to the coupling's. Run on CPU, an
 available:
 
     python benchmarks/attention.py [--batch 64] [--repeat 5] [--threads 2] [--device cpu cuda]
-        [--shapes 12x16x16 24x8x8 48x4x4]
+        [--shapes 12x16x16 24x8x8 48x4x4] [--layers IMap ITrans]
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", nargs="+", default=["x".join(map(str, s)) for s in SHAPES],
                         help="C×H×W shapes written CxHxW (default: the three CIFAR-10 levels)")
+    parser.add_argument("--layers", nargs="+", default=None,
+                        help="only the layers whose name starts with one of these (e.g. IMap)")
     parser.add_argument("--device", nargs="+", default=None,
                         help="devices to run on (default: cpu, plus cuda when available)")
     args = parser.parse_args()
@@ -108,6 +110,8 @@ def main() -> None:
             for layer_name, make in _layers(c, h, w).items():
                 if layer_name == "ITrans(P=1)" and c % 2:
                     continue  # tokens of one pixel need an even C
+                if args.layers and base and not layer_name.startswith(tuple(args.layers)):
+                    continue  # the coupling (first) always runs: it is the reference
                 times = bench_layer(make().to(device), x, args.repeat)
                 base = base or times
                 cells = " | ".join(f"{t:8.2f} {t / b:5.2f}" for t, b in zip(times, base,

@@ -161,15 +161,20 @@ def _per_matrix_on_cpu(a: Tensor) -> bool:
     # Batched LU on CPU is wrong with more than one thread for matrices of ~150 rows and more:
     # ATen calls MKL's dgetrf/dgetrs concurrently over the batch and MKL's DLASWP is not
     # thread-safe there ("Parameter 6 was incorrect on entry to DLASWP", wrong factors or a hang;
-    # pytorch/pytorch PR #181570). One matrix per call keeps MKL's own threading and is correct.
+    # pytorch/pytorch PR #181570). One matrix per call keeps MKL's own threading and is correct,
+    # and was also faster here than the batched call (64 LUs of 4×4 to 64×64: ~0.3-1.5 ms in a
+    # loop against 20-28 ms batched, 2 threads).
     return a.device.type == "cpu" and a.dim() == 3 and a.shape[0] > 1
 
 
 def _lu_factor(a: Tensor) -> tuple[Tensor, Tensor]:
+    # ``lu_factor_ex`` skips the singularity check, which on CUDA would wait for the device to
+    # copy its info flags to the host; A is nonsingular by construction (α ≥ 1).
     if _per_matrix_on_cpu(a):
-        factors = [torch.linalg.lu_factor(m) for m in a.unbind(0)]
+        factors = [torch.linalg.lu_factor_ex(m)[:2] for m in a.unbind(0)]
         return torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])
-    return torch.linalg.lu_factor(a)
+    lu, pivots, _ = torch.linalg.lu_factor_ex(a)
+    return lu, pivots
 
 
 def _lu_solve(lu: Tensor, pivots: Tensor, y: Tensor, adjoint: bool = False) -> Tensor:
