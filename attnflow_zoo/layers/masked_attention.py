@@ -188,8 +188,9 @@ def _lu_solve(lu: Tensor, pivots: Tensor, y: Tensor, adjoint: bool = False) -> T
 class _FactorizeAttention(torch.autograd.Function):
     """(LU, pivots, log|det A|) with the closed-form gradient ∂ log|det A| / ∂A = A⁻ᵀ.
 
-    Differentiating through ``lu_factor`` instead costs ~4× more (three N×N matrix products,
-    two triangular solves and masking copies per matrix); A⁻ᵀ is one LU solve with N columns.
+    Differentiating through ``lu_factor`` instead costs more (N×N matrix products, triangular
+    solves and masking copies per matrix; measured 2.2-3.3× slower for forward + backward of
+    64 matrices of 128×128 on 2 loaded cores); A⁻ᵀ is one LU solve with N columns.
     """
 
     @staticmethod
