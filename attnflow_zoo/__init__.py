@@ -9,6 +9,7 @@ from .errors import (
     ShapeError,
     TrainingError,
 )
+from .hub import load_model
 from .metrics import bits_per_dim
 from .registry import create_model, list_models, register_model
 
@@ -27,5 +28,6 @@ __all__ = [
     "bits_per_dim",
     "create_model",
     "list_models",
+    "load_model",
     "register_model",
 ]
