@@ -100,6 +100,6 @@ def exact_logdet(fn: Callable[[Tensor], Tensor], x: Tensor,
             return fn(v.reshape(shape)).reshape(-1)
 
         jac = torch.autograd.functional.jacobian(f, xi.reshape(-1), create_graph=create_graph,
-                                                 vectorize=not create_graph)
+                                                 vectorize=True)
         out.append(torch.linalg.slogdet(jac)[1])
     return torch.stack(out)

@@ -54,7 +54,8 @@ class ResidualLayer(InvertibleModule):
         num_exact_terms, stop_probability: the roulette's always-computed terms and p.
         inverse_max_iter, inverse_tol: the fixed-point iteration stops as soon as
             ‖x_{t+1} − x_t‖_∞ ≤ tol for every sample, or after max_iter iterations (with a
-            ``InverseNotConvergedWarning``).
+            ``InverseNotConvergedWarning``). ``inverse_tol`` is for float32 inputs; float64
+            inputs use inverse_tol · 1e-6.
     """
 
     def __init__(self, *, logdet: str = "series", num_series_terms: int = 5,
@@ -124,7 +125,9 @@ class ResidualLayer(InvertibleModule):
         ``max_iter`` warns with the residual it reached.
         """
         max_iter = self.inverse_max_iter if max_iter is None else max_iter
-        tol = self.inverse_tol if tol is None else tol
+        if tol is None:
+            # inverse_tol is meant for float32; float64 inputs get a float64-sized tolerance.
+            tol = self.inverse_tol * (1e-6 if z.dtype == torch.float64 else 1.0)
         x = z
         residual = torch.full((z.shape[0],), math.inf, device=z.device)
         iterations = 0
