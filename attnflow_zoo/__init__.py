@@ -10,6 +10,8 @@ from .errors import (
     TrainingError,
 )
 from .metrics import bits_per_dim
+from .models.resflow import ResFlow, ResFlowConfig
+from .models.validator import InvertibilityValidator, InvertibilityValidatorConfig
 from .registry import create_model, list_models, register_model
 
 __version__ = "0.1.0"
@@ -21,7 +23,11 @@ __all__ = [
     "DataError",
     "FlowModel",
     "FlowSequential",
+    "InvertibilityValidator",
+    "InvertibilityValidatorConfig",
     "InvertibleModule",
+    "ResFlow",
+    "ResFlowConfig",
     "ShapeError",
     "TrainingError",
     "bits_per_dim",

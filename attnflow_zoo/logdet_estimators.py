@@ -26,10 +26,14 @@ def _probes(x: Tensor, num_probes: int, generator: torch.Generator | None) -> Te
 
 
 def _series(gx: Tensor, x: Tensor, weights: list[float], num_probes: int,
-            generator: torch.Generator | None, create_graph: bool) -> Tensor:
+            generator: torch.Generator | None, create_graph: bool,
+            probes: Tensor | None = None) -> Tensor:
     """Σ_k weights[k−1] · vᵀ J^k v, averaged over probes; wᵀ ← wᵀ J by vector-Jacobian products."""
     total = x.new_zeros(x.shape[0])
-    for v in _probes(x, num_probes, generator):
+    if probes is None:
+        probes = _probes(x, num_probes, generator)
+    num_probes = probes.shape[0]
+    for v in probes:
         w = v
         for weight in weights:
             (w,) = torch.autograd.grad(gx, x, w, retain_graph=True, create_graph=create_graph)
@@ -39,7 +43,8 @@ def _series(gx: Tensor, x: Tensor, weights: list[float], num_probes: int,
 
 def power_series_logdet(gx: Tensor, x: Tensor, num_terms: int = 5, num_probes: int = 1,
                         generator: torch.Generator | None = None,
-                        create_graph: bool | None = None) -> Tensor:
+                        create_graph: bool | None = None, probes: Tensor | None = None
+                        ) -> Tensor:
     """log det(I + J_g) ≈ Σ_{k=1..n} (−1)^{k+1}/k · vᵀ J_g^k v, v ~ N(0, I); shape (B,).
 
     Args:
@@ -48,23 +53,26 @@ def power_series_logdet(gx: Tensor, x: Tensor, num_terms: int = 5, num_probes: i
         num_terms: n (the original uses 5); num_probes: Hutchinson probes (the original uses 1).
         create_graph: keep the graph so the estimate can be back-propagated (default: whether
             grad mode is on).
+        probes: optional K×B×… probe vectors with E[v vᵀ] = I, instead of K Gaussian draws
+            (e.g. √D times the standard basis, which makes the trace exact).
     """
     if create_graph is None:
         create_graph = torch.is_grad_enabled()
     weights = [(-1.0) ** (k + 1) / k for k in range(1, num_terms + 1)]
-    return _series(gx, x, weights, num_probes, generator, create_graph)
+    return _series(gx, x, weights, num_probes, generator, create_graph, probes)
 
 
 def russian_roulette_logdet(gx: Tensor, x: Tensor, num_exact_terms: int = 2,
                             stop_probability: float = 0.5, num_probes: int = 1,
                             generator: torch.Generator | None = None,
-                            create_graph: bool | None = None) -> Tensor:
+                            create_graph: bool | None = None, probes: Tensor | None = None
+                            ) -> Tensor:
     """Unbiased log det(I + J_g) = E[Σ_{k=1..N} (−1)^{k+1}/k · vᵀ J^k v / P(N ≥ k)]; shape (B,).
 
     N = ``num_exact_terms`` + G with G ~ Geometric(p) on {0, 1, …}, so P(N ≥ k) = 1 for
     k ≤ num_exact_terms and (1 − p)^{k − num_exact_terms} beyond (Chen et al. 2019). One N is
     drawn per call and shared by the batch. Unbiased whenever the series converges (‖J_g‖ < 1);
-    its variance is finite when ‖J_g‖² < 1 − p.
+    its variance is finite when ‖J_g‖² < 1 − p. ``probes`` as in ``power_series_logdet``.
     """
     if not 0.0 < stop_probability < 1.0:
         raise ValueError("stop_probability must lie in (0, 1)")
@@ -80,7 +88,7 @@ def russian_roulette_logdet(gx: Tensor, x: Tensor, num_exact_terms: int = 2,
     for k in range(1, num_terms + 1):
         tail = (1.0 - stop_probability) ** max(0, k - num_exact_terms)
         weights.append((-1.0) ** (k + 1) / k / tail)
-    return _series(gx, x, weights, num_probes, generator, create_graph)
+    return _series(gx, x, weights, num_probes, generator, create_graph, probes)
 
 
 def exact_logdet(fn: Callable[[Tensor], Tensor], x: Tensor,
