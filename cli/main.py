@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import models
+from . import models, validate
 
 app = typer.Typer(
     name="attnflow",
@@ -27,6 +27,7 @@ def _root() -> None:
 
 
 app.command("models")(models.models)
+app.command("validate")(validate.validate)
 
 
 def main() -> None:

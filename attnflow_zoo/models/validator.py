@@ -305,6 +305,10 @@ def validate(kind: str, dataset: str, out_dir: str | Path, *, fullscale: bool = 
     from ..data import load_images
     from ..errors import DataError
 
+    if kind not in KINDS:
+        raise ConfigError(f"unknown attention {kind!r}; choose one of {', '.join(KINDS)}")
+    if lipschitz not in ("faithful", "certified"):
+        raise ConfigError(f"lipschitz must be 'faithful' or 'certified', got {lipschitz!r}")
     if fullscale and dataset != "celeba":
         raise DataError("--fullscale is only defined for celeba (218×178 images)")
     image_size = None if fullscale else (32 if dataset == "celeba" else None)
