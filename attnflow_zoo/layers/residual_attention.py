@@ -125,12 +125,15 @@ class ResidualAttention(ResidualLayer):
                 logits = a.unsqueeze(2) + b.unsqueeze(1)
             else:
                 logits = q.transpose(1, 2) @ k
+        values = self.value(tokens if certified else x.flatten(2), weights["value"])
         if self.kind in ("gaussian", "embedded"):
-            attn = torch.softmax(logits, dim=1) * (2.0 / 3.0)  # = E / (1.5 Σ_i E), E = exp(l)
+            attn = torch.softmax(logits, dim=1)  # = E / Σ_i E for E = exp(l)
+            out = (values @ attn) * (2.0 / 3.0)
         else:
-            energy = F.elu(logits) + 1.0 if certified else F.elu(logits)
-            attn = energy / (1.5 * energy.sum(dim=1, keepdim=True))
-        out = self.value(tokens if certified else x.flatten(2), weights["value"]) @ attn
+            # ELU's backward only needs its output, so it may overwrite the logits.
+            energy = F.elu(logits) + 1.0 if certified else F.elu(logits, inplace=True)
+            # o[:, j] = Σ_i v_i E_ij / (1.5 Σ_i E_ij): divide the C×N product, not the N×N matrix.
+            out = (values @ energy) / (1.5 * energy.sum(dim=1, keepdim=True))
         if self.gate == "conv":
             out = self.gamma_conv(out, weights["gamma_conv"])
         else:

@@ -62,10 +62,9 @@ class SNConv1x1(nn.Module):
 
     def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
         w = self.effective_weight() if weight is None else weight
-        y = torch.einsum("oc,bc...->bo...", w, x)
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, *([1] * (x.dim() - 2)))
-        return y
+        if x.dim() == 3:
+            return F.conv1d(x, w.unsqueeze(2), self.bias)
+        return F.conv2d(x, w[:, :, None, None], self.bias)
 
 
 class SNConv2d(nn.Module):
