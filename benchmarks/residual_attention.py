@@ -30,6 +30,35 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def _bench(kind: str, lipschitz: str, x: torch.Tensor, target: torch.Tensor,
+           gen: torch.Generator, repeats: int) -> str:
+    torch.manual_seed(0)  # PyTorch's default conv init
+    model = InvertibilityValidator(InvertibilityValidatorConfig(kind=kind, lipschitz=lipschitz))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), target).backward()
+        opt.step()
+
+    model.train()
+    train_s = _time(step, repeats)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InverseNotConvergedWarning)
+        start = time.perf_counter()
+        model.inverse(y)
+        inverse_s = time.perf_counter() - start
+        info = model.last_inverse_info
+        assert info is not None
+        fixed_s = _time(lambda: model.inverse(y, max_iter=50, tol=0.0), 1)
+    jac = model.jacobian_norm(x[:8], num_iterations=20, generator=gen).max().item()
+    return (f"{kind:<9} {lipschitz:<9} {train_s:>12.3f} {inverse_s:>10.3f} "
+            f"{info.iterations:>5d} {str(info.converged):>5} {fixed_s:>13.3f} {jac:>9.3g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -50,32 +79,7 @@ def main() -> None:
     print("-" * len(header))
     for lipschitz in ("faithful", "certified"):
         for kind in KINDS:
-            torch.manual_seed(0)
-            model = InvertibilityValidator(InvertibilityValidatorConfig(kind=kind,
-                                                                        lipschitz=lipschitz))
-            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-
-            def step() -> None:
-                opt.zero_grad(set_to_none=True)
-                torch.nn.functional.mse_loss(model(x), target).backward()
-                opt.step()
-
-            model.train()
-            train_s = _time(step, args.repeats)
-            model.eval()
-            with torch.no_grad():
-                y = model(x)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", InverseNotConvergedWarning)
-                start = time.perf_counter()
-                model.inverse(y)
-                inverse_s = time.perf_counter() - start
-                info = model.last_inverse_info
-                fixed_s = _time(lambda: model.inverse(y, max_iter=50, tol=0.0), 1)
-            jac = model.jacobian_norm(x[:8], num_iterations=20, generator=gen).max().item()
-            print(f"{kind:<9} {lipschitz:<9} {train_s:>12.3f} {inverse_s:>10.3f} "
-                  f"{info.iterations:>5d} {str(info.converged):>5} {fixed_s:>13.3f} {jac:>9.3g}")
-
+            print(_bench(kind, lipschitz, x, target, gen, args.repeats))
 
 if __name__ == "__main__":
     main()
