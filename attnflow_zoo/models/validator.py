@@ -238,7 +238,8 @@ def run_validation(config: InvertibilityValidatorConfig, train_images_u8: Tensor
                       f"images in {config.inverse_max_iter} iterations",
                       InverseNotConvergedWarning, stacklevel=2)
 
-    probe = x_test[:16].to(device)
+    # ≤ 16 images and never more than a training batch (full-scale CelebA: N² = 9701² energies).
+    probe = x_test[: min(16, batch_size)].to(device)
     jac = model.jacobian_norm(probe, num_iterations=20, generator=generator)
     result: dict[str, Any] = dict(extra or {})
     result.update({
