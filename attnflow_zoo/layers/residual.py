@@ -117,18 +117,19 @@ class ResidualLayer(InvertibleModule):
         return x + self.branch(x)
 
     @torch.no_grad()
-    def inverse(self, z: Tensor, max_iter: int | None = None, tol: float | None = None
-                ) -> Tensor:
+    def inverse(self, z: Tensor, max_iter: int | None = None, tol: float | None = None,
+                init: Tensor | None = None) -> Tensor:
         """x with x + g(x) = z by fixed-point iteration; the outcome is in ``last_inverse_info``.
 
         Converges (geometrically, rate Lip(g)) whenever g is a contraction. A run that hits
-        ``max_iter`` warns with the residual it reached.
+        ``max_iter`` warns with the residual it reached. ``init`` replaces x_0 = z (e.g. to
+        continue an earlier run).
         """
         max_iter = self.inverse_max_iter if max_iter is None else max_iter
         if tol is None:
             # inverse_tol is meant for float32; float64 inputs get a float64-sized tolerance.
             tol = self.inverse_tol * (1e-6 if z.dtype == torch.float64 else 1.0)
-        x = z
+        x = z if init is None else init
         residual = torch.full((z.shape[0],), math.inf, device=z.device)
         iterations = 0
         with self.frozen():
