@@ -9,6 +9,7 @@ from .errors import (
     ShapeError,
     TrainingError,
 )
+from .hub import load_model
 from .metrics import bits_per_dim
 from .models.resflow import ResFlow, ResFlowConfig
 from .models.validator import InvertibilityValidator, InvertibilityValidatorConfig
@@ -33,5 +34,6 @@ __all__ = [
     "bits_per_dim",
     "create_model",
     "list_models",
+    "load_model",
     "register_model",
 ]

@@ -349,7 +349,7 @@ def _preset(name: str, doc: str, **fields: Any) -> None:
 
     make.__name__ = make.__qualname__ = name
     make.__doc__ = doc
-    register_model(InvertibilityValidator, card="validator")(make)
+    register_model(InvertibilityValidator)(make)
 
 
 _DATASETS = {
