@@ -11,6 +11,8 @@ from .errors import (
 )
 from .hub import load_model
 from .metrics import bits_per_dim
+from .models.resflow import ResFlow, ResFlowConfig
+from .models.validator import InvertibilityValidator, InvertibilityValidatorConfig
 from .registry import create_model, list_models, register_model
 
 __version__ = "0.1.0"
@@ -22,7 +24,11 @@ __all__ = [
     "DataError",
     "FlowModel",
     "FlowSequential",
+    "InvertibilityValidator",
+    "InvertibilityValidatorConfig",
     "InvertibleModule",
+    "ResFlow",
+    "ResFlowConfig",
     "ShapeError",
     "TrainingError",
     "bits_per_dim",

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import models, push, sample
+from . import models, push, sample, validate
 
 app = typer.Typer(
     name="attnflow",
@@ -29,6 +29,7 @@ def _root() -> None:
 app.command("models")(models.models)
 app.command("sample")(sample.sample)
 app.command("push")(push.push)
+app.command("validate")(validate.validate)
 
 
 def main() -> None:

@@ -1,1 +1,4 @@
 """One architecture per file; importing this package registers every preset."""
+
+from .resflow import ResFlow, ResFlowConfig  # noqa: F401
+from .validator import InvertibilityValidator, InvertibilityValidatorConfig  # noqa: F401
