@@ -10,11 +10,14 @@ from .errors import (
     TrainingError,
 )
 from .metrics import bits_per_dim
+from .models.attnflow import AttnFlow, AttnFlowConfig
 from .registry import create_model, list_models, register_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttnFlow",
+    "AttnFlowConfig",
     "AttnFlowError",
     "CheckpointError",
     "ConfigError",

@@ -1,1 +1,2 @@
 """One architecture per file; importing this package registers every preset."""
+from . import attnflow  # noqa: F401
