@@ -239,15 +239,26 @@ def _load_mnist(root: Path, split: str, limit: int) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(x, 2).round().to(torch.uint8)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: under `pytest -n 2` on 2 cores more threads only oversubscribe
+    (a training step measured 7× slower with 2 threads on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["imap", "itrans", "none"])
-def test_training_lowers_heldout_bits_per_dim(attention: str, mnist_folder: Path) -> None:
+def test_training_lowers_heldout_bits_per_dim(attention: str, mnist_folder: Path,
+                                              one_thread: None) -> None:
     cfg = az.AttnFlowConfig(image_size=16, in_channels=1, num_levels=2, num_steps=2,
                             hidden_channels=32, attention=attention, prior_hidden_channels=16,
                             prior_num_layers=2, prior_cond_hidden_channels=16)
     _needs_attention(cfg)
     train = _load_mnist(mnist_folder, "train", 4000)
-    test = _load_mnist(mnist_folder, "test", 500)
+    test = _load_mnist(mnist_folder, "test", 300)
     torch.manual_seed(0)  # test-only: the model's weight init draws from the global RNG
     model = az.AttnFlow(cfg)
     g = torch.Generator().manual_seed(0)
@@ -261,13 +272,14 @@ def test_training_lowers_heldout_bits_per_dim(attention: str, mnist_folder: Path
     with torch.no_grad():
         model.log_prob(train[:256], generator=g)  # ActNorm's data-dependent init
     before = heldout()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(120):
-        idx = torch.randint(0, len(train), (64,), generator=g)
+    for _ in range(80):
+        idx = torch.randint(0, len(train), (32,), generator=g)
         loss = model.bits_per_dim(train[idx], g).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = heldout()
+    print(f"{attention}: held-out bpd {before:.3f} -> {after:.3f}")
     assert math.isfinite(after) and after < before - 2.0, (before, after)
