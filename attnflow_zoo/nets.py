@@ -99,23 +99,26 @@ class ConvLSTM(nn.Module):
                 conv.bias[hidden_channels: 2 * hidden_channels].fill_(1.0)
 
     def _cell(self, gates: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
-        # Gate order (i, f, o, g): one sigmoid over the first three quarters.
+        # Gate order (i, f, o, g): one sigmoid over the first three quarters. split/chunk (not
+        # slicing) so that backward concatenates once instead of zero-filling per slice.
         k = self.hidden_channels
-        sig = torch.sigmoid(gates[:, : 3 * k])
-        g = torch.tanh(gates[:, 3 * k:])
-        c_new = sig[:, :k] * g if c is None else torch.addcmul(sig[:, :k] * g, sig[:, k: 2 * k], c)
-        return sig[:, 2 * k:] * torch.tanh(c_new), c_new
+        sig, g = gates.split([3 * k, k], 1)
+        i, f, o = torch.sigmoid(sig).chunk(3, 1)
+        ig = i * torch.tanh(g)
+        c_new = ig if c is None else torch.addcmul(ig, f, c)
+        return o * torch.tanh(c_new), c_new
 
     def forward(self, x_seq: Tensor) -> Tensor:
         t, b = x_seq.shape[:2]
         h_seq = x_seq
         for ih, hh in zip(self.ih, self.hh, strict=True):
             gates_x = ih(h_seq.reshape(t * b, *h_seq.shape[2:]))
-            gates_x = gates_x.view(t, b, *gates_x.shape[1:])
+            # unbind, not gates_x[step]: one backward stack instead of T full-size zero fills.
+            gates_steps = gates_x.view(t, b, *gates_x.shape[1:]).unbind(0)
             h, c = None, None
             outs = []
-            for step in range(t):
-                gates = gates_x[step] if h is None else gates_x[step] + hh(h)
+            for gx in gates_steps:
+                gates = gx if h is None else gx + hh(h)
                 h, c = self._cell(gates, c)
                 outs.append(h)
             h_seq = torch.stack(outs)

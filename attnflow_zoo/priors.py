@@ -93,7 +93,8 @@ class MARPrior(nn.Module):
             x_seq = x_seq + e.unsqueeze(0)
         h_seq = self.lstm(x_seq)
         out = self.out(h_seq.reshape(c * b, -1, h, w)).view(c, b, 2, h, w)
-        return out[:, :, 0].transpose(0, 1), out[:, :, 1].transpose(0, 1)
+        mean, log_std = out.unbind(2)
+        return mean.transpose(0, 1), log_std.transpose(0, 1)
 
     def log_prob(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
         """log p(z | cond) in nats, shape (B,)."""
