@@ -11,7 +11,7 @@ mAR prior. See SPEC §1 and §3.
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -228,8 +228,10 @@ class AttnFlow(FlowModel):
     # --- density and sampling ---------------------------------------------------------------
     def log_prior(self, pieces: list[tuple[Tensor, Tensor | None]]) -> Tensor:
         """Σ_l log p(z_l | cond_l), (B,)."""
-        return sum((prior.log_prob(z, cond) for prior, (z, cond) in
-                    zip(self.priors, pieces, strict=True)), start=pieces[0][0].new_zeros(pieces[0][0].shape[0]))
+        total = pieces[0][0].new_zeros(pieces[0][0].shape[0])
+        for prior, (z, cond) in zip(self.priors, pieces, strict=True):
+            total = total + prior.log_prob(z, cond)
+        return total
 
     def log_density(self, x: Tensor) -> Tensor:
         """log p(x) in nats, (B,), for x in [−0.5, 0.5)^D."""
