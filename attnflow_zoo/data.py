@@ -1,4 +1,4 @@
-"""Data: 8-bit images <-> the continuous space the flows model.
+"""Data: datasets -> uint8 tensors (decoded once), augmentation, and 8-bit <-> continuous.
 
 ``dequantize`` is the one place of the uniform-dequantisation rule that ``metrics.bits_per_dim``
 assumes: x̃ = (x_u8 + u) / 256 with u ~ U(0, 1)^D, so x̃ ∈ [0, 1)^D.
@@ -6,8 +6,20 @@ assumes: x̃ = (x_u8 + u) / 256 with u ~ U(0, 1)^D, so x̃ ∈ [0, 1)^D.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from .errors import DataError
+from .progress import progress
 
 
 def dequantize(x_u8: Tensor, generator: torch.Generator | None = None,
@@ -23,3 +35,302 @@ def dequantize(x_u8: Tensor, generator: torch.Generator | None = None,
 def quantize(x: Tensor) -> Tensor:
     """Inverse of ``dequantize`` up to the noise: x̃ ∈ [0, 1) -> uint8 floor(256·x̃), clamped."""
     return torch.floor(x * 256.0).clamp_(0, 255).to(torch.uint8)
+
+
+# --- datasets -> uint8 tensors, decoded once ---------------------------------------------------
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a named dataset lives on the Hub and which splits it has."""
+
+    repo_id: str
+    column: str
+    splits: tuple[str, ...]
+    config: str | None = None
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec("uoft-cs/cifar10", "img", ("train", "test")),
+    "svhn": DatasetSpec("ufldl-stanford/svhn", "image", ("train", "test", "extra"),
+                        "cropped_digits"),
+    "mnist": DatasetSpec("ylecun/mnist", "image", ("train", "test")),
+    "celeba": DatasetSpec("flwrlabs/celeba", "image", ("train", "valid", "test")),
+}
+
+_FORMAT_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    """``<HF datasets cache>/attnflow_zoo`` (honours ``HF_DATASETS_CACHE`` / ``HF_HOME``)."""
+    env = os.environ.get("HF_DATASETS_CACHE")
+    if env:
+        return Path(env) / "attnflow_zoo"
+    home = os.environ.get("HF_HOME")
+    base = Path(home) if home else Path.home() / ".cache" / "huggingface"
+    return base / "datasets" / "attnflow_zoo"
+
+
+def load_images(dataset: str | Path, split: str = "train", *, image_size: int | None = None,
+                limit: int | None = None, cache_dir: str | Path | None = None) -> Tensor:
+    """One split of a dataset as a uint8 tensor N×C×H×W, decoded once and cached on disk.
+
+    Args:
+        dataset: ``"cifar10"``, ``"svhn"`` (cropped digits), ``"mnist"``, ``"celeba"`` (official
+            train/valid/test split, aligned 218×178), or the path of a local ``datasets`` folder
+            (imagefolder ``root/{split}/…/*.png`` or parquet files).
+        split: the split's name (``DATASETS[name].splits``; a local folder's own split names).
+        image_size: side S of the square output. Larger images are centre-cropped to a square of
+            their shorter side, then resized with antialiased bilinear filtering (CelebA: crop 178
+            then resize); smaller images are zero-padded symmetrically (MNIST 28 → 32, the
+            standard for flows). ``None`` keeps the native size (all images must share it).
+        limit: keep only the first ``limit`` images of the split (dataset order).
+        cache_dir: where the decoded tensors live; default ``default_cache_dir()``.
+
+    Returns:
+        uint8 tensor N×C×H×W with C = 1 when every image is grey, else C = 3 (grey images are
+        replicated, alpha is dropped).
+
+    The cache key holds the dataset, split, size and limit, and for a local folder a fingerprint
+    of its path and its files' sizes and mtimes, so editing the folder re-decodes it. Files are
+    safetensors written atomically (temporary file + rename).
+    """
+    source, spec = _resolve(dataset)
+    if spec is not None and split not in spec.splits:
+        raise DataError(f"{dataset} has no split {split!r}; available: {', '.join(spec.splits)}")
+    if image_size is not None and image_size <= 0:
+        raise DataError(f"image_size must be positive, got {image_size}")
+    if limit is not None and limit <= 0:
+        raise DataError(f"limit must be positive, got {limit}")
+    key = _cache_key(source, spec, split, image_size, limit)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = root / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))["images"]
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    ds = _load_split(source, spec, split, cache_dir)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    column = spec.column if spec is not None else _image_column(ds, source)
+    name = spec.repo_id if spec is not None else str(source)
+    images = _decode(ds, column, image_size, f"decode {Path(name).name}/{split}")
+    _save_atomic(path, images, {"dataset": name, "split": split, "format": _FORMAT_VERSION})
+    return images
+
+
+def _resolve(dataset: str | Path) -> tuple[str | Path, DatasetSpec | None]:
+    if isinstance(dataset, str) and dataset.lower() in DATASETS:
+        return dataset.lower(), DATASETS[dataset.lower()]
+    path = Path(dataset).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DataError(f"{path} is not a folder; pass a `datasets` imagefolder or parquet "
+                            "folder, or one of " + ", ".join(DATASETS))
+        return path.resolve(), None
+    raise DataError(f"unknown dataset {str(dataset)!r}: use one of {', '.join(DATASETS)} or the "
+                    "path of a local `datasets` folder (imagefolder or parquet)")
+
+
+def _fingerprint(folder: Path) -> str:
+    h = hashlib.sha256(str(folder).encode())
+    try:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames.sort()
+            for name in sorted(filenames):
+                st = os.stat(os.path.join(dirpath, name))
+                h.update(f"{os.path.relpath(os.path.join(dirpath, name), folder)}:"
+                         f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+    except OSError as err:
+        raise DataError(f"cannot read {folder}: {err.strerror}; check its permissions") from err
+    return h.hexdigest()[:16]
+
+
+def _cache_key(source: str | Path, spec: DatasetSpec | None, split: str,
+               image_size: int | None, limit: int | None) -> str:
+    if spec is not None:
+        name = str(source)
+    else:
+        folder = Path(source)
+        name = f"{folder.name or 'folder'}-{_fingerprint(folder)}"
+    size = "native" if image_size is None else f"s{image_size}"
+    count = "all" if limit is None else f"n{limit}"
+    safe_split = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
+    return f"{name}_{safe_split}_{size}_{count}_v{_FORMAT_VERSION}"
+
+
+def _load_split(source: str | Path, spec: DatasetSpec | None, split: str,
+                cache_dir: str | Path | None):
+    import datasets
+
+    hf_cache = str(Path(cache_dir) / "hf") if cache_dir is not None else None
+    try:
+        if spec is not None:
+            return datasets.load_dataset(spec.repo_id, spec.config, split=split,
+                                         cache_dir=hf_cache)
+        folder = Path(source)
+        if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
+            ds = datasets.load_from_disk(str(folder))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{folder} has no split {split!r}; available: "
+                                    f"{', '.join(ds)}")
+                ds = ds[split]
+            return ds
+        if any(folder.rglob("*.parquet")):
+            return datasets.load_dataset(str(folder), split=split, cache_dir=hf_cache)
+        return _imagefolder_split(folder, split)
+    except ValueError as err:
+        if "Unknown split" in str(err):
+            raise DataError(f"{source} has no split {split!r}: {err}") from err
+        raise DataError(f"cannot read dataset {source}: {err}") from err
+    except ConnectionError as err:
+        raise DataError(
+            f"{source} is not in the local Hugging Face cache and the Hub cannot be reached "
+            f"({type(err).__name__}); run once with internet to cache it, or pass the path of a "
+            "local `datasets` folder (imagefolder or parquet)") from err
+    except OSError as err:
+        raise DataError(f"cannot read dataset {source}: {err}; pass a folder of images "
+                        "(imagefolder `root/{split}/…/*.png`) or parquet files") from err
+
+
+def _imagefolder_split(folder: Path, split: str):
+    """An imagefolder split (``root/{split}/[label/]*.png``; images at the top level are the
+    single split ``train``) as a ``datasets.Dataset`` with an ``Image`` column.
+
+    Files are listed here rather than by ``load_dataset("imagefolder")``, whose data-file
+    resolution takes seconds per call on thousands of files; decoding is still ``datasets``'.
+    """
+    import datasets
+
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+
+    def images_under(d: Path, recursive: bool = True) -> list[str]:
+        found = d.rglob("*") if recursive else d.glob("*")
+        return sorted(str(p) for p in found if p.suffix.lower() in extensions and p.is_file())
+
+    splits = sorted(d.name for d in folder.iterdir() if d.is_dir() and images_under(d))
+    top = images_under(folder, recursive=False)
+    if not splits and not top:
+        raise DataError(f"{folder} holds no images or parquet files; pass an imagefolder "
+                        "`root/{split}/…/*.png` or a folder of parquet files")
+    if not splits:
+        splits = ["train"]
+    if split not in splits:
+        raise DataError(f"{folder} has no split {split!r}; available: {', '.join(splits)}")
+    files = top if top and not (folder / split).is_dir() else images_under(folder / split)
+    return datasets.Dataset.from_dict({"image": files}).cast_column("image", datasets.Image())
+
+
+def _image_column(ds, source: str | Path) -> str:
+    import datasets
+
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    raise DataError(f"{source} has no image column (columns: {', '.join(ds.features)}); "
+                    "pass a folder of images or parquet files with an Image feature")
+
+
+def _to_array(img: Image.Image) -> np.ndarray:
+    """A PIL image as H×W (grey) or H×W×3 (colour) uint8."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return (np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
+    if img.mode in ("1", "L", "LA"):
+        return np.asarray(img.convert("L"))
+    return np.asarray(img.convert("RGB"))
+
+
+def _fit(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    if w >= size and h >= size and (w, h) != (size, size):
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        if side != size:
+            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return img
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+    h, w = a.shape[:2]
+    if h > size or w > size:
+        raise DataError(f"an image of {h}×{w} is neither larger nor smaller than {size}×{size} "
+                        "on both sides; pick an image_size the images can be cropped or padded to")
+    top, left = (size - h) // 2, (size - w) // 2
+    pad = [(top, size - h - top), (left, size - w - left)] + [(0, 0)] * (a.ndim - 2)
+    return np.pad(a, pad)
+
+
+def _decode(ds, column: str, image_size: int | None, description: str) -> Tensor:
+    arrays: list[np.ndarray] = []
+    try:
+        with progress(description, total=len(ds)) as advance:
+            for batch in ds.iter(batch_size=256):
+                for img in batch[column]:
+                    if image_size is not None:
+                        a = _to_array(_fit(img, image_size))
+                        if a.shape[:2] != (image_size, image_size):
+                            a = _pad(a, image_size)
+                    else:
+                        a = _to_array(img)
+                    arrays.append(a)
+                advance(len(batch[column]))
+    except (OSError, SyntaxError) as err:  # PIL's errors for unreadable files
+        raise DataError(f"cannot decode an image: {err}; remove or fix the file") from err
+    if not arrays:
+        raise DataError("the split holds no images; check the folder or split name")
+    shapes = {a.shape[:2] for a in arrays}
+    if len(shapes) > 1:
+        sizes = ", ".join(f"{h}×{w}" for h, w in sorted(shapes)[:4])
+        raise DataError(f"images of different sizes ({sizes}…); pass image_size to crop/resize "
+                        "them to one size")
+    color = any(a.ndim == 3 for a in arrays)
+    out = np.empty((len(arrays), 3 if color else 1, *arrays[0].shape[:2]), dtype=np.uint8)
+    for i, a in enumerate(arrays):
+        out[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
+    return torch.from_numpy(out)
+
+
+def _save_atomic(path: Path, images: Tensor, metadata: dict[str, str]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"images": images.contiguous()}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as err:
+        # The cache is an optimisation: a read-only cache dir must not stop training.
+        import warnings
+
+        warnings.warn(f"could not cache decoded images at {path}: {err}", stacklevel=3)
+
+
+# --- augmentation ---------------------------------------------------------------------------
+
+def augment(x: Tensor, generator: torch.Generator | None = None, *, max_shift: int = 3,
+            flip: bool = True) -> Tensor:
+    """Random translation with edge padding and horizontal flip, per image, on x's device.
+
+    y[b, c, i, j] = x[b, c, clamp(i − dy_b), clamp(j' − dx_b)] with dy_b, dx_b ~ U{−s..s}
+    (s = ``max_shift``) and j' = W−1−j with probability ½ when ``flip`` (mAR-SCF's CIFAR-10
+    recipe: shift ≤ 3 px + flip; use ``flip=False`` for digits). Works for any dtype (uint8
+    included), B×C×H×W; never writes into ``x``.
+    """
+    b, _, h, w = x.shape
+    gen_device = generator.device if generator is not None else x.device
+    shifts = torch.randint(-max_shift, max_shift + 1, (2, b), generator=generator,
+                           device=gen_device).to(x.device)
+    rows = (torch.arange(h, device=x.device)[None] - shifts[0][:, None]).clamp(0, h - 1)
+    cols = (torch.arange(w, device=x.device)[None] - shifts[1][:, None]).clamp(0, w - 1)
+    if flip:
+        flips = (torch.rand(b, generator=generator, device=gen_device) < 0.5).to(x.device)
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+    idx = torch.arange(b, device=x.device)[:, None, None]
+    # Advanced indexing puts the indexed dims first: (B, H, W, C) -> back to B×C×H×W.
+    return x.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2) \
+        .contiguous()

@@ -1,0 +1,192 @@
+"""Data loading on real MNIST digits (local imagefolder), the on-disk cache, augmentation."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from attnflow_zoo import data
+from attnflow_zoo.errors import DataError
+
+
+@pytest.fixture
+def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts real decodes (the real function still runs)."""
+    calls: list[int] = []
+    real = data._decode
+
+    def counting(ds, *args, **kwargs):
+        calls.append(len(ds))
+        return real(ds, *args, **kwargs)
+
+    monkeypatch.setattr(data, "_decode", counting)
+    return calls
+
+
+def _reference(folder, split: str) -> np.ndarray:
+    files = sorted((folder / split).rglob("*.png"))
+    return np.stack([np.asarray(Image.open(f)) for f in files])
+
+
+def test_native_size_shape_dtype_and_pixels(mnist_folder, tmp_path):
+    x = data.load_images(mnist_folder, "test", cache_dir=tmp_path)
+    assert x.dtype == torch.uint8 and x.shape == (1000, 1, 28, 28)
+    # Same multiset of images as the PNGs on disk (the loader's order is the dataset's own).
+    ref = _reference(mnist_folder, "test")
+    got = sorted(x[:, 0].numpy().tobytes()[i * 784:(i + 1) * 784] for i in range(1000))
+    assert got == sorted(r.tobytes() for r in ref)
+
+
+def test_pad_to_32_keeps_the_digit(mnist_folder, tmp_path):
+    native = data.load_images(mnist_folder, "test", limit=50, cache_dir=tmp_path)
+    padded = data.load_images(mnist_folder, "test", image_size=32, limit=50, cache_dir=tmp_path)
+    assert padded.shape == (50, 1, 32, 32)
+    assert torch.equal(padded[:, :, 2:30, 2:30], native)
+    assert padded[:, :, :2].eq(0).all() and padded[:, :, :, 30:].eq(0).all()
+
+
+def test_resize_smaller_crops_and_resizes(mnist_folder, tmp_path):
+    x = data.load_images(mnist_folder, "test", image_size=14, limit=20, cache_dir=tmp_path)
+    assert x.shape == (20, 1, 14, 14) and x.dtype == torch.uint8 and x.max() > 100
+
+
+def test_cache_is_written_once_and_read_back(mnist_folder, tmp_path, decode_calls):
+    first = data.load_images(mnist_folder, "train", image_size=32, limit=300, cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+    second = data.load_images(mnist_folder, "train", image_size=32, limit=300, cache_dir=tmp_path)
+    assert decode_calls == [300]
+    assert torch.equal(first, second)
+    # What comes back is the file's content: overwrite it and the loader returns the new bytes.
+    from safetensors.torch import save_file
+
+    marker = torch.full_like(first, 7)
+    save_file({"images": marker}, str(files[0]))
+    assert torch.equal(data.load_images(mnist_folder, "train", image_size=32, limit=300,
+                                        cache_dir=tmp_path), marker)
+    assert decode_calls == [300]
+    # A different size / limit / split is another entry.
+    data.load_images(mnist_folder, "test", image_size=32, limit=300, cache_dir=tmp_path)
+    assert decode_calls == [300, 300]
+
+
+def test_editing_the_folder_invalidates_the_cache(mnist_folder, tmp_path, decode_calls):
+    folder = tmp_path / "copy"
+    shutil.copytree(mnist_folder / "test", folder / "test")
+    a = data.load_images(folder, "test", cache_dir=tmp_path / "c")
+    victim = sorted((folder / "test").rglob("*.png"))[0]
+    Image.fromarray(np.full((28, 28), 255, np.uint8), mode="L").save(victim)
+    b = data.load_images(folder, "test", cache_dir=tmp_path / "c")
+    assert len(decode_calls) == 2 and not torch.equal(a, b)
+
+
+def test_corrupt_cache_entry_is_rebuilt(mnist_folder, tmp_path, decode_calls):
+    a = data.load_images(mnist_folder, "test", limit=10, cache_dir=tmp_path)
+    next(tmp_path.glob("*.safetensors")).write_bytes(b"not a safetensors file")
+    b = data.load_images(mnist_folder, "test", limit=10, cache_dir=tmp_path)
+    assert torch.equal(a, b) and len(decode_calls) == 2
+
+
+def test_mixed_modes_become_rgb(tmp_path):
+    folder = tmp_path / "mixed" / "train" / "a"
+    folder.mkdir(parents=True)
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    Image.fromarray(grey, mode="L").save(folder / "0.png")
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(folder / "1.png")
+    x = data.load_images(tmp_path / "mixed", "train", cache_dir=tmp_path / "c")
+    assert x.shape == (2, 3, 8, 8)
+    greys = [i for i in range(2) if torch.equal(x[i, 0], x[i, 1])]
+    assert len(greys) == 1 and torch.equal(x[greys[0], 0], torch.from_numpy(grey))
+
+
+def test_rectangular_images_are_center_cropped(tmp_path):
+    # CelebA's rule: 218×178 -> centre crop 178×178 -> resize.
+    folder = tmp_path / "faces" / "train" / "a"
+    folder.mkdir(parents=True)
+    img = np.zeros((218, 178), np.uint8)
+    img[20:198] = 255  # exactly the central 178 rows are white
+    Image.fromarray(img, mode="L").save(folder / "0.png")
+    native = data.load_images(tmp_path / "faces", "train", cache_dir=tmp_path / "c")
+    assert native.shape == (1, 1, 218, 178)
+    x = data.load_images(tmp_path / "faces", "train", image_size=64, cache_dir=tmp_path / "c")
+    assert x.shape == (1, 1, 64, 64) and x.eq(255).all()
+
+
+def test_parquet_folder(mnist_folder, tmp_path):
+    import datasets
+
+    ref = data.load_images(mnist_folder, "test", limit=20, cache_dir=tmp_path / "c")
+    files = sorted(str(p) for p in (mnist_folder / "test").rglob("*.png"))[:20]
+    ds = datasets.Dataset.from_dict({"label": list(range(20)), "picture": files})
+    ds = ds.cast_column("picture", datasets.Image())
+    (tmp_path / "pq" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "pq" / "data" / "test-00000-of-00001.parquet"))
+    x = data.load_images(tmp_path / "pq", "test", cache_dir=tmp_path / "c")
+    assert x.shape == (20, 1, 28, 28)
+    assert sorted(map(bytes, x.flatten(1).numpy())) == sorted(map(bytes, ref.flatten(1).numpy()))
+
+
+def test_split_errors_list_available_splits(mnist_folder, tmp_path):
+    with pytest.raises(DataError, match="available: test, train"):
+        data.load_images(mnist_folder, "valid", cache_dir=tmp_path)
+    with pytest.raises(DataError, match="available: train, valid, test"):
+        data.load_images("celeba", "validation", cache_dir=tmp_path)
+
+
+def test_offline_hub_dataset_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="internet.*local"):
+        data.load_images("mnist", "test", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "file", "broken"])
+def test_bad_folders(tmp_path, make):
+    target = tmp_path / "d"
+    if make == "empty":
+        target.mkdir()
+    elif make == "file":
+        target.write_text("x")
+    elif make == "broken":
+        (target / "train" / "a").mkdir(parents=True)
+        (target / "train" / "a" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError):
+        data.load_images(target, "train", cache_dir=tmp_path / "c")
+    assert not list((tmp_path / "c").glob("*.safetensors")) if (tmp_path / "c").exists() else True
+
+
+def test_augment_shifts_with_edge_padding_and_flips(gen):
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).reshape(2, 3, 8, 8).to(torch.uint8)
+    x_before = x.clone()
+    y = data.augment(x, gen, max_shift=3, flip=True)
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.equal(x, x_before)
+    # Brute force: each output equals one of the 7·7·2 shifted/flipped candidates.
+    for b in range(2):
+        candidates = []
+        for dy in range(-3, 4):
+            for dx in range(-3, 4):
+                rows = (torch.arange(8) - dy).clamp(0, 7)
+                cols = (torch.arange(8) - dx).clamp(0, 7)
+                shifted = x[b][:, rows][:, :, cols]
+                candidates += [shifted, shifted.flip(-1)]
+        assert any(torch.equal(y[b], c) for c in candidates)
+    # Same generator state -> same output; no flip means never mirrored.
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(data.augment(x, g1), data.augment(x, g2))
+
+
+def test_augment_without_flip_is_a_pure_shift(gen):
+    x = torch.rand(64, 1, 6, 6, generator=gen)
+    y = data.augment(x, gen, max_shift=2, flip=False)
+    # Without flip, column order is non-decreasing in the source (a clamp of j − dx).
+    ramp = torch.arange(6.0).expand(64, 1, 6, 6)
+    z = data.augment(ramp, torch.Generator().manual_seed(1), max_shift=2, flip=False)
+    assert (z.diff(dim=-1) >= 0).all()
+    assert y.shape == x.shape
+    zero = data.augment(x, gen, max_shift=0, flip=False)
+    assert torch.equal(zero, x)
