@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -229,14 +228,14 @@ def test_presets_are_registered() -> None:
 
 
 # --- a short training run on real digits --------------------------------------------------------
-def _load_mnist(root: Path, split: str, limit: int) -> torch.Tensor:
-    """uint8 N×1×16×16: the fixture's 28×28 PNGs (read with PIL), zero-padded to 32, 2×2-pooled."""
-    from PIL import Image
-
-    files = sorted((root / split).glob("*/*.png"))[:limit]
-    x = torch.from_numpy(np.stack([np.asarray(Image.open(f)) for f in files])).float()
-    x = torch.nn.functional.pad(x.unsqueeze(1), (2, 2, 2, 2))
-    return torch.nn.functional.avg_pool2d(x, 2).round().to(torch.uint8)
+@pytest.fixture(scope="module")
+def mnist16(mnist_folder: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) uint8 N×1×16×16: the fixture's real 28×28 digits resized to 16×16."""
+    cache = tmp_path_factory.mktemp("mnist_cache")
+    train = az.data.load_images(mnist_folder, "train", image_size=16, cache_dir=cache)
+    test = az.data.load_images(mnist_folder, "test", image_size=16, limit=300, cache_dir=cache)
+    return train, test
 
 
 @pytest.fixture
@@ -251,14 +250,15 @@ def one_thread():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["imap", "itrans", "none"])
-def test_training_lowers_heldout_bits_per_dim(attention: str, mnist_folder: Path,
-                                              one_thread: None) -> None:
+def test_training_lowers_heldout_bits_per_dim(attention: str, one_thread: None,
+                                              mnist16: tuple[torch.Tensor, torch.Tensor]
+                                              ) -> None:
     cfg = az.AttnFlowConfig(image_size=16, in_channels=1, num_levels=2, num_steps=2,
                             hidden_channels=32, attention=attention, prior_hidden_channels=16,
                             prior_num_layers=2, prior_cond_hidden_channels=16)
     _needs_attention(cfg)
-    train = _load_mnist(mnist_folder, "train", 4000)
-    test = _load_mnist(mnist_folder, "test", 300)
+    train, test = mnist16
+    assert train.shape[1:] == (1, 16, 16) and train.dtype == torch.uint8
     torch.manual_seed(0)  # test-only: the model's weight init draws from the global RNG
     model = az.AttnFlow(cfg)
     g = torch.Generator().manual_seed(0)
