@@ -95,25 +95,36 @@ def test_gradients_reach_every_parameter(name: str) -> None:
     check_gradients(model, x, nll=lambda m, v: -m.log_density(v).mean())
 
 
-@pytest.mark.parametrize("prior", ["mar", "gaussian"])
-def test_bits_per_dim_at_init_is_analytic(prior: str, gen: torch.Generator) -> None:
-    """At construction (eval mode, ActNorm not yet data-initialised) the MaR-Flow is linear:
+@pytest.mark.parametrize("name,overrides", [
+    ("marflow_tiny", {}), ("marflow_tiny", {"prior": "gaussian"}),
+    ("attnflow_imap_tiny", {}), ("attnflow_imap_channel_tiny", {})])
+def test_bits_per_dim_at_init_is_analytic(name: str, overrides: dict,
+                                          gen: torch.Generator) -> None:
+    """At construction (eval mode, ActNorm not yet data-initialised) the model is linear:
     ActNorm = id, InvConv1x1 = a rotation (|det| = 1), coupling z_b = σ(2)·x_b (zero-init
-    shift net), prior = N(0, I) (zero-init heads). Hence
+    shift net), iMap y = σ(4)·x (zero mixing weights, s = b = 4: SPEC §1.3), prior = N(0, I)
+    (zero-init heads). With n_l = C_l·H_l·W_l at level l (after the squeeze), hence
 
-        log p(x) = −D/2·ln 2π − ½‖z‖² + Σ_l K·(C_l//2)·H_l·W_l·ln σ(2),
+        log p(x) = −D/2·ln 2π − ½‖z‖² + Σ_l K·[(C_l//2)·H_l·W_l·ln σ(2) + a_l·n_l·ln σ(4)],
 
-    with σ(2)^{K·L}‖x‖ ≤ ‖z‖ ≤ ‖x‖ (each step rotates, then shrinks half the channels by σ(2)).
-    At x = 0 it is exact (up to the float32-stored LU factors of the rotations); on images
-    bpd lies between the two bounds."""
-    model = az.create_model("marflow_tiny", prior=prior).double().eval()
+    (a_l = 1 if level l has attention) and, since each step rotates, shrinks half the channels by
+    σ(2) and (with iMap) all of them by σ(4): σ(2)^{KL}·r ≤ ‖z‖/‖x‖ ≤ r, r = σ(4)^{K·Σa_l}.
+    At x = 0 it is exact; on images bpd lies between the two bounds."""
+    model = _create(name, **overrides).double().eval()
     cfg = model.config
+    for module in model.modules():  # the iMap init this derivation assumes
+        if type(module).__name__ == "IMap":
+            assert torch.all(module.weight == 0)
+            assert torch.all(module.log_scale == 4.0) and float(module.gate_bias) == 4.0
     d = math.prod(model.input_shape)
-    log_s = math.log(torch.sigmoid(torch.tensor(2.0, dtype=torch.float64)).item())
-    c, side, logdet = cfg.in_channels, cfg.image_size, 0.0
+    log_s2, log_s4 = (math.log(1 / (1 + math.exp(-v))) for v in (2.0, 4.0))
+    c, side, logdet, num_attn = cfg.in_channels, cfg.image_size, 0.0, 0
     for lvl in range(cfg.num_levels):
         c, side = 4 * c, side // 2
-        logdet += cfg.num_steps * (c // 2) * side * side * log_s
+        logdet += cfg.num_steps * (c // 2) * side * side * log_s2
+        if cfg.uses_attention(lvl):
+            logdet += cfg.num_steps * c * side * side * log_s4
+            num_attn += cfg.num_steps
         if lvl < cfg.num_levels - 1:
             c = c - c // 2
 
@@ -121,14 +132,16 @@ def test_bits_per_dim_at_init_is_analytic(prior: str, gen: torch.Generator) -> N
         return metrics.bits_per_dim(-0.5 * d * math.log(2 * math.pi) - 0.5 * sq_norm + logdet, d)
 
     zero = torch.zeros(1, *model.input_shape, dtype=torch.float64)
+    # Exact up to the float32-stored LU factors of the rotations (|Σ log|s|| ~ 1e-7).
     torch.testing.assert_close(metrics.bits_per_dim(model.log_density(zero), d),
                                bpd(torch.zeros(1, dtype=torch.float64)), rtol=1e-8, atol=0)
     x_u8 = torch.randint(0, 256, (4, *model.input_shape), generator=gen, dtype=torch.uint8)
     x = az.data.dequantize(x_u8, torch.Generator().manual_seed(1), torch.float64) - 0.5
     got = metrics.bits_per_dim(model.log_density(x), d)
     sq = x.flatten(1).pow(2).sum(1)
-    shrink = math.exp(log_s) ** (2 * cfg.num_steps * cfg.num_levels)
-    assert (got <= bpd(sq) + 1e-9).all() and (got >= bpd(shrink * sq) - 1e-9).all()
+    upper = math.exp(2 * num_attn * log_s4)
+    lower = upper * math.exp(2 * cfg.num_steps * cfg.num_levels * log_s2)
+    assert (got <= bpd(upper * sq) + 1e-9).all() and (got >= bpd(lower * sq) - 1e-9).all()
     # The same numbers through the public uint8 path.
     torch.testing.assert_close(model.bits_per_dim(x_u8, torch.Generator().manual_seed(1)), got)
 
@@ -202,6 +215,8 @@ def test_config_errors() -> None:
         az.create_model("marflow_tiny", attention_levels=[True])
     with pytest.raises(ConfigError, match="patch"):
         az.create_model("attnflow_itrans_tiny", itrans_patch_size=3)
+    with pytest.raises(ConfigError, match="2×2 tokens"):  # level 2 is 2×2: one 2×2 token
+        az.create_model("attnflow_itrans_tiny", attention_levels=[True, True])
     model = az.create_model("marflow_tiny")
     with pytest.raises(ShapeError):
         model.log_prob(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))

@@ -96,9 +96,11 @@ class AttnFlowConfig:
             p = self.itrans_patch_size
             for lvl in range(self.num_levels):
                 side = self.image_size // 2 ** (lvl + 1)
-                if self.uses_attention(lvl) and (p < 1 or side % p):
+                if self.uses_attention(lvl) and (p < 1 or side % p or side == p):
+                    # side == p: one token, softmax ≡ 1, so Q, K and τ would be dead weights.
                     raise ConfigError(f"itrans_patch_size {p} must divide level {lvl + 1}'s "
-                                      f"size {side}; use 1 or switch that level off")
+                                      f"size {side} into at least 2×2 tokens; use a smaller "
+                                      "patch size or switch that level off in attention_levels")
 
     def uses_attention(self, level: int) -> bool:
         """Whether level ``level`` (0-based) has an attention layer in each step."""
@@ -317,8 +319,10 @@ def attnflow_imap_channel_tiny() -> AttnFlowConfig:
 
 @register_model(AttnFlow)
 def attnflow_itrans_tiny() -> AttnFlowConfig:
-    """AttnFlow-iTrans (2×2 patches), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=2)
+    """AttnFlow-iTrans (2×2 patches, level 1 only), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
+    # Level 2 is 2×2: a single 2×2 token, so iTrans is switched off there.
+    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=2,
+                          attention_levels=[True, False])
 
 
 @register_model(AttnFlow)
