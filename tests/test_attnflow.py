@@ -115,7 +115,7 @@ def test_bits_per_dim_at_init_is_analytic(name: str, overrides: dict,
     for module in model.modules():  # the iMap init this derivation assumes
         if type(module).__name__ == "IMap":
             assert torch.all(module.weight == 0)
-            assert torch.all(module.log_scale == 4.0) and float(module.gate_bias) == 4.0
+            assert torch.all(module.log_scale == 4.0) and float(module.gate_bias.detach()) == 4.0
     d = math.prod(model.input_shape)
     log_s2, log_s4 = (math.log(1 / (1 + math.exp(-v))) for v in (2.0, 4.0))
     c, side, logdet, num_attn = cfg.in_channels, cfg.image_size, 0.0, 0
