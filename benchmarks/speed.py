@@ -6,6 +6,10 @@ inverse round-trip error max|f⁻¹(f(x)) − x| on the dequantised batch (float
 and peak memory (CPU: ``resource.getrusage`` max RSS of the subprocess; CUDA:
 ``torch.cuda.max_memory_allocated``).
 
+On a shared, loaded CPU the wall times are inflated; the CPU-time columns (process time per
+step / per sampling call) are what the work itself cost (with 1 thread ≈ a quiet machine's wall
+time). ×ref compares wall-clock img/s with the reference.
+
 The reference configuration is the one the mAR-SCF code was timed at: L = 3, K = 2, C = 256,
 affine coupling, 3×32×32, batch 16, 2 CPU threads; it measured 1.51 s per training step
 (10.6 img/s), 0.59 s to sample 16 images (27 img/s) and 1.07 GB peak memory.
@@ -66,21 +70,23 @@ def _worker(args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):  # the first call also runs ActNorm's data-dependent init
         train_step()
     sync()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         train_step()
     sync()
     step_s = (time.perf_counter() - start) / args.steps
+    step_cpu_s = (time.process_time() - cpu_start) / args.steps
 
     model.eval()
     with torch.no_grad():
         model.generate(args.sample_batch_size, generator=g)  # warm-up
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(args.sample_reps):
-            x = model.generate(args.sample_batch_size, temperature=0.7, generator=g)
+            model.generate(args.sample_batch_size, temperature=0.7, generator=g)
         sync()
         sample_s = (time.perf_counter() - start) / args.sample_reps
+        sample_cpu_s = (time.process_time() - cpu_start) / args.sample_reps
         x = data.dequantize(x_u8, g) - 0.5  # round trip on data (samples of a model trained
         z, _ = model(x)                      # for a few steps on noise can be off-manifold)
         round_trip = (model.inverse(z) - x).abs().max().item()
@@ -92,7 +98,8 @@ def _worker(args: argparse.Namespace) -> dict:
     return {
         "model": args.worker + ("" if not overrides else " " + json.dumps(overrides)),
         "device": args.device, "threads": args.threads, "batch": args.batch_size,
-        "params_M": params / 1e6, "step_s": step_s,
+        "params_M": params / 1e6, "step_s": step_s, "step_cpu_s": step_cpu_s,
+        "sample_cpu_s": sample_cpu_s,
         "train_img_s": args.batch_size / step_s,
         "sample_s": sample_s, "sample_img_s": args.sample_batch_size / sample_s,
         "round_trip": round_trip, "peak_gb": peak_gb,
@@ -110,14 +117,15 @@ def _run_one(name: str, overrides: dict, args: argparse.Namespace) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("| model | device | thr | params | s/step | train img/s | ×ref | sample s | "
-            "sample img/s | ×ref | peak GB | round trip |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| model | device | thr | params | s/step | cpu s/step | train img/s | ×ref | "
+            "sample s | cpu sample s | sample img/s | ×ref | peak GB | round trip |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['device']} | {r['threads']} | {r['params_M']:.2f}M | "
-            f"{r['step_s']:.3f} | {r['train_img_s']:.1f} | "
+            f"{r['step_s']:.3f} | {r['step_cpu_s']:.3f} | {r['train_img_s']:.1f} | "
             f"{r['train_img_s'] / REFERENCE['train_img_s']:.2f} | {r['sample_s']:.3f} | "
+            f"{r['sample_cpu_s']:.3f} | "
             f"{r['sample_img_s']:.1f} | {r['sample_img_s'] / REFERENCE['sample_img_s']:.2f} | "
             f"{r['peak_gb']:.2f} | {r['round_trip']:.1e} |")
     return "\n".join(lines)
