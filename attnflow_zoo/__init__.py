@@ -9,6 +9,7 @@ from .errors import (
     ShapeError,
     TrainingError,
 )
+from .hub import load_model
 from .metrics import bits_per_dim
 from .models.attnflow import AttnFlow, AttnFlowConfig
 from .registry import create_model, list_models, register_model
@@ -30,5 +31,6 @@ __all__ = [
     "bits_per_dim",
     "create_model",
     "list_models",
+    "load_model",
     "register_model",
 ]

@@ -75,7 +75,11 @@ def make_config(name: str, **overrides: Any) -> Any:
 
 
 def create_model(name: str, pretrained: bool = False, **overrides: Any) -> Any:
-    """Build preset ``name`` with config ``overrides``; ``pretrained`` loads its Hub weights."""
+    """Build preset ``name`` with config ``overrides``; ``pretrained`` loads its Hub weights.
+
+    The model remembers its preset (``model.zoo_preset``), which ``save_pretrained`` writes into
+    ``config.json`` so that ``attnflow push`` finds the preset's model card.
+    """
     entry = get_entry(name)
     if pretrained:
         if entry.hub_repo is None:
@@ -83,8 +87,38 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> Any:
                               "train it with `attnflow train` or pass a repo to load_model")
         if overrides:
             raise ConfigError("overrides cannot be combined with pretrained=True")
-        return entry.model_cls.from_pretrained(entry.hub_repo)
-    return entry.model_cls(make_config(name, **overrides))
+        model = entry.model_cls.from_pretrained(entry.hub_repo)
+    else:
+        model = entry.model_cls(make_config(name, **overrides))
+    model.zoo_preset = name
+    return model
+
+
+def model_class(architecture: str) -> type:
+    """The zoo class named ``architecture`` (a ``config.json`` architecture name).
+
+    Registered presets' classes come first; any other class inheriting ``ZooHubMixin`` is found
+    too (e.g. a model defined in user code). ``CheckpointError`` if none has that name.
+    """
+    from .errors import CheckpointError
+    from .hub import _ARCHITECTURES
+
+    _load_all()
+    for entry in _REGISTRY.values():
+        if entry.model_cls.__name__ == architecture:
+            return entry.model_cls
+    if architecture in _ARCHITECTURES:
+        return _ARCHITECTURES[architecture]
+    known = sorted({e.model_cls.__name__ for e in _REGISTRY.values()})
+    raise CheckpointError(f"unknown architecture {architecture!r} in config.json; this "
+                          f"attnflow_zoo knows {', '.join(known) or 'no architectures'} "
+                          "(is the checkpoint from a newer release?)")
+
+
+def entries() -> list[ModelEntry]:
+    """Every registered entry, sorted by name."""
+    _load_all()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
 def _load_all() -> None:

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import models
+from . import models, push, sample
 
 app = typer.Typer(
     name="attnflow",
@@ -27,6 +27,8 @@ def _root() -> None:
 
 
 app.command("models")(models.models)
+app.command("sample")(sample.sample)
+app.command("push")(push.push)
 
 
 def main() -> None:

@@ -1,0 +1,49 @@
+"""``attnflow sample``: draw images from a checkpoint (Hub repo or local directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+SOURCE = "Checkpoint"
+OUTPUT = "Output"
+
+
+def sample(
+    repo: Annotated[str | None, typer.Option("--repo", help="Hub repo id, e.g. user/name.",
+                                             rich_help_panel=SOURCE)] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Local checkpoint "
+                                                    "directory (config.json + model.safetensors).",
+                                                    rich_help_panel=SOURCE)] = None,
+    num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="How many images.",
+                                             rich_help_panel=OUTPUT)] = 64,
+    temperature: Annotated[float, typer.Option(help="Prior standard-deviation scale T.",
+                                               rich_help_panel=OUTPUT)] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling generator.",
+                                      rich_help_panel=OUTPUT)] = 0,
+    output: Annotated[Path, typer.Option("-o", "--output", help="grid.png (image grid) or "
+                                         "samples.npz (uint8 array B×H×W×C).",
+                                         rich_help_panel=OUTPUT)] = Path("samples.png"),
+    nrow: Annotated[int | None, typer.Option(help="Images per grid row (default √n).",
+                                             rich_help_panel=OUTPUT)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images drawn per forward pass.",
+                                            rich_help_panel=OUTPUT)] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Draw seeded samples at a temperature and save them as a PNG grid or an NPZ array."""
+    from rich.console import Console
+
+    from attnflow_zoo.errors import ConfigError
+    from attnflow_zoo.hub import load_model
+    from attnflow_zoo.sampling import draw_samples, resolve_device, save_samples
+
+    if (repo is None) == (checkpoint is None):
+        raise ConfigError("give exactly one of --repo ID or --checkpoint DIR")
+    model = load_model(checkpoint if checkpoint is not None else repo)
+    images = draw_samples(model, num_samples, temperature=temperature, seed=seed,
+                          batch_size=batch_size, device=resolve_device(device))
+    path = save_samples(images, output, nrow=nrow)
+    Console().print(f"wrote {images.shape[0]} samples ({'×'.join(map(str, images.shape[1:]))}, "
+                    f"T={temperature}, seed={seed}) to {path}")

@@ -1,0 +1,62 @@
+"""A small Glow-style FlowModel for the Hub tests .
+
+It stands in for the zoo's architectures only where a test needs *some* registered zoo class
+(strict loading, push, sample); the architectures themselves are tested with their own presets.
+It is deliberately not a registered preset (other tests parametrise over the registry);
+``load_model`` finds it by class name, as it finds any ``ZooHubMixin`` subclass that was imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnflow_zoo.core import FlowModel, FlowSequential, standard_normal_logpdf
+from attnflow_zoo.layers.coupling import AffineCoupling
+from attnflow_zoo.layers.linear import InvConv1x1
+from attnflow_zoo.layers.normalization import ActNorm
+from attnflow_zoo.layers.reshape import Squeeze
+
+
+@dataclass
+class ToyFlowConfig:
+    image_size: int = 8
+    in_channels: int = 1
+    num_steps: int = 2
+    hidden_channels: int = 8
+    levels: tuple[int, ...] = (1,)
+
+
+class ToyFlow(FlowModel):
+    """z = f(x) with f = (ActNorm → InvConv1x1 → AffineCoupling)^K ∘ Squeeze; N(0, I) prior."""
+
+    def __init__(self, config: ToyFlowConfig) -> None:
+        super().__init__(config)
+        c = config.in_channels * 4
+        steps = []
+        for _ in range(config.num_steps):
+            steps += [ActNorm(c), InvConv1x1(c), AffineCoupling(c, config.hidden_channels)]
+        self.flow = FlowSequential(Squeeze(2), *steps)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow(x)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return self.flow.inverse(z)
+
+    def log_density(self, x: Tensor) -> Tensor:
+        z, logdet = self.flow(x)
+        return standard_normal_logpdf(z) + logdet
+
+    def generate(self, num_samples: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> Tensor:
+        c, h, w = self.input_shape
+        z = torch.randn(num_samples, c * 4, h // 2, w // 2, generator=generator,
+                        device=generator.device if generator is not None else self.device)
+        return self.flow.inverse(z.to(self.device) * temperature).clamp(-0.5, 0.5 - 1e-6)
+
+
+class OtherFlow(ToyFlow):
+    """The same maths under another architecture name (for the wrong-architecture test)."""

@@ -1,0 +1,153 @@
+"""Strict checkpoints: save → load is exact, and every broken checkpoint is a CheckpointError."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _toy_flow import OtherFlow, ToyFlow, ToyFlowConfig  # noqa: E402
+
+import attnflow_zoo as az  # noqa: E402
+from attnflow_zoo.errors import CheckpointError  # noqa: E402
+from attnflow_zoo.hub import looks_like_path  # noqa: E402
+from attnflow_zoo.testing import check_invertible  # noqa: E402
+
+
+@pytest.fixture
+def trained(gen: torch.Generator) -> ToyFlow:
+    """A toy flow whose ActNorms are data-initialised (one training-mode forward)."""
+    model = ToyFlow(ToyFlowConfig(levels=(1, 2)))
+    model.train()
+    model(torch.rand(16, 1, 8, 8, generator=gen) - 0.5)
+    return model.eval()
+
+
+@pytest.fixture
+def ckpt(trained: ToyFlow, tmp_path: Path) -> Path:
+    trained.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_save_writes_envelope_and_only_safetensors(ckpt: Path) -> None:
+    payload = json.loads((ckpt / "config.json").read_text())
+    assert payload["architecture"] == "ToyFlow"
+    assert payload["format_version"] == 1
+    assert payload["config"]["levels"] == [1, 2]
+    assert {p.name for p in ckpt.iterdir()} >= {"config.json", "model.safetensors"}
+    assert not list(ckpt.glob("*.bin")) and not list(ckpt.glob("*.pt"))
+
+
+@pytest.mark.parametrize("loader", ["class", "load_model"])
+def test_round_trip_identical(trained: ToyFlow, ckpt: Path, loader: str,
+                              gen: torch.Generator) -> None:
+    model = ToyFlow.from_pretrained(ckpt) if loader == "class" else az.load_model(str(ckpt))
+    assert type(model) is ToyFlow
+    assert model.config == trained.config and model.config.levels == (1, 2)
+    x = torch.rand(4, 1, 8, 8, generator=gen) - 0.5
+    z0, ld0 = trained(x)
+    z1, ld1 = model(x)
+    assert torch.equal(z0, z1) and torch.equal(ld0, ld1)
+    check_invertible(model, x)
+    # ActNorm's `initialized` buffer was loaded: training mode must not re-initialise.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model(torch.randn(8, 1, 8, 8, generator=gen) * 3)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_load_model_reports_wrong_architecture(ckpt: Path) -> None:
+    with pytest.raises(CheckpointError, match="is a ToyFlow checkpoint, not OtherFlow"):
+        OtherFlow.from_pretrained(ckpt)
+
+
+def _edit_config(ckpt: Path, fn) -> None:
+    path = ckpt / "config.json"
+    payload = json.loads(path.read_text())
+    fn(payload)
+    path.write_text(json.dumps(payload))
+
+
+def _edit_weights(ckpt: Path, fn) -> None:
+    path = ckpt / "model.safetensors"
+    state = load_file(path)
+    fn(state)
+    save_file(state, path)  # no checksum: the structural checks alone must catch it
+
+
+@pytest.mark.parametrize("case, match", [
+    ("unknown_key", "config key\\(s\\) dropout unknown to ToyFlowConfig"),
+    ("other_arch", "unknown architecture 'GlowXL'"),
+    ("version", "format_version 99"),
+    ("shape", "shape mismatch"),
+    ("missing_tensor", "missing tensor\\(s\\) flow.layers.1.bias"),
+    ("unexpected_tensor", "unexpected tensor\\(s\\) extra.weight"),
+    ("truncated", "not a readable safetensors file"),
+    ("garbage", "not a readable safetensors file"),
+    ("bitflip", "is corrupted"),
+    ("pickle_only", "reads only safetensors"),
+    ("bad_json", "not readable JSON"),
+])
+def test_broken_checkpoints_raise(ckpt: Path, case: str, match: str) -> None:
+    weights = ckpt / "model.safetensors"
+    if case == "unknown_key":
+        _edit_config(ckpt, lambda p: p["config"].update(dropout=0.1))
+    elif case == "other_arch":
+        _edit_config(ckpt, lambda p: p.update(architecture="GlowXL"))
+    elif case == "version":
+        _edit_config(ckpt, lambda p: p.update(format_version=99))
+    elif case == "shape":
+        _edit_config(ckpt, lambda p: p["config"].update(hidden_channels=16))
+    elif case == "missing_tensor":
+        _edit_weights(ckpt, lambda s: s.pop("flow.layers.1.bias"))
+    elif case == "unexpected_tensor":
+        _edit_weights(ckpt, lambda s: s.update({"extra.weight": torch.zeros(2)}))
+    elif case == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif case == "garbage":
+        weights.write_bytes(b"\x00" * 64)
+    elif case == "bitflip":
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif case == "pickle_only":
+        torch.save(load_file(weights), ckpt / "pytorch_model.bin")
+        weights.unlink()
+    elif case == "bad_json":
+        (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=match) as info:
+        az.load_model(ckpt)
+    assert "\n" not in str(info.value)
+    if case not in ("other_arch",):
+        with pytest.raises(CheckpointError):
+            ToyFlow.from_pretrained(ckpt)
+
+
+def test_nonexistent_paths_are_not_sent_to_the_hub(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ["./nope", str(tmp_path / "nope"), "~/surely/not/here", "runs/missing",
+                 "a/b/c"]:
+        assert looks_like_path(name)
+        with pytest.raises(CheckpointError, match="does not exist"):
+            az.load_model(name)
+    assert not looks_like_path("user/model")
+    with pytest.raises(CheckpointError, match="nor a valid Hub repo id"):
+        az.load_model("user/model--")
+
+
+def test_repo_id_offline_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    with pytest.raises(CheckpointError, match="not in the local cache"):
+        az.load_model("someone/absent-model", cache_dir=tmp_path / "cache")

@@ -1,0 +1,269 @@
+"""push → a local Hub server → download into a fresh cache → offline `attnflow sample`.
+
+Also: the model card's YAML, and every broken checkpoint failing in one CLI line with nothing
+uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+from _hub_server import HubServer  # noqa: E402
+from _toy_flow import ToyFlow, ToyFlowConfig  # noqa: E402
+from attnflow_cli.main import main  # noqa: E402
+
+from attnflow_zoo.sampling import draw_samples  # noqa: E402
+
+# The CLI in a fresh interpreter, with the toy architecture importable (it is not a preset).
+CLI = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import _toy_flow; "
+       "from attnflow_cli.main import main; main()")
+METRICS = {"dataset": "mnist", "split": "test", "bpd": 1.2345, "bpd_estimator": "single-sample",
+           "bpd_num_images": 1000, "fid": 12.5, "fid_num_samples": 50000,
+           "fid_temperature": 1.0, "fid_reference": "mnist train",
+           "fid_weights": "pt_inception-2015-12-05-6726825d"}
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update({"HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0",
+                "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
+def _run(args: list[str], env: dict[str, str], code: str = CLI) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, str(TESTS), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+E2E_PRESET = "attnflow_imap_tiny"
+
+
+def _model(zoo: bool):
+    """The zoo's tiny AttnFlow once it is registered, else the test-only toy flow."""
+    from attnflow_zoo.registry import create_model, list_models
+
+    if zoo and E2E_PRESET in list_models():
+        return create_model(E2E_PRESET)
+    return ToyFlow(ToyFlowConfig())
+
+
+def _save(model, path: Path, gen: torch.Generator) -> Path:
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, *model.input_shape, generator=gen) - 0.5)  # ActNorm data init
+    model.eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path, gen: torch.Generator) -> Path:
+    return _save(_model(zoo=False), tmp_path / "ckpt", gen)
+
+
+@pytest.fixture
+def zoo_ckpt(tmp_path: Path, gen: torch.Generator) -> Path:
+    return _save(_model(zoo=True), tmp_path / "zoo_ckpt", gen)
+
+
+def test_push_download_sample_offline(zoo_ckpt: Path, tmp_path: Path) -> None:
+    ckpt = zoo_ckpt
+    arch = json.loads((ckpt / "config.json").read_text())["architecture"]
+    with HubServer() as hub:
+        push = _run(["push", "--checkpoint", str(ckpt), "--repo", "user/toy-flow",
+                     "--metrics", json.dumps(METRICS), "--private"],
+                    _env(tmp_path / "home_push", HF_ENDPOINT=hub.url, HF_TOKEN="hf_test"))
+        assert push.returncode == 0, push.stderr
+        repo = hub.state.repos["user/toy-flow"]
+        assert repo.private
+        assert set(repo.files) == {"config.json", "model.safetensors", "README.md"}
+        assert [c["files"] for c in repo.commits] == [sorted(repo.files)]
+        assert repo.files["config.json"] == (ckpt / "config.json").read_bytes()
+        assert repo.files["model.safetensors"] == (ckpt / "model.safetensors").read_bytes()
+
+        card = ModelCard(repo.files["README.md"].decode())
+        data = card.data.to_dict()
+        assert data["library_name"] == "attnflow_zoo"
+        assert data["license"] == "apache-2.0"
+        assert data["datasets"] == ["ylecun/mnist"]
+        assert "normalizing-flows" in data["tags"]
+        results = data["model-index"][0]["results"]
+        metrics = {r["metrics"][0]["type"]: r for r in results}
+        assert metrics["bits_per_dim"]["metrics"][0]["value"] == pytest.approx(1.2345)
+        assert metrics["bits_per_dim"]["dataset"]["split"] == "test"
+        assert metrics["fid"]["metrics"][0]["value"] == pytest.approx(12.5)
+        assert "single-sample estimate" in card.text and "50000 samples" in card.text
+
+        home = tmp_path / "fresh_home"
+        down = _run([], _env(home, HF_ENDPOINT=hub.url),
+                    code="import sys; from huggingface_hub import snapshot_download; "
+                         "print(snapshot_download('user/toy-flow'))")
+        assert down.returncode == 0, down.stderr
+        assert {p.name for p in Path(down.stdout.strip()).iterdir()} == set(repo.files)
+
+    # The server is gone; the fresh cache alone serves the model, in a new offline process.
+    offline = _env(home, HF_HUB_OFFLINE="1")
+    grid = tmp_path / "grid.png"
+    res = _run(["sample", "--repo", "user/toy-flow", "-n", "16", "--seed", "3",
+                "--temperature", "0.7", "--device", "cpu", "-o", str(grid)], offline)
+    assert res.returncode == 0, res.stderr
+    from attnflow_zoo.registry import model_class
+
+    model = model_class(arch).from_pretrained(ckpt)
+    c, h, w = model.input_shape
+    pixels = np.asarray(Image.open(grid).convert("RGB"))
+    assert pixels.shape == (4 * (h + 2) + 2, 4 * (w + 2) + 2, 3)  # 4×4 grid, 2 px padding
+    # The downloaded model is the pushed one: the grid's tiles are exactly the local
+    # checkpoint's samples for the same seed (PNG is lossless for uint8).
+    local = draw_samples(model, 16, temperature=0.7, seed=3).permute(0, 2, 3, 1).numpy()
+    for k in range(16):
+        i, j = divmod(k, 4)
+        tile = pixels[2 + i * (h + 2): 2 + i * (h + 2) + h, 2 + j * (w + 2): 2 + j * (w + 2) + w]
+        np.testing.assert_array_equal(tile, np.broadcast_to(local[k], (h, w, 3)))
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    old = sys.argv
+    sys.argv = ["attnflow", *args]
+    try:
+        with pytest.raises(SystemExit) as info:
+            main()
+    finally:
+        sys.argv = old
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "truncated", "corrupted", "other_arch",
+                                  "missing_tensor", "unknown_key", "bad_metrics",
+                                  "random_fid"])
+def test_cli_errors_are_one_line(ckpt: Path, tmp_path: Path, case: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights, config = ckpt / "model.safetensors", ckpt / "config.json"
+    metrics = None
+    if case == "missing_dir":
+        ckpt = tmp_path / "no" / "such" / "dir"
+    elif case == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif case == "corrupted":
+        data = bytearray(weights.read_bytes())
+        data[-10] ^= 0x55
+        weights.write_bytes(bytes(data))
+    elif case == "other_arch":
+        payload = json.loads(config.read_text())
+        payload["architecture"] = "ResFlow9000"
+        config.write_text(json.dumps(payload))
+    elif case == "missing_tensor":
+        state = load_file(weights)
+        state.pop(sorted(state)[0])
+        save_file(state, weights)
+    elif case == "unknown_key":
+        payload = json.loads(config.read_text())
+        payload["config"]["num_heads"] = 4
+        config.write_text(json.dumps(payload))
+    elif case == "bad_metrics":
+        metrics = json.dumps({"bpd": 3.3})
+    elif case == "random_fid":
+        metrics = json.dumps({**METRICS, "fid_weights": "random-init (NOT a real FID)"})
+    for command in (["push", "--repo", "user/x", "--checkpoint", str(ckpt)]
+                    + (["--metrics", metrics] if metrics else []),
+                    ["sample", "--checkpoint", str(ckpt), "-n", "2",
+                     "-o", str(tmp_path / "g.png")]):
+        if metrics and command[0] == "sample":
+            continue
+        code, err = _cli(command, capsys)
+        assert code == 1
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "g.png").exists()
+
+
+def _card_names() -> list[str]:
+    from attnflow_zoo.modelcard import resource_dir
+    from attnflow_zoo.registry import list_models
+
+    files = {p.name[:-5] for p in resource_dir("cards").iterdir()
+             if p.name.endswith(".json") and p.name != "datasets.json"}
+    return sorted(files | set(list_models()))
+
+
+@pytest.mark.parametrize("name", _card_names())
+def test_every_zoo_entry_renders_a_card(name: str) -> None:
+    import yaml
+
+    from attnflow_zoo.modelcard import card_spec, read_resource, render_card
+    from attnflow_zoo.registry import _REGISTRY, list_models
+
+    if name in list_models():
+        entry = _REGISTRY[name]
+        arch, config = entry.model_cls.__name__, entry.make_config()
+    else:  # a card for an entry not (yet) registered
+        arch, config = "", {}
+    spec = card_spec(name, arch)
+    assert spec["family"] != "default", f"{name} has no card family"
+    metrics = {**METRICS, "dataset": spec["dataset_key"]}
+    card = render_card(architecture=arch or "Model", config=config, preset=name,
+                       repo_id=f"user/{name}", metrics=metrics)
+    header = yaml.safe_load(str(card).split("---")[1])
+    assert header["library_name"] == "attnflow_zoo"
+    hub_id = spec["dataset"]["hub_id"]
+    assert header.get("datasets") == ([hub_id] if hub_id else None)
+    assert {r["metrics"][0]["type"] for r in header["model-index"][0]["results"]} == {
+        "bits_per_dim", "fid"}
+    assert "{" not in spec["title"] and spec["paper"]["url"] in card.text
+    assert spec["citation"].split("\n")[0] in card.text
+    assert read_resource("dataset_license", spec["dataset"]["license_file"]).startswith("# ")
+    # SPEC §5's CIFAR-10 reference numbers appear beside CIFAR-10 results only.
+    assert ("Reference numbers" in card.text) == (spec["dataset_key"] == "cifar10"
+                                                   and spec["family"] != "validator")
+
+
+def test_cards_and_licenses_ship_in_the_wheel(tmp_path: Path) -> None:
+    import zipfile
+
+    root = TESTS.parent
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
+                            "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
+                            str(root)], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    if build.returncode != 0 and "bdist_wheel" in build.stderr + build.stdout:
+        pytest.skip("no offline wheel backend (install `wheel` or setuptools>=70.1)")
+    assert build.returncode == 0, build.stderr
+    wheel = next((tmp_path / "dist").glob("attnflow_zoo-*.whl"))
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    shipped = {p.relative_to(root).as_posix() for d in ("cards", "dataset_license")
+               for p in (root / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    for path in shipped:
+        pkg = path.replace("cards/", "attnflow_zoo/_cards/", 1).replace(
+            "dataset_license/", "attnflow_zoo/_licenses/", 1)
+        assert (site / pkg).is_file(), f"{path} is missing from the wheel"
+    code = (
+        "import sys; site = sys.argv[1]\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+        "getattr(f, '__module__', '')]\n"
+        "sys.path.insert(0, site)\n"
+        "import attnflow_zoo, attnflow_zoo.modelcard as mc\n"
+        "assert attnflow_zoo.__file__.startswith(site), attnflow_zoo.__file__\n"
+        "assert str(mc.resource_dir('cards')).startswith(site)\n"
+        "card = mc.render_card(architecture='AttnFlow', config={}, "
+        "preset='attnflow_imap_celeba', repo_id='u/x')\n"
+        "assert 'CelebA' in card.text\n"
+        "print(mc.read_resource('dataset_license', 'celeba.md').splitlines()[0])\n")
+    run = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("# CelebA")
