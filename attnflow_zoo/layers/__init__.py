@@ -2,8 +2,9 @@
 
 from .coupling import AffineCoupling
 from .linear import InvConv1x1
+from .masked_attention import IMap, ITrans, checkerboard_mask
 from .normalization import ActNorm
 from .reshape import Squeeze, merge_channels, split_channels
 
-__all__ = ["ActNorm", "AffineCoupling", "InvConv1x1", "Squeeze", "merge_channels",
-           "split_channels"]
+__all__ = ["ActNorm", "AffineCoupling", "IMap", "ITrans", "InvConv1x1", "Squeeze",
+           "checkerboard_mask", "merge_channels", "split_channels"]
