@@ -12,19 +12,28 @@ from .errors import (
 )
 from .hub import load_model
 from .metrics import bits_per_dim
+from .models.attnflow import AttnFlow, AttnFlowConfig
+from .models.resflow import ResFlow, ResFlowConfig
+from .models.validator import InvertibilityValidator, InvertibilityValidatorConfig
 from .registry import create_model, list_models, register_model
 from .training import TrainConfig, evaluate_bpd, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttnFlow",
+    "AttnFlowConfig",
     "AttnFlowError",
     "CheckpointError",
     "ConfigError",
     "DataError",
     "FlowModel",
     "FlowSequential",
+    "InvertibilityValidator",
+    "InvertibilityValidatorConfig",
     "InvertibleModule",
+    "ResFlow",
+    "ResFlowConfig",
     "ShapeError",
     "TrainConfig",
     "TrainingError",

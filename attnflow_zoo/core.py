@@ -147,7 +147,9 @@ class FlowModel(nn.Module, ZooHubMixin):
     def log_prob(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """log p(x̃) in nats, (B,), of the uniformly dequantised x̃ ∈ [0, 1)^D of uint8 images."""
         self.check_images(x_u8)
-        x = data.dequantize(x_u8.to(self.device), generator=generator) - 0.5
+        # Dequantise in the model's dtype, so a float64 model gets float64 inputs.
+        dtype = next((p.dtype for p in self.parameters()), torch.float32)
+        x = data.dequantize(x_u8.to(self.device), generator=generator, dtype=dtype) - 0.5
         return self.log_density(x)
 
     def bits_per_dim(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -129,7 +129,8 @@ def _load_all() -> None:
 def describe_models(pattern: str = "*", count_params: bool = True) -> list[dict[str, str]]:
     """One row per preset (name, class, parameter count, Hub repo, description), for listings.
 
-    Counting parameters builds each model on the ``meta`` device, so no memory is allocated.
+    Counting parameters builds each model on the ``meta`` device, so no memory is allocated;
+    a model whose construction cannot run on ``meta`` is built on the CPU instead.
     """
     import torch
 
@@ -138,7 +139,12 @@ def describe_models(pattern: str = "*", count_params: bool = True) -> list[dict[
         entry = _REGISTRY[name]
         params = "-"
         if count_params:
-            with torch.device("meta"):
+            try:
+                with torch.device("meta"):
+                    model = entry.model_cls(entry.make_config())
+            except (RuntimeError, NotImplementedError):
+                # A layer whose __init__ reads tensor values (e.g. `.item()` on a mask) cannot
+                # be built on meta: build it for real on the CPU instead (slower, same count).
                 model = entry.model_cls(entry.make_config())
             n = sum(p.numel() for p in model.parameters())
             params = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"

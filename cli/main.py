@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import evaluate, models, push, sample, train
+from . import evaluate, models, push, sample, train, validate
 
 app = typer.Typer(
     name="attnflow",
@@ -31,6 +31,7 @@ app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
 app.command("sample")(sample.sample)
 app.command("push")(push.push)
+app.command("validate")(validate.validate)
 
 
 def main() -> None:

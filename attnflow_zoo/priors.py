@@ -1,0 +1,182 @@
+"""Priors over the latents of a multi-scale flow: mAR channel prior and diagonal Gaussian.
+
+Both take a latent z (B×C×H×W) and an optional conditioning tensor (the half z1 that continues
+through the flow when z = z2 is factored out), and offer ``log_prob``, ``mean_and_log_std``
+(teacher forced) and ``sample``. They work for any batch size and any H×W.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .core import standard_normal_logpdf
+from .errors import ShapeError
+from .nets import ConvLSTM, ZeroConv2d
+
+
+def _noise(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, 1) noise on like's device/dtype; drawn on the generator's device, then moved."""
+    if generator is None or generator.device == like.device:
+        return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+    return torch.randn(shape, generator=generator, dtype=like.dtype).to(like.device)
+
+
+class MARPrior(nn.Module):
+    """mAR-SCF channel-autoregressive prior p(z | z1) = Π_c N(z_c; μ_c, σ_c²).
+
+    (μ_c, log σ_c) = Conv_out(LSTM_c), where the conv-LSTM's input at step c is
+    Conv_in([z_{c−1}, emb(z1)]) (z_0 = 0), emb = Conv5×5(→32) → ReLU → Conv5×5(→4). Without
+    conditioning (the last level) the input is Conv_in(z_{c−1}). Channels are the time axis, each
+    channel an H×W map, so the prior is fully convolutional (any H×W, any batch size).
+
+    Because Conv_in is linear, Conv_in([z, e]) = Conv_z(z) + Conv_e(e): emb(z1) and its conv are
+    computed once per call, not once per channel. Training (``log_prob``) runs all channels at
+    once under teacher forcing; only ``sample`` is sequential over channels.
+
+    Decision: the output conv is zero-initialised (the prior starts as N(0, I), like Glow's
+    learned prior); mAR-SCF initialises it randomly.
+
+    Source: Mahajan et al., "Normalizing Flows with Multi-Scale Autoregressive Priors",
+    CVPR 2020 (code visinf/mar-scf, ``ChannelPriorUniScale``).
+
+    Args:
+        num_channels: C of the modelled latent (the number of autoregressive steps).
+        cond_channels: channels of the conditioning z1; 0 for an unconditional prior.
+        hidden_channels: width of the conv-LSTM (mAR-SCF: 32).
+        num_layers: conv-LSTM layers (mAR-SCF: 3).
+        kernel_size: kernel of the input and gate convs (mAR-SCF: 5, 5, 3 by level).
+        dilation: dilation of the gate convs (mAR-SCF: 2, 1, 1 by level).
+        cond_hidden_channels: hidden width of emb (mAR-SCF: 32).
+        embed_channels: output channels of emb (mAR-SCF: 4).
+    """
+
+    def __init__(self, num_channels: int, cond_channels: int = 0, hidden_channels: int = 32,
+                 num_layers: int = 3, kernel_size: int = 5, dilation: int = 1,
+                 cond_hidden_channels: int = 32, embed_channels: int = 4) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.cond_channels = cond_channels
+        pad = kernel_size // 2
+        if cond_channels > 0:
+            self.embed = nn.Sequential(
+                nn.Conv2d(cond_channels, cond_hidden_channels, 5, padding=2),
+                nn.ReLU(),
+                nn.Conv2d(cond_hidden_channels, embed_channels, 5, padding=2),
+            )
+            self.in_cond = nn.Conv2d(embed_channels, hidden_channels, kernel_size, padding=pad,
+                                     bias=False)
+        self.in_z = nn.Conv2d(1, hidden_channels, kernel_size, padding=pad)
+        self.lstm = ConvLSTM(hidden_channels, hidden_channels, num_layers, kernel_size, dilation)
+        self.out = nn.Conv2d(hidden_channels, 2, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def _cond_input(self, cond: Tensor | None) -> Tensor | None:
+        """Conv_e(emb(z1)), B×hidden×H×W, or None without conditioning."""
+        if self.cond_channels == 0:
+            return None
+        if cond is None:
+            raise ValueError("this prior is conditional: pass cond (the kept half z1)")
+        return self.in_cond(self.embed(cond))
+
+    def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced (μ, log σ) of every channel given the channels before it; B×C×H×W."""
+        b, c, h, w = z.shape
+        if c != self.num_channels:
+            raise ShapeError(f"prior expects {self.num_channels} channels, got {c}")
+        # Step t sees z_{t−1}: shift the channels by one, a zero map first. Time-major layout.
+        prev = torch.cat([z.new_zeros(b, 1, h, w), z[:, :-1]], 1).transpose(0, 1)
+        x_seq = self.in_z(prev.reshape(c * b, 1, h, w)).view(c, b, -1, h, w)
+        e = self._cond_input(cond)
+        if e is not None:
+            x_seq = x_seq + e.unsqueeze(0)
+        h_seq = self.lstm(x_seq)
+        out = self.out(h_seq.reshape(c * b, -1, h, w)).view(c, b, 2, h, w)
+        mean, log_std = out.unbind(2)
+        return mean.transpose(0, 1), log_std.transpose(0, 1)
+
+    def log_prob(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """log p(z | cond) in nats, shape (B,)."""
+        mean, log_std = self.mean_and_log_std(z, cond)
+        return standard_normal_logpdf(z, mean, log_std)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, height: int, width: int, cond: Tensor | None = None,
+               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """z_c = μ_c + T·σ_c·ε_c channel by channel, B×C×H×W; T = 0 gives the mode chain.
+
+        The sampled z_c (not the mean) feeds step c + 1, as in ancestral sampling.
+        """
+        ref = self.out.weight
+        e = self._cond_input(cond)
+        weights = self.lstm.fused_weights()
+        x = self.in_z.bias.view(1, -1, 1, 1).expand(num_samples, -1, height, width)
+        state = None
+        channels = []
+        for step in range(self.num_channels):
+            if step > 0:
+                x = self.in_z(channels[-1])
+            if e is not None:
+                x = x + e
+            top, state = self.lstm.step(x, state, weights)
+            out = self.out(top)
+            mean, log_std = out[:, :1], out[:, 1:]
+            if temperature == 0:
+                z_c = mean
+            else:
+                eps = _noise(tuple(mean.shape), ref, generator)
+                z_c = mean + temperature * torch.exp(log_std) * eps
+            channels.append(z_c)
+        return torch.cat(channels, 1)
+
+
+class GaussianPrior(nn.Module):
+    """Diagonal Gaussian p(z | z1) = N(z; μ(z1), diag σ(z1)²) (Glow's split prior).
+
+    With conditioning, (μ, log σ) = ZeroConv3×3(z1) interleaved; without, a learned per-channel
+    (μ, log σ). Both start at N(0, I). Source: Kingma & Dhariwal, "Glow", NeurIPS 2018.
+
+    Args:
+        num_channels: C of the modelled latent.
+        cond_channels: channels of the conditioning z1; 0 for an unconditional prior.
+    """
+
+    def __init__(self, num_channels: int, cond_channels: int = 0) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.cond_channels = cond_channels
+        if cond_channels > 0:
+            self.net = ZeroConv2d(cond_channels, 2 * num_channels)
+        else:
+            self.mean = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+            self.log_std = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+
+    def _params(self, b: int, h: int, w: int, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.cond_channels == 0:
+            return (self.mean.expand(b, -1, h, w), self.log_std.expand(b, -1, h, w))
+        if cond is None:
+            raise ValueError("this prior is conditional: pass cond (the kept half z1)")
+        out = self.net(cond)
+        return out[:, 0::2], out[:, 1::2]
+
+    def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(μ, log σ), B×C×H×W."""
+        if z.shape[1] != self.num_channels:
+            raise ShapeError(f"prior expects {self.num_channels} channels, got {z.shape[1]}")
+        return self._params(z.shape[0], z.shape[2], z.shape[3], cond)
+
+    def log_prob(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """log p(z | cond) in nats, shape (B,)."""
+        mean, log_std = self.mean_and_log_std(z, cond)
+        return standard_normal_logpdf(z, mean, log_std)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, height: int, width: int, cond: Tensor | None = None,
+               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """z = μ + T·σ·ε, B×C×H×W; T = 0 gives the mean."""
+        mean, log_std = self._params(num_samples, height, width, cond)
+        if temperature == 0:
+            return mean.clone()
+        eps = _noise(tuple(mean.shape), mean, generator)
+        return mean + temperature * torch.exp(log_std) * eps

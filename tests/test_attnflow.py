@@ -1,0 +1,300 @@
+"""AttnFlow / MaR-Flow as whole models: every tiny preset, end to end."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnflow_zoo as az
+from attnflow_zoo import metrics
+from attnflow_zoo.errors import ConfigError, ShapeError
+from attnflow_zoo.testing import (
+    check_batch_independence,
+    check_gradients,
+    check_invertible,
+    check_logdet,
+    perturb_parameters,
+)
+
+TINY = ["attnflow_imap_tiny", "attnflow_imap_channel_tiny", "attnflow_itrans_tiny",
+        "attnflow_itrans_p1_tiny", "marflow_tiny"]
+
+
+def _needs_attention(config: az.AttnFlowConfig) -> None:
+    """Skip while the attention layers (branch `masked`) are not importable."""
+    if config.attention != "none":
+        pytest.importorskip("attnflow_zoo.layers.masked_attention")
+
+
+def _create(name: str, **overrides: object) -> az.AttnFlow:
+    cfg = az.registry.make_config(name, **overrides)
+    _needs_attention(cfg)
+    return az.AttnFlow(cfg)
+
+
+def _model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0,
+           **overrides: object) -> az.AttnFlow:
+    """A tiny preset with ActNorm initialised on data and every parameter moved off its init."""
+    model = _create(name, **overrides)
+    x = _images(8, model.input_shape, seed=seed + 100)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    perturb_parameters(model, 0.05, torch.Generator().manual_seed(seed + 1))
+    return model.to(dtype).eval()
+
+
+def _images(b: int, shape: tuple[int, int, int], dtype: torch.dtype = torch.float32,
+            seed: int = 0) -> torch.Tensor:
+    """Model-space inputs in [−0.5, 0.5) with image-like spatial correlation."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, *shape, generator=g, dtype=torch.float64)
+    x = 0.5 * x + 0.5 * x.mean(1, keepdim=True).roll(1, -1)
+    return (x - 0.5).to(dtype)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_round_trip(name: str) -> None:
+    model = _model(name)
+    x = _images(4, model.input_shape, torch.float64)
+    check_invertible(model, x, atol=1e-8)
+    model32 = model.float()
+    check_invertible(model32, x.float(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name,channels", [(name, 1) for name in TINY] +
+                         [("marflow_tiny", 3), ("attnflow_imap_tiny", 3)])
+def test_logdet_matches_brute_force(name: str, channels: int) -> None:
+    """The model's forward logdet (the flow alone, no prior) = log|det ∂z/∂x| per sample."""
+    model = _model(name, in_channels=channels)
+    x = _images(2, model.input_shape, torch.float64, seed=5)
+    check_logdet(model, x, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_log_prob_shape_and_batch_independence(name: str, gen: torch.Generator) -> None:
+    model = _model(name)
+    x_u8 = torch.randint(0, 256, (5, *model.input_shape), generator=gen, dtype=torch.uint8)
+    logp = model.log_prob(x_u8, generator=gen)
+    assert logp.shape == (5,) and logp.dtype == torch.float64 and torch.isfinite(logp).all()
+    x = _images(5, model.input_shape, torch.float64)
+    check_batch_independence(model, x)
+    logp = model.log_density(x)
+    for i in range(5):
+        torch.testing.assert_close(model.log_density(x[i: i + 1]), logp[i: i + 1],
+                                   rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_gradients_reach_every_parameter(name: str) -> None:
+    model = _model(name, torch.float32)
+    x = _images(3, model.input_shape)
+    check_gradients(model, x, nll=lambda m, v: -m.log_density(v).mean())
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("marflow_tiny", {}), ("marflow_tiny", {"prior": "gaussian"}),
+    ("attnflow_imap_tiny", {}), ("attnflow_imap_channel_tiny", {})])
+def test_bits_per_dim_at_init_is_analytic(name: str, overrides: dict,
+                                          gen: torch.Generator) -> None:
+    """At construction (eval mode, ActNorm not yet data-initialised) the model is linear:
+    ActNorm = id, InvConv1x1 = a rotation (|det| = 1), coupling z_b = σ(2)·x_b (zero-init
+    shift net), iMap y = σ(4)·x (zero mixing weights, s = b = 4: SPEC §1.3), prior = N(0, I)
+    (zero-init heads). With n_l = C_l·H_l·W_l at level l (after the squeeze), hence
+
+        log p(x) = −D/2·ln 2π − ½‖z‖² + Σ_l K·[(C_l//2)·H_l·W_l·ln σ(2) + a_l·n_l·ln σ(4)],
+
+    (a_l = 1 if level l has attention) and, since each step rotates, shrinks half the channels by
+    σ(2) and (with iMap) all of them by σ(4): σ(2)^{KL}·r ≤ ‖z‖/‖x‖ ≤ r, r = σ(4)^{K·Σa_l}.
+    At x = 0 it is exact; on images bpd lies between the two bounds."""
+    model = _create(name, **overrides).double().eval()
+    cfg = model.config
+    for module in model.modules():  # the iMap init this derivation assumes
+        if type(module).__name__ == "IMap":
+            assert torch.all(module.weight == 0)
+            assert torch.all(module.log_scale == 4.0) and float(module.gate_bias.detach()) == 4.0
+    d = math.prod(model.input_shape)
+    log_s2, log_s4 = (math.log(1 / (1 + math.exp(-v))) for v in (2.0, 4.0))
+    c, side, logdet, num_attn = cfg.in_channels, cfg.image_size, 0.0, 0
+    for lvl in range(cfg.num_levels):
+        c, side = 4 * c, side // 2
+        logdet += cfg.num_steps * (c // 2) * side * side * log_s2
+        if cfg.uses_attention(lvl):
+            logdet += cfg.num_steps * c * side * side * log_s4
+            num_attn += cfg.num_steps
+        if lvl < cfg.num_levels - 1:
+            c = c - c // 2
+
+    def bpd(sq_norm: torch.Tensor) -> torch.Tensor:
+        return metrics.bits_per_dim(-0.5 * d * math.log(2 * math.pi) - 0.5 * sq_norm + logdet, d)
+
+    zero = torch.zeros(1, *model.input_shape, dtype=torch.float64)
+    # Exact up to the float32-stored LU factors of the rotations (|Σ log|s|| ~ 1e-7).
+    torch.testing.assert_close(metrics.bits_per_dim(model.log_density(zero), d),
+                               bpd(torch.zeros(1, dtype=torch.float64)), rtol=1e-8, atol=0)
+    x_u8 = torch.randint(0, 256, (4, *model.input_shape), generator=gen, dtype=torch.uint8)
+    x = az.data.dequantize(x_u8, torch.Generator().manual_seed(1), torch.float64) - 0.5
+    got = metrics.bits_per_dim(model.log_density(x), d)
+    sq = x.flatten(1).pow(2).sum(1)
+    upper = math.exp(2 * num_attn * log_s4)
+    lower = upper * math.exp(2 * cfg.num_steps * cfg.num_levels * log_s2)
+    assert (got <= bpd(upper * sq) + 1e-9).all() and (got >= bpd(lower * sq) - 1e-9).all()
+    # The same numbers through the public uint8 path.
+    torch.testing.assert_close(model.bits_per_dim(x_u8, torch.Generator().manual_seed(1)), got)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_sample_is_deterministic_uint8(name: str) -> None:
+    model = _model(name, torch.float32)
+    a = model.sample(3, temperature=0.8, generator=torch.Generator().manual_seed(4))
+    b = model.sample(3, temperature=0.8, generator=torch.Generator().manual_seed(4))
+    c = model.sample(3, temperature=0.8, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (3, *model.input_shape) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_temperature_zero_gives_the_prior_mean(name: str) -> None:
+    """At T = 0 every level's latent is its prior's mean given the channels before it (and z1),
+    whatever the generator."""
+    model = _model(name)
+    x = model.generate(2, temperature=0.0, generator=torch.Generator().manual_seed(0))
+    x_other = model.generate(2, temperature=0.0, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(x, x_other, rtol=0, atol=0)
+    pieces, _ = model.encode(x)
+    for prior, (z, cond) in zip(model.priors, pieces, strict=True):
+        mean, _ = prior.mean_and_log_std(z, cond)
+        torch.testing.assert_close(z, mean, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("size,batch", [(16, 3), (24, 1)])
+def test_other_sizes_and_partial_batches(size: int, batch: int) -> None:
+    model = _model("marflow_tiny", torch.float64, image_size=size, in_channels=1)
+    x = _images(batch, model.input_shape, torch.float64)
+    check_invertible(model, x, atol=1e-8)
+    logp = model.log_density(x)
+    assert logp.shape == (batch,) and torch.isfinite(logp).all()
+    assert model.sample(batch, generator=torch.Generator().manual_seed(0)).shape == x.shape
+
+
+def test_latent_layout_is_documented() -> None:
+    model = _model("marflow_tiny")
+    x = _images(2, model.input_shape, torch.float64)
+    z, _ = model(x)
+    pieces, _ = model.encode(x)
+    assert model.latent_shapes == [(6, 4, 4), (24, 2, 2)]
+    torch.testing.assert_close(z, torch.cat([p.flatten(1) for p, _ in pieces], 1))
+    for piece, latent in zip(pieces, model.unflatten(z), strict=True):
+        torch.testing.assert_close(piece[0], latent)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_save_load_round_trip(name: str, tmp_path: Path) -> None:
+    model = _model(name, torch.float32)
+    model.save_pretrained(tmp_path)
+    loaded = az.AttnFlow.from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    x = _images(3, model.input_shape)
+    z, logdet = model(x)
+    z2, logdet2 = loaded(x)
+    assert torch.equal(z, z2) and torch.equal(logdet, logdet2)
+    assert torch.equal(model.log_density(x), loaded.log_density(x))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(model.sample(2, generator=g1), loaded.sample(2, generator=g2))
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ConfigError, match="divisible"):
+        az.create_model("marflow_tiny", image_size=10)
+    with pytest.raises(ConfigError, match="attention"):
+        az.create_model("marflow_tiny", attention="bogus")
+    with pytest.raises(ConfigError, match="attention_levels"):
+        az.create_model("marflow_tiny", attention_levels=[True])
+    with pytest.raises(ConfigError, match="patch"):
+        az.create_model("attnflow_itrans_tiny", itrans_patch_size=3)
+    with pytest.raises(ConfigError, match="2×2 tokens"):  # level 2 is 2×2: one 2×2 token
+        az.create_model("attnflow_itrans_tiny", attention_levels=[True, True])
+    model = az.create_model("marflow_tiny")
+    with pytest.raises(ShapeError):
+        model.log_prob(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_attention_levels_switch_layers_off() -> None:
+    cfg = az.registry.make_config("attnflow_imap_tiny", attention_levels=[False, True])
+    assert not cfg.uses_attention(0) and cfg.uses_attention(1)
+    _needs_attention(cfg)
+    model = az.AttnFlow(cfg)
+    counts = [sum(len(step) for step in level.layers[1:]) for level in model.levels]
+    assert counts == [3 * cfg.num_steps, 4 * cfg.num_steps]
+
+
+def test_presets_are_registered() -> None:
+    names = az.list_models("*")
+    for family in ("attnflow_imap", "attnflow_itrans", "marflow"):
+        for dataset in ("cifar10", "svhn", "mnist", "celeba"):
+            assert f"{family}_{dataset}" in names and f"{family}_{dataset}_small" in names
+    cfg = az.registry.make_config("attnflow_imap_celeba")
+    assert (cfg.image_size, cfg.num_levels, cfg.num_steps, cfg.hidden_channels) == (64, 4, 32, 512)
+    cfg = az.registry.make_config("marflow_mnist_small")
+    assert (cfg.in_channels, cfg.image_size, cfg.num_steps, cfg.hidden_channels) == (1, 32, 8, 256)
+
+
+# --- a short training run on real digits --------------------------------------------------------
+@pytest.fixture(scope="module")
+def mnist16(mnist_folder: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) uint8 N×1×16×16: the fixture's real 28×28 digits resized to 16×16."""
+    cache = tmp_path_factory.mktemp("mnist_cache")
+    train = az.data.load_images(mnist_folder, "train", image_size=16, cache_dir=cache)
+    test = az.data.load_images(mnist_folder, "test", image_size=16, limit=300, cache_dir=cache)
+    return train, test
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: under `pytest -n 2` on 2 cores more threads only oversubscribe
+    (a training step measured 7× slower with 2 threads on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["imap", "itrans", "none"])
+def test_training_lowers_heldout_bits_per_dim(attention: str, one_thread: None,
+                                              mnist16: tuple[torch.Tensor, torch.Tensor]
+                                              ) -> None:
+    cfg = az.AttnFlowConfig(image_size=16, in_channels=1, num_levels=2, num_steps=2,
+                            hidden_channels=32, attention=attention, prior_hidden_channels=16,
+                            prior_num_layers=2, prior_cond_hidden_channels=16)
+    _needs_attention(cfg)
+    train, test = mnist16
+    assert train.shape[1:] == (1, 16, 16) and train.dtype == torch.uint8
+    torch.manual_seed(0)  # test-only: the model's weight init draws from the global RNG
+    model = az.AttnFlow(cfg)
+    g = torch.Generator().manual_seed(0)
+
+    def heldout() -> float:
+        model.eval()
+        with torch.no_grad():
+            return model.bits_per_dim(test, torch.Generator().manual_seed(1)).mean().item()
+
+    model.train()
+    with torch.no_grad():
+        model.log_prob(train[:256], generator=g)  # ActNorm's data-dependent init
+    before = heldout()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(80):
+        idx = torch.randint(0, len(train), (32,), generator=g)
+        loss = model.bits_per_dim(train[idx], g).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = heldout()
+    print(f"{attention}: held-out bpd {before:.3f} -> {after:.3f}")
+    assert math.isfinite(after) and after < before - 2.0, (before, after)
