@@ -56,28 +56,21 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def _train_args(folder, out, *extra) -> list[str]:
-    return ["train", "--model", PRESET, "--dataset", folder, "--out", out, "--device", "cpu",
+def _train_args(folder, out, *extra, preset: str = "marflow_tiny") -> list[str]:
+    channels = ["--in-channels", 1] if preset != PRESET else []
+    return ["train", "--model", preset, "--dataset", folder, "--out", out, "--device", "cpu",
+            *channels,
             "--batch-size", 32, "--limit", 1024, "--eval-limit", 256, "--eval-batch-size", 128,
             "--warmup-steps", 10, "--log-every", 50, *extra]
 
 
-def _zoo_tiny() -> list:
-    """The zoo's own tiny MaR-Flow once the AttnFlow family is registered (else skipped)."""
-    available = "marflow_tiny" in registry.list_models("marflow_tiny")
-    return [pytest.param("marflow_tiny", 100, ["--in-channels", 1], marks=pytest.mark.skipif(
-        not available, reason="the AttnFlow family is not registered on this branch yet"))]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(("preset", "steps", "extra"),
-                         [(PRESET, 200, []), *_zoo_tiny()])
-def test_train_lowers_bpd_and_evaluate_reproduces_it(preset, steps, extra, mnist_folder,
-                                                     tmp_path, capsys):
+@pytest.mark.parametrize(("preset", "steps"), [(PRESET, 200), ("marflow_tiny", 100)])
+def test_train_lowers_bpd_and_evaluate_reproduces_it(preset, steps, mnist_folder, tmp_path,
+                                                     capsys):
     out = tmp_path / "run"
     args = _train_args(mnist_folder, out, "--steps", steps, "--lr", 5e-3,
-                       "--eval-every", steps // 2, *extra)
-    args[2] = preset
+                       "--eval-every", steps // 2, preset=preset)
     code, stdout, err = run(args, capsys)
     assert code == 0, err
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -112,7 +105,7 @@ def _snapshot(folder):
 
 
 @pytest.mark.parametrize("case", ["unknown_preset", "channels", "missing_folder",
-                                  "other_architecture", "unknown_field"])
+                                  "other_architecture", "bad_attention", "unknown_field"])
 def test_bad_input_is_one_line_and_writes_nothing(case, mnist_folder, tmp_path, capsys):
     out = tmp_path / "run"
     args = _train_args(mnist_folder, out, "--steps", 2)
@@ -122,17 +115,21 @@ def test_bad_input_is_one_line_and_writes_nothing(case, mnist_folder, tmp_path, 
         args += ["--in-channels", 3]
     elif case == "missing_folder":
         args[4] = tmp_path / "nowhere"
+    elif case == "bad_attention":
+        args += ["--attn", "softmax"]
     elif case == "unknown_field":
-        args += ["--attn", "imap"]  # the test preset has no attention field
+        args = _train_args(mnist_folder, out, "--steps", 2, "--attn", "imap", preset=PRESET)
     elif case == "other_architecture":
         assert run(args, capsys)[0] == 0
-        args = _train_args(mnist_folder, out, "--steps", 4, "--resume", "--image-size", 16)
+        args = _train_args(mnist_folder, out, "--steps", 4, "--resume", "--attn", "imap")
     before = _snapshot(out)
     code, stdout, err = run(args, capsys)
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert "Traceback" not in err + stdout
     assert _snapshot(out) == before
+    if case == "other_architecture":
+        assert "attention" in err
 
 
 def test_evaluate_errors(mnist_folder, tmp_path, capsys):
