@@ -654,36 +654,12 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
 
 
 def load_checkpoint_model(checkpoint: str | os.PathLike[str]) -> nn.Module:
-    """A zoo model from a checkpoint directory, a training ``--out`` folder or a Hub repo id."""
-    try:
-        from .hub import load_model
-    except ImportError:  # pragma: no cover - before the hub helper's loader landed
-        load_model = None
+    """A zoo model from a checkpoint directory, a training ``--out`` folder (its latest
+    checkpoint) or a Hub repo id (``hub.load_model``: strict, class from config.json)."""
+    from .hub import load_model
+
     path = Path(checkpoint).expanduser()
-    if path.exists():
-        path = resolve_checkpoint(path)
-        source: str | Path = path
-    else:
-        source = str(checkpoint)
-    if load_model is not None:
-        return load_model(source)
-    return _load_by_class_name(Path(source))  # pragma: no cover - until hub.load_model lands
-
-
-def _load_by_class_name(path: Path) -> nn.Module:  # pragma: no cover - fallback
-    from .registry import _REGISTRY, _load_all
-
-    _load_all()
-    names = []
-    for candidate in (path / "config.json", path / STATE_DIR / "state.json"):
-        if candidate.is_file():
-            saved = json.loads(candidate.read_text())
-            names += [saved.get("architecture"), saved.get("model_class")]
-    for entry in _REGISTRY.values():
-        if entry.model_cls.__name__ in names:
-            return entry.model_cls.from_pretrained(path)
-    raise CheckpointError(f"cannot tell which zoo class {path} holds (no architecture name in "
-                          "config.json); load it with <Class>.from_pretrained")
+    return load_model(resolve_checkpoint(path) if path.exists() else str(checkpoint))
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[str],
