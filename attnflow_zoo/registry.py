@@ -147,7 +147,7 @@ def describe_models(pattern: str = "*", count_params: bool = True) -> list[dict[
                 # be built on meta: build it for real on the CPU instead (slower, same count).
                 model = entry.model_cls(entry.make_config())
             n = sum(p.numel() for p in model.parameters())
-            params = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+            params = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
         rows.append({"name": name, "class": entry.model_cls.__name__, "params": params,
                      "hub_repo": entry.hub_repo or "", "description": entry.description})
     return rows

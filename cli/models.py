@@ -19,8 +19,11 @@ def models(
     from attnflow_zoo.registry import describe_models
 
     table = Table(title="attnflow zoo")
-    for col in ("name", "class", "params", "hub repo", "description"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("class", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("hub repo", no_wrap=True)
+    table.add_column("description", overflow="fold")
     for row in describe_models(pattern, count_params=params):
         table.add_row(row["name"], row["class"], row["params"], row["hub_repo"] or "-",
                       row["description"])

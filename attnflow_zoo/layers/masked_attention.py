@@ -273,7 +273,9 @@ class ITrans(InvertibleModule):
         self.shape = (num_channels, height, width)
         self.parity = parity
         self.patch_size = p
-        mask = checkerboard_mask(num_channels, height, width, parity)
+        # Built on the CPU explicitly (moved with the module later): the validity checks below
+        # read values, which a model built on the meta device (parameter counting) cannot.
+        mask = checkerboard_mask(num_channels, height, width, parity, device="cpu")
         token_mask = _patchify(mask[None], p)[0]  # N_t × C·P²
         dim = token_mask.shape[1]
         counts = token_mask.sum(1)
