@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import models, push, sample, validate
+from . import evaluate, models, push, sample, train, validate
 
 app = typer.Typer(
     name="attnflow",
@@ -27,6 +27,8 @@ def _root() -> None:
 
 
 app.command("models")(models.models)
+app.command("train")(train.train)
+app.command("evaluate")(evaluate.evaluate)
 app.command("sample")(sample.sample)
 app.command("push")(push.push)
 app.command("validate")(validate.validate)

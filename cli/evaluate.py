@@ -1,0 +1,50 @@
+"""``attnflow evaluate``: held-out bits/dim (and FID) of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def evaluate(
+    dataset: Annotated[str, typer.Option(help="cifar10, svhn, mnist, celeba or a local folder.")],
+    checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint folder or a `train --out` "
+                                                    "folder (its latest checkpoint).")] = None,
+    repo: Annotated[str | None, typer.Option(help="A Hub repo id, e.g. user/attnflow-x.")] = None,
+    split: Annotated[str, typer.Option(help="The split to score.")] = "test",
+    batch_size: Annotated[int, typer.Option(help="Batch size (part of the noise stream: "
+                                            "use train's --eval-batch-size to reproduce its log)."
+                                            )] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the dequantisation noise.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N images.")] = None,
+    fid: Annotated[bool, typer.Option("--fid/--no-fid", help="Also compute FID.")] = False,
+    num_samples: Annotated[int, typer.Option(help="Samples for FID (50000 for papers).")] = 50_000,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature for FID.")] = 1.0,
+    inception_weights: Annotated[Path | None, typer.Option(
+        help="The pytorch-fid Inception weights file (else $ATTNFLOW_INCEPTION_WEIGHTS or the "
+             "torch hub cache).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Score a checkpoint: test-split bits/dim (single-sample dequantisation), optionally FID."""
+    from rich.console import Console
+
+    from attnflow_zoo.training import evaluate_checkpoint
+
+    if (checkpoint is None) == (repo is None):
+        raise typer.BadParameter("give exactly one of --checkpoint or --repo")
+    source = checkpoint if checkpoint is not None else repo
+    result = evaluate_checkpoint(source, dataset, split, batch_size=batch_size, seed=seed,
+                                 limit=limit, device=device, fid=fid, num_samples=num_samples,
+                                 temperature=temperature, inception_weights=inception_weights)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    console = Console()
+    console.print(f"{dataset} {split} ({result['num_images']} images): "
+                  f"bits/dim {result['bits_per_dim']:.4f}")
+    if "fid" in result:
+        console.print(f"FID {result['fid']:.2f} ({result['fid_num_samples']} samples)")

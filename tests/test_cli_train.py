@@ -1,0 +1,154 @@
+"""`attnflow train` / `attnflow evaluate` end to end on real digits, and what a user sees on
+errors (one line, exit status 1, nothing half-written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from attnflow_cli.main import main
+
+from attnflow_zoo import registry
+
+PRESET = "tinyglow_test"
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path_factory):
+    # One thread (small convs spin-wait with two on a loaded machine); a private data cache.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-cache"))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _preset(monkeypatch):
+    """A small real Glow registered as a preset for the duration of a test."""
+    from test_training import TinyGlow, TinyGlowConfig
+
+    def tinyglow_test():
+        """Small Glow on 8×8 grey images (tests only)."""
+        return TinyGlowConfig()
+
+    entry = registry.ModelEntry(PRESET, TinyGlow, tinyglow_test, "tests only")
+    registry._load_all()
+    monkeypatch.setitem(registry._REGISTRY, PRESET, entry)
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the console script's main() in-process: (exit status, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["attnflow", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _train_args(folder, out, *extra, preset: str = "marflow_tiny") -> list[str]:
+    channels = ["--in-channels", 1] if preset != PRESET else []
+    return ["train", "--model", preset, "--dataset", folder, "--out", out, "--device", "cpu",
+            *channels,
+            "--batch-size", 32, "--limit", 1024, "--eval-limit", 256, "--eval-batch-size", 128,
+            "--warmup-steps", 10, "--log-every", 50, *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("preset", "steps"), [(PRESET, 200), ("marflow_tiny", 100)])
+def test_train_lowers_bpd_and_evaluate_reproduces_it(preset, steps, mnist_folder, tmp_path,
+                                                     capsys):
+    out = tmp_path / "run"
+    args = _train_args(mnist_folder, out, "--steps", steps, "--lr", 5e-3,
+                       "--eval-every", steps // 2, preset=preset)
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_bpd"] for r in records if "eval_bpd" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 0.5, evals
+    assert "held-out bits/dim" in stdout
+
+    code, stdout, err = run(["evaluate", "--checkpoint", out, "--dataset", mnist_folder,
+                             "--limit", 256, "--batch-size", 128, "--device", "cpu", "--json"],
+                            capsys)
+    assert code == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["split"] == "test" and result["num_images"] == 256
+    assert result["bits_per_dim"] == evals[-1]
+
+
+def test_resume_continues_and_refuses_to_overwrite(mnist_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(_train_args(mnist_folder, out, "--steps", 3), capsys)[0] == 0
+    code, _, err = run(_train_args(mnist_folder, out, "--steps", 3), capsys)
+    assert code == 1 and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert run(_train_args(mnist_folder, out, "--steps", 5, "--resume"), capsys)[0] == 0
+    assert (out / "latest").read_text().strip() == "step-0000005"
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "train_bpd" in x]
+    assert steps == [3, 5]
+
+
+def _snapshot(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() \
+        else None
+
+
+@pytest.mark.parametrize("case", ["unknown_preset", "channels", "missing_folder",
+                                  "other_architecture", "bad_attention", "unknown_field"])
+def test_bad_input_is_one_line_and_writes_nothing(case, mnist_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _train_args(mnist_folder, out, "--steps", 2)
+    if case == "unknown_preset":
+        args[2] = "no_such_model"
+    elif case == "channels":
+        args += ["--in-channels", 3]
+    elif case == "missing_folder":
+        args[4] = tmp_path / "nowhere"
+    elif case == "bad_attention":
+        args += ["--attn", "softmax"]
+    elif case == "unknown_field":
+        args = _train_args(mnist_folder, out, "--steps", 2, "--attn", "imap", preset=PRESET)
+    elif case == "other_architecture":
+        assert run(args, capsys)[0] == 0
+        args = _train_args(mnist_folder, out, "--steps", 4, "--resume", "--attn", "imap")
+    before = _snapshot(out)
+    code, stdout, err = run(args, capsys)
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert "Traceback" not in err + stdout
+    assert _snapshot(out) == before
+    if case == "other_architecture":
+        assert "attention" in err
+
+
+def test_evaluate_errors(mnist_folder, tmp_path, capsys):
+    code, _, err = run(["evaluate", "--checkpoint", tmp_path, "--dataset", mnist_folder], capsys)
+    assert code == 1 and "not a checkpoint" in err and len(err.strip().splitlines()) == 1
+    # --fid without the Inception weights (or without FID support) is one clear line too.
+    out = tmp_path / "run"
+    assert run(_train_args(mnist_folder, out, "--steps", 1), capsys)[0] == 0
+    code, _, err = run(["evaluate", "--checkpoint", out, "--dataset", mnist_folder, "--limit",
+                        16, "--fid", "--num-samples", 8, "--device", "cpu"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_console_script_error_is_one_line():
+    """What a user sees: a subprocess of the real entry point, no traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "attnflow_cli", "train", "--model",
+                           "no_such_model", "--dataset", "mnist", "--steps", "1"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "unknown model 'no_such_model'" in lines[0], proc.stderr
