@@ -20,7 +20,7 @@ from attnflow_zoo.testing import (
 )
 
 TINY = ["attnflow_imap_tiny", "attnflow_imap_channel_tiny", "attnflow_itrans_tiny",
-        "attnflow_itrans_p1_tiny", "marflow_tiny"]
+        "attnflow_itrans_p1_tiny", "attnflow_itrans_paper_tiny", "marflow_tiny"]
 
 
 def _needs_attention(config: az.AttnFlowConfig) -> None:

@@ -43,6 +43,10 @@ LAYERS: dict[str, tuple[Callable[[int, int, int, int], nn.Module], tuple[int, in
     "itrans_p2": (lambda c, h, w, p: ITrans(c, h, w, p, patch_size=2), (4, 4, 4)),
     "itrans_p2_odd_c": (lambda c, h, w, p: ITrans(c, h, w, p, patch_size=2), (3, 4, 6)),
     "itrans_p4": (lambda c, h, w, p: ITrans(c, h, w, p, patch_size=4), (2, 4, 8)),
+    "itrans_p1_paper": (lambda c, h, w, p: ITrans(c, h, w, p, patch_size=1, form="paper"),
+                        (4, 4, 4)),
+    "itrans_p2_paper": (lambda c, h, w, p: ITrans(c, h, w, p, patch_size=2, form="paper"),
+                        (4, 4, 4)),
 }
 
 
@@ -300,15 +304,19 @@ FLOAT32_LAYERS = {
     "itrans_p1": lambda c, h, w: ITrans(c, h, w, 1, patch_size=1),
     "itrans_p2": lambda c, h, w: ITrans(c, h, w, 1, patch_size=2),
     "itrans_p4": lambda c, h, w: ITrans(c, h, w, 1, patch_size=4),
+    "itrans_p2_paper": lambda c, h, w: ITrans(c, h, w, 1, patch_size=2, form="paper"),
 }
 
 
 def _far_from_init(layer: nn.Module, gen: torch.Generator) -> nn.Module:
-    """Large random weights, α = 1 + softplus(−5) ≈ 1.0067 and a sharp softmax (τ = 0.05)."""
+    """Large random weights, α near 1 (paper: 1 + softplus(−5) ≈ 1.0067; convex: β = ½σ(5),
+    α = 1/β − 1 ≈ 1.013) and a sharp softmax (τ = 0.05)."""
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if name == "alpha_raw":
                 p.fill_(-5.0)
+            elif name == "mix_logit":
+                p.fill_(5.0)
             elif name == "log_temperature":
                 p.fill_(math.log(0.05))
             elif name in ("log_scale", "gate_bias"):
@@ -352,3 +360,29 @@ def test_logdet_gradient_is_the_inverse_transpose() -> None:
     attn = torch.softmax(torch.randn(3, 5, 5, generator=gen, dtype=torch.float64), -1)
     attn = (attn + 1.2 * torch.eye(5, dtype=torch.float64)).requires_grad_()
     assert torch.autograd.gradcheck(lambda a: factorize_attention(a)[2], (attn,))
+
+
+@pytest.mark.parametrize("form", ["convex", "paper"])
+def test_itrans_alpha_never_below_one(form: str) -> None:
+    layer = ITrans(4, 4, 4, patch_size=2, form=form)
+    for raw in (-30.0, -5.0, 0.0, 5.0, 30.0):
+        with torch.no_grad():
+            getattr(layer, "alpha_raw" if form == "paper" else "mix_logit").fill_(raw)
+        assert layer.alpha.item() >= 1.0
+        assert 0.0 < layer.mix.item() <= 0.5
+
+
+def test_itrans_convex_form_starts_next_to_the_identity(gen: torch.Generator) -> None:
+    """The default form is the paper's A divided by 1 + α; at init it is (1 − β)I + β·softmax
+    with β = 0.05: row-stochastic, and the layer moves x by at most about 2β·|x2|."""
+    layer = ITrans(12, 8, 8, patch_size=2).eval()
+    x = torch.randn(5, 12, 8, 8, generator=gen)
+    attn = layer.attention(x)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(5, 16), rtol=0, atol=1e-6)
+    assert torch.allclose(torch.diagonal(attn, dim1=1, dim2=2), torch.full((5, 16), 0.95),
+                          atol=0.05 + 1e-6)
+    y, logdet = layer(x)
+    assert (y - x).abs().max() <= 2 * 0.05 * x.abs().max() + 1e-6
+    assert logdet.abs().max() < 0.1 * 16 * layer.half_dim
+    paper = ITrans(12, 8, 8, patch_size=2, form="paper").eval()
+    assert (paper(x)[0] - x).abs().max() > 0.5 * x.abs().max(), "paper form is far from I"

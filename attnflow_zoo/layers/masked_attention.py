@@ -21,6 +21,7 @@ from ..core import InvertibleModule
 from ..errors import ConfigError, ShapeError
 
 IMAP_MIXINGS = ("spatial", "channel")
+ITRANS_FORMS = ("convex", "paper")
 ITRANS_PATCH_SIZES = (1, 2, 4)
 
 
@@ -236,6 +237,17 @@ def solve_attention(lu: Tensor, pivots: Tensor, y: Tensor) -> Tensor:
 class ITrans(InvertibleModule):
     """iTrans: y1 = x1, y2 = A·X2 with A = softmax(Q Kᵀ / τ) + αI, an N_t×N_t token attention.
 
+    **Decision** (``form``): ``"paper"`` is A exactly as above. ``"convex"`` (default) is the same
+    matrix divided by the scalar 1 + α: A = (1 − β)·I + β·softmax(Q Kᵀ/τ) with β = 1/(1 + α)
+    ∈ (0, ½] (α ≥ 1 as in the paper), initialised at β = ``init_mix`` = 0.05, so the layer starts
+    next to the identity like every other layer. The paper form cannot: at init it maps
+    X2 ↦ α·X2 + softmax·X2 (α ≈ 1.7), scaling the unmasked entries of a checkerboard that the
+    next ActNorm (per channel) cannot undo, and across K steps this compounds (measured on MNIST,
+    K = 8: held-out 15.7 bits/dim at init against 7.6 without attention, gradient norms ~30× the
+    baseline's). The convex A is row-stochastic (token means pass unchanged) and strictly
+    diagonally dominant for β < ½ (and for β = ½ since softmax has a positive diagonal), so it
+    stays invertible with positive determinant.
+
     Tokens are the N_t = H·W/P² non-overlapping P×P patches. Per token, x1 holds the masked
     entries of its patch and x2 the unmasked ones (C·P²/2 each); X2 is N_t×(C·P²/2).
     Q = patchify(Conv1x1_q(M ⊙ x)), K = patchify(Conv1x1_k(M ⊙ x)) depend on x1 only, α =
@@ -263,9 +275,13 @@ class ITrans(InvertibleModule):
     """
 
     def __init__(self, num_channels: int, height: int, width: int, parity: int = 0,
-                 patch_size: int = 2) -> None:
+                 patch_size: int = 2, form: str = "convex", init_mix: float = 0.05) -> None:
         super().__init__()
         p = patch_size
+        if form not in ITRANS_FORMS:
+            raise ConfigError(f"ITrans form must be one of {ITRANS_FORMS}, got {form!r}")
+        if not 0 < init_mix < 0.5:
+            raise ConfigError(f"ITrans init_mix must be in (0, 0.5), got {init_mix}")
         if p not in ITRANS_PATCH_SIZES:
             raise ConfigError(f"ITrans patch_size must be one of {ITRANS_PATCH_SIZES}, got {p!r}")
         if height % p or width % p:
@@ -296,25 +312,45 @@ class ITrans(InvertibleModule):
         self.query = nn.Conv2d(num_channels, num_channels, 1, bias=False)
         self.key = nn.Conv2d(num_channels, num_channels, 1, bias=False)
         self.log_temperature = nn.Parameter(torch.tensor(0.5 * math.log(dim)))
-        self.alpha_raw = nn.Parameter(torch.tensor(0.0))
+        self.form = form
+        if form == "paper":
+            self.alpha_raw = nn.Parameter(torch.tensor(0.0))
+        else:
+            # β = ½·sigmoid(φ): parametrised directly so it stays learnable near β ≈ 0 (through
+            # α = 1/β − 1 it would need θ ≈ 18, where dβ/dθ ≈ −β² all but stops learning).
+            self.mix_logit = nn.Parameter(torch.tensor(math.log(2 * init_mix / (1 - 2 * init_mix))))
 
     def extra_repr(self) -> str:
         c, h, w = self.shape
-        return f"{c}×{h}×{w}, parity={self.parity}, patch_size={self.patch_size}"
+        return (f"{c}×{h}×{w}, parity={self.parity}, patch_size={self.patch_size}, "
+                f"form={self.form}")
 
     @property
     def alpha(self) -> Tensor:
-        """α = 1 + softplus(θ) ≥ 1."""
-        return 1 + F.softplus(self.alpha_raw)
+        """α ≥ 1: 1 + softplus(θ) in the paper form; 1/β − 1 in the convex form."""
+        if self.form == "paper":
+            return 1 + F.softplus(self.alpha_raw)
+        return 1 / self.mix - 1
+
+    @property
+    def mix(self) -> Tensor:
+        """β = 1/(1 + α) ∈ (0, ½]: the weight of the softmax in the convex form."""
+        if self.form == "paper":
+            return 1 / (2 + F.softplus(self.alpha_raw))
+        return 0.5 * torch.sigmoid(self.mix_logit)
 
     def attention(self, x: Tensor) -> Tensor:
-        """A = softmax(Q Kᵀ / τ) + αI, B×N_t×N_t, from the masked entries of x only."""
+        """A (paper: softmax(Q Kᵀ/τ) + αI; convex: (1 − β)I + β·softmax(Q Kᵀ/τ)), B×N_t×N_t,
+        from the masked entries of x only."""
         _check_shape(x, self.shape, "ITrans")
         x_masked = x * self.mask
         q = _patchify(self.query(x_masked), self.patch_size)
         k = _patchify(self.key(x_masked), self.patch_size)
         logits = q @ k.transpose(1, 2) * torch.exp(-self.log_temperature)
-        return torch.softmax(logits, dim=-1) + self.alpha * self.eye
+        if self.form == "paper":
+            return torch.softmax(logits, dim=-1) + self.alpha * self.eye
+        mix = self.mix
+        return mix * torch.softmax(logits, dim=-1) + (1 - mix) * self.eye
 
     def _unmasked_index(self, batch: int) -> Tensor:
         return self.unmasked_index.expand(batch, -1, -1)

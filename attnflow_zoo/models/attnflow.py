@@ -50,6 +50,8 @@ class AttnFlowConfig:
         attention_levels: per-level on/off list of length L (None: attention on every level).
         imap_mixing: iMap's mixing axis, "spatial" (positions) or "channel" (SPEC §1.3).
         itrans_patch_size: iTrans token patch size P (1 or 2; must divide each level's H, W).
+        itrans_form: "convex" (default; A = (1 − β)I + β·softmax, starts at the identity) or
+            "paper" (A = softmax + αI exactly as published); see ``ITrans``.
         prior: "mar" (mAR conv-LSTM channel prior) or "gaussian" (Glow's diagonal prior).
         prior_hidden_channels: conv-LSTM width of the mAR prior (mAR-SCF: 32).
         prior_num_layers: conv-LSTM layers of the mAR prior (mAR-SCF: 3).
@@ -67,6 +69,7 @@ class AttnFlowConfig:
     attention_levels: list[bool] | None = None
     imap_mixing: str = "spatial"
     itrans_patch_size: int = 2
+    itrans_form: str = "convex"
     prior: str = "mar"
     prior_hidden_channels: int = 32
     prior_num_layers: int = 3
@@ -116,7 +119,8 @@ def _attention_layer(cfg: AttnFlowConfig, channels: int, size: int, parity: int
 
     if cfg.attention == "imap":
         return IMap(channels, size, size, parity=parity, mixing=cfg.imap_mixing)
-    return ITrans(channels, size, size, parity=parity, patch_size=cfg.itrans_patch_size)
+    return ITrans(channels, size, size, parity=parity, patch_size=cfg.itrans_patch_size,
+                  form=cfg.itrans_form)
 
 
 def flow_step(cfg: AttnFlowConfig, channels: int, size: int, parity: int,
@@ -329,6 +333,12 @@ def attnflow_itrans_tiny() -> AttnFlowConfig:
 def attnflow_itrans_p1_tiny() -> AttnFlowConfig:
     """AttnFlow-iTrans (1×1 patches), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
     return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=1)
+
+
+@register_model(AttnFlow)
+def attnflow_itrans_paper_tiny() -> AttnFlowConfig:
+    """AttnFlow-iTrans in the published form A = softmax + αI (1×1 patches), tiny (tests)."""
+    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=1, itrans_form="paper")
 
 
 @register_model(AttnFlow)
