@@ -195,12 +195,18 @@ def looks_like_path(name: str) -> bool:
     return bool(parent) and os.path.isdir(parent)
 
 
+#: The file in a training output folder that names its newest checkpoint folder.
+LATEST_NAME = "latest"
+
+
 def resolve_checkpoint(repo_id_or_path: str | os.PathLike[str], *, revision: str | None = None,
                        cache_dir: str | Path | None = None, force_download: bool = False,
                        local_files_only: bool = False, token: str | bool | None = None) -> Path:
     """The local directory holding ``config.json`` and ``model.safetensors``.
 
-    A local directory is used as it is; a repo id is fetched into (or read from) the HF cache.
+    A local directory is used as it is, except a training output folder (``attnflow train
+    --out``), which stands for the checkpoint its ``latest`` file names; a repo id is fetched
+    into (or read from) the HF cache. This is the one place that rule lives.
     """
     name = os.fspath(repo_id_or_path)
     if isinstance(repo_id_or_path, os.PathLike) or looks_like_path(name):
@@ -211,6 +217,16 @@ def resolve_checkpoint(repo_id_or_path: str | os.PathLike[str], *, revision: str
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds "
                                   f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+        latest = path / LATEST_NAME
+        if not (path / CONFIG_NAME).is_file() and latest.is_file():
+            path = path / latest.read_text().strip()
+            if not path.is_dir():
+                raise CheckpointError(f"{latest} names {path.name}, which does not exist; the "
+                                      "training folder is damaged — pass a step-N folder in it")
+        if not (path / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{path} is not a checkpoint: it has no {CONFIG_NAME} (nor the "
+                                  f"'{LATEST_NAME}' file of a training folder); pass a directory "
+                                  "written by save_pretrained or by `attnflow train --out`")
         for fname in (CONFIG_NAME, WEIGHTS_NAME):
             if not (path / fname).is_file():
                 hint = (" (attnflow_zoo reads only safetensors; pickle checkpoints are never "

@@ -41,10 +41,11 @@ from torch import Tensor, nn
 
 from . import data, metrics
 from .errors import CheckpointError, DataError, ShapeError, TrainingError
+from .hub import LATEST_NAME as LATEST
+from .hub import resolve_checkpoint as _resolve_checkpoint
 from .progress import progress
 
 STATE_DIR = "training_state"
-LATEST = "latest"
 METRICS = "metrics.jsonl"
 _STATE_FORMAT = 1
 
@@ -162,17 +163,7 @@ def evaluate_bpd(model: nn.Module, images_u8: Tensor, batch_size: int = 256,
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """A checkpoint directory: ``path`` itself if it holds ``config.json``, else the one its
     ``latest`` file names (a training ``--out`` directory)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    latest = path / LATEST
-    if latest.is_file():
-        target = path / latest.read_text().strip()
-        if (target / "config.json").is_file():
-            return target
-    raise CheckpointError(f"{path} is not a checkpoint (no config.json) nor a training output "
-                          "folder with a 'latest' checkpoint; pass the folder `attnflow train "
-                          "--out` wrote")
+    return _resolve_checkpoint(Path(path))
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:

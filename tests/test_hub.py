@@ -151,3 +151,22 @@ def test_repo_id_offline_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     with pytest.raises(CheckpointError, match="not in the local cache"):
         az.load_model("someone/absent-model", cache_dir=tmp_path / "cache")
+
+
+def test_training_folder_stands_for_its_latest_checkpoint(tmp_path) -> None:
+    """`attnflow sample|evaluate|push --checkpoint RUN` all read RUN/latest (one rule, in hub)."""
+    import torch
+
+    import attnflow_zoo as az
+    from attnflow_zoo.errors import CheckpointError
+
+    model = az.create_model("marflow_tiny").eval()
+    model.save_pretrained(tmp_path / "run" / "step-0000007")
+    (tmp_path / "run" / "latest").write_text("step-0000007\n")
+    loaded = az.load_model(tmp_path / "run").eval()
+    x = torch.rand(2, 3, 8, 8) - 0.5
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], model(x)[0])
+    (tmp_path / "run" / "latest").write_text("step-0000099\n")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        az.load_model(tmp_path / "run")
