@@ -56,6 +56,9 @@ def _worker(args: argparse.Namespace) -> dict:
     x_u8 = torch.randint(0, 256, (args.batch_size, *model.input_shape), generator=g,
                          dtype=torch.uint8).to(device)
     opt = torch.optim.Adamax(model.parameters(), lr=8e-4)
+    # The recipe's linear warm-up (TrainConfig.warmup_steps = 200): costs nothing to time, and
+    # without it a few full-lr steps on noise can blow the paper-scale model up (NaN round trip).
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 200))
 
     def sync() -> None:
         if device.type == "cuda":
@@ -66,6 +69,7 @@ def _worker(args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
 
     model.train()
     for _ in range(args.warmup):  # the first call also runs ActNorm's data-dependent init
