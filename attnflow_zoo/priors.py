@@ -22,7 +22,20 @@ def _noise(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | No
     return torch.randn(shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
-class MARPrior(nn.Module):
+class DiagonalGaussianPrior(nn.Module):
+    """A prior p(z | cond) = Π N(z; μ, σ²) whose subclasses say how (μ, log σ) come about."""
+
+    def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def log_prob(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """log p(z | cond) in nats, shape (B,)."""
+        mean, log_std = self.mean_and_log_std(z, cond)
+        return standard_normal_logpdf(z, mean, log_std)
+
+
+class MARPrior(DiagonalGaussianPrior):
     """mAR-SCF channel-autoregressive prior p(z | z1) = Π_c N(z_c; μ_c, σ_c²).
 
     (μ_c, log σ_c) = Conv_out(LSTM_c), where the conv-LSTM's input at step c is
@@ -96,11 +109,6 @@ class MARPrior(nn.Module):
         mean, log_std = out.unbind(2)
         return mean.transpose(0, 1), log_std.transpose(0, 1)
 
-    def log_prob(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
-        """log p(z | cond) in nats, shape (B,)."""
-        mean, log_std = self.mean_and_log_std(z, cond)
-        return standard_normal_logpdf(z, mean, log_std)
-
     @torch.no_grad()
     def sample(self, num_samples: int, height: int, width: int, cond: Tensor | None = None,
                temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
@@ -131,7 +139,7 @@ class MARPrior(nn.Module):
         return torch.cat(channels, 1)
 
 
-class GaussianPrior(nn.Module):
+class GaussianPrior(DiagonalGaussianPrior):
     """Diagonal Gaussian p(z | z1) = N(z; μ(z1), diag σ(z1)²) (Glow's split prior).
 
     With conditioning, (μ, log σ) = ZeroConv3×3(z1) interleaved; without, a learned per-channel
@@ -165,11 +173,6 @@ class GaussianPrior(nn.Module):
         if z.shape[1] != self.num_channels:
             raise ShapeError(f"prior expects {self.num_channels} channels, got {z.shape[1]}")
         return self._params(z.shape[0], z.shape[2], z.shape[3], cond)
-
-    def log_prob(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
-        """log p(z | cond) in nats, shape (B,)."""
-        mean, log_std = self.mean_and_log_std(z, cond)
-        return standard_normal_logpdf(z, mean, log_std)
 
     @torch.no_grad()
     def sample(self, num_samples: int, height: int, width: int, cond: Tensor | None = None,

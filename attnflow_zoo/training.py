@@ -439,9 +439,8 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
             ema = _make_ema(model, config)
         meta = _load_state(checkpoint, model, ema.module if ema is not None else None,
                            optimizer, scaler)
+        # Resuming without EMA from a run that had one: the raw weights load, the EMA is dropped.
         start_step = int(meta["step"])
-        if ema is None and meta["ema"]:
-            pass  # resuming without EMA: the raw weights were loaded, the EMA is dropped
     else:
         # Data-dependent init (ActNorm) on the first batch before the EMA copies the weights.
         with torch.no_grad():
