@@ -1,4 +1,4 @@
-"""A small Glow-style FlowModel for the Hub tests .
+"""A small Glow-style FlowModel for the Hub, training and CLI tests.
 
 It stands in for the zoo's architectures only where a test needs *some* registered zoo class
 (strict loading, push, sample); the architectures themselves are tested with their own presets.
@@ -35,9 +35,15 @@ class ToyFlow(FlowModel):
     def __init__(self, config: ToyFlowConfig) -> None:
         super().__init__(config)
         c = config.in_channels * 4
+        g = torch.Generator().manual_seed(0)
         steps = []
-        for _ in range(config.num_steps):
-            steps += [ActNorm(c), InvConv1x1(c), AffineCoupling(c, config.hidden_channels)]
+        # nn.Conv2d initialises from the global RNG: fork it so every ToyFlow starts the same
+        # (the exact-resume test compares two independently built models).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for _ in range(config.num_steps):
+                steps += [ActNorm(c), InvConv1x1(c, generator=g),
+                          AffineCoupling(c, config.hidden_channels)]
         self.flow = FlowSequential(Squeeze(2), *steps)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,13 +30,13 @@ def _env(monkeypatch, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _preset(monkeypatch):
     """A small real Glow registered as a preset for the duration of a test."""
-    from test_training import TinyGlow, TinyGlowConfig
+    from _toy_flow import ToyFlow, ToyFlowConfig
 
     def tinyglow_test():
         """Small Glow on 8×8 grey images (tests only)."""
-        return TinyGlowConfig()
+        return ToyFlowConfig(hidden_channels=16)
 
-    entry = registry.ModelEntry(PRESET, TinyGlow, tinyglow_test, "tests only")
+    entry = registry.ModelEntry(PRESET, ToyFlow, tinyglow_test, "tests only")
     registry._load_all()
     monkeypatch.setitem(registry._REGISTRY, PRESET, entry)
 

@@ -8,17 +8,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from _toy_flow import ToyFlow, ToyFlowConfig
 
-from attnflow_zoo import FlowModel, FlowSequential
-from attnflow_zoo.core import standard_normal_logpdf
 from attnflow_zoo.data import load_images
 from attnflow_zoo.errors import CheckpointError, TrainingError
-from attnflow_zoo.layers import ActNorm, AffineCoupling, InvConv1x1, Squeeze
 from attnflow_zoo.training import (
     TrainConfig,
     evaluate_bpd,
@@ -27,44 +24,9 @@ from attnflow_zoo.training import (
 )
 
 
-@dataclass
-class TinyGlowConfig:
-    image_size: int = 8
-    in_channels: int = 1
-    hidden_channels: int = 16
-    num_steps: int = 2
-
-
-class TinyGlow(FlowModel):
+def _glow(hidden_channels: int = 16) -> ToyFlow:
     """A real (small) Glow: squeeze, then K × (ActNorm, InvConv1x1, AffineCoupling), N(0, I)."""
-
-    def __init__(self, config: TinyGlowConfig) -> None:
-        if isinstance(config, dict):  # the Hub mixin may hand back the JSON dict
-            config = TinyGlowConfig(**config)
-        super().__init__(config)
-        c = 4 * config.in_channels
-        g = torch.Generator().manual_seed(0)
-        # nn.Conv2d initialises from the global RNG: fork it so every TinyGlow starts the same.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            steps = [[ActNorm(c), InvConv1x1(c, generator=g),
-                      AffineCoupling(c, config.hidden_channels)] for _ in range(config.num_steps)]
-        self.flow = FlowSequential(Squeeze(), *[layer for step in steps for layer in step])
-
-    def forward(self, x):
-        return self.flow(x)
-
-    def inverse(self, z):
-        return self.flow.inverse(z)
-
-    def log_density(self, x):
-        z, logdet = self.flow(x)
-        return standard_normal_logpdf(z) + logdet
-
-    def generate(self, num_samples, temperature=1.0, generator=None):
-        c, h, w = self.input_shape
-        z = torch.randn(num_samples, 4 * c, h // 2, w // 2, generator=generator) * temperature
-        return self.inverse(z.to(self.device))
+    return ToyFlow(ToyFlowConfig(hidden_channels=hidden_channels))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -94,7 +56,8 @@ def _config(**kw) -> TrainConfig:
 
 def test_training_lowers_heldout_bpd(digits, tmp_path):
     train, test = digits
-    model = TinyGlow(TinyGlowConfig())
+    from _toy_flow import ToyFlow, ToyFlowConfig
+    model = ToyFlow(ToyFlowConfig(hidden_channels=16))
     result = fit(model, train, _config(steps=200, lr=5e-3, log_every=50, checkpoint_every=1000,
                                        eval_every=100, warmup_steps=10),
                  eval_data=test, out_dir=tmp_path, device="cpu")
@@ -108,19 +71,19 @@ def test_training_lowers_heldout_bpd(digits, tmp_path):
     # The checkpoint is the save_pretrained layout, loadable as is; its eval matches the log.
     ckpt = resolve_checkpoint(tmp_path)
     assert ckpt == result.checkpoint and (ckpt / "config.json").is_file()
-    loaded = TinyGlow.from_pretrained(ckpt)
+    loaded = ToyFlow.from_pretrained(ckpt)
     again = evaluate_bpd(loaded, test, 128, torch.Generator().manual_seed(0))
     assert again == evals[-1]
 
 
 def test_resume_is_exact(digits, tmp_path):
     train, test = digits
-    straight = TinyGlow(TinyGlowConfig())
+    straight = _glow()
     fit(straight, train, _config(steps=8), out_dir=tmp_path / "a", device="cpu")
 
-    first = TinyGlow(TinyGlowConfig())
+    first = _glow()
     fit(first, train, _config(steps=4), out_dir=tmp_path / "b", device="cpu")
-    resumed = TinyGlow(TinyGlowConfig())
+    resumed = _glow()
     fit(resumed, train, _config(steps=8), out_dir=tmp_path / "b", resume=True, device="cpu")
 
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
@@ -143,7 +106,7 @@ def test_resume_is_exact(digits, tmp_path):
 
 def test_checkpoints_rotate_and_nothing_half_written(digits, tmp_path):
     train, _ = digits
-    fit(TinyGlow(TinyGlowConfig()), train, _config(steps=12, checkpoint_every=3,
+    fit(_glow(), train, _config(steps=12, checkpoint_every=3,
                                                    keep_checkpoints=2),
         out_dir=tmp_path, device="cpu")
     names = sorted(p.name for p in tmp_path.iterdir())
@@ -155,16 +118,16 @@ def test_checkpoints_rotate_and_nothing_half_written(digits, tmp_path):
 
 def test_resume_from_another_architecture_is_refused(digits, tmp_path):
     train, _ = digits
-    fit(TinyGlow(TinyGlowConfig()), train, _config(steps=2), out_dir=tmp_path, device="cpu")
+    fit(_glow(), train, _config(steps=2), out_dir=tmp_path, device="cpu")
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(CheckpointError, match="hidden_channels"):
-        fit(TinyGlow(TinyGlowConfig(hidden_channels=8)), train, _config(steps=4),
+        fit(_glow(hidden_channels=8), train, _config(steps=4),
             out_dir=tmp_path, resume=True, device="cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-class _PoisonedGlow(TinyGlow):
-    """A TinyGlow whose loss is +inf from step ``poison_from`` on (counted in training calls)."""
+class _PoisonedGlow(ToyFlow):
+    """A ToyFlow whose loss is +inf from step ``poison_from`` on (counted in training calls)."""
 
     poison_from = 3
 
@@ -177,7 +140,7 @@ class _PoisonedGlow(TinyGlow):
 
 def test_nonfinite_steps_are_skipped_then_stop(digits, tmp_path):
     train, _ = digits
-    model = _PoisonedGlow(TinyGlowConfig())
+    model = _PoisonedGlow(ToyFlowConfig(hidden_channels=16))
     with pytest.raises(TrainingError, match="3 consecutive"):
         fit(model, train, _config(steps=20, max_nonfinite=3, checkpoint_every=1),
             out_dir=tmp_path, device="cpu")
@@ -203,11 +166,11 @@ _WORKER = textwrap.dedent("""
     import sys, json, torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from test_training import TinyGlow, TinyGlowConfig
     from attnflow_zoo.training import TrainConfig, fit
     import torch.distributed as dist
+    from _toy_flow import ToyFlow, ToyFlowConfig
     train = torch.load({data!r}, weights_only=True)
-    model = TinyGlow(TinyGlowConfig())
+    model = ToyFlow(ToyFlowConfig(hidden_channels=16))
     cfg = TrainConfig(steps=3, batch_size=16, warmup_steps=1, log_every=1, checkpoint_every=100,
                       flip=False)
     fit(model, train, cfg, out_dir={out!r}, device="cpu")
