@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import data, metrics
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 from .hub import ZooHubMixin
 
 
@@ -31,6 +31,20 @@ class InvertibleModule(nn.Module):
 
     def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → CUDA if available, else MPS, else CPU; otherwise ``torch.device(device)``."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
 
 
 def zero_logdet(x: Tensor) -> Tensor:

@@ -415,6 +415,7 @@ def load_weights_strict(model: Any, path: Path, map_location: str = "cpu") -> No
     leftover = set(result.missing_keys) - dropped
     if leftover:  # pragma: no cover - guarded above
         raise CheckpointError(f"{path}: tensors {_few(sorted(leftover))} were not loaded")
+    model.to(map_location)  # load_state_dict copied into the parameters where they were built
     model.eval()
 
 

@@ -9,22 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .core import resolve_device  # noqa: F401 - re-exported for the CLI
 from .errors import ConfigError
 from .progress import progress
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → CUDA if available, else MPS, else CPU; otherwise ``torch.device(device)``."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import data, metrics
+from .core import resolve_device
 from .errors import CheckpointError, DataError, ShapeError, TrainingError
 from .hub import LATEST_NAME as LATEST
 from .hub import resolve_checkpoint as _resolve_checkpoint
@@ -593,18 +594,6 @@ def _batch(images: Tensor, step: int, config: TrainConfig, steps_per_epoch: int,
 
 
 # --- entry points of `attnflow train` / `attnflow evaluate` ----------------------------------
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" -> CUDA if available else CPU; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        from .errors import ConfigError
-
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from err
-
 
 def heldout_split(dataset: str | os.PathLike[str]) -> str | None:
     """The split held-out bits/dim is reported on: "test" (every named dataset has it), else a

@@ -28,8 +28,8 @@ def validate(
                           ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the target, shuffling and noise.",
                                       rich_help_panel="Training")] = 0,
-    device: Annotated[str, typer.Option(help="torch device.", rich_help_panel="Training")
-                      ] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.",
+                                        rich_help_panel="Training")] = "auto",
 ) -> None:
     """Train squeeze + one residual attention layer to a random target, then invert held-out
     images by fixed-point iteration and report MSE / PSNR after 10, 50 and 100 iterations."""

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import data
+from ..core import resolve_device
 from ..errors import ConfigError, ShapeError
 from ..hub import ZooHubMixin
 from ..layers.reshape import Squeeze
@@ -166,7 +167,7 @@ def run_validation(config: InvertibilityValidatorConfig, train_images_u8: Tensor
     _check_images(train_images_u8, "train images", config)
     _check_images(test_images_u8, "test images", config)
     generator = torch.Generator().manual_seed(0) if generator is None else generator
-    device = torch.device(device)
+    device = resolve_device(device) if isinstance(device, str) else device
     train = train_images_u8[:num_train]
     test = test_images_u8[:num_test]
     if len(train) == 0 or len(test) == 0:
