@@ -111,7 +111,7 @@ def check_gradients(flow: nn.Module, x: Tensor,
     By default −log p = −(log N(z; 0, I) + logdet), averaged over the batch. The check runs on
     a deep copy whose parameters are perturbed away from their (possibly zero) initial values.
     """
-    flow = perturb_parameters(copy.deepcopy(flow))
+    flow = perturb_parameters(copy.deepcopy(flow), generator=torch.Generator().manual_seed(0))
     flow.zero_grad(set_to_none=True)
     if nll is None:
         z, logdet = flow(x)

@@ -23,15 +23,8 @@ TINY = ["attnflow_imap_tiny", "attnflow_imap_channel_tiny", "attnflow_itrans_tin
         "attnflow_itrans_p1_tiny", "attnflow_itrans_paper_tiny", "marflow_tiny"]
 
 
-def _needs_attention(config: az.AttnFlowConfig) -> None:
-    """Skip while the attention layers (branch `masked`) are not importable."""
-    if config.attention != "none":
-        pytest.importorskip("attnflow_zoo.layers.masked_attention")
-
-
 def _create(name: str, **overrides: object) -> az.AttnFlow:
     cfg = az.registry.make_config(name, **overrides)
-    _needs_attention(cfg)
     return az.AttnFlow(cfg)
 
 
@@ -225,7 +218,6 @@ def test_config_errors() -> None:
 def test_attention_levels_switch_layers_off() -> None:
     cfg = az.registry.make_config("attnflow_imap_tiny", attention_levels=[False, True])
     assert not cfg.uses_attention(0) and cfg.uses_attention(1)
-    _needs_attention(cfg)
     model = az.AttnFlow(cfg)
     counts = [sum(len(step) for step in level.layers[1:]) for level in model.levels]
     assert counts == [3 * cfg.num_steps, 4 * cfg.num_steps]
@@ -271,7 +263,6 @@ def test_training_lowers_heldout_bits_per_dim(attention: str, one_thread: None,
     cfg = az.AttnFlowConfig(image_size=16, in_channels=1, num_levels=2, num_steps=2,
                             hidden_channels=32, attention=attention, prior_hidden_channels=16,
                             prior_num_layers=2, prior_cond_hidden_channels=16)
-    _needs_attention(cfg)
     train, test = mnist16
     assert train.shape[1:] == (1, 16, 16) and train.dtype == torch.uint8
     torch.manual_seed(0)  # test-only: the model's weight init draws from the global RNG

@@ -127,6 +127,10 @@ def test_bad_input_is_one_line_and_writes_nothing(case, mnist_folder, tmp_path, 
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert "Traceback" not in err + stdout
+    cause = {"unknown_preset": "no_such_model", "channels": "1×8×8 but the model takes 3×8×8",
+             "missing_folder": "nowhere", "other_architecture": "different attention",
+             "bad_attention": "'softmax'", "unknown_field": "no field(s) attention"}[case]
+    assert cause in err, err
     assert _snapshot(out) == before
     if case == "other_architecture":
         assert "attention" in err
@@ -141,6 +145,7 @@ def test_evaluate_errors(mnist_folder, tmp_path, capsys):
     code, _, err = run(["evaluate", "--checkpoint", out, "--dataset", mnist_folder, "--limit",
                         16, "--fid", "--num-samples", 8, "--device", "cpu"], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert "Inception weights" in err, err  # the missing weights, not any other failure
 
 
 def test_console_script_error_is_one_line():

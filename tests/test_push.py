@@ -52,12 +52,10 @@ E2E_PRESET = "attnflow_imap_tiny"
 
 
 def _model(zoo: bool):
-    """The zoo's tiny AttnFlow once it is registered, else the test-only toy flow."""
-    from attnflow_zoo.registry import create_model, list_models
+    """The zoo's tiny AttnFlow (the end-to-end test), or the test-only toy flow."""
+    from attnflow_zoo.registry import create_model
 
-    if zoo and E2E_PRESET in list_models():
-        return create_model(E2E_PRESET)
-    return ToyFlow(ToyFlowConfig())
+    return create_model(E2E_PRESET) if zoo else ToyFlow(ToyFlowConfig())
 
 
 def _save(model, path: Path, gen: torch.Generator) -> Path:
@@ -145,6 +143,13 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     return info.value.code, capsys.readouterr().err
 
 
+#: What each error must say: without it, any failure (e.g. the offline upload) would pass.
+EXPECTED = {"missing_dir": "does not exist", "truncated": "not a readable safetensors",
+            "corrupted": "corrupted", "other_arch": "ResFlow9000",
+            "missing_tensor": "missing tensor", "unknown_key": "num_heads",
+            "bad_metrics": "bpd_estimator", "random_fid": "random Inception weights"}
+
+
 @pytest.mark.parametrize("case", ["missing_dir", "truncated", "corrupted", "other_arch",
                                   "missing_tensor", "unknown_key", "bad_metrics",
                                   "random_fid"])
@@ -188,6 +193,7 @@ def test_cli_errors_are_one_line(ckpt: Path, tmp_path: Path, case: str,
         assert code == 1
         assert err.startswith("error: ") and err.count("\n") == 1, err
         assert "Traceback" not in err
+        assert EXPECTED[case] in err and "upload to" not in err, err
     assert not (tmp_path / "g.png").exists()
 
 

@@ -105,10 +105,6 @@ def test_fullscale_shapes_need_no_square_images() -> None:
 
 
 def test_cli_validate_end_to_end(mnist_folder, tmp_path) -> None:
-    from attnflow_zoo import data
-
-    if not hasattr(data, "load_images"):
-        pytest.skip("attnflow_zoo.data.load_images is not on this branch yet (helper `train`)")
     from attnflow_cli.main import app
     from typer.testing import CliRunner
 
