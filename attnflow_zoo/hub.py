@@ -64,14 +64,13 @@ class ZooHubMixin(
         """Write ``model.safetensors`` (with a data checksum) and ``config.json``."""
         from safetensors.torch import _remove_duplicate_names, save_model
 
-        model = self.module if hasattr(self, "module") else self  # unwrap DDP
         path = Path(save_directory) / WEIGHTS_NAME
-        state = model.state_dict()  # type: ignore[attr-defined]
+        state = self.state_dict()  # type: ignore[attr-defined]
         # save_model stores shared tensors once; hash exactly what lands in the file.
         for names in _remove_duplicate_names(state).values():
             for name in names:
                 state.pop(name)
-        save_model(model, str(path), force_contiguous=True,
+        save_model(self, str(path), force_contiguous=True,  # type: ignore[arg-type]
                    metadata={"format": "pt", CHECKSUM_KEY: _tensor_checksum(state)})
         payload = {
             "architecture": type(self).__name__,

@@ -78,7 +78,8 @@ def russian_roulette_logdet(gx: Tensor, x: Tensor, num_exact_terms: int = 2,
         raise ValueError("stop_probability must lie in (0, 1)")
     if create_graph is None:
         create_graph = torch.is_grad_enabled()
-    u = torch.rand((), generator=generator).item()
+    device = generator.device if generator is not None else x.device
+    u = torch.rand((), generator=generator, device=device).item()
     # Inverse-CDF sample of the geometric count of extra terms: P(G ≥ m) = (1 − p)^m.
     extra = 0
     while u < (1.0 - stop_probability) ** (extra + 1):
@@ -109,5 +110,7 @@ def exact_logdet(fn: Callable[[Tensor], Tensor], x: Tensor,
 
         jac = torch.autograd.functional.jacobian(f, xi.reshape(-1), create_graph=create_graph,
                                                  vectorize=True)
+        if jac.shape[0] != jac.shape[1]:
+            raise ValueError(f"the Jacobian is not square: {tuple(jac.shape)}")
         out.append(torch.linalg.slogdet(jac)[1])
     return torch.stack(out)

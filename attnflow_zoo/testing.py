@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import standard_normal_logpdf
+from .logdet_estimators import exact_logdet
 
 
 def _as_tensor(z: object) -> Tensor:
@@ -46,22 +47,12 @@ def check_invertible(flow: nn.Module, x: Tensor, atol: float | None = None) -> f
 
 
 def brute_force_logdet(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """Per-sample log|det ∂fn(x_i)/∂x_i| from the full Jacobian, shape (B,).
+    """Per-sample log|det ∂fn(x_i)/∂x_i| from the full Jacobian, shape (B,), no graph.
 
-    ``fn`` maps a batch of one sample to its latent; each sample's Jacobian is computed alone.
+    ``fn`` maps a batch of one sample to its latent; each sample's Jacobian is computed alone
+    (``logdet_estimators.exact_logdet``, which the residual layers' exact mode also uses).
     """
-    out = []
-    for i in range(x.shape[0]):
-        xi = x[i : i + 1]
-
-        def f(v: Tensor, shape: torch.Size = xi.shape) -> Tensor:
-            return _as_tensor(fn(v.reshape(shape))).reshape(-1)
-
-        jac = torch.autograd.functional.jacobian(f, xi.reshape(-1), vectorize=True)
-        if jac.shape[0] != jac.shape[1]:
-            raise AssertionError(f"Jacobian is not square: {tuple(jac.shape)}")
-        out.append(torch.linalg.slogdet(jac)[1])
-    return torch.stack(out)
+    return exact_logdet(lambda v: _as_tensor(fn(v)), x, create_graph=False)
 
 
 def check_logdet(flow: nn.Module, x: Tensor, rtol: float = 1e-8, atol: float = 1e-8) -> Tensor:
