@@ -4,6 +4,9 @@ FID (Fréchet distance of Inception features) below it."""
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +49,18 @@ class FIDStats:
     weights_id: str
 
     def save(self, path: str | Path) -> Path:
-        """Write the statistics as ``.npz`` (no pickle)."""
+        """Write the statistics as ``.npz`` (no pickle) at exactly ``path``, atomically (a
+        temporary file renamed into place: a crash never leaves a truncated cache)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images),
-                 weights_id=np.str_(self.weights_id))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:  # a file object: np.savez adds no ".npz" suffix
+                np.savez(fh, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images),
+                         weights_id=np.str_(self.weights_id))
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -61,7 +71,7 @@ class FIDStats:
                 mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
                 n = int(f["num_images"]) if "num_images" in f else -1
                 wid = str(f["weights_id"]) if "weights_id" in f else "unknown"
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise DataError(f"{path} is not a FID statistics file (npz with mu and sigma): "
                             f"{err}") from err
         return cls(mu, sigma, n, wid)
@@ -176,15 +186,17 @@ class FIDResult:
 
     fid: float
     num_samples: int
-    temperature: float
+    temperature: float | None  # None: real images, not model samples
     weights_id: str
     reference: str
 
     def as_metrics(self) -> dict[str, Any]:
         """The ``fid*`` keys of the metrics JSON that ``attnflow push --metrics`` takes."""
-        return {"fid": self.fid, "fid_num_samples": self.num_samples,
-                "fid_temperature": self.temperature, "fid_weights": self.weights_id,
-                "fid_reference": self.reference}
+        metrics = {"fid": self.fid, "fid_num_samples": self.num_samples,
+                   "fid_weights": self.weights_id, "fid_reference": self.reference}
+        if self.temperature is not None:
+            metrics["fid_temperature"] = self.temperature
+        return metrics
 
 
 def fid_from_images(images_u8: Tensor | Iterable[Tensor], reference_stats: FIDStats,
@@ -196,7 +208,7 @@ def fid_from_images(images_u8: Tensor | Iterable[Tensor], reference_stats: FIDSt
     stats = feature_statistics(image_features(images_u8, extractor, batch_size),
                                extractor.weights_id)
     fid = frechet_distance(stats.mu, stats.sigma, reference_stats.mu, reference_stats.sigma)
-    return FIDResult(fid, stats.num_images, float("nan"), extractor.weights_id, reference)
+    return FIDResult(fid, stats.num_images, None, extractor.weights_id, reference)
 
 
 def fid_from_model(model: Any, reference_stats: FIDStats, num_samples: int = 50_000,

@@ -173,3 +173,19 @@ def test_dataset_statistics_cached_per_split(mnist_folder: Path, extractor, tmp_
     again = metrics.dataset_statistics(mnist_folder, "test", extractor, limit=3,
                                        cache_root=tmp_path)
     np.testing.assert_array_equal(again.sigma, stats.sigma)
+
+
+def test_statistics_file_is_written_where_asked_and_truncation_is_a_clear_error(tmp_path):
+    from attnflow_zoo.errors import DataError
+    from attnflow_zoo.metrics import FIDStats
+
+    rng = np.random.default_rng(0)
+    stats = FIDStats(rng.normal(size=4), np.eye(4), 10, "random-init")
+    path = stats.save(tmp_path / "cifar10-train")  # no .npz suffix: must not grow one
+    assert path == tmp_path / "cifar10-train" and path.is_file()
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "cifar10-train.npz").exists()
+    back = FIDStats.load(path)
+    assert np.array_equal(back.mu, stats.mu) and back.num_images == 10
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(DataError, match="not a FID statistics file"):
+        FIDStats.load(path)
