@@ -43,7 +43,7 @@ from . import data, metrics
 from .core import resolve_device
 from .errors import CheckpointError, DataError, ShapeError, TrainingError
 from .hub import LATEST_NAME as LATEST
-from .hub import resolve_checkpoint as _resolve_checkpoint
+from .hub import load_model, resolve_checkpoint
 from .progress import progress
 
 STATE_DIR = "training_state"
@@ -160,12 +160,6 @@ def evaluate_bpd(model: nn.Module, images_u8: Tensor, batch_size: int = 256,
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint directory: ``path`` itself if it holds ``config.json``, else the one its
-    ``latest`` file names (a training ``--out`` directory)."""
-    return _resolve_checkpoint(Path(path))
-
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
     cfg = model.config  # type: ignore[attr-defined]
@@ -554,14 +548,12 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
                 window_start = time.perf_counter()
                 window_pause = 0.0
             pause_start = time.perf_counter()
-            if config.eval_every is not None and step % config.eval_every == 0 \
-                    and step != total_steps:
+            if step == total_steps or (config.eval_every is not None
+                                       and step % config.eval_every == 0):
                 last_eval = evaluate(step)
             # A skipped step changes no weights: its checkpoint waits for the next good step.
             if out is not None and ((finite and step % config.checkpoint_every == 0)
                                     or step == total_steps):
-                if step == total_steps:
-                    last_eval = evaluate(step)
                 if ctx.is_main:
                     checkpoint_path = _save_checkpoint(
                         out, step, model, ema.module if ema is not None else None, optimizer,
@@ -570,8 +562,6 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
                                          "eval_bpd": last_eval if step == total_steps else None})
                 if ctx.active:
                     dist.barrier()
-            elif step == total_steps:
-                last_eval = evaluate(step)
             window_pause += time.perf_counter() - pause_start
     return FitResult(step, checkpoint_path, last_eval, last_train, history)
 
@@ -632,15 +622,6 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
                device=resolve_device(device), show_progress=show_progress)
 
 
-def load_checkpoint_model(checkpoint: str | os.PathLike[str]) -> nn.Module:
-    """A zoo model from a checkpoint directory, a training ``--out`` folder (its latest
-    checkpoint) or a Hub repo id (``hub.load_model``: strict, class from config.json)."""
-    from .hub import load_model
-
-    path = Path(checkpoint).expanduser()
-    return load_model(resolve_checkpoint(path) if path.exists() else str(checkpoint))
-
-
 def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[str],
                         split: str = "test", *, batch_size: int = 256, seed: int = 0,
                         limit: int | None = None, device: str = "auto", fid: bool = False,
@@ -651,7 +632,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
     logs with the same seed and batch size) and, with ``fid``, the FID of ``num_samples``
     samples against the dataset's train split."""
     dev = resolve_device(device)
-    model = load_checkpoint_model(checkpoint).to(dev)
+    model = load_model(checkpoint).to(dev)
     images = load_training_data(dataset, model, split, limit=limit)
     g = torch.Generator(device=dev).manual_seed(seed)
     result: dict[str, Any] = {"bits_per_dim": evaluate_bpd(model, images, batch_size, g,

@@ -16,11 +16,11 @@ from _toy_flow import ToyFlow, ToyFlowConfig
 
 from attnflow_zoo.data import load_images
 from attnflow_zoo.errors import CheckpointError, TrainingError
+from attnflow_zoo.hub import resolve_checkpoint
 from attnflow_zoo.training import (
     TrainConfig,
     evaluate_bpd,
     fit,
-    resolve_checkpoint,
 )
 
 
