@@ -47,6 +47,17 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
 
 
+def randn_like_on(shape: tuple[int, ...], like: Tensor,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """N(0, 1) noise of ``shape`` on ``like``'s device and dtype, drawn on the generator's own
+    device (a CPU generator stays usable for a CUDA model, and the same seed gives the same
+    numbers on either) and moved if needed."""
+    if generator is None or generator.device == like.device:
+        return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+    return torch.randn(shape, generator=generator, device=generator.device,
+                       dtype=like.dtype).to(like.device)
+
+
 def zero_logdet(x: Tensor) -> Tensor:
     """A (B,) zero logdet on x's device and dtype, for volume-preserving layers."""
     return x.new_zeros(x.shape[0])

@@ -17,12 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-
-def _probes(x: Tensor, num_probes: int, generator: torch.Generator | None) -> Tensor:
-    shape = (num_probes, *x.shape)
-    if generator is None or generator.device == x.device:
-        return torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
-    return torch.randn(shape, generator=generator, dtype=x.dtype).to(x.device)
+from .core import randn_like_on
 
 
 def _series(gx: Tensor, x: Tensor, weights: list[float], num_probes: int,
@@ -31,7 +26,7 @@ def _series(gx: Tensor, x: Tensor, weights: list[float], num_probes: int,
     """Σ_k weights[k−1] · vᵀ J^k v, averaged over probes; wᵀ ← wᵀ J by vector-Jacobian products."""
     total = x.new_zeros(x.shape[0])
     if probes is None:
-        probes = _probes(x, num_probes, generator)
+        probes = randn_like_on((num_probes, *x.shape), x, generator)
     num_probes = probes.shape[0]
     for v in probes:
         w = v

@@ -10,16 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .core import standard_normal_logpdf
+from .core import randn_like_on, standard_normal_logpdf
 from .errors import ShapeError
 from .nets import ConvLSTM, ZeroConv2d
-
-
-def _noise(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """N(0, 1) noise on like's device/dtype; drawn on the generator's device, then moved."""
-    if generator is None or generator.device == like.device:
-        return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
-    return torch.randn(shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
 class DiagonalGaussianPrior(nn.Module):
@@ -133,7 +126,7 @@ class MARPrior(DiagonalGaussianPrior):
             if temperature == 0:
                 z_c = mean
             else:
-                eps = _noise(tuple(mean.shape), ref, generator)
+                eps = randn_like_on(tuple(mean.shape), ref, generator)
                 z_c = mean + temperature * torch.exp(log_std) * eps
             channels.append(z_c)
         return torch.cat(channels, 1)
@@ -181,5 +174,5 @@ class GaussianPrior(DiagonalGaussianPrior):
         mean, log_std = self._params(num_samples, height, width, cond)
         if temperature == 0:
             return mean.clone()
-        eps = _noise(tuple(mean.shape), mean, generator)
+        eps = randn_like_on(tuple(mean.shape), mean, generator)
         return mean + temperature * torch.exp(log_std) * eps

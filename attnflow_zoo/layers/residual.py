@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import logdet_estimators
-from ..core import InvertibleModule
+from ..core import InvertibleModule, randn_like_on
 from ..errors import ConfigError
 
 LOGDET_MODES = ("series", "roulette", "exact")
@@ -159,7 +159,7 @@ class ResidualLayer(InvertibleModule):
         evaluated in eval mode (spectral-norm vectors untouched).
         """
         x = x.detach()
-        v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        v = randn_like_on(tuple(x.shape), x, generator)
         view = (-1, *[1] * (x.dim() - 1))
         with self.frozen(), torch.enable_grad():
             xg = x.clone().requires_grad_(True)

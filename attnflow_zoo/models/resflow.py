@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import FlowModel, standard_normal_logpdf
+from ..core import FlowModel, randn_like_on, standard_normal_logpdf
 from ..errors import ConfigError, ShapeError
 from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
@@ -189,8 +189,8 @@ class ResFlow(FlowModel):
     def generate(self, num_samples: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None) -> Tensor:
         """x = f⁻¹(μ + T·σ·ε), ε ~ N(0, I)."""
-        eps = torch.randn((num_samples, self.prior_mean.numel()), generator=generator)
-        z = self.prior_mean + temperature * torch.exp(self.prior_log_std) * eps.to(self.device)
+        eps = randn_like_on((num_samples, self.prior_mean.numel()), self.prior_mean, generator)
+        z = self.prior_mean + temperature * torch.exp(self.prior_log_std) * eps
         return self.inverse(z)
 
 
