@@ -55,6 +55,9 @@ def _worker(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     x_u8 = torch.randint(0, 256, (args.batch_size, *model.input_shape), generator=g,
                          dtype=torch.uint8).to(device)
+    # Noise inside the timed calls comes from a generator on the model's device, so a GPU run
+    # does not time CPU random numbers and host-to-device copies.
+    g = torch.Generator(device=device).manual_seed(0)
     opt = torch.optim.Adamax(model.parameters(), lr=8e-4)
     # The recipe's linear warm-up (TrainConfig.warmup_steps = 200): costs nothing to time, and
     # without it a few full-lr steps on noise can blow the paper-scale model up (NaN round trip).
