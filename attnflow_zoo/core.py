@@ -1,21 +1,22 @@
-"""The invertible-layer contract, the sequential container and the density-model base.
+"""The invertible-layer contract, the sequential container and the few helpers every layer uses.
 
 Direction convention (everywhere in the zoo): ``forward`` is data -> latent and returns
 ``(z, logdet)`` with ``logdet`` the per-sample log|det dz/dx| of shape (B,) in nats;
 ``inverse`` is latent -> data and returns only the data.
+
+This module imports torch and ``errors`` only: every layer can import it without pulling in the
+Hub, checkpoints or models.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from . import data, metrics
-from .errors import ConfigError, ShapeError
-from .hub import ZooHubMixin
+from .errors import ConfigError
 
 
 class InvertibleModule(nn.Module):
@@ -33,8 +34,50 @@ class InvertibleModule(nn.Module):
         raise NotImplementedError
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → CUDA if available, else MPS, else CPU; otherwise ``torch.device(device)``."""
+class DataDependentInit:
+    """Mixin of modules whose parameters are set from the first batch they see (ActNorm).
+
+    The initialisation is an explicit pass (``initialize_from_data``), never a check inside
+    ``forward`` on a tensor flag: such a check is a host synchronisation per module per step on
+    CUDA and a graph break under ``torch.compile``. A subclass keeps a persistent boolean buffer
+    ``initialized`` (so a loaded model is never re-initialised) and implements
+    ``data_init(x)``; its ``forward`` calls ``data_init`` when the plain Python flag
+    ``_data_init_pending`` is set.
+    """
+
+    _data_init_pending: bool = False
+
+    def data_init(self, x: Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def initialize_from_data(module: nn.Module, run: Callable[[], object]) -> int:
+    """Run ``run()`` (a forward pass on a batch) as the data-dependent initialisation pass.
+
+    Every not-yet-initialised ``DataDependentInit`` submodule of ``module`` sets its parameters
+    from the input it receives during ``run``; modules already initialised (e.g. loaded from a
+    checkpoint) are left alone. Returns the number of modules initialised.
+    """
+    pending = [m for m in module.modules()
+               if isinstance(m, DataDependentInit) and not bool(m.initialized)]  # type: ignore
+    for m in pending:
+        m._data_init_pending = True
+    try:
+        run()
+    finally:
+        for m in pending:
+            m._data_init_pending = False
+    return len(pending)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → CUDA if available, else MPS, else CPU; otherwise ``torch.device(device)``.
+
+    ``ConfigError`` for an unknown device name or a device this machine does not have.
+    """
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -42,9 +85,20 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as err:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: this machine has no CUDA GPU (or this torch "
+                              "build has no CUDA); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                              f"device(s) here; use cuda:0…cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {device}: MPS is not available here; use cpu or auto")
+    return dev
 
 
 def randn_like_on(shape: tuple[int, ...], like: Tensor,
@@ -95,95 +149,19 @@ class FlowSequential(InvertibleModule):
         return z
 
 
-def standard_normal_logpdf(z: Tensor, mean: Tensor | None = None,
-                           log_std: Tensor | None = None) -> Tensor:
-    """Per-sample Σ log N(z; mean, exp(log_std)²) over all non-batch dims, shape (B,)."""
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def diag_normal_logpdf(z: Tensor, mean: Tensor | None = None,
+                       log_std: Tensor | None = None) -> Tensor:
+    """Per-sample Σ log N(z; μ, diag exp(log σ)²) over all non-batch dims, shape (B,).
+
+    ``mean`` None means μ = 0 and ``log_std`` None means σ = 1 (the standard normal).
+    """
     if mean is not None:
         z = z - mean
     if log_std is None:
-        elem = -0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)
+        elem = -0.5 * z.pow(2) - _HALF_LOG_2PI
     else:
-        elem = -0.5 * (z * torch.exp(-log_std)).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+        elem = -0.5 * (z * torch.exp(-log_std)).pow(2) - log_std - _HALF_LOG_2PI
     return elem.flatten(1).sum(1)
-
-
-class FlowModel(nn.Module, ZooHubMixin):
-    """Base of every zoo density model: an 8-bit image model on the Hub.
-
-    The model's input space is x = x̃ − 0.5 ∈ [−0.5, 0.5) where x̃ ∈ [0, 1)^D is the uniformly
-    dequantised image (``data.dequantize``). The shift has a unit Jacobian, so the density of x
-    equals the density of x̃.
-
-    Subclasses take one config dataclass (annotate the ``config`` argument with its type so the
-    Hub mixin can rebuild it from ``config.json``), and implement:
-
-    - ``forward(x) -> (z, logdet)`` and ``inverse(z) -> x`` over the whole model, with the
-      factored-out latents kept in ``z`` so that ``inverse(forward(x)[0]) == x``;
-    - ``log_density(x) -> (B,)``: log p(x) in nats for x in the model's input space;
-    - ``generate(num_samples, temperature, generator) -> x`` in the model's input space.
-    """
-
-    config: object
-
-    def __init__(self, config: object) -> None:
-        super().__init__()
-        self.config = config
-
-    # --- to implement --------------------------------------------------------------------
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def log_density(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def generate(self, num_samples: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    # --- shared ----------------------------------------------------------------------------
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the images the model takes."""
-        cfg = self.config
-        size = cfg.image_size  # type: ignore[attr-defined]
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (cfg.in_channels, h, w)  # type: ignore[attr-defined]
-
-    @property
-    def device(self) -> torch.device:
-        for p in self.parameters():
-            return p.device
-        for b in self.buffers():
-            return b.device
-        return torch.device("cpu")
-
-    def check_images(self, x_u8: Tensor) -> None:
-        """Raise ``ShapeError`` unless x_u8 is a B×C×H×W batch of the model's image shape."""
-        if x_u8.dim() != 4 or tuple(x_u8.shape[1:]) != self.input_shape:
-            raise ShapeError(
-                f"expected images of shape B×{'×'.join(map(str, self.input_shape))}, got "
-                f"{tuple(x_u8.shape)}; resize/crop the data or create the model with a matching "
-                "image_size / in_channels"
-            )
-
-    def log_prob(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """log p(x̃) in nats, (B,), of the uniformly dequantised x̃ ∈ [0, 1)^D of uint8 images."""
-        self.check_images(x_u8)
-        # Dequantise in the model's dtype, so a float64 model gets float64 inputs.
-        dtype = next((p.dtype for p in self.parameters()), torch.float32)
-        x = data.dequantize(x_u8.to(self.device), generator=generator, dtype=dtype) - 0.5
-        return self.log_density(x)
-
-    def bits_per_dim(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Bits/dim per image, (B,); single-sample dequantisation estimate (SPEC §4)."""
-        return metrics.bits_per_dim(self.log_prob(x_u8, generator), math.prod(self.input_shape))
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> Tensor:
-        """Draw uint8 images, B×C×H×W; ``temperature`` scales the prior's standard deviation."""
-        x = self.generate(num_samples, temperature=temperature, generator=generator)
-        return data.quantize(x + 0.5)

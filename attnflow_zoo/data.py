@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,18 +17,36 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import DataError
+from ._io import atomic_path
+from .errors import DataError, OutputError, ShapeError
 from .progress import progress
 
 
 def dequantize(x_u8: Tensor, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32) -> Tensor:
-    """x̃ = (x_u8 + u) / 256, u ~ U(0, 1) per element; uint8 B×C×H×W -> float in [0, 1)."""
+    """x̃ = (x_u8 + u) / 256, u ~ U(0, 1) per element; uint8 B×C×H×W -> float in [0, 1).
+
+    ``ShapeError`` unless x_u8 is uint8: a float image (e.g. ``x / 255``) would be scored on the
+    wrong scale without any error otherwise.
+    """
+    if x_u8.dtype != torch.uint8:
+        raise ShapeError(f"expected uint8 images (0..255), got {x_u8.dtype}; pass the raw 8-bit "
+                         "images (e.g. `(x * 255).round().to(torch.uint8)` for floats in [0, 1])")
     x = x_u8.to(dtype)
     u = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device) \
         if generator is None or generator.device == x.device \
         else torch.rand(x.shape, generator=generator, dtype=dtype).to(x.device)
     return (x + u) / 256.0
+
+
+def to_model_space(x_u8: Tensor, generator: torch.Generator | None = None,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    """The zoo's model input x = x̃ − 0.5 ∈ [−0.5, 0.5) of uint8 images (x̃ = ``dequantize``).
+
+    The one place of this rule: the shift has a unit Jacobian, so the density of x is the
+    density of x̃ and ``metrics.bits_per_dim`` applies unchanged.
+    """
+    return dequantize(x_u8, generator, dtype) - 0.5
 
 
 def quantize(x: Tensor) -> Tensor:
@@ -41,21 +58,90 @@ def quantize(x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where a named dataset lives on the Hub and which splits it has."""
+    """Everything the zoo knows about a named dataset: where it lives on the Hub, its splits,
+    how it is trained on, and what a model card says about it.
+
+    Attributes:
+        repo_id, column, config: the Hub dataset, its image column and config name.
+        splits: the split names; ``heldout``: the one held-out bits/dim is reported on.
+        flip: whether horizontal flips are a valid augmentation (False for digits).
+        name, shape_text, splits_text: what a model card shows.
+        license_file, license_summary: the terms (``dataset_license/``).
+    """
 
     repo_id: str
     column: str
     splits: tuple[str, ...]
+    name: str
+    shape_text: str
+    splits_text: str
+    license_file: str
+    license_summary: str
     config: str | None = None
+    heldout: str = "test"
+    flip: bool = True
 
 
+#: The one dataset table of the zoo.
 DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec("uoft-cs/cifar10", "img", ("train", "test")),
-    "svhn": DatasetSpec("ufldl-stanford/svhn", "image", ("train", "test", "extra"),
-                        "cropped_digits"),
-    "mnist": DatasetSpec("ylecun/mnist", "image", ("train", "test")),
-    "celeba": DatasetSpec("flwrlabs/celeba", "image", ("train", "valid", "test")),
+    "cifar10": DatasetSpec(
+        "uoft-cs/cifar10", "img", ("train", "test"), "CIFAR-10", "3x32x32",
+        "50,000 train / 10,000 test", "cifar10.md",
+        "The dataset's authors state no license; cite Krizhevsky (2009)."),
+    "svhn": DatasetSpec(
+        "ufldl-stanford/svhn", "image", ("train", "test", "extra"), "SVHN (cropped digits)",
+        "3x32x32", "73,257 train / 26,032 test (extra split unused)", "svhn.md",
+        "The dataset page marks the data for non-commercial use only; cite Netzer et al. (2011).",
+        config="cropped_digits", flip=False),
+    "mnist": DatasetSpec(
+        "ylecun/mnist", "image", ("train", "test"), "MNIST", "1x28x28",
+        "60,000 train / 10,000 test", "mnist.md",
+        "A derivative of NIST data; the original page states no license, and it is commonly "
+        "redistributed under CC BY-SA 3.0 (as TensorFlow's documentation states). Cite LeCun "
+        "et al. (1998).", flip=False),
+    "celeba": DatasetSpec(
+        "flwrlabs/celeba", "image", ("train", "valid", "test"), "CelebA",
+        "3x218x178 aligned (32x32: center crop 178, resize)",
+        "official train / valid / test (162,770 / 19,867 / 19,962)", "celeba.md",
+        "Non-commercial research use only, under the CelebA dataset release agreement; the "
+        "images show real people and are not the property of CUHK. Cite Liu et al. (2015)."),
 }
+
+
+def dataset_spec(dataset: str | os.PathLike[str]) -> DatasetSpec | None:
+    """The table entry of a named dataset, None for a local folder."""
+    return DATASETS.get(str(dataset).lower()) if isinstance(dataset, str) else None
+
+
+def heldout_split(dataset: str | os.PathLike[str]) -> str | None:
+    """The split held-out bits/dim is reported on: the table's (``test``) for a named dataset,
+    else a local folder's test/valid/validation split, else None."""
+    spec = dataset_spec(dataset)
+    if spec is not None:
+        return spec.heldout
+    folder = Path(dataset)
+    for name in ("test", "valid", "validation"):
+        if (folder / name).is_dir():
+            return name
+    return None
+
+
+def default_flip(dataset: str | os.PathLike[str] | None) -> bool:
+    """Whether horizontal flips are on by default: the table's rule for a named dataset (off for
+    digits), off for a local folder or in-memory data (flips are a data-specific assumption)."""
+    spec = dataset_spec(dataset) if dataset is not None else None
+    return spec.flip if spec is not None else False
+
+
+def card_info(dataset: str | None) -> dict[str, str | None] | None:
+    """What a model card says about a named dataset (None if it is not in the table)."""
+    spec = dataset_spec(dataset) if dataset else None
+    if spec is None:
+        return None
+    return {"name": spec.name, "hub_id": spec.repo_id, "hub_config": spec.config,
+            "image_shape": spec.shape_text, "splits": spec.splits_text,
+            "license_file": spec.license_file, "license_summary": spec.license_summary}
+
 
 _FORMAT_VERSION = "1"
 
@@ -120,8 +206,9 @@ def load_images(dataset: str | Path, split: str = "train", *, image_size: int | 
 
 
 def _resolve(dataset: str | Path) -> tuple[str | Path, DatasetSpec | None]:
-    if isinstance(dataset, str) and dataset.lower() in DATASETS:
-        return dataset.lower(), DATASETS[dataset.lower()]
+    spec = dataset_spec(dataset)
+    if spec is not None:
+        return str(dataset).lower(), spec
     path = Path(dataset).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -294,20 +381,27 @@ def _decode(ds, column: str, image_size: int | None, description: str) -> Tensor
 
 def _save_atomic(path: Path, images: Tensor, metadata: dict[str, str]) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"images": images.contiguous()}, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError as err:
+        with atomic_path(path) as tmp:
+            save_file({"images": images.contiguous()}, str(tmp), metadata=metadata)
+    except OutputError as err:
         # The cache is an optimisation: a read-only cache dir must not stop training.
         import warnings
 
-        warnings.warn(f"could not cache decoded images at {path}: {err}", stacklevel=3)
+        warnings.warn(f"could not cache decoded images: {err}", stacklevel=3)
+
+
+def load_for_shape(dataset: str | Path, split: str, shape: tuple[int, int, int], *,
+                   limit: int | None = None) -> Tensor:
+    """``load_images`` at a model's (C, H, W): square images are cropped/resized/padded to H;
+    ``DataError`` (saying what to change) if the result is not C×H×W."""
+    c, h, w = shape
+    images = load_images(dataset, split, image_size=h if h == w else None, limit=limit)
+    if tuple(images.shape[1:]) != (c, h, w):
+        got = "×".join(map(str, images.shape[1:]))
+        raise DataError(f"{dataset} ({split}) gives images of {got} but the model takes "
+                        f"{c}×{h}×{w}; pick a model, --image-size or --in-channels that fits "
+                        "the data")
+    return images
 
 
 # --- augmentation ---------------------------------------------------------------------------

@@ -25,3 +25,7 @@ class DataError(AttnFlowError):
 
 class TrainingError(AttnFlowError):
     """Training that cannot go on (e.g. repeated non-finite losses)."""
+
+
+class OutputError(AttnFlowError, OSError):
+    """A file or folder that cannot be written (permissions, a file in the way, a full disk)."""

@@ -57,29 +57,50 @@ def power_series_logdet(gx: Tensor, x: Tensor, num_terms: int = 5, num_probes: i
     return _series(gx, x, weights, num_probes, generator, create_graph, probes)
 
 
+def roulette_num_terms(num_exact_terms: int, stop_probability: float,
+                       generator: torch.Generator | None = None) -> int:
+    """N = ``num_exact_terms`` + G, G ~ Geometric(p) on {0, 1, …}: P(G ≥ m) = (1 − p)^m.
+
+    The count decides how many terms run, a host-side decision: it is drawn on the CPU
+    (``generator`` must be a CPU generator, or None for the global CPU RNG), so no device value
+    is ever read back (no ``.item()`` on a CUDA tensor in a training step).
+    """
+    if not 0.0 < stop_probability < 1.0:
+        raise ValueError("stop_probability must lie in (0, 1)")
+    u = float(torch.rand((), generator=generator))
+    extra = 0  # inverse-CDF sample of the geometric count
+    while u < (1.0 - stop_probability) ** (extra + 1):
+        extra += 1
+    return max(1, num_exact_terms + extra)
+
+
+def cpu_twin(generator: torch.Generator | None) -> torch.Generator | None:
+    """A CPU generator for host-side draws that follows ``generator`` deterministically: the
+    generator itself on the CPU, else one seeded from its (host-known) initial seed."""
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    return torch.Generator().manual_seed(generator.initial_seed())
+
+
 def russian_roulette_logdet(gx: Tensor, x: Tensor, num_exact_terms: int = 2,
                             stop_probability: float = 0.5, num_probes: int = 1,
                             generator: torch.Generator | None = None,
-                            create_graph: bool | None = None, probes: Tensor | None = None
-                            ) -> Tensor:
+                            create_graph: bool | None = None, probes: Tensor | None = None,
+                            count_generator: torch.Generator | None = None) -> Tensor:
     """Unbiased log det(I + J_g) = E[Σ_{k=1..N} (−1)^{k+1}/k · vᵀ J^k v / P(N ≥ k)]; shape (B,).
 
     N = ``num_exact_terms`` + G with G ~ Geometric(p) on {0, 1, …}, so P(N ≥ k) = 1 for
     k ≤ num_exact_terms and (1 − p)^{k − num_exact_terms} beyond (Chen et al. 2019). One N is
-    drawn per call and shared by the batch. Unbiased whenever the series converges (‖J_g‖ < 1);
-    its variance is finite when ‖J_g‖² < 1 − p. ``probes`` as in ``power_series_logdet``.
+    drawn per call (``roulette_num_terms``, from ``count_generator``, default
+    ``cpu_twin(generator)``) and shared by the batch; the probes come from ``generator``.
+    Unbiased whenever the series converges (‖J_g‖ < 1); its variance is finite when
+    ‖J_g‖² < 1 − p. ``probes`` as in ``power_series_logdet``.
     """
-    if not 0.0 < stop_probability < 1.0:
-        raise ValueError("stop_probability must lie in (0, 1)")
     if create_graph is None:
         create_graph = torch.is_grad_enabled()
-    device = generator.device if generator is not None else x.device
-    u = torch.rand((), generator=generator, device=device).item()
-    # Inverse-CDF sample of the geometric count of extra terms: P(G ≥ m) = (1 − p)^m.
-    extra = 0
-    while u < (1.0 - stop_probability) ** (extra + 1):
-        extra += 1
-    num_terms = max(1, num_exact_terms + extra)
+    if count_generator is None:
+        count_generator = cpu_twin(generator)
+    num_terms = roulette_num_terms(num_exact_terms, stop_probability, count_generator)
     weights = []
     for k in range(1, num_terms + 1):
         tail = (1.0 - stop_probability) ** max(0, k - num_exact_terms)

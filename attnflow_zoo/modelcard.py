@@ -3,7 +3,8 @@
 
 The card data lives next to the package: ``cards/template.md``, the family defaults
 ``cards/families/<family>.json``, per-entry overrides ``cards/<preset>.json``,
-``cards/datasets.json``, and the dataset terms in ``dataset_license/``. Installed from a wheel
+and the dataset terms in ``dataset_license/`` (what a card says about each dataset comes from
+``data.DATASETS``, the zoo's one dataset table). Installed from a wheel
 they are the package-data packages ``attnflow_zoo._cards`` and ``attnflow_zoo._licenses``; in a
 checkout they are read from the repository root.
 """
@@ -18,6 +19,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from .data import DATASETS, card_info
 from .errors import ConfigError
 
 FAMILIES = ("attnflow", "marflow", "validator", "resflow")
@@ -63,35 +65,19 @@ def family_of(preset: str | None, architecture: str) -> str:
     return "default"
 
 
-def _registered_card(preset: str | None) -> str | None:
-    if not preset:
-        return None
-    from .registry import _REGISTRY, _load_all
-
-    _load_all()
-    entry = _REGISTRY.get(preset)
-    return entry.card if entry is not None and entry.card != preset else None
-
-
 def card_spec(preset: str | None, architecture: str = "", config: dict[str, Any] | None = None,
               dataset: str | None = None) -> dict[str, Any]:
     """The merged card data: family defaults ← entry file ← what the name/config say."""
     config = config or {}
     family = family_of(preset, architecture)
-    entry_card = _registered_card(preset)
-    if entry_card in FAMILIES:  # the registry names the entry's card family
-        family = entry_card
     spec: dict[str, Any] = dict(_json(f"families/{family}.json") or {})
     entry = _json(f"{preset}.json") if preset else None
-    if entry is None and entry_card and entry_card not in FAMILIES:
-        entry = _json(f"{entry_card}.json")
     spec.update(entry or {})
     tokens = (preset or "").split("_")
-    datasets = _json("datasets.json") or {}
-    dataset = spec.get("dataset") or dataset or next((t for t in tokens if t in datasets), None)
+    dataset = spec.get("dataset") or dataset or next((t for t in tokens if t in DATASETS), None)
     dataset = dataset or config.get("dataset")
     spec["dataset_key"] = dataset
-    spec["dataset"] = datasets.get(dataset or "", {
+    spec["dataset"] = card_info(dataset) or ({
         "name": dataset or "unspecified data", "hub_id": None, "image_shape": "",
         "splits": "", "license_file": "README.md",
         "license_summary": "The training data's terms were not recorded for this checkpoint."})

@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .core import randn_like_on, standard_normal_logpdf
+from .core import diag_normal_logpdf, randn_like_on
 from .errors import ShapeError
-from .nets import ConvLSTM, ZeroConv2d
+from .layers.nets import ConvLSTM, ZeroConv2d
 
 
-class DiagonalGaussianPrior(nn.Module):
-    """A prior p(z | cond) = Π N(z; μ, σ²) whose subclasses say how (μ, log σ) come about."""
+class Prior(nn.Module):
+    """Abstract base of the zoo's priors: p(z | cond) = Π N(z; μ, σ²), a diagonal normal whose
+    (μ, log σ) each subclass computes in ``mean_and_log_std``."""
 
     def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None
                          ) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
@@ -25,10 +26,10 @@ class DiagonalGaussianPrior(nn.Module):
     def log_prob(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
         """log p(z | cond) in nats, shape (B,)."""
         mean, log_std = self.mean_and_log_std(z, cond)
-        return standard_normal_logpdf(z, mean, log_std)
+        return diag_normal_logpdf(z, mean, log_std)
 
 
-class MARPrior(DiagonalGaussianPrior):
+class MARPrior(Prior):
     """mAR-SCF channel-autoregressive prior p(z | z1) = Π_c N(z_c; μ_c, σ_c²).
 
     (μ_c, log σ_c) = Conv_out(LSTM_c), where the conv-LSTM's input at step c is
@@ -132,7 +133,7 @@ class MARPrior(DiagonalGaussianPrior):
         return torch.cat(channels, 1)
 
 
-class GaussianPrior(DiagonalGaussianPrior):
+class GaussianPrior(Prior):
     """Diagonal Gaussian p(z | z1) = N(z; μ(z1), diag σ(z1)²) (Glow's split prior).
 
     With conditioning, (μ, log σ) = ZeroConv3×3(z1) interleaved; without, a learned per-channel

@@ -9,9 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core import resolve_device  # noqa: F401 - re-exported for the CLI
+from ._io import atomic_path
+from .core import resolve_device
 from .errors import ConfigError
+from .models.base import check_sampling
 from .progress import progress
+
+#: File types ``save_samples`` writes.
+SUFFIXES = (".png", ".jpg", ".jpeg", ".npz")
 
 
 @torch.no_grad()
@@ -23,11 +28,13 @@ def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed
     (seed, batch_size, device) triple always gives the same images. ``temperature`` scales the
     prior's standard deviation (Glow's T; T < 1 trades diversity for quality).
     """
-    if num_samples < 1:
-        raise ConfigError(f"the number of samples must be positive, got {num_samples}")
-    if not temperature > 0:
-        raise ConfigError(f"the temperature must be positive, got {temperature}")
-    device = torch.device(device)
+    check_sampling(num_samples, temperature)
+    if temperature == 0:
+        raise ConfigError("the temperature must be positive for sampling to files (0 gives the "
+                          "mode chain: use model.sample(n, temperature=0) for that)")
+    if batch_size < 1:
+        raise ConfigError(f"the batch size must be positive, got {batch_size}")
+    device = resolve_device(device)
     model = model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
@@ -39,25 +46,34 @@ def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed
     return torch.cat(out)
 
 
+def check_output(path: str | Path) -> Path:
+    """``ConfigError`` unless ``path`` has a suffix ``save_samples`` writes (checked before any
+    sample is drawn)."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise ConfigError(f"cannot save samples as {path.suffix or 'a file without suffix'}; use "
+                          ".png for a grid or .npz for the raw uint8 array")
+    return path
+
+
 def save_samples(images: Tensor, path: str | Path, nrow: int | None = None,
                  padding: int = 2) -> Path:
-    """Write uint8 images B×C×H×W to ``path``: ``.png`` (a grid, ``nrow`` per row, default
-    ⌈√B⌉) or ``.npz`` (array ``images`` of shape B×H×W×C, uint8, lossless)."""
+    """Write uint8 images B×C×H×W to ``path`` atomically: ``.png`` (a grid, ``nrow`` per row,
+    default ⌈√B⌉) or ``.npz`` (array ``images`` of shape B×H×W×C, uint8, lossless)."""
     import numpy as np
     from torchvision.utils import save_image
 
-    path = Path(path)
+    path = check_output(path)
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ConfigError(f"expected uint8 B×C×H×W images, got {images.dtype} "
                           f"{tuple(images.shape)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
-    if suffix == ".npz":
-        np.savez_compressed(path, images=images.permute(0, 2, 3, 1).contiguous().numpy())
-    elif suffix in (".png", ".jpg", ".jpeg"):
-        nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-        save_image(images.float() / 255.0, path, nrow=nrow, padding=padding)
-    else:
-        raise ConfigError(f"cannot save samples as {suffix or 'a file without suffix'}; use "
-                          ".png for a grid or .npz for the raw uint8 array")
+    with atomic_path(path) as tmp:
+        if suffix == ".npz":
+            with open(tmp, "wb") as fh:  # a file object: np.savez adds no ".npz" suffix
+                np.savez_compressed(fh, images=images.permute(0, 2, 3, 1).contiguous().numpy())
+        else:
+            nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+            save_image(images.float() / 255.0, tmp, nrow=nrow, padding=padding,
+                       format=suffix.lstrip(".").replace("jpg", "jpeg").upper())
     return path

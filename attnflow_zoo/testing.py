@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .core import standard_normal_logpdf
+from .core import diag_normal_logpdf
 from .logdet_estimators import exact_logdet
 
 
@@ -106,7 +106,7 @@ def check_gradients(flow: nn.Module, x: Tensor,
     flow.zero_grad(set_to_none=True)
     if nll is None:
         z, logdet = flow(x)
-        loss = -(standard_normal_logpdf(_as_tensor(z)) + logdet).mean()
+        loss = -(diag_normal_logpdf(_as_tensor(z)) + logdet).mean()
     else:
         loss = nll(flow, x)
     loss.backward()

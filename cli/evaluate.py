@@ -32,7 +32,7 @@ def evaluate(
     """Score a checkpoint: test-split bits/dim (single-sample dequantisation), optionally FID."""
     from rich.console import Console
 
-    from attnflow_zoo.training import evaluate_checkpoint
+    from attnflow_zoo.evaluation import evaluate_checkpoint
 
     if (checkpoint is None) == (repo is None):
         raise typer.BadParameter("give exactly one of --checkpoint or --repo")

@@ -16,7 +16,7 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    from attnflow_zoo.registry import describe_models
+    from attnflow_zoo.factory import describe_models
 
     table = Table(title="attnflow zoo")
     table.add_column("name", no_wrap=True, style="bold")

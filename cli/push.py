@@ -30,7 +30,7 @@ def push(
     from rich.console import Console
 
     from attnflow_zoo.errors import ConfigError
-    from attnflow_zoo.hub import push_checkpoint
+    from attnflow_zoo.publish import push_checkpoint
 
     metrics_dict = None
     if metrics is not None:

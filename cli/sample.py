@@ -36,7 +36,7 @@ def sample(
     from rich.console import Console
 
     from attnflow_zoo.errors import ConfigError
-    from attnflow_zoo.hub import load_model
+    from attnflow_zoo.factory import load_model
     from attnflow_zoo.sampling import draw_samples, resolve_device, save_samples
 
     if (repo is None) == (checkpoint is None):

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnflow_zoo.core import FlowModel, FlowSequential, standard_normal_logpdf
+from attnflow_zoo.core import FlowSequential, diag_normal_logpdf
 from attnflow_zoo.layers.coupling import AffineCoupling
 from attnflow_zoo.layers.linear import InvConv1x1
 from attnflow_zoo.layers.normalization import ActNorm
 from attnflow_zoo.layers.reshape import Squeeze
+from attnflow_zoo.models.base import FlowModel
 
 
-@dataclass
+@dataclass(frozen=True)
 class ToyFlowConfig:
     image_size: int = 8
     in_channels: int = 1
@@ -52,9 +53,9 @@ class ToyFlow(FlowModel):
     def inverse(self, z: Tensor) -> Tensor:
         return self.flow.inverse(z)
 
-    def log_density(self, x: Tensor) -> Tensor:
+    def log_density(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         z, logdet = self.flow(x)
-        return standard_normal_logpdf(z) + logdet
+        return diag_normal_logpdf(z) + logdet
 
     def generate(self, num_samples: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None) -> Tensor:

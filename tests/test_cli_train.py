@@ -32,13 +32,11 @@ def _preset(monkeypatch):
     """A small real Glow registered as a preset for the duration of a test."""
     from _toy_flow import ToyFlow, ToyFlowConfig
 
-    def tinyglow_test():
-        """Small Glow on 8×8 grey images (tests only)."""
-        return ToyFlowConfig(hidden_channels=16)
+    import attnflow_zoo.factory  # noqa: F401 - the zoo's own presets first
 
-    entry = registry.ModelEntry(PRESET, ToyFlow, tinyglow_test, "tests only")
-    registry._load_all()
-    monkeypatch.setitem(registry._REGISTRY, PRESET, entry)
+    entry = registry.ModelEntry(PRESET, ToyFlow, ToyFlowConfig(hidden_channels=16),
+                                "Small Glow on 8×8 grey images (tests only)")
+    monkeypatch.setitem(registry._PRESETS, PRESET, entry)
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _toy_flow import OtherFlow, ToyFlow, ToyFlowConfig  # noqa: E402
 
 import attnflow_zoo as az  # noqa: E402
+from attnflow_zoo.checkpoint import looks_like_path  # noqa: E402
 from attnflow_zoo.errors import CheckpointError  # noqa: E402
-from attnflow_zoo.hub import looks_like_path  # noqa: E402
 from attnflow_zoo.testing import check_invertible  # noqa: E402
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attnflow_zoo import FlowSequential
+from attnflow_zoo.core import initialize_from_data
 from attnflow_zoo.errors import ShapeError
 from attnflow_zoo.layers import ActNorm, AffineCoupling, InvConv1x1, Squeeze
 from attnflow_zoo.testing import (
@@ -98,16 +99,20 @@ def test_actnorm_initialises_once_and_survives_reload() -> None:
     g = torch.Generator().manual_seed(0)
     x = 3.0 + 2.0 * torch.randn(64, 3, 8, 8, generator=g)
     layer = ActNorm(3).train()
+    layer(x)  # forward alone never initialises: the init is an explicit pass
+    assert torch.equal(layer.bias, torch.zeros(3)) and not bool(layer.initialized)
+    assert initialize_from_data(layer, lambda: layer(x)) == 1
     z, _ = layer(x)
     assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
     assert torch.allclose(z.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4)
     before = layer.state_dict()
     layer(x * 10)  # a second batch must not re-initialise
+    assert initialize_from_data(layer, lambda: layer(x * 10)) == 0
     assert torch.equal(layer.bias, before["bias"])
     fresh = ActNorm(3)
     fresh.load_state_dict(before)
     fresh.train()
-    fresh(x * 10)
+    assert initialize_from_data(fresh, lambda: fresh(x * 10)) == 0
     assert torch.equal(fresh.bias, before["bias"]), "a reloaded ActNorm re-initialised"
 
 

@@ -24,7 +24,8 @@ from attnflow_zoo.layers import (
     ITrans,
     checkerboard_mask,
 )
-from attnflow_zoo.layers.masked_attention import _patchify, factorize_attention, solve_attention
+from attnflow_zoo.layers.masked_attention import factorize_attention, solve_attention
+from attnflow_zoo.layers.reshape import patchify
 from attnflow_zoo.testing import (
     check_batch_independence,
     check_gradients,
@@ -259,7 +260,7 @@ def test_imap_gate_sees_the_whole_image_only_when_spatial(mixing: str) -> None:
 def _unmasked_flat_index(layer: ITrans) -> Tensor:
     """Flattened C×H×W index of X2[t, k] (token t, k-th unmasked entry), N_t × C·P²/2."""
     positions = torch.arange(layer.mask.numel()).view(1, *layer.mask.shape).double()
-    tokens = _patchify(positions, layer.patch_size)[0].long()
+    tokens = patchify(positions, layer.patch_size)[0].long()
     return tokens.gather(1, layer.unmasked_index)
 
 

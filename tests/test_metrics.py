@@ -7,7 +7,7 @@ import math
 import torch
 
 from attnflow_zoo import FlowModel, FlowSequential, bits_per_dim
-from attnflow_zoo.core import standard_normal_logpdf
+from attnflow_zoo.core import diag_normal_logpdf
 from attnflow_zoo.data import dequantize, quantize
 from attnflow_zoo.testing import gaussian_bits_per_dim
 
@@ -26,7 +26,7 @@ class _UniformModel(FlowModel):
     def forward(self, x):
         return self.flow(x)
 
-    def log_density(self, x):
+    def log_density(self, x, generator=None):
         inside = ((x >= -0.5) & (x < 0.5)).flatten(1).all(1)
         return torch.where(inside, 0.0, -math.inf).to(x.dtype)
 
@@ -34,8 +34,8 @@ class _UniformModel(FlowModel):
 class _GaussianModel(_UniformModel):
     """Identity flow with a N(0, I) density on x̃ = x + 0.5."""
 
-    def log_density(self, x):
-        return standard_normal_logpdf(x + 0.5)
+    def log_density(self, x, generator=None):
+        return diag_normal_logpdf(x + 0.5)
 
 
 def test_uniform_density_scores_exactly_eight(gen: torch.Generator) -> None:

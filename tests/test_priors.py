@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnflow_zoo.nets import ConvLSTM
+from attnflow_zoo.layers.nets import ConvLSTM
 from attnflow_zoo.priors import GaussianPrior, MARPrior
 from attnflow_zoo.testing import check_gradients, perturb_parameters
 

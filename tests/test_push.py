@@ -53,7 +53,7 @@ E2E_PRESET = "attnflow_imap_tiny"
 
 def _model(zoo: bool):
     """The zoo's tiny AttnFlow (the end-to-end test), or the test-only toy flow."""
-    from attnflow_zoo.registry import create_model
+    from attnflow_zoo.factory import create_model
 
     return create_model(E2E_PRESET) if zoo else ToyFlow(ToyFlowConfig())
 
@@ -117,9 +117,9 @@ def test_push_download_sample_offline(zoo_ckpt: Path, tmp_path: Path) -> None:
     res = _run(["sample", "--repo", "user/toy-flow", "-n", "16", "--seed", "3",
                 "--temperature", "0.7", "--device", "cpu", "-o", str(grid)], offline)
     assert res.returncode == 0, res.stderr
-    from attnflow_zoo.registry import model_class
+    from attnflow_zoo.registry import architecture
 
-    model = model_class(arch).from_pretrained(ckpt)
+    model = architecture(arch).from_pretrained(ckpt)
     c, h, w = model.input_shape
     pixels = np.asarray(Image.open(grid).convert("RGB"))
     assert pixels.shape == (4 * (h + 2) + 2, 4 * (w + 2) + 2, 3)  # 4×4 grid, 2 px padding
@@ -198,11 +198,10 @@ def test_cli_errors_are_one_line(ckpt: Path, tmp_path: Path, case: str,
 
 
 def _card_names() -> list[str]:
+    from attnflow_zoo.factory import list_models
     from attnflow_zoo.modelcard import resource_dir
-    from attnflow_zoo.registry import list_models
 
-    files = {p.name[:-5] for p in resource_dir("cards").iterdir()
-             if p.name.endswith(".json") and p.name != "datasets.json"}
+    files = {p.name[:-5] for p in resource_dir("cards").iterdir() if p.name.endswith(".json")}
     return sorted(files | set(list_models()))
 
 
@@ -210,12 +209,13 @@ def _card_names() -> list[str]:
 def test_every_zoo_entry_renders_a_card(name: str) -> None:
     import yaml
 
+    from attnflow_zoo.factory import list_models
     from attnflow_zoo.modelcard import card_spec, read_resource, render_card
-    from attnflow_zoo.registry import _REGISTRY, list_models
+    from attnflow_zoo.registry import get_entry
 
     if name in list_models():
-        entry = _REGISTRY[name]
-        arch, config = entry.model_cls.__name__, entry.make_config()
+        entry = get_entry(name)
+        arch, config = entry.model_cls.__name__, entry.config
     else:  # a card for an entry not (yet) registered
         arch, config = "", {}
     spec = card_spec(name, arch)
@@ -257,6 +257,9 @@ def test_cards_and_licenses_ship_in_the_wheel(tmp_path: Path) -> None:
         pkg = path.replace("cards/", "attnflow_zoo/_cards/", 1).replace(
             "dataset_license/", "attnflow_zoo/_licenses/", 1)
         assert (site / pkg).is_file(), f"{path} is missing from the wheel"
+    for module in (root / "attnflow_zoo").rglob("*.py"):  # every subpackage is listed
+        rel = module.relative_to(root)
+        assert (site / rel).is_file(), f"{rel} is missing from the wheel (pyproject packages)"
     code = (
         "import sys; site = sys.argv[1]\n"
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "

@@ -9,13 +9,10 @@ import pytest
 import torch
 
 import attnflow_zoo as az
+from attnflow_zoo.data import to_model_space
 from attnflow_zoo.errors import ShapeError
-from attnflow_zoo.models.validator import (
-    InvertibilityValidator,
-    InvertibilityValidatorConfig,
-    dequantize_for_validation,
-    run_validation,
-)
+from attnflow_zoo.models.validator import InvertibilityValidator, InvertibilityValidatorConfig
+from attnflow_zoo.validation import run_validation
 
 TINY = az.list_models("validator_*_tiny")
 
@@ -53,7 +50,7 @@ def test_save_load_identical_outputs_and_round_trip(name: str, tmp_path) -> None
 def test_dequantisation_is_the_validation_code_map() -> None:
     u8 = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    x = dequantize_for_validation(u8, g1)
+    x = to_model_space(u8, g1)
     noise = torch.rand(u8.shape, generator=g2)
     t = u8.float() / 255.0  # torchvision ToTensor, then (255·t + U(0, 1))/256 − 0.5
     torch.testing.assert_close(x, (255.0 * t + noise) / 256.0 - 0.5)

@@ -1,13 +1,33 @@
-"""Affine coupling in the mAR-SCF / Glow style (SPEC §3)."""
+"""Affine coupling in the mAR-SCF / Glow style and its conditioner network (SPEC §3)."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core import InvertibleModule
-from ..nets import CouplingNet
+from .nets import ZeroConv2d
+from .normalization import ActNormNoLogdet
+
+
+class CouplingNet(nn.Sequential):
+    """NN(x_a) of mAR-SCF's affine coupling (SPEC §3):
+    Conv3×3 → ActNorm → ReLU → Conv1×1 → ActNorm → ReLU → ZeroConv3×3.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False),
+            ActNormNoLogdet(hidden_channels),
+            nn.ReLU(),
+            nn.Conv2d(hidden_channels, hidden_channels, 1, bias=False),
+            ActNormNoLogdet(hidden_channels),
+            nn.ReLU(),
+            ZeroConv2d(hidden_channels, out_channels),
+        )
+        for m in (self[0], self[3]):
+            nn.init.normal_(m.weight, std=0.05)
 
 
 class AffineCoupling(InvertibleModule):

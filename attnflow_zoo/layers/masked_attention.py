@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from ..core import InvertibleModule
 from ..errors import ConfigError, ShapeError
+from .reshape import patchify, unpatchify
 
 IMAP_MIXINGS = ("spatial", "channel")
 ITRANS_FORMS = ("convex", "paper")
@@ -142,20 +143,6 @@ class IMap(InvertibleModule):
         x_masked = z * self.mask / torch.sigmoid(self.log_scale).view(-1, 1, 1)
         a = self.gate(x_masked)
         return z / torch.sigmoid(self._preactivation(a))
-
-
-def _patchify(x: Tensor, p: int) -> Tensor:
-    """B×C×H×W -> B×N_t×(C·P²): one row per non-overlapping P×P patch (token)."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def _unpatchify(t: Tensor, shape: tuple[int, int, int], p: int) -> Tensor:
-    c, h, w = shape
-    b = t.shape[0]
-    x = t.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, h, w)
 
 
 def _per_matrix_on_cpu(a: Tensor) -> bool:
@@ -293,7 +280,7 @@ class ITrans(InvertibleModule):
         # Built on the CPU explicitly (moved with the module later): the validity checks below
         # read values, which a model built on the meta device (parameter counting) cannot.
         mask = checkerboard_mask(num_channels, height, width, parity, device="cpu")
-        token_mask = _patchify(mask[None], p)[0]  # N_t × C·P²
+        token_mask = patchify(mask[None], p)[0]  # N_t × C·P²
         dim = token_mask.shape[1]
         counts = token_mask.sum(1)
         if not bool((2 * counts == dim).all()):
@@ -344,8 +331,8 @@ class ITrans(InvertibleModule):
         from the masked entries of x only."""
         _check_shape(x, self.shape, "ITrans")
         x_masked = x * self.mask
-        q = _patchify(self.query(x_masked), self.patch_size)
-        k = _patchify(self.key(x_masked), self.patch_size)
+        q = patchify(self.query(x_masked), self.patch_size)
+        k = patchify(self.key(x_masked), self.patch_size)
         logits = q @ k.transpose(1, 2) * torch.exp(-self.log_temperature)
         if self.form == "paper":
             return torch.softmax(logits, dim=-1) + self.alpha * self.eye
@@ -357,17 +344,17 @@ class ITrans(InvertibleModule):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         attn = self.attention(x)
-        tokens = _patchify(x, self.patch_size)
+        tokens = patchify(x, self.patch_size)
         index = self._unmasked_index(x.shape[0])
         y2 = attn @ tokens.gather(2, index)
-        z = _unpatchify(tokens.scatter(2, index, y2), self.shape, self.patch_size)
+        z = unpatchify(tokens.scatter(2, index, y2), self.shape, self.patch_size)
         _, _, logdet_attn = factorize_attention(attn)
         return z, self.half_dim * logdet_attn
 
     def inverse(self, z: Tensor) -> Tensor:
         attn = self.attention(z)  # y1 = x1, so this is the forward's A
-        tokens = _patchify(z, self.patch_size)
+        tokens = patchify(z, self.patch_size)
         index = self._unmasked_index(z.shape[0])
         lu, pivots, _ = factorize_attention(attn)
         x = tokens.scatter(2, index, solve_attention(lu, pivots, tokens.gather(2, index)))
-        return _unpatchify(x, self.shape, self.patch_size)
+        return unpatchify(x, self.shape, self.patch_size)

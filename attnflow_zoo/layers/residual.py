@@ -71,7 +71,6 @@ class ResidualLayer(InvertibleModule):
         self.stop_probability = stop_probability
         self.inverse_max_iter = inverse_max_iter
         self.inverse_tol = inverse_tol
-        self.generator: torch.Generator | None = None  # probes; None = the global RNG
         self.last_inverse_info: InverseInfo | None = None
 
     def branch(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
@@ -89,7 +88,13 @@ class ResidualLayer(InvertibleModule):
             for m, mode in modes:
                 m.training = mode
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None,
+                count_generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(x + g(x), log det(I + J_g)) with the configured estimator.
+
+        ``generator`` draws the Hutchinson probes (None: the global RNG); ``count_generator``
+        (CPU) draws the roulette's number of terms (default: ``cpu_twin(generator)``).
+        """
         grad = torch.is_grad_enabled()
         if self.logdet == "exact":
             gx = self.branch(x)
@@ -102,11 +107,11 @@ class ResidualLayer(InvertibleModule):
             gx = self.branch(xg)
             if self.logdet == "series":
                 logdet = logdet_estimators.power_series_logdet(
-                    gx, xg, self.num_series_terms, self.num_probes, self.generator, grad)
+                    gx, xg, self.num_series_terms, self.num_probes, generator, grad)
             else:
                 logdet = logdet_estimators.russian_roulette_logdet(
                     gx, xg, self.num_exact_terms, self.stop_probability, self.num_probes,
-                    self.generator, grad)
+                    generator, grad, count_generator=count_generator)
         y = x + gx
         if not grad:
             y, logdet = y.detach(), logdet.detach()

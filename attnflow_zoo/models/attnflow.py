@@ -16,11 +16,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import FlowModel, FlowSequential, InvertibleModule
+from ..core import FlowSequential, InvertibleModule
 from ..errors import ConfigError, ShapeError
-from ..layers import ActNorm, AffineCoupling, InvConv1x1, Squeeze, merge_channels, split_channels
+from ..layers.coupling import AffineCoupling
+from ..layers.linear import InvConv1x1
+from ..layers.masked_attention import IMap, ITrans
+from ..layers.normalization import ActNorm
+from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import GaussianPrior, MARPrior
-from ..registry import register_model
+from ..registry import register_model, register_preset
+from .base import FlowModel
 
 #: Coupling layers by config name: (num_channels, hidden_channels) -> layer. A MixLogCDF
 #: coupling registers here (``COUPLINGS["mixlogcdf"] = ...``) without touching the model.
@@ -35,7 +40,7 @@ PRIORS = ("mar", "gaussian")
 PRIOR_KERNELS: tuple[tuple[int, int], ...] = ((5, 2), (5, 1), (3, 1))
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttnFlowConfig:
     """Architecture of an ``AttnFlow`` (JSON-plain; saved as config.json).
 
@@ -47,7 +52,7 @@ class AttnFlowConfig:
         hidden_channels: width of each coupling's conditioner network.
         coupling: coupling layer, a key of ``COUPLINGS`` ("affine").
         attention: "imap", "itrans" or "none" (then the model is MaR-Flow).
-        attention_levels: per-level on/off list of length L (None: attention on every level).
+        attention_levels: per-level on/off tuple of length L (None: attention on every level).
         imap_mixing: iMap's mixing axis, "spatial" (positions) or "channel" (SPEC §1.3).
         itrans_patch_size: iTrans token patch size P (1 or 2; must divide each level's H, W).
         itrans_form: "convex" (default; A = (1 − β)I + β·softmax, starts at the identity) or
@@ -66,7 +71,7 @@ class AttnFlowConfig:
     hidden_channels: int = 256
     coupling: str = "affine"
     attention: str = "imap"
-    attention_levels: list[bool] | None = None
+    attention_levels: tuple[bool, ...] | None = None
     imap_mixing: str = "spatial"
     itrans_patch_size: int = 2
     itrans_form: str = "convex"
@@ -75,6 +80,12 @@ class AttnFlowConfig:
     prior_num_layers: int = 3
     prior_cond_hidden_channels: int = 32
     prior_embed_channels: int = 4
+
+    def __post_init__(self) -> None:
+        if self.attention_levels is not None and not isinstance(self.attention_levels, tuple):
+            object.__setattr__(self, "attention_levels",
+                               tuple(bool(v) for v in self.attention_levels))
+        self.validate()
 
     def validate(self) -> None:
         """Raise ``ConfigError`` on values the architecture cannot take."""
@@ -114,9 +125,6 @@ class AttnFlowConfig:
 
 def _attention_layer(cfg: AttnFlowConfig, channels: int, size: int, parity: int
                      ) -> InvertibleModule:
-    # Imported here: the attention layers live in their own module (SPEC §1).
-    from ..layers.masked_attention import IMap, ITrans
-
     if cfg.attention == "imap":
         return IMap(channels, size, size, parity=parity, mixing=cfg.imap_mixing)
     return ITrans(channels, size, size, parity=parity, patch_size=cfg.itrans_patch_size,
@@ -157,7 +165,6 @@ class AttnFlow(FlowModel):
 
     def __init__(self, config: AttnFlowConfig) -> None:
         super().__init__(config)
-        config.validate()
         cfg = config
         c, size = cfg.in_channels, cfg.image_size
         self.levels = nn.ModuleList()
@@ -239,8 +246,8 @@ class AttnFlow(FlowModel):
             total = total + prior.log_prob(z, cond)
         return total
 
-    def log_density(self, x: Tensor) -> Tensor:
-        """log p(x) in nats, (B,), for x in [−0.5, 0.5)^D."""
+    def log_density(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """log p(x) in nats, (B,), for x in [−0.5, 0.5)^D (exact: ``generator`` is unused)."""
         pieces, logdet = self.encode(x)
         return self.log_prior(pieces) + logdet
 
@@ -269,40 +276,52 @@ class AttnFlow(FlowModel):
 # family: attnflow_imap, attnflow_itrans, marflow (the backbone without attention).
 # Paper scale: the AttnFlow paper does not state K and C; we use mAR-SCF's affine recipe
 # (L = 3, K = 32, C = 512 at 32×32; L = 4 at 64×64).
-_DATASETS = {
-    # name: (image_size, in_channels, num_levels, description)
+_DATA_SHAPES = {
+    # dataset: (image_size, in_channels, num_levels, description); MNIST is padded to 32.
     "cifar10": (32, 3, 3, "CIFAR-10 32×32"),
     "svhn": (32, 3, 3, "SVHN cropped digits 32×32"),
     "mnist": (32, 1, 3, "MNIST padded to 32×32 (1 channel)"),
     "celeba": (64, 3, 4, "CelebA 64×64"),
 }
-_FAMILIES = {
-    "attnflow_imap": ("imap", "AttnFlow-iMap"),
-    "attnflow_itrans": ("itrans", "AttnFlow-iTrans"),
-    "marflow": ("none", "MaR-Flow (no attention)"),
-}
-_SIZES = {"": (32, 512, "paper scale: K=32, C=512 (mAR-SCF affine recipe)"),
-          "_small": (8, 256, "small: K=8, C=256")}
+_ATTENTIONS = {"imap": "AttnFlow-iMap", "itrans": "AttnFlow-iTrans",
+               "none": "MaR-Flow (no attention)"}
+_SIZES = {"paper": (32, 512, "paper scale: K=32, C=512 (mAR-SCF affine recipe)"),
+          "small": (8, 256, "small: K=8, C=256")}
 
 
-def _register_preset(name: str, cfg: AttnFlowConfig, doc: str) -> None:
-    def factory() -> AttnFlowConfig:
-        return AttnFlowConfig(**{**cfg.__dict__})
+def _preset(name: str, attention: str, dataset: str, size: str) -> None:
+    image_size, channels, levels, ddesc = _DATA_SHAPES[dataset]
+    k, hidden, sdesc = _SIZES[size]
+    register_preset(name, AttnFlow, AttnFlowConfig(
+        image_size=image_size, in_channels=channels, num_levels=levels, num_steps=k,
+        hidden_channels=hidden, attention=attention),
+        f"{_ATTENTIONS[attention]} on {ddesc}, L={levels}, {sdesc}.")
 
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    globals()[name] = register_model(AttnFlow)(factory)
 
-
-for _family, (_attn, _label) in _FAMILIES.items():
-    for _dataset, (_size, _channels, _levels, _ddesc) in _DATASETS.items():
-        for _suffix, (_k, _hidden, _sdesc) in _SIZES.items():
-            _register_preset(
-                f"{_family}_{_dataset}{_suffix}",
-                AttnFlowConfig(image_size=_size, in_channels=_channels, num_levels=_levels,
-                               num_steps=_k, hidden_channels=_hidden, attention=_attn),
-                f"{_label} on {_ddesc}, L={_levels}, {_sdesc}.",
-            )
+_preset("attnflow_imap_cifar10", "imap", "cifar10", "paper")
+_preset("attnflow_imap_cifar10_small", "imap", "cifar10", "small")
+_preset("attnflow_imap_svhn", "imap", "svhn", "paper")
+_preset("attnflow_imap_svhn_small", "imap", "svhn", "small")
+_preset("attnflow_imap_mnist", "imap", "mnist", "paper")
+_preset("attnflow_imap_mnist_small", "imap", "mnist", "small")
+_preset("attnflow_imap_celeba", "imap", "celeba", "paper")
+_preset("attnflow_imap_celeba_small", "imap", "celeba", "small")
+_preset("attnflow_itrans_cifar10", "itrans", "cifar10", "paper")
+_preset("attnflow_itrans_cifar10_small", "itrans", "cifar10", "small")
+_preset("attnflow_itrans_svhn", "itrans", "svhn", "paper")
+_preset("attnflow_itrans_svhn_small", "itrans", "svhn", "small")
+_preset("attnflow_itrans_mnist", "itrans", "mnist", "paper")
+_preset("attnflow_itrans_mnist_small", "itrans", "mnist", "small")
+_preset("attnflow_itrans_celeba", "itrans", "celeba", "paper")
+_preset("attnflow_itrans_celeba_small", "itrans", "celeba", "small")
+_preset("marflow_cifar10", "none", "cifar10", "paper")
+_preset("marflow_cifar10_small", "none", "cifar10", "small")
+_preset("marflow_svhn", "none", "svhn", "paper")
+_preset("marflow_svhn_small", "none", "svhn", "small")
+_preset("marflow_mnist", "none", "mnist", "paper")
+_preset("marflow_mnist_small", "none", "mnist", "small")
+_preset("marflow_celeba", "none", "celeba", "paper")
+_preset("marflow_celeba_small", "none", "celeba", "small")
 
 _TINY = dict(image_size=8, in_channels=3, num_levels=2, num_steps=2, hidden_channels=8,
              prior_hidden_channels=8, prior_num_layers=2, prior_cond_hidden_channels=8,
@@ -326,7 +345,7 @@ def attnflow_itrans_tiny() -> AttnFlowConfig:
     """AttnFlow-iTrans (2×2 patches, level 1 only), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
     # Level 2 is 2×2: a single 2×2 token, so iTrans is switched off there.
     return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=2,
-                          attention_levels=[True, False])
+                          attention_levels=(True, False))
 
 
 @register_model(AttnFlow)

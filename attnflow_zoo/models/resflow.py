@@ -13,22 +13,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import FlowModel, randn_like_on, standard_normal_logpdf
+from ..core import diag_normal_logpdf, randn_like_on
 from ..errors import ConfigError, ShapeError
 from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..layers.residual import ResidualLayer
 from ..layers.residual_attention import KINDS, ResidualAttention
 from ..layers.spectral import SNConv1x1, SNConv2d
+from ..logdet_estimators import cpu_twin
 from ..registry import register_model
+from .base import FlowModel, image_hw
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResFlowConfig:
     """i-ResNet + residual attention.
 
     Attributes:
-        in_channels, image_size: the images (int for square, [H, W] otherwise; H and W must be
+        in_channels, image_size: the images (int for square, (H, W) otherwise; H and W must be
             divisible by 2^num_scales).
         num_scales, blocks_per_scale, hidden_channels: 3, 16, 512 on CIFAR-10 (the paper).
         coeff: soft spectral-norm target c of the block convolutions (0.9).
@@ -42,7 +44,7 @@ class ResFlowConfig:
     """
 
     in_channels: int = 3
-    image_size: int | list[int] = 32
+    image_size: int | tuple[int, int] = 32
     num_scales: int = 3
     blocks_per_scale: int = 16
     hidden_channels: int = 512
@@ -55,6 +57,10 @@ class ResFlowConfig:
     inverse_max_iter: int = 100
     inverse_tol: float = 1e-6
     num_power_iterations: int = 5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_size, int):
+            object.__setattr__(self, "image_size", image_hw(self.image_size))
 
 
 class ConvResidualBlock(ResidualLayer):
@@ -136,19 +142,26 @@ class ResFlow(FlowModel):
             layers.append(self.attention)
         return layers
 
-    def _run(self, x: Tensor, with_logdet: bool) -> tuple[Tensor, Tensor]:
+    def _run(self, x: Tensor, with_logdet: bool, generator: torch.Generator | None = None
+             ) -> tuple[Tensor, Tensor]:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ShapeError(f"ResFlow expects B×{'×'.join(map(str, self.input_shape))}, "
                              f"got {tuple(x.shape)}")
         logdet = x.new_zeros(x.shape[0])
+        # One CPU twin per call draws every roulette term count (no device sync, and the same
+        # generator gives the same counts).
+        counts = cpu_twin(generator)
         h, _ = self.squeeze(x)
         latents = []
         for s in range(len(self.scales)):
             if s > 0:
                 h, _ = self.squeeze(h)
             for layer in self._scale_layers(s):
-                if with_logdet or isinstance(layer, ActNorm):
+                if isinstance(layer, ActNorm):
                     h, ld = layer(h)
+                    logdet = logdet + ld
+                elif with_logdet:
+                    h, ld = layer(h, generator=generator, count_generator=counts)
                     logdet = logdet + ld
                 else:
                     h = layer.residual(h)
@@ -180,10 +193,11 @@ class ResFlow(FlowModel):
                 h = self.squeeze.inverse(h)
         return self.squeeze.inverse(h)
 
-    def log_density(self, x: Tensor) -> Tensor:
-        """log p(x) = log N(z; μ, σ²) + log det(∂z/∂x), (B,) nats."""
-        z, logdet = self(x)
-        return standard_normal_logpdf(z, self.prior_mean, self.prior_log_std) + logdet
+    def log_density(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """log p(x) = log N(z; μ, σ²) + log det(∂z/∂x), (B,) nats. ``generator`` draws the
+        log-determinant estimators' probes and term counts (None: the global RNG)."""
+        z, logdet = self._run(x, with_logdet=True, generator=generator)
+        return diag_normal_logpdf(z, self.prior_mean, self.prior_log_std) + logdet
 
     @torch.no_grad()
     def generate(self, num_samples: int, temperature: float = 1.0,

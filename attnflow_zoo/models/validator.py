@@ -1,34 +1,27 @@
-"""The "validating invertibility" experiment of Zha et al. 2021 (SPEC §2.4), as a Hub model.
+"""The model of the "validating invertibility" experiment of Zha et al. 2021 (SPEC §2.4).
 
 Model: squeeze(2) + ONE residual attention layer, y = s(x) + g(s(x)). It is trained to map
 images to a fixed random target (MSE), then the test images are recovered from their outputs
-by the fixed-point inverse. It is a check of the attention's invertibility, not a density model.
+by the fixed-point inverse (the experiment runner is ``attnflow_zoo.validation``). It is a check
+of the attention's invertibility, not a density model.
 """
 
 
-import json
-import math
-import time
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import data
-from ..core import resolve_device
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError
 from ..hub import ZooHubMixin
 from ..layers.reshape import Squeeze
-from ..layers.residual import InverseInfo, InverseNotConvergedWarning
+from ..layers.residual import InverseInfo
 from ..layers.residual_attention import KINDS, ResidualAttention
-from ..progress import progress
-from ..registry import register_model
+from ..registry import register_preset
+from .base import image_hw
 
 
-@dataclass
+@dataclass(frozen=True)
 class InvertibilityValidatorConfig:
     """Squeeze(2) + one ``ResidualAttention`` on C×H×W images (H, W even; any size).
 
@@ -36,7 +29,7 @@ class InvertibilityValidatorConfig:
         kind: dot | embedded | gaussian | concat.
         lipschitz: "faithful" (the paper's layer) or "certified" (provably contractive).
         gate: "conv" | "gamma" | None (None: the validation code's choice, gamma for gaussian).
-        in_channels, image_size: the images (int for square, [H, W] otherwise).
+        in_channels, image_size: the images (int for square, (H, W) otherwise).
         reduction: q/k channels = 4·in_channels / reduction.
         inverse_max_iter, inverse_tol: the fixed-point inverse (50 iterations in the paper).
         num_power_iterations: of the spectral normalisation (5 in the paper).
@@ -46,11 +39,15 @@ class InvertibilityValidatorConfig:
     lipschitz: str = "faithful"
     gate: str | None = None
     in_channels: int = 3
-    image_size: int | list[int] = 32
+    image_size: int | tuple[int, int] = 32
     reduction: int = 4
     inverse_max_iter: int = 50
     inverse_tol: float = 1e-6
     num_power_iterations: int = 5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_size, int):
+            object.__setattr__(self, "image_size", image_hw(self.image_size))
 
 
 class InvertibilityValidator(nn.Module, ZooHubMixin):
@@ -72,11 +69,9 @@ class InvertibilityValidator(nn.Module, ZooHubMixin):
             inverse_max_iter=config.inverse_max_iter, inverse_tol=config.inverse_tol)
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the configured images."""
-        size = self.config.image_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.config.in_channels, h, w)
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model takes."""
+        return (self.config.in_channels, *image_hw(self.config.image_size))
 
     def forward(self, x: Tensor) -> Tensor:
         """y = u + g(u), u = squeeze₂(x)."""
@@ -102,271 +97,47 @@ class InvertibilityValidator(nn.Module, ZooHubMixin):
         return self.attention.jacobian_norm(self.squeeze(x)[0], num_iterations, generator)
 
 
-def dequantize_for_validation(x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """The validation code's input map x = (255·t + U(0, 1))/256 − 0.5 with t = u8/255 (ToTensor).
-
-    It equals (u8 + U(0, 1))/256 − 0.5 = ``data.dequantize(u8) − 0.5``, so it reuses the one
-    dequantisation of the zoo; in [−0.5, 0.5).
-    """
-    return data.dequantize(x_u8, generator=generator) - 0.5
-
-
-def _check_images(images: Tensor, name: str, config: InvertibilityValidatorConfig) -> None:
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise ShapeError(f"{name} must be a uint8 B×C×H×W tensor, got {images.dtype} "
-                         f"{tuple(images.shape)}")
-    size = config.image_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(images.shape[1:]) != (config.in_channels, h, w):
-        raise ShapeError(f"{name} have shape {tuple(images.shape[1:])} but the config expects "
-                         f"{(config.in_channels, h, w)}; set in_channels / image_size to match")
-    if h % 2 or w % 2:
-        raise ShapeError(f"the squeeze needs even H and W, got {h}×{w}; crop the images")
-
-
-def _psnr(mse: Tensor) -> Tensor:
-    # Peak 1: images on [0, 1]. Float tensors, not saved 8-bit files.
-    return 10.0 * torch.log10(1.0 / mse)
-
-
-def _finite(v: float) -> float | None:
-    return v if math.isfinite(v) else None
-
-
-def run_validation(config: InvertibilityValidatorConfig, train_images_u8: Tensor,
-                   test_images_u8: Tensor, *, epochs: int = 100, batch_size: int = 64,
-                   lr: float = 3e-3, num_train: int = 1000, num_test: int = 1000,
-                   inverse_iterations: tuple[int, ...] = (10, 50, 100),
-                   generator: torch.Generator | None = None, device: str | torch.device = "cpu",
-                   out_dir: str | Path | None = None, num_grid_images: int = 32,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train one validator as in the paper, invert held-out images, report the figures.
-
-    Training: the first ``num_train`` train images, dequantised by ``dequantize_for_validation``
-    (fresh noise each epoch), shuffled, batches of ``batch_size`` (last partial batch dropped,
-    as the original loader), MSE to ONE fixed N(0, I) target of the output's batch shape drawn
-    once from ``generator``, Adam(lr). Evaluation: the first ``num_test`` test images are mapped
-    forward and recovered by the fixed-point inverse for each of ``inverse_iterations``
-    (stopping early once converged); MSE and PSNR (dB, peak 1) are computed on float tensors.
-
-    Args:
-        config: the validator; its in_channels / image_size must match the images.
-        train_images_u8, test_images_u8: uint8 N×C×H×W.
-        out_dir: if given, writes ``figures.json``, ``reconstructions.png`` (originals left,
-            reconstructions after ``config.inverse_max_iter`` iterations right) and
-            ``checkpoint/`` (``save_pretrained``; publishable with ``attnflow push``).
-        extra: entries copied into the result (e.g. the dataset name).
-
-    Returns:
-        A JSON-plain dict: per iteration count ``mse``, ``psnr_db``, ``min_psnr_db`` (worst
-        image), ``converged_fraction``, ``max_residual``, ``iterations`` (the most any batch
-        used), ``seconds`` (cumulative: one run is continued from count to count); plus
-        ``jacobian_norm`` (max / mean over ≤ 16 test images), ``lipschitz_bound`` (certified),
-        ``seconds_per_epoch``, ``seconds_per_step`` and the final training loss.
-    """
-    _check_images(train_images_u8, "train images", config)
-    _check_images(test_images_u8, "test images", config)
-    generator = torch.Generator().manual_seed(0) if generator is None else generator
-    device = resolve_device(device) if isinstance(device, str) else device
-    train = train_images_u8[:num_train]
-    test = test_images_u8[:num_test]
-    if len(train) == 0 or len(test) == 0:
-        raise ShapeError("run_validation needs at least one train and one test image")
-    batch_size = min(batch_size, len(train))
-    num_batches = len(train) // batch_size
-
-    model = InvertibilityValidator(config).to(device)
-    c, h, w = model.image_shape
-    target = torch.randn((batch_size, 4 * c, h // 2, w // 2), generator=generator).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = nn.MSELoss()
-
-    model.train()
-    epoch_seconds: list[float] = []
-    loss_value = math.nan
-    with progress("validate: train", total=epochs * num_batches) as advance:
-        for _ in range(epochs):
-            start = time.perf_counter()
-            order = torch.randperm(len(train), generator=generator)
-            for b in range(num_batches):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                x = dequantize_for_validation(train[idx], generator).to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), target)
-                loss.backward()
-                optimizer.step()
-                loss_value = float(loss.detach())
-                advance(1, loss=f"{loss_value:.4f}")
-            epoch_seconds.append(time.perf_counter() - start)
-
-    model.eval()
-    x_test = dequantize_for_validation(test, generator)
-    with torch.no_grad():
-        outputs = [model(x_test[i : i + batch_size].to(device))
-                   for i in range(0, len(test), batch_size)]
-    result_inverse: dict[str, dict[str, Any]] = {}
-    recon_main: Tensor | None = None
-    main_entry: dict[str, Any] = {}
-    iteration_counts = sorted(set(inverse_iterations) | {config.inverse_max_iter})
-    # One run per batch, continued from count to count (10, then 40 more, …): the iterates are
-    # those of a single fixed-point run; a converged batch stops and stays converged.
-    current: list[Tensor | None] = [None] * len(outputs)
-    done = [0] * len(outputs)
-    residuals: list[Tensor] = [torch.full((len(y),), math.inf) for y in outputs]
-    seconds = 0.0
-    for max_iter in iteration_counts:
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            # Non-convergence is reported in the figures below (and warned about once after).
-            warnings.simplefilter("ignore", InverseNotConvergedWarning)
-            for b, y in enumerate(outputs):
-                if done[b] >= max_iter or bool((residuals[b] <= config.inverse_tol).all()):
-                    continue
-                init = None if current[b] is None else current[b].to(device)
-                current[b] = model.inverse(y, max_iter=max_iter - done[b], init=init).cpu()
-                info = model.last_inverse_info
-                assert info is not None
-                residuals[b] = info.residual_per_sample
-                done[b] += info.iterations
-        seconds += time.perf_counter() - start
-        recon = torch.cat([r for r in current if r is not None])
-        residual = torch.cat(residuals)
-        err = (recon - x_test).pow(2).flatten(1).mean(1)  # per image, [0, 1] scale
-        mse = err.mean()
-        entry = {
-            "mse": _finite(float(mse)),
-            "psnr_db": _finite(float(_psnr(mse))),
-            "min_psnr_db": _finite(float(_psnr(err.max()))),
-            "converged_fraction": float((residual <= config.inverse_tol).float().mean()),
-            "max_residual": _finite(float(residual.max())),
-            "iterations": max(done),
-            "seconds": seconds,
-        }
-        if max_iter in inverse_iterations:
-            result_inverse[str(max_iter)] = entry
-        if max_iter == config.inverse_max_iter:
-            recon_main = recon
-            main_entry = entry
-    if main_entry["converged_fraction"] < 1.0:
-        warnings.warn(f"validator ({config.kind}, {config.lipschitz}): the inverse did not "
-                      f"converge for {1 - main_entry['converged_fraction']:.1%} of the test "
-                      f"images in {config.inverse_max_iter} iterations",
-                      InverseNotConvergedWarning, stacklevel=2)
-
-    # ≤ 16 images and never more than a training batch (full-scale CelebA: N² = 9701² energies).
-    probe = x_test[: min(16, batch_size)].to(device)
-    jac = model.jacobian_norm(probe, num_iterations=20, generator=generator)
-    result: dict[str, Any] = dict(extra or {})
-    result.update({
-        "kind": config.kind,
-        "lipschitz": config.lipschitz,
-        "gate": model.attention.gate,
-        "image_shape": [c, h, w],
-        "num_train": len(train),
-        "num_test": len(test),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "final_train_loss": _finite(loss_value),
-        "seconds_per_epoch": sum(epoch_seconds) / max(1, len(epoch_seconds)),
-        "seconds_per_step": sum(epoch_seconds) / max(1, epochs * num_batches),
-        "jacobian_norm": {"max": _finite(float(jac.max())), "mean": _finite(float(jac.mean())),
-                          "num_images": len(probe)},
-        "inverse": result_inverse,
-        "inverse_main": {"max_iter": config.inverse_max_iter, **main_entry},
-    })
-    if config.lipschitz == "certified":
-        with torch.no_grad():
-            result["lipschitz_bound"] = float(model.attention.lipschitz_bound())
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        assert recon_main is not None
-        save_comparison(x_test[:num_grid_images] + 0.5, recon_main[:num_grid_images] + 0.5,
-                        out / "reconstructions.png")
-        model.cpu().save_pretrained(out / "checkpoint")
-        (out / "figures.json").write_text(json.dumps(result, indent=2) + "\n")
-        result["out_dir"] = str(out)
-    return result
-
-
-def save_comparison(originals: Tensor, reconstructions: Tensor, path: str | Path,
-                    nrow: int = 8) -> None:
-    """One PNG: a grid of ``originals`` (left) and of ``reconstructions`` (right), in [0, 1]."""
-    from torchvision.utils import make_grid, save_image
-
-    left = make_grid(originals.clamp(0, 1), nrow=nrow, pad_value=1.0)
-    right = make_grid(torch.nan_to_num(reconstructions, nan=0.0).clamp(0, 1), nrow=nrow,
-                      pad_value=1.0)
-    gap = torch.ones(left.shape[0], left.shape[1], 8)
-    save_image(torch.cat([left, gap, right], dim=2), str(path))
-
-
-DATASET_SIZES: dict[str, int | list[int] | None] = {
-    "cifar10": 32, "svhn": 32, "celeba": 32, "celeba_fullscale": [218, 178],
-}
-
-
-def validate(kind: str, dataset: str, out_dir: str | Path, *, fullscale: bool = False,
-             lipschitz: str = "faithful", epochs: int | None = None, limit: int = 1000,
-             batch_size: int | None = None, seed: int = 0,
-             device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The experiment end to end on a named dataset or a local image folder (``attnflow
-    validate``): load the first ``limit`` train and test images, ``run_validation``, write
-    figures, grid and checkpoint to ``out_dir``.
-
-    CelebA is center-cropped to 178 and resized to 32×32 unless ``fullscale`` (218×178, batch 1,
-    1 epoch by default). Defaults otherwise: 100 epochs, batch 64 (the paper).
-    """
-    from ..data import load_images
-    from ..errors import DataError
-
-    if kind not in KINDS:
-        raise ConfigError(f"unknown attention {kind!r}; choose one of {', '.join(KINDS)}")
-    if lipschitz not in ("faithful", "certified"):
-        raise ConfigError(f"lipschitz must be 'faithful' or 'certified', got {lipschitz!r}")
-    if fullscale and dataset != "celeba":
-        raise DataError("--fullscale is only defined for celeba (218×178 images)")
-    image_size = None if fullscale else (32 if dataset == "celeba" else None)
-    train = load_images(dataset, "train", image_size=image_size, limit=limit)
-    test = load_images(dataset, "test", image_size=image_size, limit=limit)
-    _, c, h, w = train.shape
-    config = InvertibilityValidatorConfig(kind=kind, lipschitz=lipschitz, in_channels=c,
-                                          image_size=h if h == w else [h, w])
-    if epochs is None:
-        epochs = 1 if fullscale else 100
-    if batch_size is None:
-        batch_size = 1 if fullscale else 64
-    return run_validation(config, train, test, epochs=epochs, batch_size=batch_size,
-                          num_train=limit, num_test=limit,
-                          generator=torch.Generator().manual_seed(seed), device=device,
-                          out_dir=out_dir, extra={"dataset": dataset, "fullscale": fullscale})
-
-
 # --- presets ---------------------------------------------------------------------------------
-def _preset(name: str, doc: str, **fields: Any) -> None:
-    def make() -> InvertibilityValidatorConfig:
-        return InvertibilityValidatorConfig(**fields)
-
-    make.__name__ = make.__qualname__ = name
-    make.__doc__ = doc
-    register_model(InvertibilityValidator)(make)
-
-
-_DATASETS = {
-    "cifar10": ("CIFAR-10 32×32", {"image_size": 32}),
-    "svhn": ("SVHN 32×32", {"image_size": 32}),
-    "celeba": ("CelebA center-cropped 178, resized to 32×32", {"image_size": 32}),
-    "celeba_fullscale": ("CelebA at full 218×178", {"image_size": [218, 178]}),
+_SIZES = {
+    "cifar10": ("CIFAR-10 32×32", 32),
+    "svhn": ("SVHN 32×32", 32),
+    "celeba": ("CelebA center-cropped 178, resized to 32×32", 32),
+    "celeba_fullscale": ("CelebA at full 218×178", (218, 178)),
 }
-for _kind in KINDS:
-    for _ds, (_desc, _fields) in _DATASETS.items():
-        _preset(f"validator_{_kind}_{_ds}",
-                f"Invertibility check (Zha et al.): squeeze + {_kind} residual attention, {_desc}.",
-                kind=_kind, **_fields)
-    _preset(f"validator_{_kind}_tiny",
-            f"Tiny certified {_kind} invertibility validator (1×8×8) for tests.",
-            kind=_kind, lipschitz="certified", in_channels=1, image_size=8)
 
-__all__ = ["InvertibilityValidator", "InvertibilityValidatorConfig", "dequantize_for_validation",
-           "run_validation", "save_comparison", "validate"]
+
+def _preset(name: str, kind: str, dataset: str) -> None:
+    desc, size = _SIZES[dataset]
+    register_preset(name, InvertibilityValidator,
+                    InvertibilityValidatorConfig(kind=kind, image_size=size),
+                    f"Invertibility check (Zha et al.): squeeze + {kind} residual attention, "
+                    f"{desc}.")
+
+
+def _tiny(name: str, kind: str) -> None:
+    register_preset(name, InvertibilityValidator,
+                    InvertibilityValidatorConfig(kind=kind, lipschitz="certified", in_channels=1,
+                                                 image_size=8),
+                    f"Tiny certified {kind} invertibility validator (1×8×8) for tests.")
+
+
+_preset("validator_dot_cifar10", "dot", "cifar10")
+_preset("validator_dot_svhn", "dot", "svhn")
+_preset("validator_dot_celeba", "dot", "celeba")
+_preset("validator_dot_celeba_fullscale", "dot", "celeba_fullscale")
+_preset("validator_embedded_cifar10", "embedded", "cifar10")
+_preset("validator_embedded_svhn", "embedded", "svhn")
+_preset("validator_embedded_celeba", "embedded", "celeba")
+_preset("validator_embedded_celeba_fullscale", "embedded", "celeba_fullscale")
+_preset("validator_gaussian_cifar10", "gaussian", "cifar10")
+_preset("validator_gaussian_svhn", "gaussian", "svhn")
+_preset("validator_gaussian_celeba", "gaussian", "celeba")
+_preset("validator_gaussian_celeba_fullscale", "gaussian", "celeba_fullscale")
+_preset("validator_concat_cifar10", "concat", "cifar10")
+_preset("validator_concat_svhn", "concat", "svhn")
+_preset("validator_concat_celeba", "concat", "celeba")
+_preset("validator_concat_celeba_fullscale", "concat", "celeba_fullscale")
+_tiny("validator_dot_tiny", "dot")
+_tiny("validator_embedded_tiny", "embedded")
+_tiny("validator_gaussian_tiny", "gaussian")
+_tiny("validator_concat_tiny", "concat")

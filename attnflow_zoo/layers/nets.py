@@ -1,19 +1,11 @@
-"""Non-invertible conditioner networks used inside invertible layers."""
+"""Non-invertible building blocks shared by several layers and priors: a zero-initialised
+convolution and the convolutional LSTM of the mAR prior."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-
-from .layers.normalization import ActNorm
-
-
-class ActNormNoLogdet(ActNorm):
-    """ActNorm used as a plain normalisation inside a conditioner (its logdet is irrelevant)."""
-
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(x)[0]
 
 
 class ZeroConv2d(nn.Module):
@@ -33,25 +25,6 @@ class ZeroConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x) * torch.exp(self.logs * self.logscale_factor)
-
-
-class CouplingNet(nn.Sequential):
-    """NN(x_a) of mAR-SCF's affine coupling (SPEC §3):
-    Conv3×3 → ActNorm → ReLU → Conv1×1 → ActNorm → ReLU → ZeroConv3×3.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False),
-            ActNormNoLogdet(hidden_channels),
-            nn.ReLU(),
-            nn.Conv2d(hidden_channels, hidden_channels, 1, bias=False),
-            ActNormNoLogdet(hidden_channels),
-            nn.ReLU(),
-            ZeroConv2d(hidden_channels, out_channels),
-        )
-        for m in (self[0], self[3]):
-            nn.init.normal_(m.weight, std=0.05)
 
 
 class ConvLSTM(nn.Module):

@@ -1,0 +1,137 @@
+"""``FlowModel``: the base of every zoo density model (an 8-bit image model on the Hub)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import data, metrics
+from ..core import initialize_from_data
+from ..errors import ConfigError, ShapeError
+from ..hub import ZooHubMixin
+
+
+def image_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(H, W) of a config's ``image_size``: an int for square images or an (H, W) pair."""
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+class FlowModel(nn.Module, ZooHubMixin):
+    """Base of every zoo density model: an 8-bit image model on the Hub.
+
+    The model's input space is x = x̃ − 0.5 ∈ [−0.5, 0.5) where x̃ ∈ [0, 1)^D is the uniformly
+    dequantised image (``data.to_model_space``). The shift has a unit Jacobian, so the density
+    of x equals the density of x̃.
+
+    Subclasses take one frozen config dataclass (annotate the ``config`` argument with its type
+    so the Hub mixin can rebuild it from ``config.json``) with ``image_size`` and
+    ``in_channels``, and implement:
+
+    - ``forward(x) -> (z, logdet)`` and ``inverse(z) -> x`` over the whole model, with the
+      factored-out latents kept in ``z`` so that ``inverse(forward(x)[0]) == x``;
+    - ``log_density(x, generator=None) -> (B,)``: log p(x) in nats for x in the model's input
+      space (``generator`` feeds stochastic log-determinant estimators, if the model has any);
+    - ``generate(num_samples, temperature, generator) -> x`` in the model's input space.
+    """
+
+    config: object
+
+    def __init__(self, config: object) -> None:
+        super().__init__()
+        self.config = config
+
+    # --- to implement --------------------------------------------------------------------
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def log_density(self, x: Tensor, generator: torch.Generator | None = None
+                    ) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def generate(self, num_samples: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    # --- shared ----------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model takes."""
+        h, w = image_hw(self.config.image_size)  # type: ignore[attr-defined]
+        return (self.config.in_channels, h, w)  # type: ignore[attr-defined]
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.parameters()), torch.float32)
+
+    def check_images(self, x_u8: Tensor) -> None:
+        """Raise ``ShapeError`` unless x_u8 is a uint8 B×C×H×W batch of the model's shape."""
+        if x_u8.dim() != 4 or tuple(x_u8.shape[1:]) != self.input_shape:
+            raise ShapeError(
+                f"expected images of shape B×{'×'.join(map(str, self.input_shape))}, got "
+                f"{tuple(x_u8.shape)}; resize/crop the data or create the model with a matching "
+                "image_size / in_channels"
+            )
+        if x_u8.dtype != torch.uint8:
+            raise ShapeError(f"expected uint8 images (0..255), got {x_u8.dtype}; pass the raw "
+                             "8-bit images (e.g. `(x * 255).round().to(torch.uint8)` for floats "
+                             "in [0, 1])")
+
+    def to_model_space(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x = dequantize(x_u8) − 0.5 on the model's device and in its dtype (so a float64 model
+        gets float64 inputs); see ``data.to_model_space``."""
+        self.check_images(x_u8)
+        return data.to_model_space(x_u8.to(self.device), generator, self.dtype)
+
+    def initialize_from_data(self, x_u8: Tensor, generator: torch.Generator | None = None) -> int:
+        """The explicit data-dependent initialisation pass (ActNorm) on a batch of uint8 images;
+        returns how many modules it initialised (0 for a model already initialised or loaded).
+        ``fit`` runs it on the first training batch."""
+        was_training = self.training
+        self.train()
+        try:
+            x = self.to_model_space(x_u8, generator)
+            return initialize_from_data(self, lambda: self.log_density(x, generator))
+        finally:
+            self.train(was_training)
+
+    def log_prob(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """log p(x̃) in nats, (B,), of the uniformly dequantised x̃ ∈ [0, 1)^D of uint8 images."""
+        return self.log_density(self.to_model_space(x_u8, generator), generator)
+
+    def bits_per_dim(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Bits/dim per image, (B,); single-sample dequantisation estimate (SPEC §4)."""
+        return metrics.bits_per_dim(self.log_prob(x_u8, generator), math.prod(self.input_shape))
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Draw uint8 images, B×C×H×W; ``temperature`` scales the prior's standard deviation."""
+        check_sampling(num_samples, temperature)
+        x = self.generate(num_samples, temperature=temperature, generator=generator)
+        return data.quantize(x + 0.5)
+
+
+def check_sampling(num_samples: int, temperature: float) -> None:
+    """``ConfigError`` unless ``num_samples`` ≥ 1 and 0 ≤ ``temperature`` < ∞."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"the number of samples must be a positive integer, got "
+                          f"{num_samples!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"the temperature must be a finite number ≥ 0 (1 is the model's "
+                          f"distribution, 0 its mode chain), got {temperature!r}")

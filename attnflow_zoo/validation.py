@@ -1,0 +1,253 @@
+"""The "validating invertibility" experiment of Zha et al. 2021 (SPEC §2.4): train the validator
+model to a random target, invert held-out images by fixed-point iteration, report the figures.
+
+The model itself is ``models.validator.InvertibilityValidator``; ``attnflow validate`` runs
+``validate`` here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import data
+from ._io import atomic_write_text
+from .core import resolve_device
+from .errors import ConfigError, DataError, ShapeError
+from .layers.residual import InverseNotConvergedWarning
+from .layers.residual_attention import KINDS
+from .models.base import image_hw
+from .models.validator import InvertibilityValidator, InvertibilityValidatorConfig
+from .progress import progress
+
+
+def _check_images(images: Tensor, name: str, config: InvertibilityValidatorConfig) -> None:
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ShapeError(f"{name} must be a uint8 B×C×H×W tensor, got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    h, w = image_hw(config.image_size)
+    if tuple(images.shape[1:]) != (config.in_channels, h, w):
+        raise ShapeError(f"{name} have shape {tuple(images.shape[1:])} but the config expects "
+                         f"{(config.in_channels, h, w)}; set in_channels / image_size to match")
+    if h % 2 or w % 2:
+        raise ShapeError(f"the squeeze needs even H and W, got {h}×{w}; crop the images")
+
+
+def _psnr(mse: Tensor) -> Tensor:
+    # Peak 1: images on [0, 1]. Float tensors, not saved 8-bit files.
+    return 10.0 * torch.log10(1.0 / mse)
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def run_validation(config: InvertibilityValidatorConfig, train_images_u8: Tensor,
+                   test_images_u8: Tensor, *, epochs: int = 100, batch_size: int = 64,
+                   lr: float = 3e-3, num_train: int = 1000, num_test: int = 1000,
+                   inverse_iterations: tuple[int, ...] = (10, 50, 100),
+                   generator: torch.Generator | None = None, device: str | torch.device = "cpu",
+                   out_dir: str | Path | None = None, num_grid_images: int = 32,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one validator as in the paper, invert held-out images, report the figures.
+
+    Training: the first ``num_train`` train images, dequantised by ``data.to_model_space``
+    (fresh noise each epoch), shuffled, batches of ``batch_size`` (last partial batch dropped,
+    as the original loader), MSE to ONE fixed N(0, I) target of the output's batch shape drawn
+    once from ``generator``, Adam(lr). Evaluation: the first ``num_test`` test images are mapped
+    forward and recovered by the fixed-point inverse for each of ``inverse_iterations``
+    (stopping early once converged); MSE and PSNR (dB, peak 1) are computed on float tensors.
+
+    Args:
+        config: the validator; its in_channels / image_size must match the images.
+        train_images_u8, test_images_u8: uint8 N×C×H×W.
+        out_dir: if given, writes ``figures.json``, ``reconstructions.png`` (originals left,
+            reconstructions after ``config.inverse_max_iter`` iterations right) and
+            ``checkpoint/`` (``save_pretrained``; publishable with ``attnflow push``).
+        extra: entries copied into the result (e.g. the dataset name).
+
+    Returns:
+        A JSON-plain dict: per iteration count ``mse``, ``psnr_db``, ``min_psnr_db`` (worst
+        image), ``converged_fraction``, ``max_residual``, ``iterations`` (the most any batch
+        used), ``seconds`` (cumulative: one run is continued from count to count); plus
+        ``jacobian_norm`` (max / mean over ≤ 16 test images), ``lipschitz_bound`` (certified),
+        ``seconds_per_epoch``, ``seconds_per_step`` and the final training loss.
+    """
+    _check_images(train_images_u8, "train images", config)
+    _check_images(test_images_u8, "test images", config)
+    generator = torch.Generator().manual_seed(0) if generator is None else generator
+    device = resolve_device(device) if isinstance(device, str) else device
+    train = train_images_u8[:num_train]
+    test = test_images_u8[:num_test]
+    if len(train) == 0 or len(test) == 0:
+        raise ShapeError("run_validation needs at least one train and one test image")
+    batch_size = min(batch_size, len(train))
+    num_batches = len(train) // batch_size
+
+    model = InvertibilityValidator(config).to(device)
+    c, h, w = model.input_shape
+    target = torch.randn((batch_size, 4 * c, h // 2, w // 2), generator=generator).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.MSELoss()
+
+    model.train()
+    epoch_seconds: list[float] = []
+    loss_value = math.nan
+    with progress("validate: train", total=epochs * num_batches) as advance:
+        for _ in range(epochs):
+            start = time.perf_counter()
+            order = torch.randperm(len(train), generator=generator)
+            for b in range(num_batches):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                x = data.to_model_space(train[idx], generator).to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), target)
+                loss.backward()
+                optimizer.step()
+                loss_value = float(loss.detach())
+                advance(1, loss=f"{loss_value:.4f}")
+            epoch_seconds.append(time.perf_counter() - start)
+
+    model.eval()
+    x_test = data.to_model_space(test, generator)
+    with torch.no_grad():
+        outputs = [model(x_test[i : i + batch_size].to(device))
+                   for i in range(0, len(test), batch_size)]
+    result_inverse: dict[str, dict[str, Any]] = {}
+    recon_main: Tensor | None = None
+    main_entry: dict[str, Any] = {}
+    iteration_counts = sorted(set(inverse_iterations) | {config.inverse_max_iter})
+    # One run per batch, continued from count to count (10, then 40 more, …): the iterates are
+    # those of a single fixed-point run; a converged batch stops and stays converged.
+    current: list[Tensor | None] = [None] * len(outputs)
+    done = [0] * len(outputs)
+    residuals: list[Tensor] = [torch.full((len(y),), math.inf) for y in outputs]
+    seconds = 0.0
+    for max_iter in iteration_counts:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            # Non-convergence is reported in the figures below (and warned about once after).
+            warnings.simplefilter("ignore", InverseNotConvergedWarning)
+            for b, y in enumerate(outputs):
+                if done[b] >= max_iter or bool((residuals[b] <= config.inverse_tol).all()):
+                    continue
+                init = None if current[b] is None else current[b].to(device)
+                current[b] = model.inverse(y, max_iter=max_iter - done[b], init=init).cpu()
+                info = model.last_inverse_info
+                assert info is not None
+                residuals[b] = info.residual_per_sample
+                done[b] += info.iterations
+        seconds += time.perf_counter() - start
+        recon = torch.cat([r for r in current if r is not None])
+        residual = torch.cat(residuals)
+        err = (recon - x_test).pow(2).flatten(1).mean(1)  # per image, [0, 1] scale
+        mse = err.mean()
+        entry = {
+            "mse": _finite(float(mse)),
+            "psnr_db": _finite(float(_psnr(mse))),
+            "min_psnr_db": _finite(float(_psnr(err.max()))),
+            "converged_fraction": float((residual <= config.inverse_tol).float().mean()),
+            "max_residual": _finite(float(residual.max())),
+            "iterations": max(done),
+            "seconds": seconds,
+        }
+        if max_iter in inverse_iterations:
+            result_inverse[str(max_iter)] = entry
+        if max_iter == config.inverse_max_iter:
+            recon_main = recon
+            main_entry = entry
+    if main_entry["converged_fraction"] < 1.0:
+        warnings.warn(f"validator ({config.kind}, {config.lipschitz}): the inverse did not "
+                      f"converge for {1 - main_entry['converged_fraction']:.1%} of the test "
+                      f"images in {config.inverse_max_iter} iterations",
+                      InverseNotConvergedWarning, stacklevel=2)
+
+    # ≤ 16 images and never more than a training batch (full-scale CelebA: N² = 9701² energies).
+    probe = x_test[: min(16, batch_size)].to(device)
+    jac = model.jacobian_norm(probe, num_iterations=20, generator=generator)
+    result: dict[str, Any] = dict(extra or {})
+    result.update({
+        "kind": config.kind,
+        "lipschitz": config.lipschitz,
+        "gate": model.attention.gate,
+        "image_shape": [c, h, w],
+        "num_train": len(train),
+        "num_test": len(test),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "final_train_loss": _finite(loss_value),
+        "seconds_per_epoch": sum(epoch_seconds) / max(1, len(epoch_seconds)),
+        "seconds_per_step": sum(epoch_seconds) / max(1, epochs * num_batches),
+        "jacobian_norm": {"max": _finite(float(jac.max())), "mean": _finite(float(jac.mean())),
+                          "num_images": len(probe)},
+        "inverse": result_inverse,
+        "inverse_main": {"max_iter": config.inverse_max_iter, **main_entry},
+    })
+    if config.lipschitz == "certified":
+        with torch.no_grad():
+            result["lipschitz_bound"] = float(model.attention.lipschitz_bound())
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        assert recon_main is not None
+        save_comparison(x_test[:num_grid_images] + 0.5, recon_main[:num_grid_images] + 0.5,
+                        out / "reconstructions.png")
+        model.cpu().save_pretrained(out / "checkpoint")
+        atomic_write_text(out / "figures.json", json.dumps(result, indent=2) + "\n")
+        result["out_dir"] = str(out)
+    return result
+
+
+def save_comparison(originals: Tensor, reconstructions: Tensor, path: str | Path,
+                    nrow: int = 8) -> None:
+    """One PNG: a grid of ``originals`` (left) and of ``reconstructions`` (right), in [0, 1]."""
+    from torchvision.utils import make_grid, save_image
+
+    left = make_grid(originals.clamp(0, 1), nrow=nrow, pad_value=1.0)
+    right = make_grid(torch.nan_to_num(reconstructions, nan=0.0).clamp(0, 1), nrow=nrow,
+                      pad_value=1.0)
+    gap = torch.ones(left.shape[0], left.shape[1], 8)
+    save_image(torch.cat([left, gap, right], dim=2), str(path))
+
+
+def validate(kind: str, dataset: str, out_dir: str | Path, *, fullscale: bool = False,
+             lipschitz: str = "faithful", epochs: int | None = None, limit: int = 1000,
+             batch_size: int | None = None, seed: int = 0,
+             device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The experiment end to end on a named dataset or a local image folder (``attnflow
+    validate``): load the first ``limit`` train and test images, ``run_validation``, write
+    figures, grid and checkpoint to ``out_dir``.
+
+    CelebA is center-cropped to 178 and resized to 32×32 unless ``fullscale`` (218×178, batch 1,
+    1 epoch by default). Defaults otherwise: 100 epochs, batch 64 (the paper).
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown attention {kind!r}; choose one of {', '.join(KINDS)}")
+    if lipschitz not in ("faithful", "certified"):
+        raise ConfigError(f"lipschitz must be 'faithful' or 'certified', got {lipschitz!r}")
+    if fullscale and dataset != "celeba":
+        raise DataError("--fullscale is only defined for celeba (218×178 images)")
+    image_size = None if fullscale else (32 if dataset == "celeba" else None)
+    train = data.load_images(dataset, "train", image_size=image_size, limit=limit)
+    test = data.load_images(dataset, "test", image_size=image_size, limit=limit)
+    _, c, h, w = train.shape
+    config = InvertibilityValidatorConfig(kind=kind, lipschitz=lipschitz, in_channels=c,
+                                          image_size=h if h == w else (h, w))
+    if epochs is None:
+        epochs = 1 if fullscale else 100
+    if batch_size is None:
+        batch_size = 1 if fullscale else 64
+    return run_validation(config, train, test, epochs=epochs, batch_size=batch_size,
+                          num_train=limit, num_test=limit,
+                          generator=torch.Generator().manual_seed(seed), device=device,
+                          out_dir=out_dir, extra={"dataset": dataset, "fullscale": fullscale})
+
+
