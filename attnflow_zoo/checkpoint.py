@@ -42,6 +42,10 @@ CHECKSUM_KEY = "attnflow_zoo_sha256"
 #: The file in a training output folder that names its newest checkpoint folder.
 LATEST_NAME = "latest"
 STEP_PREFIX = "step-"
+#: What a training run really did (data, sizes, recipe, hardware, time, metrics): written by
+#: training into the run folder and into every step folder, read by the model card.
+RUN_RECORD_NAME = "run.json"
+RUN_RECORD_FORMAT = 1
 
 
 # --- config.json ---------------------------------------------------------------------------
@@ -258,6 +262,43 @@ def save_model_files(model: nn.Module, directory: str | os.PathLike[str],
     save_weights(model, directory / WEIGHTS_NAME)
     write_config(directory, type(model).__name__, model.config, preset)  # type: ignore
     return directory
+
+
+# --- run.json: what a training run really did ----------------------------------------------
+def write_run_record(directory: str | os.PathLike[str], record: dict[str, Any]) -> Path:
+    """Write ``run.json`` into ``directory`` atomically (``format`` is added).
+
+    The record is JSON-plain; its keys (all optional but ``format``): ``preset``,
+    ``architecture``, ``dataset`` ({"name": a table key or None, "path": a local folder or
+    None, "train_split", "num_train", "heldout_split", "num_heldout", "validation_split",
+    "num_validation", "limit", "image_shape"}), ``train_config`` (``TrainConfig.to_dict()``),
+    ``recipe`` (the preset's recipe name, or None), ``world_size``, ``device`` (e.g.
+    "NVIDIA H200" or "cpu"), ``torch``, ``attnflow_zoo`` (versions), ``started`` (ISO time),
+    ``wall_seconds``, ``step``, ``samples_seen``, ``metrics`` (a list of {"name", "split",
+    "value", "step", "num_images", "protocol"}) and ``best`` ({"step", "split", "bpd"}).
+    """
+    payload = {**record, "format": RUN_RECORD_FORMAT}
+    return atomic_write_text(Path(directory) / RUN_RECORD_NAME,
+                             json.dumps(payload, indent=2, sort_keys=True))
+
+
+def read_run_record(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``run.json`` of a checkpoint (its step folder first, then the run folder above it),
+    or None when the checkpoint was not written by training (e.g. ``save_pretrained``)."""
+    directory = Path(directory)
+    for folder in (directory, directory.parent):
+        path = folder / RUN_RECORD_NAME
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CheckpointError(f"{path} is not readable JSON ({err}); the run record is "
+                                      "damaged — delete it to publish without it") from err
+            if not isinstance(record, dict) or record.get("format") != RUN_RECORD_FORMAT:
+                raise CheckpointError(f"{path} is not a run record of this attnflow_zoo "
+                                      f"(format {RUN_RECORD_FORMAT})")
+            return record
+    return None
 
 
 # --- where a checkpoint is -----------------------------------------------------------------
