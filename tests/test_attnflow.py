@@ -186,6 +186,21 @@ def test_presets_are_registered() -> None:
     assert (cfg.in_channels, cfg.image_size, cfg.num_steps, cfg.hidden_channels) == (1, 32, 8, 256)
 
 
+def test_mixlog_presets_are_the_paper_configuration() -> None:
+    """AttnFlow's table: L = 3, K = 2, C = 256 with MixLogCDF couplings (≈ 127M parameters);
+    the _small variant K = 4, C = 96 (≈ 45M)."""
+    rows = {r["name"]: r["params"] for r in az.describe_models("*_cifar10_mixlog*")}
+    assert set(rows) == {f"{f}_cifar10_mixlog{s}" for f in ("attnflow_imap", "attnflow_itrans",
+                                                             "marflow") for s in ("", "_small")}
+    for name, params in rows.items():
+        millions = float(params.rstrip("M"))
+        assert (120 < millions < 135) if name.endswith("_mixlog") else (40 < millions < 50)
+    cfg = az.registry.preset_config("attnflow_imap_cifar10_mixlog")
+    assert (cfg.num_levels, cfg.num_steps, cfg.hidden_channels, cfg.coupling) == (
+        3, 2, 256, "mixlogcdf")
+    assert (cfg.mixlog_num_components, cfg.mixlog_num_blocks, cfg.mixlog_dropout) == (32, 10, 0.2)
+
+
 # --- a short training run on real digits --------------------------------------------------------
 @pytest.fixture(scope="module")
 def mnist16(mnist_folder: Path, tmp_path_factory: pytest.TempPathFactory
