@@ -63,7 +63,8 @@ def test_bits_per_dim_at_init_is_analytic(name: str, overrides: dict,
     """At construction (eval mode, ActNorm not yet data-initialised) the model is linear:
     ActNorm = id, InvConv1x1 = a rotation (|det| = 1), coupling z_b = σ(2)·x_b (zero-init
     shift net), iMap y = σ(4)·x (zero mixing weights, s = b = 4: SPEC §1.3), prior = N(0, I)
-    (zero-init heads; the mAR prior's with prior_output_init="zero"). With n_l = C_l·H_l·W_l at level l (after the squeeze), hence
+    (zero-init heads; the mAR prior's with prior_output_init="zero"). With n_l = C_l·H_l·W_l
+    at level l (after the squeeze), hence
 
         log p(x) = −D/2·ln 2π − ½‖z‖² + Σ_l K·[(C_l//2)·H_l·W_l·ln σ(2) + a_l·n_l·ln σ(4)],
 
