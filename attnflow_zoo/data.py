@@ -11,15 +11,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ._io import atomic_path
 from .errors import DataError, OutputError, ShapeError
-from .progress import progress
+from .images import decode as _decode
+from .images import resize_note
+from .progress import note
 
 
 def dequantize(x_u8: Tensor, generator: torch.Generator | None = None,
@@ -128,11 +130,31 @@ def heldout_split(dataset: str | os.PathLike[str]) -> str | None:
     spec = dataset_spec(dataset)
     if spec is not None:
         return spec.heldout
-    folder = Path(dataset)
-    for name in ("test", "valid", "validation"):
-        if (folder / name).is_dir():
-            return name
-    return None
+    names = local_splits(Path(dataset).expanduser())
+    return next((n for n in ("test", "valid", "validation") if n in names), None)
+
+
+def local_splits(folder: Path) -> list[str]:
+    """The split names of a local folder, found as ``load_images`` finds them: a saved
+    ``DatasetDict``'s, parquet files' (``datasets``' own file-name patterns, e.g.
+    ``data/test-00000-of-00001.parquet`` or ``test.parquet``) or an imagefolder's subfolders."""
+    if not folder.is_dir():
+        return []
+    if (folder / "dataset_dict.json").is_file():
+        import json
+
+        try:
+            return list(json.loads((folder / "dataset_dict.json").read_text())["splits"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+    if any(folder.rglob("*.parquet")):
+        from datasets.data_files import get_data_patterns
+
+        try:
+            return list(get_data_patterns(str(folder)))
+        except Exception:  # noqa: BLE001 - no recognisable pattern: load_dataset says why
+            return []
+    return sorted(d.name for d in folder.iterdir() if d.is_dir())
 
 
 def default_flip(dataset: str | os.PathLike[str] | None) -> bool:
@@ -154,6 +176,21 @@ def card_info(dataset: str | None) -> dict[str, str | None] | None:
 
 
 _FORMAT_VERSION = "1"
+#: How ``limit`` picks images (recorded in run.json): the same subset for every command, so
+#: ``train --limit`` / ``--eval-limit`` and ``evaluate --limit`` see the same images.
+LIMIT_RULE = "a random subset drawn with seed 0 (kept in dataset order)"
+LIMIT_SEED = 0
+
+
+def limit_indices(num_images: int, limit: int | None) -> list[int] | None:
+    """The indices ``limit`` keeps out of ``num_images`` (``LIMIT_RULE``); None keeps all.
+
+    Not the first ``limit``: a folder's files are listed sorted, so those are one class.
+    """
+    if limit is None or limit >= num_images:
+        return None
+    g = torch.Generator().manual_seed(LIMIT_SEED)
+    return sorted(torch.randperm(num_images, generator=g)[:limit].tolist())
 
 
 def default_cache_dir() -> Path:
@@ -179,7 +216,7 @@ def load_images(dataset: str | Path, split: str = "train", *, image_size: int | 
             their shorter side, then resized with antialiased bilinear filtering (CelebA: crop 178
             then resize); smaller images are zero-padded symmetrically (MNIST 28 → 32, the
             standard for flows). ``None`` keeps the native size (all images must share it).
-        limit: keep only the first ``limit`` images of the split (dataset order).
+        limit: keep ``limit`` images of the split: a seeded random subset (``LIMIT_RULE``).
         cache_dir: where the decoded tensors live; default ``default_cache_dir()``.
 
     Returns:
@@ -188,8 +225,18 @@ def load_images(dataset: str | Path, split: str = "train", *, image_size: int | 
 
     The cache key holds the dataset, split, size and limit, and for a local folder a fingerprint
     of its path and its files' sizes and mtimes, so editing the folder re-decodes it. Files are
-    safetensors written atomically (temporary file + rename).
+    safetensors written atomically (temporary file + rename). What was done to images of another
+    size than ``image_size`` is said in one line on stderr (never silently).
     """
+    images, said = _load_images(dataset, split, image_size, limit, cache_dir)
+    if said:
+        note(said)
+    return images
+
+
+def _load_images(dataset: str | Path, split: str, image_size: int | None, limit: int | None,
+                 cache_dir: str | Path | None) -> tuple[Tensor, str]:
+    """``load_images`` and the line saying how the images were resized ("" if they were not)."""
     source, spec = _resolve(dataset)
     if spec is not None and split not in spec.splits:
         raise DataError(f"{dataset} has no split {split!r}; available: {', '.join(spec.splits)}")
@@ -202,17 +249,24 @@ def load_images(dataset: str | Path, split: str = "train", *, image_size: int | 
     path = root / f"{key}.safetensors"
     if path.is_file():
         try:
-            return load_file(str(path))["images"]
+            images = load_file(str(path))["images"]
+            with safe_open(str(path), framework="pt") as f:
+                resized = (f.metadata() or {}).get("resized")
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, never trusted
             path.unlink(missing_ok=True)
+        else:
+            return images, f"{Path(str(source)).name}/{split}: {resized}" if resized else ""
     ds = _load_split(source, spec, split, cache_dir)
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
+    keep = limit_indices(len(ds), limit)
+    if keep is not None:
+        ds = ds.select(keep)
     column = spec.column if spec is not None else _image_column(ds, source)
     name = spec.repo_id if spec is not None else str(source)
-    images = _decode(ds, column, image_size, f"decode {Path(name).name}/{split}")
-    _save_atomic(path, images, {"dataset": name, "split": split, "format": _FORMAT_VERSION})
-    return images
+    images, sizes = _decode(ds, column, image_size, f"decode {Path(name).name}/{split}")
+    resized = resize_note(sizes, image_size)
+    _save_atomic(path, images, {"dataset": name, "split": split, "format": _FORMAT_VERSION,
+                                "resized": resized})
+    return images, f"{Path(str(source)).name}/{split}: {resized}" if resized else ""
 
 
 def _resolve(dataset: str | Path) -> tuple[str | Path, DatasetSpec | None]:
@@ -251,7 +305,7 @@ def _cache_key(source: str | Path, spec: DatasetSpec | None, split: str,
         folder = Path(source)
         name = f"{folder.name or 'folder'}-{_fingerprint(folder)}"
     size = "native" if image_size is None else f"s{image_size}"
-    count = "all" if limit is None else f"n{limit}"
+    count = "all" if limit is None else f"n{limit}r{LIMIT_SEED}"
     safe_split = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
     return f"{name}_{safe_split}_{size}_{count}_v{_FORMAT_VERSION}"
 
@@ -346,66 +400,6 @@ def _image_column(ds, source: str | Path) -> str:
                     "pass a folder of images or parquet files with an Image feature")
 
 
-def _to_array(img: Image.Image) -> np.ndarray:
-    """A PIL image as H×W (grey) or H×W×3 (colour) uint8."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return (np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
-    if img.mode in ("1", "L", "LA"):
-        return np.asarray(img.convert("L"))
-    return np.asarray(img.convert("RGB"))
-
-
-def _fit(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    if w >= size and h >= size and (w, h) != (size, size):
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-        if side != size:
-            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return img
-
-
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-    h, w = a.shape[:2]
-    if h > size or w > size:
-        raise DataError(f"an image of {h}×{w} is neither larger nor smaller than {size}×{size} "
-                        "on both sides; pick an image_size the images can be cropped or padded to")
-    top, left = (size - h) // 2, (size - w) // 2
-    pad = [(top, size - h - top), (left, size - w - left)] + [(0, 0)] * (a.ndim - 2)
-    return np.pad(a, pad)
-
-
-def _decode(ds, column: str, image_size: int | None, description: str) -> Tensor:
-    arrays: list[np.ndarray] = []
-    try:
-        with progress(description, total=len(ds)) as advance:
-            for batch in ds.iter(batch_size=256):
-                for img in batch[column]:
-                    if image_size is not None:
-                        a = _to_array(_fit(img, image_size))
-                        if a.shape[:2] != (image_size, image_size):
-                            a = _pad(a, image_size)
-                    else:
-                        a = _to_array(img)
-                    arrays.append(a)
-                advance(len(batch[column]))
-    except (OSError, SyntaxError) as err:  # PIL's errors for unreadable files
-        raise DataError(f"cannot decode an image: {err}; remove or fix the file") from err
-    if not arrays:
-        raise DataError("the split holds no images; check the folder or split name")
-    shapes = {a.shape[:2] for a in arrays}
-    if len(shapes) > 1:
-        sizes = ", ".join(f"{h}×{w}" for h, w in sorted(shapes)[:4])
-        raise DataError(f"images of different sizes ({sizes}…); pass image_size to crop/resize "
-                        "them to one size")
-    color = any(a.ndim == 3 for a in arrays)
-    out = np.empty((len(arrays), 3 if color else 1, *arrays[0].shape[:2]), dtype=np.uint8)
-    for i, a in enumerate(arrays):
-        out[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
-    return torch.from_numpy(out)
-
-
 def _save_atomic(path: Path, images: Tensor, metadata: dict[str, str]) -> None:
     try:
         with atomic_path(path) as tmp:
@@ -422,12 +416,14 @@ def load_for_shape(dataset: str | Path, split: str, shape: tuple[int, int, int],
     """``load_images`` at a model's (C, H, W): square images are cropped/resized/padded to H;
     ``DataError`` (saying what to change) if the result is not C×H×W."""
     c, h, w = shape
-    images = load_images(dataset, split, image_size=h if h == w else None, limit=limit)
+    images, said = _load_images(dataset, split, h if h == w else None, limit, None)
     if tuple(images.shape[1:]) != (c, h, w):
         got = "×".join(map(str, images.shape[1:]))
         raise DataError(f"{dataset} ({split}) gives images of {got} but the model takes "
                         f"{c}×{h}×{w}; pick a model, --image-size or --in-channels that fits "
                         "the data")
+    if said:
+        note(said)
     return images
 
 
