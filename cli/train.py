@@ -105,8 +105,6 @@ def train(
     finish the step, write a checkpoint and print the resume command. Under
     `torchrun --nproc_per_node G` it trains on G GPUs.
     """
-    from rich.console import Console
-
     from attnflow_zoo.training import TrainConfig, TrainingInterrupted, train_preset
 
     if steps is None and epochs is None:
@@ -134,16 +132,16 @@ def train(
         raise typer.Exit(err.exit_code) from None
     if result.checkpoint is None:  # not rank 0 under torchrun
         return
-    console = Console()
     parts = [f"step {result.step}: train bits/dim {result.train_bpd:.4f}"]
     if result.val_bpd is not None:
         parts.append(f"validation {result.val_bpd:.4f}")
     if result.eval_bpd is not None:
         parts.append(f"held-out {result.eval_bpd:.4f}")
-    console.print(", ".join(parts))
-    console.print(f"checkpoint: {result.checkpoint}")
+    # Plain lines (no wrapping of long paths): scripts read them.
+    typer.echo(", ".join(parts))
+    typer.echo(f"checkpoint: {result.checkpoint}")
     if result.best is not None:
-        console.print(f"best: {out / 'best'} (step {result.best['step']}, validation bits/dim "
+        typer.echo(f"best: {out / 'best'} (step {result.best['step']}, validation bits/dim "
                       f"{result.best['bpd']:.4f})")
 
 
