@@ -63,7 +63,7 @@ def _fail(message: str, code: int) -> None:
 def _network_error(err: BaseException) -> bool:
     """An error of the HTTP stack (no network, DNS, refused connection, timeout)."""
     module = type(err).__module__.split(".")[0]
-    return module in ("httpx", "httpcore", "requests", "urllib3") or isinstance(
+    return module.startswith(("httpx", "httpcore", "requests", "urllib3")) or isinstance(
         err, (ConnectionError, TimeoutError))
 
 

@@ -306,3 +306,21 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(full_disk, mnist_fol
     assert "No space left on device" in errors[0] and "cannot write" in errors[0]
     assert not list(full_disk.rglob("*.tmp")) and not list(full_disk.rglob(".*tmp"))
     assert not (out / "latest").exists()  # no checkpoint was half-made or pointed at
+
+
+def test_an_unreachable_hub_is_one_line(saved_model, tmp_path):
+    """`push` with no network: the HTTP stack's error becomes one line (cli.main), not 80."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import _toy_flow; "
+            "from attnflow_cli.main import main; sys.argv = ['attnflow', 'push', "
+            f"'--checkpoint', {str(saved_model)!r}, '--repo', 'user/x']; main()")
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+           "HF_TOKEN": "hf_test", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    line = _one_error_line(proc.returncode, proc.stdout, proc.stderr)
+    assert "cannot reach the Hugging Face Hub" in line and "refused" in line
