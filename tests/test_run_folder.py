@@ -324,3 +324,17 @@ def test_an_unreachable_hub_is_one_line(saved_model, tmp_path):
                           text=True, timeout=120)
     line = _one_error_line(proc.returncode, proc.stdout, proc.stderr)
     assert "cannot reach the Hugging Face Hub" in line and "refused" in line
+
+
+def test_every_option_has_help_and_version_prints(capsys):
+    import typer
+    from attnflow_cli.main import app
+
+    from attnflow_zoo import __version__
+
+    root = typer.main.get_command(app)
+    for name, command in root.commands.items():
+        bare = [p.name for p in command.params if p.name != "help" and not p.help]
+        assert not bare, (name, bare)
+    code, stdout, _ = run(["--version"], capsys)
+    assert code == 0 and stdout.strip() == f"attnflow_zoo {__version__}"
