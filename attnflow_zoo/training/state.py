@@ -93,6 +93,9 @@ def resume_candidates(out_dir: Path) -> list[Path]:
     (``checkpoint.resolve_local``: ``latest``, or the newest step folder when ``latest`` is
     gone), then every older step folder, newest first."""
     folders = checkpoint.step_folders(out_dir)
+    if not folders and not (out_dir / checkpoint.LATEST_NAME).exists():
+        raise CheckpointError(f"{out_dir} holds no training run to resume; drop --resume to "
+                              "start one there, or pass the --out of the run to continue")
     try:
         first = checkpoint.resolve_local(out_dir)
     except CheckpointError as err:
