@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .. import checkpoint, data, metrics
 from .._io import check_writable
 from ..core import initialize_from_data, resolve_device
-from ..errors import DataError, TrainingError
+from ..errors import CheckpointError, DataError, TrainingError
 from ..evaluation import evaluate_bpd
 from ..progress import note, progress
 from .config import TrainConfig, check_device, check_resume
@@ -229,7 +229,10 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         # Resuming without EMA from a run that had one: the raw weights load, the EMA is dropped.
         start_step = int(meta["step"])
         changed = check_resume(recorded_settings(where), settings, allow_changes)
-        previous = checkpoint.read_run_record(where)
+        try:
+            previous = checkpoint.read_run_record(where)
+        except CheckpointError as err:  # the record is rewritten from here on
+            note(f"{err}; starting a new run record")
         if ctx.is_main:
             note(f"resuming from step {start_step} ({where})"
                  + (f"; changed: {', '.join(changed)}" if changed else ""))

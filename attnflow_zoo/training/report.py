@@ -89,6 +89,20 @@ def sample_grid(model: nn.Module, num_samples: int, device: torch.device) -> Ten
         model.train(was_training)
 
 
+def save_grid(images_u8: Tensor, path: Path) -> Path:
+    """A PNG grid for people to look at: small images enlarged (nearest neighbour, to ≥ 64 px)
+    and separated by white lines."""
+    from torchvision.utils import make_grid, save_image
+
+    k = max(1, 64 // max(images_u8.shape[-2:]))
+    images = images_u8.repeat_interleave(k, -2).repeat_interleave(k, -1)
+    grid = make_grid(images.float() / 255, nrow=math.ceil(math.sqrt(len(images))), padding=2,
+                     pad_value=1.0)
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, format="png")
+    return path
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` (a damaged last line, from a killed writer, skipped)."""
     if not path.is_file():

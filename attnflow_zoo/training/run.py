@@ -14,10 +14,17 @@ from torch import nn
 
 from .. import checkpoint
 from ..errors import TrainingError
-from ..sampling import save_samples
 from .lock import RunLock
 from .record import METRICS, MetricsLog, RunRecord, metric
-from .report import CURVES_NAME, SAMPLES_NAME, Board, read_metrics, sample_grid, save_curves
+from .report import (
+    CURVES_NAME,
+    SAMPLES_NAME,
+    Board,
+    read_metrics,
+    sample_grid,
+    save_curves,
+    save_grid,
+)
 from .state import BEST_NAME, save_best, save_training_checkpoint
 
 #: Samples in the TensorBoard grid of each evaluation and in the final ``samples.png``.
@@ -150,11 +157,7 @@ class RunFolder:
             return
         save_curves(read_metrics(self.out / METRICS), self.out / CURVES_NAME, title)
         if status == "finished":
-            images = sample_grid(net, FINAL_SAMPLES, device)
-            # Small images are enlarged (nearest neighbour) so the grid is readable as is.
-            k = max(1, 64 // max(images.shape[-2:]))
-            images = images.repeat_interleave(k, -2).repeat_interleave(k, -1)
-            save_samples(images, self.out / SAMPLES_NAME)
+            save_grid(sample_grid(net, FINAL_SAMPLES, device), self.out / SAMPLES_NAME)
         self.record.update(status=status)
         self.record.write()
 

@@ -117,7 +117,10 @@ def recorded_settings(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{folder} has no readable training state ({err}); it cannot be "
                               "resumed") from err
-    record = checkpoint.read_run_record(folder)
+    try:
+        record = checkpoint.read_run_record(folder)
+    except CheckpointError:  # a damaged record: the training state alone is compared
+        record = None
     if record is not None and isinstance(record.get("dataset"), dict):
         ds = record["dataset"]
         saved.update(dataset=ds.get("name") or ds.get("path"), limit=ds.get("limit"),
