@@ -6,11 +6,11 @@ assumes: x̃ = (x_u8 + u) / 256 with u ~ U(0, 1)^D, so x̃ ∈ [0, 1)^D.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ._io import atomic_path
 from .errors import DataError, OutputError, ShapeError
+from .folders import fingerprint, image_column, imagefolder_split, local_splits
 from .images import decode as _decode
 from .images import resize_note
 from .progress import note
@@ -134,29 +135,6 @@ def heldout_split(dataset: str | os.PathLike[str]) -> str | None:
     return next((n for n in ("test", "valid", "validation") if n in names), None)
 
 
-def local_splits(folder: Path) -> list[str]:
-    """The split names of a local folder, found as ``load_images`` finds them: a saved
-    ``DatasetDict``'s, parquet files' (``datasets``' own file-name patterns, e.g.
-    ``data/test-00000-of-00001.parquet`` or ``test.parquet``) or an imagefolder's subfolders."""
-    if not folder.is_dir():
-        return []
-    if (folder / "dataset_dict.json").is_file():
-        import json
-
-        try:
-            return list(json.loads((folder / "dataset_dict.json").read_text())["splits"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return []
-    if any(folder.rglob("*.parquet")):
-        from datasets.data_files import get_data_patterns
-
-        try:
-            return list(get_data_patterns(str(folder)))
-        except Exception:  # noqa: BLE001 - no recognisable pattern: load_dataset says why
-            return []
-    return sorted(d.name for d in folder.iterdir() if d.is_dir())
-
-
 def default_flip(dataset: str | os.PathLike[str] | None) -> bool:
     """Whether horizontal flips are on by default: the table's rule for a named dataset (off for
     digits), off for a local folder or in-memory data (flips are a data-specific assumption)."""
@@ -260,7 +238,7 @@ def _load_images(dataset: str | Path, split: str, image_size: int | None, limit:
     keep = limit_indices(len(ds), limit)
     if keep is not None:
         ds = ds.select(keep)
-    column = spec.column if spec is not None else _image_column(ds, source)
+    column = spec.column if spec is not None else image_column(ds, source)
     name = spec.repo_id if spec is not None else str(source)
     images, sizes = _decode(ds, column, image_size, f"decode {Path(name).name}/{split}")
     resized = resize_note(sizes, image_size)
@@ -283,27 +261,13 @@ def _resolve(dataset: str | Path) -> tuple[str | Path, DatasetSpec | None]:
                     "path of a local `datasets` folder (imagefolder or parquet)")
 
 
-def _fingerprint(folder: Path) -> str:
-    h = hashlib.sha256(str(folder).encode())
-    try:
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames.sort()
-            for name in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, name))
-                h.update(f"{os.path.relpath(os.path.join(dirpath, name), folder)}:"
-                         f"{st.st_size}:{st.st_mtime_ns}\n".encode())
-    except OSError as err:
-        raise DataError(f"cannot read {folder}: {err.strerror}; check its permissions") from err
-    return h.hexdigest()[:16]
-
-
 def _cache_key(source: str | Path, spec: DatasetSpec | None, split: str,
                image_size: int | None, limit: int | None) -> str:
     if spec is not None:
         name = str(source)
     else:
         folder = Path(source)
-        name = f"{folder.name or 'folder'}-{_fingerprint(folder)}"
+        name = f"{folder.name or 'folder'}-{fingerprint(folder)}"
     size = "native" if image_size is None else f"s{image_size}"
     count = "all" if limit is None else f"n{limit}r{LIMIT_SEED}"
     safe_split = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
@@ -332,7 +296,7 @@ def _load_split(source: str | Path, spec: DatasetSpec | None, split: str,
             return ds
         if any(folder.rglob("*.parquet")):
             return datasets.load_dataset(str(folder), split=split, cache_dir=hf_cache)
-        return _imagefolder_split(folder, split)
+        return imagefolder_split(folder, split)
     except ValueError as err:
         if "Unknown split" in str(err):
             raise DataError(f"{source} has no split {split!r}: {err}") from err
@@ -360,44 +324,6 @@ def _embedded_split(name: str, split: str):
     return datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in images],
                                        "label": labels.tolist()}).cast_column(
         "image", datasets.Image())
-
-
-def _imagefolder_split(folder: Path, split: str):
-    """An imagefolder split (``root/{split}/[label/]*.png``; images at the top level are the
-    single split ``train``) as a ``datasets.Dataset`` with an ``Image`` column.
-
-    Files are listed here rather than by ``load_dataset("imagefolder")``, whose data-file
-    resolution takes seconds per call on thousands of files; decoding is still ``datasets``'.
-    """
-    import datasets
-
-    extensions = {ext.lower() for ext in Image.registered_extensions()}
-
-    def images_under(d: Path, recursive: bool = True) -> list[str]:
-        found = d.rglob("*") if recursive else d.glob("*")
-        return sorted(str(p) for p in found if p.suffix.lower() in extensions and p.is_file())
-
-    splits = sorted(d.name for d in folder.iterdir() if d.is_dir() and images_under(d))
-    top = images_under(folder, recursive=False)
-    if not splits and not top:
-        raise DataError(f"{folder} holds no images or parquet files; pass an imagefolder "
-                        "`root/{split}/…/*.png` or a folder of parquet files")
-    if not splits:
-        splits = ["train"]
-    if split not in splits:
-        raise DataError(f"{folder} has no split {split!r}; available: {', '.join(splits)}")
-    files = top if top and not (folder / split).is_dir() else images_under(folder / split)
-    return datasets.Dataset.from_dict({"image": files}).cast_column("image", datasets.Image())
-
-
-def _image_column(ds, source: str | Path) -> str:
-    import datasets
-
-    for name, feature in ds.features.items():
-        if isinstance(feature, datasets.Image):
-            return name
-    raise DataError(f"{source} has no image column (columns: {', '.join(ds.features)}); "
-                    "pass a folder of images or parquet files with an Image feature")
 
 
 def _save_atomic(path: Path, images: Tensor, metadata: dict[str, str]) -> None:
