@@ -51,7 +51,9 @@ from .state import load_newest_intact, recorded_settings
 
 @dataclass
 class FitResult:
-    """What ``fit`` returns: the final step, the checkpoint it wrote and the last metrics."""
+    """What ``fit`` returns: the final step, the checkpoint it wrote and the last metrics
+    (``eval_bpd``: the held-out split at the end; ``val_bpd``: the validation split at the end;
+    ``best``: run.json's ``best`` entry, or None without a validation split)."""
 
     step: int
     checkpoint: Path | None
