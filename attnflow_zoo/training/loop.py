@@ -260,7 +260,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
     base = {**info, "dataset": dataset, "architecture": type(model).__name__,
             "train_config": config.to_dict(), "world_size": ctx.world_size,
             "device": device_name(dev), **versions(), "total_steps": total_steps,
-            "recipe": "mAR-SCF (Adamax, linear warm-up, EMA)"}
+            "recipe": info.get("recipe")}
     folder.start(start_step, base, previous)
 
     trainer: nn.Module = _LogDensity(model)

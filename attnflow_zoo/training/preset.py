@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint, data
+from .. import checkpoint, data, registry
 from .._io import check_writable
 from ..core import resolve_device
 from ..errors import CheckpointError, ConfigError
@@ -57,7 +57,10 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
     if config.flip is None:
         config = config.replace(flip=data.default_flip(dataset))
     split = data.heldout_split(dataset)
-    info = {"preset": model_name, "dataset": data_record(dataset, limit, split, eval_limit)}
+    # The preset's recipe name where the registry has one (None otherwise).
+    recipe = getattr(registry.get_entry(model_name), "recipe", None)
+    info = {"preset": model_name, "recipe": getattr(recipe, "name", None),
+            "dataset": data_record(dataset, limit, split, eval_limit)}
     check_unlocked(out)
     if resume:
         _precheck_resume(out, model, config, info, allow_changes)
