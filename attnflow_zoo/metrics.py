@@ -198,7 +198,11 @@ def random_weights_id(state: dict[str, Tensor]) -> str:
 
 
 def _torch_fidelity_inception(path: Path) -> nn.Module:
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as err:
+        raise ConfigError("FID features need torch-fidelity; install it with "
+                          "pip install 'torch-fidelity>=0.3'") from err
 
     try:
         return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],

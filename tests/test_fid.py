@@ -121,6 +121,17 @@ def test_random_weights_are_torch_fidelitys_format_and_never_a_fid(random_weight
     assert "\n" not in str(err.value) and metrics.INCEPTION_WEIGHTS_URL in str(err.value)
 
 
+@pytest.mark.parametrize("content, message", [
+    ({"fc.weight": torch.zeros(1008, 2048)}, "not an Inception weight file in torch-fidelity"),
+    ({"fc.weight": Path("not a tensor")}, "not a weight file of tensors"),
+])
+def test_random_weights_file_of_another_kind_is_refused(tmp_path: Path, content, message):
+    path = tmp_path / "w.pth"
+    torch.save(content, path)
+    with pytest.raises(ConfigError, match=message):
+        metrics.load_inception(path, random_init=True)
+
+
 def _digits(root: Path, n: int) -> torch.Tensor:
     files = sorted((root / "test").rglob("*.png"))[:n]
     arr = np.stack([np.asarray(Image.open(f)) for f in files])
