@@ -11,8 +11,7 @@ from torch import Tensor, nn
 from . import data
 from .core import resolve_device
 from .factory import load_model
-from .inception import load_inception
-from .metrics import dataset_statistics, fid_from_model
+from .metrics import dataset_statistics, fid_from_model, load_inception
 from .progress import progress
 
 

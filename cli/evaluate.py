@@ -45,10 +45,10 @@ def evaluate(
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value}")
     if fid:
-        from attnflow_zoo.inception import resolve_weights
+        from attnflow_zoo.metrics import resolve_inception_weights
 
         check_request(num_samples, temperature, batch_size)
-        resolve_weights(inception_weights)  # missing FID weights are said before any work
+        resolve_inception_weights(inception_weights)  # missing FID weights are said before any work
     resolve_device(device)  # a device the machine lacks is refused before any work
     source = checkpoint if checkpoint is not None else repo
     result = evaluate_checkpoint(source, dataset, split, batch_size=batch_size, seed=seed,
