@@ -63,6 +63,8 @@ class DatasetSpec:
 
     Attributes:
         repo_id, column, config: the Hub dataset, its image column and config name.
+        embedded: for a dataset that ships inside the package (``attnflow_zoo/assets``), its
+            file; it is read offline, then decoded and cached like every other dataset.
         splits: the split names; ``heldout``: the one held-out bits/dim is reported on.
         flip: whether horizontal flips are a valid augmentation (False for digits).
         name, shape_text, splits_text: what a model card shows.
@@ -80,6 +82,7 @@ class DatasetSpec:
     config: str | None = None
     heldout: str = "test"
     flip: bool = True
+    embedded: str | None = None
 
 
 #: The one dataset table of the zoo.
@@ -99,6 +102,12 @@ DATASETS: dict[str, DatasetSpec] = {
         "A derivative of NIST data; the original page states no license, and it is commonly "
         "redistributed under CC BY-SA 3.0 (as TensorFlow's documentation states). Cite LeCun "
         "et al. (1998).", flip=False),
+    "digits": DatasetSpec(
+        "attnflow_zoo/assets/digits.npz", "image", ("train", "test"),
+        "digits (5,000 MNIST digits embedded in attnflow_zoo)", "1x28x28",
+        "4,000 train / 1,000 test (fixed, stratified: 400 / 100 per class)", "digits.md",
+        "MNIST's terms: a derivative of NIST data, commonly redistributed under CC BY-SA 3.0. "
+        "Cite LeCun et al. (1998).", flip=False, embedded="digits.npz"),
     "celeba": DatasetSpec(
         "flwrlabs/celeba", "image", ("train", "valid", "test"), "CelebA",
         "3x218x178 aligned (32x32: center crop 178, resize)",
@@ -138,7 +147,8 @@ def card_info(dataset: str | None) -> dict[str, str | None] | None:
     spec = dataset_spec(dataset) if dataset else None
     if spec is None:
         return None
-    return {"name": spec.name, "hub_id": spec.repo_id, "hub_config": spec.config,
+    return {"name": spec.name, "hub_id": None if spec.embedded else spec.repo_id,
+            "hub_config": spec.config,
             "image_shape": spec.shape_text, "splits": spec.splits_text,
             "license_file": spec.license_file, "license_summary": spec.license_summary}
 
@@ -252,6 +262,8 @@ def _load_split(source: str | Path, spec: DatasetSpec | None, split: str,
 
     hf_cache = str(Path(cache_dir) / "hf") if cache_dir is not None else None
     try:
+        if spec is not None and spec.embedded is not None:
+            return _embedded_split(spec.embedded, split)
         if spec is not None:
             return datasets.load_dataset(spec.repo_id, spec.config, split=split,
                                          cache_dir=hf_cache)
@@ -279,6 +291,21 @@ def _load_split(source: str | Path, spec: DatasetSpec | None, split: str,
     except OSError as err:
         raise DataError(f"cannot read dataset {source}: {err}; pass a folder of images "
                         "(imagefolder `root/{split}/…/*.png`) or parquet files") from err
+
+
+def _embedded_split(name: str, split: str):
+    """A split of a dataset shipped in ``attnflow_zoo/assets`` as a ``datasets.Dataset`` (image,
+    label), read from package data (works from a wheel, offline)."""
+    from importlib import resources
+
+    import datasets
+
+    with resources.files("attnflow_zoo.assets").joinpath(name).open("rb") as fh:
+        arrays = np.load(fh)
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in images],
+                                       "label": labels.tolist()}).cast_column(
+        "image", datasets.Image())
 
 
 def _imagefolder_split(folder: Path, split: str):

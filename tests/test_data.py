@@ -199,3 +199,21 @@ def test_augment_without_flip_is_a_pure_shift(gen):
     assert y.shape == x.shape
     zero = data.augment(x, gen, max_shift=0, flip=False)
     assert torch.equal(zero, x)
+
+
+def test_embedded_digits_load_offline(tmp_path) -> None:
+    """`digits` ships inside the package: 4,000 / 1,000 real digits, stratified, padded to 32
+    like the zoo's MNIST presets, read through the same decode-and-cache path."""
+    from attnflow_zoo import data
+
+    train = data.load_images("digits", "train", image_size=32, cache_dir=tmp_path)
+    test = data.load_images("digits", "test", image_size=32, cache_dir=tmp_path)
+    assert train.shape == (4000, 1, 32, 32) and test.shape == (1000, 1, 32, 32)
+    assert train.dtype == torch.uint8 and int(train.max()) == 255
+    assert train[:, :, :2].max() == 0 and train[:, :, -2:].max() == 0  # 28 -> 32 zero padding
+    assert data.heldout_split("digits") == "test" and not data.default_flip("digits")
+    assert list(tmp_path.glob("digits_*.safetensors"))  # cached like every dataset
+    ds = data._embedded_split("digits.npz", "test")
+    assert sorted(set(ds["label"])) == list(range(10))
+    assert all(n == 100 for n in torch.bincount(torch.tensor(ds["label"])).tolist())
+    assert data.card_info("digits")["hub_id"] is None
