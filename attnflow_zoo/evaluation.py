@@ -24,7 +24,6 @@ from .core import resolve_device
 from .errors import DataError
 from .factory import load_model
 from .hub import resolve_checkpoint
-from .inception import load_inception
 from .metrics import dataset_statistics, fid_from_model
 from .progress import progress
 
@@ -99,6 +98,8 @@ def standard_fid(model: Any, dataset: str | os.PathLike[str], *, num_samples: in
     Returns:
         The ``fid*`` keys of the metrics schema.
     """
+    from .inception import load_inception  # torchvision: only when a FID is asked for
+
     dev = next(iter(model.parameters())).device
     if random_inception:
         extractor = load_inception(inception_weights, random_init=True, device=dev)

@@ -22,12 +22,14 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import data, factory, registry
 from .errors import ConfigError
 from .registry import Recipe
-from .training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from .training.config import TrainConfig
 
 #: Recipe precision -> TrainConfig.amp.
 AMP = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
@@ -49,6 +51,8 @@ def recipe_of(preset: str) -> Recipe:
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(recipe fields, TrainConfig-only fields) of ``overrides``; ``ConfigError`` naming the
     valid keys for any other."""
+    from .training.config import TrainConfig  # (importing training loads the training loop)
+
     recipe_keys = registry.recipe_fields() - {"name", "source", "task", "dataset"}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - recipe_keys - train_keys)
@@ -85,9 +89,22 @@ def world_size_from_env() -> int:
         return 1
 
 
+def recipe_settings(recipe: Recipe) -> dict[str, Any]:
+    """The ``TrainConfig`` fields a (density) recipe sets (module rule), unchecked."""
+    return {
+        "steps": recipe.steps, "epochs": None if recipe.steps is not None else recipe.epochs,
+        "batch_size": recipe.batch_size, "lr": float(recipe.lr),
+        "warmup_steps": warmup_steps(recipe.warmup_images, recipe.batch_size),
+        "schedule": recipe.schedule, "grad_clip": recipe.grad_clip,
+        "ema_decay": recipe.ema_decay, "augment": recipe.max_shift > 0 or recipe.flip is not False,
+        "max_shift": recipe.max_shift, "flip": recipe.flip, "amp": AMP[recipe.precision]}
+
+
 def config_from_recipe(recipe: Recipe, world_size: int = 1, **train_overrides: Any
                        ) -> TrainConfig:
     """The ``TrainConfig`` of a (density) recipe for ``world_size`` processes (module rule)."""
+    from .training.config import TrainConfig
+
     if recipe.task != "density":
         raise ConfigError(f"recipe {recipe.name!r} is Zha et al.'s invertibility experiment: "
                           "run it with `attnflow validate`, not `attnflow train`")
@@ -98,15 +115,7 @@ def config_from_recipe(recipe: Recipe, world_size: int = 1, **train_overrides: A
         raise ConfigError(f"the global batch {recipe.batch_size} does not split over "
                           f"{world_size} processes; set batch_size to a multiple of "
                           f"{world_size} (and the lr with it) or change --nproc-per-node")
-    settings: dict[str, Any] = {
-        "steps": recipe.steps, "epochs": None if recipe.steps is not None else recipe.epochs,
-        "batch_size": recipe.batch_size, "lr": float(recipe.lr),
-        "warmup_steps": warmup_steps(recipe.warmup_images, recipe.batch_size),
-        "schedule": recipe.schedule, "grad_clip": recipe.grad_clip,
-        "ema_decay": recipe.ema_decay, "augment": recipe.max_shift > 0 or recipe.flip is not False,
-        "max_shift": recipe.max_shift, "flip": recipe.flip, "amp": AMP[recipe.precision]}
-    settings.update(train_overrides)
-    return TrainConfig(**settings)
+    return TrainConfig(**{**recipe_settings(recipe), **train_overrides})
 
 
 def train_config(preset: str, world_size: int | None = None, **overrides: Any) -> TrainConfig:
@@ -232,10 +241,7 @@ def deviations(recipe: Recipe, run: dict[str, Any]) -> list[str]:
         out.append(f"only the first {dataset['limit']} training images")
     if not used or recipe.task != "density":
         return out
-    try:
-        wanted = config_from_recipe(recipe, int(run.get("world_size") or 1)).to_dict()
-    except ConfigError:
-        return out
+    wanted = recipe_settings(recipe)
     for key in RECIPE_SETTINGS:
         if key not in used or (key == "flip" and recipe.flip is None):
             continue

@@ -118,44 +118,44 @@ def test_reproduce_train_evaluate_card_push_sample(mnist_folder: Path, tmp_path:
 
 def test_reproduce_resumes_an_interrupted_training(mnist_folder: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run killed after its step-10 checkpoint is continued by the same call, and ends with
+    """A run killed after its step-3 checkpoint is continued by the same call, and ends with
     exactly the weights of an uninterrupted run."""
     from safetensors.torch import load_file
 
     from attnflow_zoo.reproduce import STATE_NAME, reproduce
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    kwargs = dict(dataset=mnist_folder, overrides={"steps": 20, "checkpoint_every": 10},
-                  model_overrides={"in_channels": 1}, limit=512, eval_limit=64,
+    kwargs = dict(dataset=mnist_folder, overrides={"steps": 6, "checkpoint_every": 3},
+                  model_overrides={"in_channels": 1}, limit=256, eval_limit=32,
                   device="cpu", until="train", show_progress=False)
     run = tmp_path / "run"
     first = reproduce(PRESET, out_dir=run, **kwargs)
-    assert first.ran == ["train"] and first.checkpoint == run / "step-0000020"
-    uninterrupted = load_file(run / "step-0000020" / "model.safetensors")
+    assert first.ran == ["train"] and first.checkpoint == run / "step-0000006"
+    uninterrupted = load_file(run / "step-0000006" / "model.safetensors")
 
-    # The state a kill after step 10 leaves: step-10 is the newest checkpoint, training undone.
+    # The state a kill after step 3 leaves: step-3 is the newest checkpoint, training undone.
     import shutil
 
-    shutil.rmtree(run / "step-0000020")
-    (run / "latest").write_text("step-0000010\n")
+    shutil.rmtree(run / "step-0000006")
+    (run / "latest").write_text("step-0000003\n")
     (run / "run.json").unlink()
     state = json.loads((run / STATE_NAME).read_text())
     state["stages"]["train"]["done"] = False
     (run / STATE_NAME).write_text(json.dumps(state))
     lines: list[str] = []
     second = reproduce(PRESET, out_dir=run, log=lines.append, **kwargs)
-    assert second.ran == ["train"] and any("resuming from step 10" in x for x in lines), lines
+    assert second.ran == ["train"] and any("resuming from step 3" in x for x in lines), lines
     # (The files' bytes may differ: safetensors writes its metadata in hash-map order.)
-    resumed = load_file(run / "step-0000020" / "model.safetensors")
+    resumed = load_file(run / "step-0000006" / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
     # Other training settings in the same folder are refused, naming the difference.
     from attnflow_zoo.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train_config.steps 20 there, 30 now"):
+    with pytest.raises(ConfigError, match="train_config.steps 6 there, 30 now"):
         reproduce(PRESET, out_dir=run, **{**kwargs, "overrides": {"steps": 30,
-                                                                  "checkpoint_every": 10}})
+                                                                  "checkpoint_every": 3}})
 
 
 _WORKER = textwrap.dedent("""
