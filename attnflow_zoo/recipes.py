@@ -171,6 +171,11 @@ def _flip_text(recipe: Recipe) -> str:
     return "flip" if data.default_flip(recipe.dataset) else "no flip"
 
 
+def _length(recipe: Recipe) -> str:
+    n, unit = (recipe.steps, "step") if recipe.steps is not None else (recipe.epochs, "epoch")
+    return f"{n:,} {unit}" + ("s" if n != 1 else "")
+
+
 def summary(recipe: Recipe | None) -> str:
     """One compact line, e.g. ``adamax 8e-4 · b64 · 400 ep · wu 10k img · shift 3, flip ·
     EMA 0.999``."""
@@ -200,14 +205,13 @@ def describe(recipe: Recipe) -> list[str]:
     if recipe.task == "invertibility":
         limit = f" on the first {recipe.train_limit} training images" if recipe.train_limit \
             else ""
-        length = (f"{recipe.steps} steps" if recipe.steps is not None
-                  else f"{recipe.epochs} epochs")
+        length = _length(recipe)
         return [*lines, f"{recipe.optimizer.capitalize()}, lr {recipe.lr:g}, batch "
                         f"{recipe.batch_size}, {length}{limit} (run by `attnflow validate`)."]
     warm = (f"linear warm-up over {recipe.warmup_images:,} images "
             f"(= {warmup_steps(recipe.warmup_images, recipe.batch_size)} steps at this batch)"
             if recipe.warmup_images else "no warm-up")
-    length = f"{recipe.steps:,} steps" if recipe.steps is not None else f"{recipe.epochs} epochs"
+    length = _length(recipe)
     flips = {"flip": "horizontal flips", "no flip": "no flips",
              "flip: data's rule": "flips by the dataset's rule"}[_flip_text(recipe)]
     aug = (f"random shift <= {recipe.max_shift} px (edge padding), {flips}" if recipe.max_shift
