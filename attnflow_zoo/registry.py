@@ -1,8 +1,10 @@
-"""The zoo as data: presets by name, and architecture names -> classes (timm-style).
+"""The zoo as data: presets by name (config, training recipe, published weights), and
+architecture names -> classes (timm-style).
 
 A leaf of the house: it imports only ``errors``. The model modules register their presets here
-(``register_preset`` / ``register_model``) and every zoo class registers its architecture name
-(``ZooHubMixin.__init_subclass__``); ``factory`` imports the model modules and builds from here.
+(``register_preset`` / ``register_model``, each with its ``Recipe`` next to the architecture) and
+every zoo class registers its architecture name (``ZooHubMixin.__init_subclass__``); ``factory``
+imports the model modules and builds from here, ``recipes`` turns a recipe into a TrainConfig.
 """
 
 from __future__ import annotations
