@@ -88,14 +88,12 @@ def write_card(checkpoint_dir: str | os.PathLike[str], output: str | os.PathLike
     return atomic_write_text(path, str(card))
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions a Hub call raises when the Hub cannot be reached or refuses."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    found: list[type[BaseException]] = [HfHubHTTPError, OSError]
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of the HTTP stack when the Hub cannot be reached (refused, DNS, timeout)."""
+    found: list[type[BaseException]] = [OSError]
     for name in ("httpx2", "httpx"):  # the HTTP client huggingface_hub uses, by version
         try:
-            found.append(importlib.import_module(name).HTTPError)
+            found.append(importlib.import_module(name).TransportError)
         except (ImportError, AttributeError):
             pass
     return tuple(found)
@@ -155,7 +153,8 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
     if hub_offline():
         raise CheckpointError(f"cannot push to {repo_id!r}: the Hub is offline (HF_HUB_OFFLINE "
                               "is set); unset it, or use --dry-run to write the card locally")
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
 
     operations = [
         CommitOperationAdd(CONFIG_NAME, str(directory / CONFIG_NAME)),
@@ -168,8 +167,12 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
         info = api.create_commit(repo_id, operations, repo_type="model",
                                  commit_message=commit_message
                                  or f"Upload {payload['architecture']} with attnflow_zoo")
-    except _network_errors() as err:
+    except HfHubHTTPError as err:  # the Hub answered: a refusal (token, rights, name)
         raise CheckpointError(f"upload to {repo_id!r} failed, nothing was uploaded: "
-                              f"{_first_line(err)} (check the network / HF_ENDPOINT and your "
-                              "token)") from err
+                              f"{_first_line(err)} (check your token and the repo name)"
+                              ) from err
+    except _transport_errors() as err:
+        raise CheckpointError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to "
+                              f"push {repo_id!r} ({_first_line(err)}); nothing was uploaded — "
+                              "check the network or HF_ENDPOINT, or use --dry-run") from err
     return str(info.commit_url)

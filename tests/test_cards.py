@@ -196,7 +196,8 @@ def test_push_to_an_unreachable_hub_is_one_line(digits_checkpoint: Path) -> None
                           "push", "--checkpoint", str(digits_checkpoint), "--repo", "user/d"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
-    assert "upload to 'user/d' failed, nothing was uploaded" in res.stderr
+    assert "cannot reach the Hugging Face Hub" in res.stderr and "refused" in res.stderr
+    assert "nothing was uploaded" in res.stderr
 
 
 def test_models_lists_recipes_and_weights(capsys: pytest.CaptureFixture[str]) -> None:
