@@ -97,14 +97,16 @@ def trained_on(run: dict[str, Any] | None) -> dict[str, Any] | None:
     shape_text = "×".join(map(str, shape)) + " as trained" if shape else ""
     used = []
     if ds.get("num_train") is not None:
-        limit = f" (the first {_count(ds['limit'])} only)" if ds.get("limit") else ""
+        rule = ds.get("limit_rule") or f"the first {_count(ds.get('limit'))}"
+        limit = f" ({rule})" if ds.get("limit") else ""
         used.append(f"{ds.get('train_split', 'train')} split: {_count(ds['num_train'])} images "
                     f"used{limit}")
-    for role in ("validation", "heldout"):
-        if ds.get(f"num_{role}") is not None:
-            label = "validation (carved from train)" if role == "validation" else "held-out"
-            used.append(f"{label} {ds.get(f'{role}_split', '')} split: "
-                        f"{_count(ds[f'num_{role}'])} images".replace("  ", " "))
+    if ds.get("num_validation"):
+        used.append(f"validation: {_count(ds['num_validation'])} images carved from the "
+                    f"{ds.get('train_split', 'train')} split")
+    if ds.get("num_heldout"):
+        used.append(f"held-out {ds.get('heldout_split') or ''} split: "
+                    f"{_count(ds['num_heldout'])} images".replace("  ", " "))
     splits = "; ".join(used)
     if key and card_info(key):
         info = _named_info(key)
@@ -216,8 +218,13 @@ def run_lines(run: dict[str, Any], data_text: str, deviations: list[str] | None)
         seen = run.get("samples_seen") or (step * batch if batch else None)
         num_train = (run.get("dataset") or {}).get("num_train")
         epochs = f" ≈ {seen / num_train:.2f} epochs" if seen and num_train else ""
-        lines.append(f"Length: {_count(step)} steps of a global batch of {batch}"
-                     + (f" ({_count(seen)} images{epochs})" if seen else "") + ".")
+        total = run.get("total_steps")
+        planned = f" of the {_count(total)} planned" if isinstance(total, int) and total > step \
+            else ""
+        status = run.get("status")
+        state = f"; the run's status: {status}" if status and status != "finished" else ""
+        lines.append(f"Length: {_count(step)} steps{planned} of a global batch of {batch}"
+                     + (f" ({_count(seen)} images{epochs})" if seen else "") + f"{state}.")
     if tc:
         ema = f"EMA {tc['ema_decay']:g}" if tc.get("ema_decay") else "no EMA"
         aug = (f"shift <= {tc.get('max_shift')} px, flips {'on' if tc.get('flip') else 'off'}"

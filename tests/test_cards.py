@@ -105,8 +105,9 @@ def test_card_of_a_recorded_cifar10_run() -> None:
 
 
 def test_card_of_a_local_folder_run_claims_no_hub_dataset() -> None:
-    run = {**RUN, "dataset": {"name": None, "path": "/data/digits", "num_train": 4500,
+    run = {**RUN, "dataset": {"name": None, "path": "/data/digits", "num_train": 4000,
                               "limit": 4500, "heldout_split": "test", "num_heldout": 500,
+                              "num_validation": 500, "validation_split": "carved from train",
                               "image_shape": [1, 32, 32]}, "step": 40,
            "train_config": {"batch_size": 16, "lr": 8e-4}}
     metrics = {"dataset": "/data/digits", "split": "test", "bpd": 1.9,
@@ -116,7 +117,8 @@ def test_card_of_a_local_folder_run_claims_no_hub_dataset() -> None:
     assert "datasets" not in header
     assert _results(header)["bits_per_dim"]["dataset"] == {
         "name": "/data/digits", "type": "imagefolder", "split": "test"}
-    assert "local folder `/data/digits`" in text and "4,500 images used (the first 4,500" in text
+    assert "local folder `/data/digits`" in text and "4,000 images used (the first 4,500)" in text
+    assert "validation: 500 images carved from the train split; held-out test split: 500" in text
     assert "CIFAR-10" not in text.split("## Architecture")[0]
     assert "departs from it: batch_size 16 (recipe: 64)" in text
     assert "The papers' numbers" not in text  # CIFAR-10 references never beside other data
@@ -143,7 +145,8 @@ def digits_checkpoint(tmp_path: Path, gen: torch.Generator) -> Path:
     write_run_record(ckpt.parent, {"preset": "attnflow_imap_tiny", "recipe": "tiny-test",
                                    "dataset": {"name": None, "path": "/data/digits",
                                                "num_train": 4000},
-                                   "step": 40, "world_size": 1,
+                                   "step": 40, "world_size": 1, "total_steps": 100,
+                                   "status": "interrupted",
                                    "train_config": {"steps": 40, "batch_size": 16}})
     return ckpt
 
@@ -170,6 +173,8 @@ def test_evaluate_json_feeds_push_metrics_as_is(digits_checkpoint: Path, mnist_f
     assert bpd["metrics"][0]["value"] == metrics["bpd"]
     assert bpd["dataset"]["name"] == str(mnist_folder.resolve())
     assert "/data/digits" in card_path.read_text()  # trained on: the run record's folder
+    assert "40 steps of the 100 planned" in card_path.read_text()
+    assert "the run's status: interrupted" in card_path.read_text()
 
     # `attnflow card` writes the same card (default: README.md in the checkpoint).
     code, out, err = _cli(["card", "--checkpoint", digits_checkpoint.parent, "--repo", "user/d",
