@@ -58,7 +58,7 @@ def evaluate(
         typer.echo(json.dumps(result))
         return
     console = Console()
-    console.print(f"{dataset} {split} ({result['num_images']} images): "
-                  f"bits/dim {result['bits_per_dim']:.4f}")
+    console.print(f"{dataset} {result['split']} ({result['bpd_num_images']} images): "
+                  f"bits/dim {result['bpd']:.4f}")
     if "fid" in result:
         console.print(f"FID {result['fid']:.2f} ({result['fid_num_samples']} samples)")

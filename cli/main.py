@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from . import evaluate, models, push, sample, train, validate
+from . import card, evaluate, models, push, reproduce, sample, train, validate
 
 app = typer.Typer(
     name="attnflow",
@@ -52,6 +52,8 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("sample")(sample.sample)
 app.command("push")(push.push)
 app.command("validate")(validate.validate)
+app.command("card")(card.card)
+app.command("reproduce")(reproduce.reproduce)
 
 
 def _fail(message: str, code: int) -> None:

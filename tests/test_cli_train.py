@@ -82,8 +82,8 @@ def test_train_lowers_bpd_and_evaluate_reproduces_it(preset, steps, mnist_folder
                             capsys)
     assert code == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["split"] == "test" and result["num_images"] == 256
-    assert result["bits_per_dim"] == evals[-1]
+    assert result["split"] == "test" and result["bpd_num_images"] == 256
+    assert result["bpd"] == evals[-1]
 
 
 def test_resume_continues_and_refuses_to_overwrite(mnist_folder, tmp_path, capsys):

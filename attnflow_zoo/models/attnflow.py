@@ -25,7 +25,7 @@ from ..layers.mixlogcdf import MixLogCDFCoupling
 from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import GaussianPrior, MARPrior
-from ..registry import register_model, register_preset
+from ..registry import TINY_RECIPE, Recipe, register_model, register_preset
 from .base import FlowModel
 
 #: Coupling layers by config name: (num_channels, config) -> layer.
@@ -316,13 +316,35 @@ _SIZES = {  # size: (K, C, coupling, description)
 }
 
 
+# Recipes (SPEC §3, §3.1): mAR-SCF's marscf_main.py, plus the zoo's decisions where it is silent.
+_EPOCHS = {"cifar10": 400, "svhn": 270, "mnist": 330, "celeba": 120}  # ≈ 20M images each
+_SHIFT = {"cifar10": 3, "svhn": 3, "mnist": 0, "celeba": 3}  # mAR-SCF: MNIST is only padded
+_MARSCF_SOURCE = ("mAR-SCF (visinf/mar-scf marscf_main.py): Adamax 8e-4, linear warm-up over "
+                  "10,000 images, batch 128 (affine) / 64 (MixLogCDF), CIFAR-10 shift <= 3 px + "
+                  "flip. Zoo decisions: EMA 0.999 (Flow++; mAR-SCF keeps none); 20M training "
+                  "images on every dataset (mAR-SCF's ~400 CIFAR-10 epochs), a quarter for "
+                  "_small presets; shift <= 3 px on SVHN and CelebA.")
+
+
+def _recipe(dataset: str, size: str) -> Recipe:
+    coupling = _SIZES[size][2]
+    small = size.endswith("small")
+    return Recipe(
+        name=f"marscf-{coupling}-{dataset}" + ("-small" if small else ""),
+        source=_MARSCF_SOURCE, dataset=dataset, lr=8e-4, warmup_images=10_000,
+        batch_size=128 if coupling == "affine" else 64,
+        epochs=_EPOCHS[dataset] // 4 if small else _EPOCHS[dataset],
+        max_shift=_SHIFT[dataset], ema_decay=0.999)
+
+
 def _preset(name: str, attention: str, dataset: str, size: str) -> None:
     image_size, channels, levels, ddesc = _DATA_SHAPES[dataset]
     k, hidden, coupling, sdesc = _SIZES[size]
     register_preset(name, AttnFlow, AttnFlowConfig(
         image_size=image_size, in_channels=channels, num_levels=levels, num_steps=k,
         hidden_channels=hidden, attention=attention, coupling=coupling),
-        f"{_ATTENTIONS[attention]} on {ddesc}, L={levels}, {sdesc}.")
+        f"{_ATTENTIONS[attention]} on {ddesc}, L={levels}, {sdesc}.",
+        recipe=_recipe(dataset, size))
 
 
 _preset("attnflow_imap_cifar10", "imap", "cifar10", "paper")
@@ -370,19 +392,19 @@ _TINY = dict(image_size=8, in_channels=3, num_levels=2, num_steps=2, hidden_chan
              prior_embed_channels=2)
 
 
-@register_model(AttnFlow)
+@register_model(AttnFlow, recipe=TINY_RECIPE)
 def attnflow_imap_tiny() -> AttnFlowConfig:
     """AttnFlow-iMap (spatial mixing), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
     return AttnFlowConfig(**_TINY, attention="imap", imap_mixing="spatial")
 
 
-@register_model(AttnFlow)
+@register_model(AttnFlow, recipe=TINY_RECIPE)
 def attnflow_imap_channel_tiny() -> AttnFlowConfig:
     """AttnFlow-iMap (channel mixing), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
     return AttnFlowConfig(**_TINY, attention="imap", imap_mixing="channel")
 
 
-@register_model(AttnFlow)
+@register_model(AttnFlow, recipe=TINY_RECIPE)
 def attnflow_itrans_tiny() -> AttnFlowConfig:
     """AttnFlow-iTrans (2×2 patches, level 1 only), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
     # Level 2 is 2×2: a single 2×2 token, so iTrans is switched off there.
@@ -390,13 +412,13 @@ def attnflow_itrans_tiny() -> AttnFlowConfig:
                           attention_levels=(True, False))
 
 
-@register_model(AttnFlow)
+@register_model(AttnFlow, recipe=TINY_RECIPE)
 def attnflow_itrans_p1_tiny() -> AttnFlowConfig:
     """AttnFlow-iTrans (1×1 patches), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
     return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=1)
 
 
-@register_model(AttnFlow)
+@register_model(AttnFlow, recipe=TINY_RECIPE)
 def attnflow_itrans_paper_tiny() -> AttnFlowConfig:
     """AttnFlow-iTrans in the published form A = softmax + αI (1×1 patches), tiny (tests)."""
     return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=1, itrans_form="paper")
@@ -406,19 +428,19 @@ _MIXLOG_TINY = dict(coupling="mixlogcdf", mixlog_num_components=3, mixlog_num_bl
                     mixlog_num_heads=2)
 
 
-@register_model(AttnFlow)
+@register_model(AttnFlow, recipe=TINY_RECIPE)
 def attnflow_imap_mixlog_tiny() -> AttnFlowConfig:
     """AttnFlow-iMap with MixLogCDF couplings, tiny: 3×8×8, L=2, K=2, C=8, K_mix=3 (tests)."""
     return AttnFlowConfig(**_TINY, **_MIXLOG_TINY, attention="imap")
 
 
-@register_model(AttnFlow)
+@register_model(AttnFlow, recipe=TINY_RECIPE)
 def marflow_mixlog_tiny() -> AttnFlowConfig:
     """MaR-Flow with MixLogCDF couplings, tiny: 3×8×8, L=2, K=2, C=8, K_mix=3 (tests)."""
     return AttnFlowConfig(**_TINY, **_MIXLOG_TINY, attention="none")
 
 
-@register_model(AttnFlow)
+@register_model(AttnFlow, recipe=TINY_RECIPE)
 def marflow_tiny() -> AttnFlowConfig:
     """MaR-Flow (no attention), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
     return AttnFlowConfig(**_TINY, attention="none")
