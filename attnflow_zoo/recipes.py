@@ -119,7 +119,8 @@ def config_from_recipe(recipe: Recipe, world_size: int = 1, **train_overrides: A
 
 
 def train_config(preset: str, world_size: int | None = None, **overrides: Any) -> TrainConfig:
-    """The ``TrainConfig`` of zoo entry ``preset``'s recipe, with ``overrides`` (module rule).
+    """The ``TrainConfig`` of zoo entry ``preset``'s recipe, with ``overrides`` (module rule);
+    an entry without a recipe gets ``TrainConfig(**overrides)`` (its defaults).
 
     Example: ``train_config("attnflow_imap_cifar10_mixlog")`` gives Adamax 8e-4, batch 64,
     warm-up 157 steps (10,000 images), 400 epochs, shift ≤ 3 px, EMA 0.999; under torchrun
@@ -130,6 +131,11 @@ def train_config(preset: str, world_size: int | None = None, **overrides: Any) -
         world_size: the number of processes (None: ``WORLD_SIZE`` of torchrun, else 1).
         **overrides: recipe or ``TrainConfig`` fields, e.g. ``steps=20``.
     """
+    factory.list_models()  # the model modules register the presets on import
+    if registry.get_entry(preset).recipe is None:  # e.g. a preset registered by user code
+        from .training.config import TrainConfig
+
+        return TrainConfig(**overrides)
     in_recipe, in_train = split_overrides(overrides)
     recipe = apply_overrides(recipe_of(preset), in_recipe)
     return config_from_recipe(recipe, world_size or world_size_from_env(), **in_train)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,9 +30,8 @@ from typing import Any
 
 import torch
 
-from . import __version__, checkpoint, data, evaluation, publish, recipes, results
+from . import checkpoint, data, evaluation, publish, recipes, results
 from ._io import atomic_write_text
-from .core import resolve_device
 from .errors import ConfigError
 from .factory import create_model
 from .training import TrainConfig, train_preset
@@ -123,45 +121,6 @@ def _total_steps(config: TrainConfig, dataset: Any, shape: tuple[int, ...],
     return config.epochs * (num // config.batch_size)  # type: ignore[operator]
 
 
-def _write_run_record_if_missing(run_dir: Path, ckpt: Path, *, preset: str, dataset: Any,
-                                 config: TrainConfig, recipe_name: str, shape: tuple[int, ...],
-                                 limit: int | None, eval_limit: int | None, device: str,
-                                 wall_seconds: float, started: str) -> None:
-    # Until training writes run.json itself (issue 12, branch `trust`), reproduce records what
-    # it knows, in the schema of checkpoint.write_run_record. Once fit writes the record this
-    # is never reached; the lead can delete it then.
-    if checkpoint.read_run_record(ckpt) is not None:
-        return
-    spec = data.dataset_spec(dataset)
-    heldout = data.heldout_split(dataset)
-    num_train = len(data.load_for_shape(dataset, "train", shape, limit=limit))  # type: ignore
-    num_heldout = (len(data.load_for_shape(dataset, heldout, shape, limit=eval_limit))  # type: ignore
-                   if heldout else None)
-    step = evaluation.checkpoint_step(ckpt) or 0
-    dev = resolve_device(device)
-    evals = []
-    log = run_dir / "metrics.jsonl"
-    if log.is_file():
-        evals = [r for r in map(json.loads, log.read_text().splitlines()) if "eval_bpd" in r]
-    train = config.replace(flip=data.default_flip(dataset)) if config.flip is None else config
-    checkpoint.write_run_record(run_dir, {
-        "preset": preset, "architecture": json.loads((ckpt / checkpoint.CONFIG_NAME).read_text())
-        ["architecture"],
-        "dataset": {"name": str(dataset).lower() if spec else None,
-                    "path": None if spec else evaluation.dataset_label(dataset),
-                    "train_split": "train", "num_train": num_train, "heldout_split": heldout,
-                    "num_heldout": num_heldout, "limit": limit, "image_shape": list(shape)},
-        "train_config": train.to_dict(), "recipe": recipe_name,
-        "world_size": recipes.world_size_from_env(),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
-        "torch": torch.__version__, "attnflow_zoo": __version__, "started": started,
-        "wall_seconds": wall_seconds, "step": step, "samples_seen": step * config.batch_size,
-        "metrics": [{"name": "bpd", "split": heldout, "value": r["eval_bpd"], "step": r["step"],
-                     "num_images": r.get("num_images"),
-                     "protocol": "single-sample, the published (EMA) weights"}
-                    for r in evals[-1:]]})
-
-
 def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
               out_dir: str | os.PathLike[str] | None = None, repo_id: str | None = None,
               overrides: dict[str, Any] | None = None,
@@ -234,7 +193,6 @@ def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
         step = (evaluation.checkpoint_step(ckpt) or 0) if ckpt is not None else 0
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         state.record("train", train_inputs, False, started=started)
-        begin = time.perf_counter()
         if step < total:
             say(f"train: {'resuming from step ' + str(step) if ckpt else 'starting'}, "
                 f"{total} steps of batch {config.batch_size} ({recipe.name})")
@@ -244,11 +202,6 @@ def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
             if fit.checkpoint is None:  # another rank of a torchrun job: rank 0 goes on
                 return result
         ckpt = checkpoint.resolve_local(run_dir)
-        if main:
-            _write_run_record_if_missing(
-                run_dir, ckpt, preset=preset, dataset=dataset, config=config,
-                recipe_name=recipe.name, shape=shape, limit=limit, eval_limit=eval_limit,
-                device=device, wall_seconds=time.perf_counter() - begin, started=started)
         state.record("train", train_inputs, True, checkpoint=ckpt.name)
         result.ran.append("train")
     result.checkpoint = ckpt

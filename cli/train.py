@@ -96,7 +96,9 @@ def train(
 ) -> None:
     """Train a zoo preset by maximum likelihood (Adamax + warm-up + EMA, mAR-SCF recipe).
 
-    Options left out take TrainConfig's defaults.
+    Options left out take the preset's training recipe (`attnflow models` shows it), e.g.
+    `attnflow train --model attnflow_imap_cifar10 --dataset cifar10` trains the published
+    recipe with no other flag; --steps or --epochs override its length.
 
     Writes <out>/step-N/ checkpoints (config.json + model.safetensors, loadable with
     from_pretrained; `attnflow evaluate --checkpoint <out>` reads the latest), <out>/best/
@@ -105,10 +107,9 @@ def train(
     finish the step, write a checkpoint and print the resume command. Under
     `torchrun --nproc_per_node G` it trains on G GPUs.
     """
-    from attnflow_zoo.training import TrainConfig, TrainingInterrupted, train_preset
+    from attnflow_zoo.recipes import train_config
+    from attnflow_zoo.training import TrainingInterrupted, train_preset
 
-    if steps is None and epochs is None:
-        raise typer.BadParameter("give --steps or --epochs")
     overrides = {k: v for k, v in (("attention", attn), ("image_size", image_size),
                                    ("in_channels", in_channels)) if v is not None}
     given = {"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -120,7 +121,7 @@ def train(
     settings = {k: v for k, v in given.items() if v is not None}
     if ema_decay is not None:
         settings["ema_decay"] = ema_decay or None  # 0 disables the EMA
-    config = TrainConfig(**settings)
+    config = train_config(model, **settings)
     out = out if out is not None else Path("runs") / model
     try:
         result = train_preset(model, dataset, config, out_dir=out, resume=resume,

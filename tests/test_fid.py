@@ -20,7 +20,7 @@ from PIL import Image
 
 from attnflow_zoo import metrics
 from attnflow_zoo.errors import ConfigError, DataError
-from attnflow_zoo.modelcard import check_metrics
+from attnflow_zoo.results import publishable, refuse_pipeline_fid
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -111,7 +111,9 @@ def test_random_weights_are_torch_fidelitys_format_and_never_a_fid(random_weight
     assert extractor.weights_id != metrics.INCEPTION_WEIGHTS_ID
     result = metrics.FIDResult(12.3, 50_000, 1.0, extractor.weights_id, "mnist train")
     with pytest.raises(ConfigError, match="random Inception weights"):
-        check_metrics(result.as_metrics())
+        refuse_pipeline_fid(result.as_metrics())
+    shown, notes = publishable({**result.as_metrics(), "dataset": "mnist"})
+    assert "fid" not in shown and "not a FID" in notes[0]
     # Other random weights get another id (their statistics are kept apart).
     other = metrics.random_inception_state(torch.Generator().manual_seed(1))
     assert metrics.random_weights_id(other) != extractor.weights_id

@@ -23,6 +23,8 @@ sys.path.insert(0, str(TESTS))
 
 from _hub_server import HubServer  # noqa: E402
 
+from attnflow_zoo import checkpoint  # noqa: E402
+
 PRESET = "attnflow_imap_tiny"
 CLI = "from attnflow_cli.main import main; main()"
 
@@ -88,7 +90,10 @@ def test_reproduce_train_evaluate_card_push_sample(mnist_folder: Path, tmp_path:
         # The card tells what really happened: the folder, its sizes, the steps and batch.
         text = ModelCard(card_text).text
         assert f"local folder `{mnist_folder.resolve()}`" in text
-        assert "train split: 4,000 images" in text and "test split: 1,000 images" in text
+        record = checkpoint.read_run_record(ckpt)
+        num_train = record["dataset"]["num_train"]  # 98% of 4,000: validation carved from train
+        assert num_train == 4000 - record["dataset"]["num_validation"] and num_train < 4000
+        assert f"train split: {num_train:,} images" in text and "test split: 1,000 images" in text
         assert "ylecun/mnist" not in text and "60,000" not in text
         assert "20 steps of a global batch of 16" in text
         assert "departs from it: steps 20 (recipe: 100 steps)" in text
@@ -164,10 +169,6 @@ _WORKER = textwrap.dedent("""
     from attnflow_zoo import recipes
     from attnflow_zoo.training import train_preset
     out = sys.argv[2]
-    # torchrun's workers do not share torch's default seed, and train_preset does not seed the
-    # model's construction yet (issue 12): without this, the replicas' ActNorm statistics come
-    # from differently initialised networks. Remove once train_preset seeds it from `seed`.
-    torch.manual_seed(0)
     config = recipes.train_config({preset!r}, steps=3, log_every=1, checkpoint_every=100)
     train_preset({preset!r}, sys.argv[1], config, out_dir=out, overrides={{"in_channels": 1}},
                  limit=256, eval_limit=32, device="cpu", show_progress=False)
