@@ -79,8 +79,8 @@ class IMap(InvertibleModule):
       depends on pixel p only. Conv1x1 (C → C) followed by the mean over its outputs is one
       C-vector of weights, which is how it is stored.
 
-    The mixing weights start at zero and s = b = 4, so the layer starts at y ≈ σ(4)·x = 0.982·x
-    (near the identity) with non-zero gradients for every parameter.
+    The mixing weights start at zero and s = b = ``init_logit`` (default 4), so the layer starts
+    at y = σ(4)·x = 0.982·x (near the identity) with non-zero gradients for every parameter.
 
     Args:
         num_channels: C.
@@ -88,12 +88,13 @@ class IMap(InvertibleModule):
         width: W.
         parity: mask parity (0 or 1); alternate it from step to step.
         mixing: "spatial" or "channel".
+        init_logit: the initial s_c and b.
 
     Shapes: x, y: B×C×H×W; logdet: (B,).
     """
 
     def __init__(self, num_channels: int, height: int, width: int, parity: int = 0,
-                 mixing: str = "spatial") -> None:
+                 mixing: str = "spatial", init_logit: float = 4.0) -> None:
         super().__init__()
         if mixing not in IMAP_MIXINGS:
             raise ConfigError(f"IMap mixing must be one of {IMAP_MIXINGS}, got {mixing!r}")
@@ -109,8 +110,8 @@ class IMap(InvertibleModule):
         num_mix = height * width if mixing == "spatial" else num_channels
         self.weight = nn.Parameter(torch.zeros((num_mix, num_mix) if mixing == "spatial"
                                                else (num_mix,)))
-        self.gate_bias = nn.Parameter(torch.tensor(4.0))
-        self.log_scale = nn.Parameter(torch.full((num_channels,), 4.0))
+        self.gate_bias = nn.Parameter(torch.tensor(float(init_logit)))
+        self.log_scale = nn.Parameter(torch.full((num_channels,), float(init_logit)))
 
     def extra_repr(self) -> str:
         c, h, w = self.shape
