@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import checkpoint, data, results
 from .core import resolve_device
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .factory import load_model
 from .hub import resolve_checkpoint
 from .metrics import dataset_statistics, fid_from_model, load_inception
@@ -39,6 +39,8 @@ def evaluate_bpd(model: nn.Module, images_u8: Tensor, batch_size: int = 256,
     seed and batch size give the same number — ``fit`` logs with ``eval_seed`` /
     ``eval_batch_size`` and ``attnflow evaluate`` uses the same defaults.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._io import atomic_path
 from .errors import ConfigError, DataError
 from .progress import progress
 
@@ -181,10 +182,9 @@ def write_random_inception_weights(path: str | os.PathLike[str],
                                    generator: torch.Generator | None = None) -> Path:
     """``random_inception_state`` saved with ``torch.save`` at ``path`` (torch-fidelity's
     format: a plain dict of tensors), for ``load_inception(path, random_init=True)``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(random_inception_state(generator), path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(random_inception_state(generator), tmp)
+    return Path(path)
 
 
 def random_weights_id(state: dict[str, Tensor]) -> str:
@@ -252,17 +252,10 @@ class FIDStats:
     def save(self, path: str | Path) -> Path:
         """Write the statistics as ``.npz`` (no pickle) at exactly ``path``, atomically (a
         temporary file renamed into place: a crash never leaves a truncated cache)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:  # a file object: np.savez adds no ".npz" suffix
-                np.savez(fh, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images),
-                         weights_id=np.str_(self.weights_id))
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return path
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # np.savez adds no suffix to a file
+            np.savez(fh, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images),
+                     weights_id=np.str_(self.weights_id))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> FIDStats:

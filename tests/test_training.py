@@ -15,7 +15,7 @@ import torch
 from _toy_flow import ToyFlow, ToyFlowConfig
 
 from attnflow_zoo.data import load_images
-from attnflow_zoo.errors import CheckpointError, TrainingError
+from attnflow_zoo.errors import CheckpointError, ConfigError, TrainingError
 from attnflow_zoo.evaluation import evaluate_bpd
 from attnflow_zoo.hub import resolve_checkpoint
 from attnflow_zoo.training import TrainConfig, fit
@@ -230,3 +230,11 @@ def test_torchrun_two_processes_gloo(digits, tmp_path):
     # differences in near-zero gradient entries move some weights by ±2·lr.
     for got, want in zip(records[1:], ref_records[1:], strict=True):
         assert got["train_bpd"] == pytest.approx(want["train_bpd"], rel=1e-3)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_evaluate_bpd_refuses_a_bad_batch_size(digits, batch_size):
+    """A library user's bad batch size is a ConfigError saying what to pass, not a range() error."""
+    _, test = digits
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        evaluate_bpd(ToyFlow(ToyFlowConfig(hidden_channels=8)), test[:4], batch_size)
