@@ -14,11 +14,12 @@ from typing import Annotated
 
 import typer
 
-from . import card, evaluate, models, push, reproduce, sample, train, validate
+from . import card, evaluate, models, push, quickstart, reproduce, sample, train, validate
 
 app = typer.Typer(
     name="attnflow",
-    help="Normalizing flows with invertible attention: train, evaluate, sample, validate, push.",
+    help="Normalizing flows with invertible attention: quickstart, train, evaluate, sample, "
+         "validate, push.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -46,6 +47,7 @@ def _root(
     """Normalizing flows with invertible attention: train, evaluate, sample, validate, push."""
 
 
+app.command("quickstart")(quickstart.quickstart)
 app.command("models")(models.models)
 app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
