@@ -25,7 +25,6 @@ from ..layers.mixlogcdf import MixLogCDFCoupling
 from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import GaussianPrior, MARPrior
-from ..registry import TINY_RECIPE, Recipe, register_model, register_preset
 from .base import FlowModel
 
 #: Coupling layers by config name: (num_channels, config) -> layer.
@@ -63,9 +62,14 @@ class AttnFlowConfig:
         attention: "imap", "itrans" or "none" (then the model is MaR-Flow).
         attention_levels: per-level on/off tuple of length L (None: attention on every level).
         imap_mixing: iMap's mixing axis, "spatial" (positions) or "channel" (SPEC §1.3).
+        imap_init_logit: c, iMap's initial s = b (SPEC §1.3 Decision): 4 starts every gate at
+            σ(4) = 0.98, near the identity; see ``IMap``.
+        imap_gate: "sigmoid" (published: y = x·σ(·)) or "normalized" (y = x·σ(·)/σ(c), the
+            identity at init for any c); a Decision, see ``IMap``.
         itrans_patch_size: iTrans token patch size P (1 or 2; must divide each level's H, W).
         itrans_form: "convex" (default; A = (1 − β)I + β·softmax, starts at the identity) or
             "paper" (A = softmax + αI exactly as published); see ``ITrans``.
+        itrans_init_mix: the convex iTrans's initial β, the softmax's weight in A (0.05).
         prior: "mar" (mAR conv-LSTM channel prior) or "gaussian" (Glow's diagonal prior).
         prior_hidden_channels: conv-LSTM width of the mAR prior (mAR-SCF: 32).
         prior_num_layers: conv-LSTM layers of the mAR prior (mAR-SCF: 3).
@@ -89,8 +93,11 @@ class AttnFlowConfig:
     attention: str = "imap"
     attention_levels: tuple[bool, ...] | None = None
     imap_mixing: str = "spatial"
+    imap_init_logit: float = 4.0
+    imap_gate: str = "sigmoid"
     itrans_patch_size: int = 2
     itrans_form: str = "convex"
+    itrans_init_mix: float = 0.05
     prior: str = "mar"
     prior_hidden_channels: int = 32
     prior_num_layers: int = 3
@@ -118,6 +125,15 @@ class AttnFlowConfig:
         if self.imap_mixing not in ("spatial", "channel"):
             raise ConfigError(f"imap_mixing must be 'spatial' or 'channel', got "
                               f"{self.imap_mixing!r}")
+        if not math.isfinite(self.imap_init_logit):
+            raise ConfigError(f"imap_init_logit must be a finite number, got "
+                              f"{self.imap_init_logit!r}")
+        if self.imap_gate not in ("sigmoid", "normalized"):
+            raise ConfigError(f"imap_gate must be 'sigmoid' or 'normalized', got "
+                              f"{self.imap_gate!r}")
+        if not 0 < self.itrans_init_mix < 0.5:
+            raise ConfigError(f"itrans_init_mix must be in (0, 0.5), got "
+                              f"{self.itrans_init_mix!r}")
         if self.num_levels < 1 or self.num_steps < 1:
             raise ConfigError("num_levels and num_steps must be at least 1")
         if self.image_size % (2 ** self.num_levels):
@@ -146,9 +162,10 @@ class AttnFlowConfig:
 def _attention_layer(cfg: AttnFlowConfig, channels: int, size: int, parity: int
                      ) -> InvertibleModule:
     if cfg.attention == "imap":
-        return IMap(channels, size, size, parity=parity, mixing=cfg.imap_mixing)
+        return IMap(channels, size, size, parity=parity, mixing=cfg.imap_mixing,
+                    init_logit=cfg.imap_init_logit, gate=cfg.imap_gate)
     return ITrans(channels, size, size, parity=parity, patch_size=cfg.itrans_patch_size,
-                  form=cfg.itrans_form)
+                  form=cfg.itrans_form, init_mix=cfg.itrans_init_mix)
 
 
 def flow_step(cfg: AttnFlowConfig, channels: int, size: int, parity: int,
@@ -289,147 +306,3 @@ class AttnFlow(FlowModel):
                 h = merge_channels(h, z2)
             h = self.levels[lvl].inverse(h)
         return h
-
-
-# --- presets ---------------------------------------------------------------------------------
-# Naming: ``{family}_{dataset}`` is the paper-scale model, ``{family}_{dataset}_small`` a
-# K = 8, C = 256 model for quick runs, ``{family}_tiny`` / ``{family}_*_tiny`` test sizes.
-# family: attnflow_imap, attnflow_itrans, marflow (the backbone without attention).
-# Paper scale: the AttnFlow paper does not state K and C; we use mAR-SCF's affine recipe
-# (L = 3, K = 32, C = 512 at 32×32; L = 4 at 64×64).
-_DATA_SHAPES = {
-    # dataset: (image_size, in_channels, num_levels, description); MNIST is padded to 32.
-    "cifar10": (32, 3, 3, "CIFAR-10 32×32"),
-    "svhn": (32, 3, 3, "SVHN cropped digits 32×32"),
-    "mnist": (32, 1, 3, "MNIST padded to 32×32 (1 channel)"),
-    "celeba": (64, 3, 4, "CelebA 64×64"),
-}
-_ATTENTIONS = {"imap": "AttnFlow-iMap", "itrans": "AttnFlow-iTrans",
-               "none": "MaR-Flow (no attention)"}
-_SIZES = {  # size: (K, C, coupling, description)
-    "paper": (32, 512, "affine", "paper scale: K=32, C=512, affine (mAR-SCF affine recipe)"),
-    "small": (8, 256, "affine", "small: K=8, C=256, affine"),
-    # The configuration AttnFlow's table states (L=3, K=2, C=256); its 3.247 bpd sits beside
-    # mAR-SCF's MixLogCDF 3.24, not the affine ≈ 3.33 (SPEC §3.1).
-    "mixlog": (2, 256, "mixlogcdf", "paper configuration: K=2, C=256, MixLogCDF couplings"),
-    "mixlog_small": (4, 96, "mixlogcdf", "K=4, C=96, MixLogCDF couplings"),
-}
-
-
-# Recipes (SPEC §3, §3.1): mAR-SCF's marscf_main.py, plus the zoo's decisions where it is silent.
-_EPOCHS = {"cifar10": 400, "svhn": 270, "mnist": 330, "celeba": 120}  # ≈ 20M images each
-_SHIFT = {"cifar10": 3, "svhn": 3, "mnist": 0, "celeba": 3}  # mAR-SCF: MNIST is only padded
-_MARSCF_SOURCE = ("mAR-SCF (visinf/mar-scf marscf_main.py): Adamax 8e-4, linear warm-up over "
-                  "10,000 images, batch 128 (affine) / 64 (MixLogCDF), CIFAR-10 shift <= 3 px + "
-                  "flip. Zoo decisions: EMA 0.999 (Flow++; mAR-SCF keeps none); 20M training "
-                  "images on every dataset (mAR-SCF's ~400 CIFAR-10 epochs), a quarter for "
-                  "_small presets; shift <= 3 px on SVHN and CelebA.")
-
-
-def _recipe(dataset: str, size: str) -> Recipe:
-    coupling = _SIZES[size][2]
-    small = size.endswith("small")
-    return Recipe(
-        name=f"marscf-{coupling}-{dataset}" + ("-small" if small else ""),
-        source=_MARSCF_SOURCE, dataset=dataset, lr=8e-4, warmup_images=10_000,
-        batch_size=128 if coupling == "affine" else 64,
-        epochs=_EPOCHS[dataset] // 4 if small else _EPOCHS[dataset],
-        max_shift=_SHIFT[dataset], ema_decay=0.999)
-
-
-def _preset(name: str, attention: str, dataset: str, size: str) -> None:
-    image_size, channels, levels, ddesc = _DATA_SHAPES[dataset]
-    k, hidden, coupling, sdesc = _SIZES[size]
-    register_preset(name, AttnFlow, AttnFlowConfig(
-        image_size=image_size, in_channels=channels, num_levels=levels, num_steps=k,
-        hidden_channels=hidden, attention=attention, coupling=coupling),
-        f"{_ATTENTIONS[attention]} on {ddesc}, L={levels}, {sdesc}.",
-        recipe=_recipe(dataset, size))
-
-
-_FAMILIES = {"attnflow_imap": "imap", "attnflow_itrans": "itrans", "marflow": "none"}
-_MIXLOG_DATA = {"cifar10": ("mixlog", "mixlog_small"), "svhn": ("mixlog", "mixlog_small"),
-                "celeba": ("mixlog_small",)}
-for _family, _attention in _FAMILIES.items():  # {family}_{dataset}[_{size}]: 39 entries
-    for _dataset in _DATA_SHAPES:
-        _preset(f"{_family}_{_dataset}", _attention, _dataset, "paper")
-        _preset(f"{_family}_{_dataset}_small", _attention, _dataset, "small")
-    for _dataset, _sizes in _MIXLOG_DATA.items():
-        for _size in _sizes:
-            _preset(f"{_family}_{_dataset}_{_size}", _attention, _dataset, _size)
-
-# The quickstart entry (`attnflow quickstart`, the embedded digits): sized by held-out bits/dim
-# after a fixed wall time on 2 shared CPU cores (cards/attnflow_imap_digits.json has the numbers).
-# Glow's Gaussian prior: mAR's conv-LSTM prior learned more per step but ran 2.5-3x slower on CPU.
-DIGITS_RECIPE = Recipe(
-    name="quickstart-digits", source="the zoo's own (no paper trains on these 4,000 digits): "
-    "chosen by held-out bits/dim after a fixed wall time on 2 CPU cores; mAR-SCF's MNIST "
-    "recipe leaves out the shift, and so does this one", dataset="digits", lr=2e-3,
-    warmup_images=320, batch_size=16, steps=3000, max_shift=0, ema_decay=0.999,
-    fid_num_samples=None)
-
-
-@register_model(AttnFlow, recipe=DIGITS_RECIPE)
-def attnflow_imap_digits() -> AttnFlowConfig:
-    """AttnFlow-iMap on the embedded digits 1×32×32, L=3, K=4, C=64, Gaussian prior (quickstart)."""
-    return AttnFlowConfig(image_size=32, in_channels=1, num_levels=3, num_steps=4,
-                          hidden_channels=64, attention="imap", prior="gaussian")
-
-
-_TINY = dict(image_size=8, in_channels=3, num_levels=2, num_steps=2, hidden_channels=8,
-             prior_hidden_channels=8, prior_num_layers=2, prior_cond_hidden_channels=8,
-             prior_embed_channels=2)
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_imap_tiny() -> AttnFlowConfig:
-    """AttnFlow-iMap (spatial mixing), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="imap", imap_mixing="spatial")
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_imap_channel_tiny() -> AttnFlowConfig:
-    """AttnFlow-iMap (channel mixing), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="imap", imap_mixing="channel")
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_itrans_tiny() -> AttnFlowConfig:
-    """AttnFlow-iTrans (2×2 patches, level 1 only), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    # Level 2 is 2×2: a single 2×2 token, so iTrans is switched off there.
-    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=2,
-                          attention_levels=(True, False))
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_itrans_p1_tiny() -> AttnFlowConfig:
-    """AttnFlow-iTrans (1×1 patches), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=1)
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_itrans_paper_tiny() -> AttnFlowConfig:
-    """AttnFlow-iTrans in the published form A = softmax + αI (1×1 patches), tiny (tests)."""
-    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=1, itrans_form="paper")
-
-
-_MIXLOG_TINY = dict(coupling="mixlogcdf", mixlog_num_components=3, mixlog_num_blocks=1,
-                    mixlog_num_heads=2)
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_imap_mixlog_tiny() -> AttnFlowConfig:
-    """AttnFlow-iMap with MixLogCDF couplings, tiny: 3×8×8, L=2, K=2, C=8, K_mix=3 (tests)."""
-    return AttnFlowConfig(**_TINY, **_MIXLOG_TINY, attention="imap")
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def marflow_mixlog_tiny() -> AttnFlowConfig:
-    """MaR-Flow with MixLogCDF couplings, tiny: 3×8×8, L=2, K=2, C=8, K_mix=3 (tests)."""
-    return AttnFlowConfig(**_TINY, **_MIXLOG_TINY, attention="none")
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def marflow_tiny() -> AttnFlowConfig:
-    """MaR-Flow (no attention), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="none")
