@@ -317,12 +317,12 @@ def _load_split(source: str | Path, spec: DatasetSpec | None, split: str,
 @contextmanager
 def _cache_only_if_unreachable() -> Iterator[None]:
     """While active, ``datasets`` reads the Hub datasets it has cached and asks the network for
-    nothing when the Hub cannot be reached (``hub.unreachable``: one short check per process),
+    nothing when the Hub cannot be reached (``online.unreachable``: one short check per process),
     exactly as under ``HF_HUB_OFFLINE=1``; a dataset it has not cached fails at once (a
     ``ConnectionError``) instead of after ~25 s of retries."""
-    from . import hub
+    from . import online
 
-    if not hub.unreachable():
+    if not online.unreachable():
         yield
         return
     import datasets.config

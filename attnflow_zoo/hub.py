@@ -4,89 +4,25 @@
 the Hub mixin's ``save_pretrained`` / ``push_to_hub`` / ``from_pretrained`` entry points and
 registers each subclass's architecture name, so ``factory.load_model`` finds any zoo class.
 
-Offline without saying so: when ``HF_HUB_OFFLINE`` is not set but the Hub endpoint cannot be
-reached (no network, DNS failure, a refused or silent port), huggingface_hub retries each
-request for about 25 s before giving up. ``hub_reachable`` asks once per process, with one
-TCP connection attempt bounded by ``CONNECT_TIMEOUT`` seconds (name lookup included), and the
-zoo then reads only the local cache: a cached repo loads at once, a missing one is one line.
+Offline without saying so (``online.unreachable``): a repo id is then read from the local cache
+only, so a cached repo loads at once and a missing one is one line, with no retries.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-import socket
-import threading
 import typing
-import urllib.request
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from huggingface_hub import PyTorchModelHubMixin
 
 from . import checkpoint, registry
 from .errors import CheckpointError
+from .online import endpoint, unreachable
 
 T = TypeVar("T", bound="ZooHubMixin")
-#: Seconds the one reachability check of a process may take (name lookup and TCP connect).
-CONNECT_TIMEOUT = 2.0
-
-
-def offline_mode() -> bool:
-    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE``)."""
-    from huggingface_hub import constants
-
-    check = getattr(constants, "is_offline_mode", None)
-    return bool(check()) if callable(check) else bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
-def hub_address() -> tuple[str, int]:
-    """(host, port) a request to the Hub endpoint (``HF_ENDPOINT``) first connects to: the
-    endpoint's, or its proxy's when the environment sets one for it."""
-    from huggingface_hub import constants
-
-    url = urlsplit(constants.ENDPOINT)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all")
-    if proxy and not urllib.request.proxy_bypass(host):
-        purl = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        if purl.hostname:
-            return purl.hostname, purl.port or (443 if purl.scheme == "https" else 80)
-    return host, port
-
-
-def hub_reachable(timeout: float = CONNECT_TIMEOUT) -> bool:
-    """Whether a TCP connection to the Hub endpoint (or its proxy) opens within ``timeout``
-    seconds, name lookup included; asked once per process and address (cached)."""
-    return _can_connect(*hub_address(), timeout)
-
-
-@functools.lru_cache(maxsize=8)
-def _can_connect(host: str, port: int, timeout: float) -> bool:
-    result: list[bool] = []
-
-    def attempt() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:  # refused, unreachable, no such name, timed out
-            result.append(False)
-
-    # getaddrinfo ignores socket timeouts: a daemon thread bounds the whole attempt.
-    worker = threading.Thread(target=attempt, name="attnflow-hub-check", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return bool(result and result[0])
-
-
-def unreachable() -> bool:
-    """True when the Hub must be read from the local cache although offline mode is off: the
-    endpoint cannot be reached (``hub_reachable``). Offline mode itself is never checked
-    against the network."""
-    return not offline_mode() and not hub_reachable()
 
 
 class ZooHubMixin(
@@ -213,7 +149,7 @@ def _download(repo_id: str, **kwargs: Any) -> Path:
     if not kwargs.get("local_files_only") and unreachable():
         if kwargs.get("force_download"):
             raise CheckpointError(f"cannot download Hub repo {repo_id!r} again: the Hub at "
-                                  f"{_endpoint()} cannot be reached; check the network or "
+                                  f"{endpoint()} cannot be reached; check the network or "
                                   "HF_ENDPOINT")
         kwargs["local_files_only"] = True  # the cache answers at once (no 25 s of retries)
     paths = {}
@@ -244,8 +180,3 @@ def _download(repo_id: str, **kwargs: Any) -> Path:
                               "explicit revision")
     return paths[checkpoint.CONFIG_NAME].parent
 
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT

@@ -18,8 +18,7 @@ from . import card, evaluate, models, push, quickstart, reproduce, sample, train
 
 app = typer.Typer(
     name="attnflow",
-    help="Normalizing flows with invertible attention: quickstart, train, evaluate, sample, "
-         "validate, push.",
+    help="Normalizing flows with invertible attention: train, evaluate, sample, validate, push.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
