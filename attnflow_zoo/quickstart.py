@@ -4,13 +4,16 @@ It trains the quickstart entry (``DEFAULT_PRESET``) with its recipe on the embed
 (data that ships with the package, so nothing is downloaded) for a time budget
 (``TrainConfig.max_seconds``: training stops after the step that crosses it, exactly like a run
 that reached its steps), scores the held-out split against the uniform baseline, and leaves one
-run folder holding everything: the checkpoint (``step-N/``, ``latest``, ``best/``), ``run.json``
-and ``metrics.jsonl``, TensorBoard events, ``curves.png``, ``samples.png`` (temperature 1, as
-every run draws it), ``samples-t0.7.png`` and the model card ``README.md``.
+run folder holding everything, written by the training package's run-folder machinery plus two
+files of its own: the checkpoint (``step-N/``, ``latest``, ``best/``), ``run.json``,
+``metrics.jsonl``, TensorBoard events, ``curves.png`` and ``samples.png`` (temperature 1, as
+every run draws it); then ``samples-t0.7.png``, ``metrics.json`` (the held-out score in the
+schema of ``results``: what ``attnflow push --metrics`` takes) and the model card ``README.md``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import time
@@ -19,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint, publish, recipes, results
+from ._io import atomic_write_text
 from .errors import ConfigError
 from .factory import load_model
+from .reproduce import METRICS_NAME
 from .sampling import draw_samples
 from .training import train_preset
 from .training.report import save_grid
@@ -51,6 +56,7 @@ class QuickstartResult:
     stop_reason: str | None
     heldout_bpd: float
     num_heldout: int
+    metrics: Path
     seconds: float
     samples: Path
     samples_t: Path
@@ -110,6 +116,8 @@ def quickstart(preset: str = DEFAULT_PRESET, *, minutes: float = DEFAULT_MINUTES
         "format": results.FORMAT, "dataset": DATASET, "split": "test", "step": fit.step,
         "bpd": fit.eval_bpd, "bpd_estimator": "single-sample", "bpd_num_images": num_heldout,
         "bpd_seed": config.eval_seed, "bpd_batch_size": config.eval_batch_size})
+    metrics_path = atomic_write_text(out / METRICS_NAME,
+                                     json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     say(f"drawing 64 samples at temperature {TEMPERATURE} and writing the model card")
     model = load_model(fit.checkpoint)
     samples_t = save_grid(draw_samples(model, 64, temperature=TEMPERATURE, seed=0,
@@ -118,7 +126,7 @@ def quickstart(preset: str = DEFAULT_PRESET, *, minutes: float = DEFAULT_MINUTES
                               preset=preset)
     return QuickstartResult(
         run_dir=out, checkpoint=fit.checkpoint, steps=fit.step, stop_reason=fit.stop_reason,
-        heldout_bpd=fit.eval_bpd, num_heldout=num_heldout,
+        heldout_bpd=fit.eval_bpd, num_heldout=num_heldout, metrics=metrics_path,
         seconds=time.monotonic() - began, samples=out / "samples.png", samples_t=samples_t,
         curves=out / "curves.png", card=card, next_commands=next_commands(out, preset))
 

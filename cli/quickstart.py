@@ -27,8 +27,9 @@ def quickstart(
 ) -> None:
     """Train a small AttnFlow on 5,000 digits that ship with attnflow_zoo (no download), score
     it on 1,000 held-out digits against the uniform baseline (8 bits/dim), and write its
-    checkpoint, samples.png, samples-t0.7.png, curves.png, run.json, TensorBoard events and
-    model card (README.md) into one run folder. About --minutes plus a minute on 2 CPU cores.
+    checkpoint, samples.png, samples-t0.7.png, curves.png, metrics.json, run.json, TensorBoard
+    events and model card (README.md) into one run folder. It takes about --minutes plus a
+    minute on 2 CPU cores.
     """
     from rich.console import Console
 
@@ -57,6 +58,7 @@ def quickstart(
     echo(f"  checkpoint: {result.checkpoint}")
     echo(f"  samples:    {result.samples} (T=1), {result.samples_t} (T={qs.TEMPERATURE})")
     echo(f"  curve:      {result.curves}")
+    echo(f"  metrics:    {result.metrics}")
     echo(f"  card:       {result.card}")
     echo("next:")
     for command, what in result.next_commands:
