@@ -43,6 +43,8 @@ UNIFORM_BPD = 8.0
 #: The temperature of the extra sample grid (flows look best a little below 1).
 TEMPERATURE = 0.7
 SAMPLES_T_NAME = "samples-t0.7.png"
+#: Steps between two training-log lines (points of the curve).
+LOG_EVERY = 10
 
 
 @dataclass
@@ -102,7 +104,10 @@ def quickstart(preset: str = DEFAULT_PRESET, *, minutes: float = DEFAULT_MINUTES
         raise ConfigError(f"--minutes must be a positive number, got {minutes}")
     began = time.monotonic()
     out = run_folder(out_dir, resume)
-    config = recipes.train_config(preset, seed=seed, max_seconds=60.0 * minutes)
+    # Logged every LOG_EVERY steps: a loaded CPU may make only dozens of steps in the budget,
+    # and the curve and the progress lines off a terminal should still show them.
+    config = recipes.train_config(preset, seed=seed, max_seconds=60.0 * minutes,
+                                  log_every=LOG_EVERY)
     say(f"training {preset} on {DATASET} (embedded, offline) for up to {minutes:g} min "
         f"of wall time, at most {config.steps:,} steps of {config.batch_size} images, "
         f"into {out}")
