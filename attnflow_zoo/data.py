@@ -7,6 +7,8 @@ assumes: x̃ = (x_u8 + u) / 256 with u ~ U(0, 1)^D, so x̃ ∈ [0, 1)^D.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,8 +285,9 @@ def _load_split(source: str | Path, spec: DatasetSpec | None, split: str,
         if spec is not None and spec.embedded is not None:
             return _embedded_split(spec.embedded, split)
         if spec is not None:
-            return datasets.load_dataset(spec.repo_id, spec.config, split=split,
-                                         cache_dir=hf_cache)
+            with _cache_only_if_unreachable():
+                return datasets.load_dataset(spec.repo_id, spec.config, split=split,
+                                             cache_dir=hf_cache)
         folder = Path(source)
         if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
             ds = datasets.load_from_disk(str(folder))
@@ -309,6 +312,28 @@ def _load_split(source: str | Path, spec: DatasetSpec | None, split: str,
     except OSError as err:
         raise DataError(f"cannot read dataset {source}: {err}; pass a folder of images "
                         "(imagefolder `root/{split}/…/*.png`) or parquet files") from err
+
+
+@contextmanager
+def _cache_only_if_unreachable() -> Iterator[None]:
+    """While active, ``datasets`` reads the Hub datasets it has cached and asks the network for
+    nothing when the Hub cannot be reached (``online.unreachable``: one short check per process),
+    exactly as under ``HF_HUB_OFFLINE=1``; a dataset it has not cached fails at once (a
+    ``ConnectionError``) instead of after ~25 s of retries."""
+    from . import online
+
+    if not online.unreachable():
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def _embedded_split(name: str, split: str):

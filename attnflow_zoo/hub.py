@@ -3,6 +3,9 @@
 ``ZooHubMixin`` is thin over ``checkpoint`` (the on-disk format and its strict reader): it adds
 the Hub mixin's ``save_pretrained`` / ``push_to_hub`` / ``from_pretrained`` entry points and
 registers each subclass's architecture name, so ``factory.load_model`` finds any zoo class.
+
+Offline without saying so (``online.unreachable``): a repo id is then read from the local cache
+only, so a cached repo loads at once and a missing one is one line, with no retries.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from huggingface_hub import PyTorchModelHubMixin
 
 from . import checkpoint, registry
 from .errors import CheckpointError
+from .online import endpoint, unreachable
 
 T = TypeVar("T", bound="ZooHubMixin")
 
@@ -142,6 +146,12 @@ def _download(repo_id: str, **kwargs: Any) -> Path:
     except HFValidationError as err:
         raise CheckpointError(f"{repo_id!r} is neither an existing directory nor a valid Hub "
                               "repo id (user/name)") from err
+    if not kwargs.get("local_files_only") and unreachable():
+        if kwargs.get("force_download"):
+            raise CheckpointError(f"cannot download Hub repo {repo_id!r} again: the Hub at "
+                                  f"{endpoint()} cannot be reached; check the network or "
+                                  "HF_ENDPOINT")
+        kwargs["local_files_only"] = True  # the cache answers at once (no 25 s of retries)
     paths = {}
     for fname in (checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME):
         try:
@@ -169,3 +179,4 @@ def _download(repo_id: str, **kwargs: Any) -> Path:
                               f"{repo_id!r} come from different revisions; retry with an "
                               "explicit revision")
     return paths[checkpoint.CONFIG_NAME].parent
+

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from . import card, evaluate, models, push, reproduce, sample, train, validate
+from . import card, evaluate, models, push, quickstart, reproduce, sample, train, validate
 
 app = typer.Typer(
     name="attnflow",
@@ -46,6 +46,7 @@ def _root(
     """Normalizing flows with invertible attention: train, evaluate, sample, validate, push."""
 
 
+app.command("quickstart")(quickstart.quickstart)
 app.command("models")(models.models)
 app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)

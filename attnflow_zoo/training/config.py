@@ -44,6 +44,11 @@ class TrainConfig:
         seed: seed of shuffling, augmentation and dequantisation noise.
         max_nonfinite: stop with ``TrainingError`` after this many consecutive non-finite steps.
         amp: "none", "bf16" or "fp16" autocast (CUDA only; the log-density is summed in fp32).
+        max_seconds: a time budget: the run ends after the step during which this many seconds
+            of wall time have passed since this segment's first step (a resumed run gets the
+            budget afresh), exactly like a run that reached its steps: final evaluation,
+            checkpoint and ``run.json`` (status finished, ``stop_reason`` "max_seconds").
+            None: no budget.
     """
 
     steps: int | None = None
@@ -68,6 +73,7 @@ class TrainConfig:
     seed: int = 0
     max_nonfinite: int = 10
     amp: str = "none"
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps is None and self.epochs is None:
@@ -94,6 +100,10 @@ class TrainConfig:
             raise ConfigError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds)
+                                                 and self.max_seconds > 0):
+            raise ConfigError(f"max_seconds must be a positive number of seconds (or None), got "
+                              f"{self.max_seconds}")
 
     def validation_count(self, num_images: int) -> int:
         """How many of ``num_images`` training images the validation split takes."""
@@ -123,7 +133,7 @@ def check_device(config: TrainConfig, device: torch.device) -> None:
 #: Settings that change no weight of the run (logging and bookkeeping): free on resume.
 RESUME_FREE = frozenset({"steps", "epochs", "total_steps", "checkpoint_every",
                          "keep_checkpoints", "log_every", "eval_every", "max_nonfinite",
-                         "eval_limit"})
+                         "eval_limit", "max_seconds"})
 #: Settings a resumed run can never change, and why.
 RESUME_LOCKED = {
     "batch_size": "step s trains on images s·B … (s+1)·B of its epoch's shuffle, so another "

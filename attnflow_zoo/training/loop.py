@@ -14,6 +14,11 @@ own rows, so N processes train exactly the model one process would train on the 
 batch (up to the order of floating-point sums). Gradients are averaged by DDP, metrics by
 all-reduce, and only rank 0 writes.
 
+A time budget (``TrainConfig.max_seconds``) is one more way for a run to reach its end: the step
+that crosses it is the last, evaluated and checkpointed like the last of ``steps``, and
+``run.json`` says why the run finished (``stop_reason``). It is the wall time of one segment (a
+resume starts it afresh), decided together by all ranks.
+
 A run folder (``out_dir``) is locked while a run writes it (``lock``), holds ``metrics.jsonl``,
 ``run.json``, TensorBoard events, ``step-N/`` checkpoints, ``best/`` (lowest validation bits/dim)
 and, at the end, ``curves.png`` and ``samples.png`` (``run``). SIGINT / SIGTERM finish the step,
@@ -44,16 +49,22 @@ from .config import TrainConfig, check_device, check_resume
 from .datasets import carve_validation, data_record, run_settings
 from .distributed import DistContext, all_mean, barrier, init_distributed
 from .interrupt import TrainingInterrupted, stop_requests
+from .optim import make_ema, make_scheduler
 from .record import device_name, versions
 from .run import RunFolder, check_fresh
 from .state import load_newest_intact, recorded_settings
+
+#: Why a run finished (``run.json``'s ``stop_reason``): it reached its steps, or its time budget.
+STOP_STEPS = "steps"
+STOP_TIME = "max_seconds"
 
 
 @dataclass
 class FitResult:
     """What ``fit`` returns: the final step, the checkpoint it wrote and the last metrics
     (``eval_bpd``: the held-out split at the end; ``val_bpd``: the validation split at the end;
-    ``best``: run.json's ``best`` entry, or None without a validation split)."""
+    ``best``: run.json's ``best`` entry, or None without a validation split; ``stop_reason``:
+    ``STOP_STEPS`` or ``STOP_TIME``, as ``run.json`` records it)."""
 
     step: int
     checkpoint: Path | None
@@ -62,6 +73,7 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     val_bpd: float | None = None
     best: dict[str, Any] | None = None
+    stop_reason: str | None = None
 
 
 class _LogDensity(nn.Module):
@@ -100,26 +112,6 @@ def _local_rows(x: Tensor, ctx: DistContext) -> Tensor:
     """This rank's share of a global batch."""
     local = x.shape[0] // ctx.world_size
     return x[ctx.rank * local:(ctx.rank + 1) * local]
-
-
-def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    from timm.scheduler import CosineLRScheduler, StepLRScheduler
-
-    warmup = min(config.warmup_steps, total_steps)
-    if config.schedule == "cosine":
-        return CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=config.min_lr,
-                                 warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=False,
-                                 t_in_epochs=False)
-    return StepLRScheduler(optimizer, decay_t=float("inf"), decay_rate=1.0, warmup_t=warmup,
-                           warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
-
-
-def _make_ema(model: nn.Module, config: TrainConfig):
-    from timm.utils import ModelEmaV3
-
-    # Warm-up of the decay (1 − (1 + t)^−3/4, capped at ema_decay) so short runs are not
-    # dominated by the initial weights.
-    return ModelEmaV3(model, decay=config.ema_decay, use_warmup=True, warmup_power=3 / 4)
 
 
 def _training_device(device: str | torch.device | None, ctx: DistContext) -> torch.device:
@@ -225,7 +217,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
     previous = None
     if resume:
         if config.ema_decay is not None:
-            ema = _make_ema(model, config)
+            ema = make_ema(model, config)
         where, meta = load_newest_intact(out, model, ema.module if ema is not None else None,
                                          optimizer, scaler)
         # Resuming without EMA from a run that had one: the raw weights load, the EMA is dropped.
@@ -247,7 +239,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             _batch(train_data, 0, config, steps_per_epoch, dev), g), ctx)
         initialize_from_data(model, lambda: model.log_density(x, g))
         if config.ema_decay is not None:
-            ema = _make_ema(model, config)
+            ema = make_ema(model, config)
     if start_step >= total_steps:
         raise TrainingError(f"the checkpoint is at step {start_step}, already ≥ the {total_steps} "
                             "steps asked for; ask for more --steps to continue")
@@ -267,7 +259,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
     if ctx.active:
         trainer = nn.parallel.DistributedDataParallel(
             trainer, device_ids=[dev.index] if dev.type == "cuda" else None)
-    scheduler = _make_scheduler(optimizer, config, total_steps)
+    scheduler = make_scheduler(optimizer, config, total_steps)
     history: list[dict[str, Any]] = []
     net = ema.module if ema is not None else model
 
@@ -308,10 +300,17 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
     checkpoint_path: Path | None = None
     if not resume and config.eval_every is not None:
         last_val = evaluate(0)
+    budget = config.max_seconds
+    if budget is not None and ctx.is_main:
+        note(f"time budget: {_clock(budget)} of wall time for this segment (training stops after "
+             "the step that crosses it, then evaluates and writes its checkpoint)")
+    reason = None
+    # With a time budget the end is whichever comes first: no step count to show an ETA for.
     with stop_requests() if out is not None else _no_stop() as stop, \
-            progress("train", total=total_steps, show=show_progress, start=start_step,
-                     every=config.log_every) as advance:
-        while step < total_steps:
+            progress("train", total=total_steps if budget is None else None,
+                     show=show_progress, start=start_step, every=config.log_every) as advance:
+        began = time.monotonic()
+        while reason is None:
             x_u8 = _batch(train_data, step, config, steps_per_epoch, dev)
             g = _step_generator(config.seed, step + 1, dev)
             if config.augment:
@@ -328,10 +327,14 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), config.grad_clip if config.grad_clip else float("inf"))
             signum = stop()
-            flag = torch.tensor(float(signum or 0), dtype=torch.float64, device=dev)
-            # One host sync per step: loss, grad norm and the stop request of every rank.
-            check = all_mean(torch.stack([bpd.detach().double(), grad_norm.double(), flag]), ctx)
-            loss_value, norm_value, stop_value = check.tolist()
+            over = budget is not None and time.monotonic() - began >= budget
+            flags = torch.tensor([float(signum or 0), float(over)], dtype=torch.float64,
+                                 device=dev)
+            # One host sync per step: loss, grad norm, the stop request and the time budget of
+            # every rank (any rank over the budget ends the run on all of them, at one step).
+            check = all_mean(torch.cat([torch.stack([bpd.detach().double(), grad_norm.double()]),
+                                        flags]), ctx)
+            loss_value, norm_value, stop_value, over_value = check.tolist()
             finite = math.isfinite(loss_value) and math.isfinite(norm_value)
             if not finite:
                 nonfinite += 1
@@ -358,8 +361,10 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
                 window_loss += check[0]
                 window_steps += 1
             step += 1
+            reason = STOP_STEPS if step == total_steps else STOP_TIME if over_value > 0 else None
+            last = reason is not None
             fields: dict[str, str] = {}
-            if window_steps and (step % config.log_every == 0 or step == total_steps):
+            if window_steps and (step % config.log_every == 0 or last):
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 elapsed = time.perf_counter() - window_start - window_pause
@@ -370,32 +375,35 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
                      "grad_norm": norm_value, "images_per_s": ips,
                      "num_images": window_steps * config.batch_size})
                 fields = {"bpd": f"{last_train:.4f}", "lr": f"{lr:.2e}", "img/s": f"{ips:.0f}"}
+                if budget is not None:
+                    fields["left"] = _clock(max(0.0, budget - (time.monotonic() - began)))
                 window_loss.zero_()
                 window_steps = 0
                 window_start = time.perf_counter()
                 window_pause = 0.0
             advance(1, **fields)
             pause_start = time.perf_counter()
-            if step == total_steps or (config.eval_every is not None
-                                       and step % config.eval_every == 0):
+            if last and reason == STOP_TIME and ctx.is_main:
+                note(f"time budget of {_clock(budget)} reached at step {step}: evaluating and "
+                     "writing the final checkpoint")
+            if last or (config.eval_every is not None and step % config.eval_every == 0):
                 last_val = evaluate(step)
-            if step == total_steps and ctx.is_main:
+            if last and ctx.is_main:
                 last_eval = score(eval_data, net)
                 if last_eval is not None:
                     log({"step": step, "split": "test", "eval_bpd": last_eval,
                          "num_images": len(eval_data)})
-            stopping = stop_value > 0 and step < total_steps
+            stopping = stop_value > 0 and not last
             # A skipped step changes no weights: its checkpoint waits for the next good step
             # (unless the run is stopping).
             if out is not None and ((finite and step % config.checkpoint_every == 0)
-                                    or step == total_steps or stopping):
-                status = "finished" if step == total_steps else \
-                    "interrupted" if stopping else "running"
+                                    or last or stopping):
+                status = "finished" if last else "interrupted" if stopping else "running"
                 checkpoint_path = folder.checkpoint(
                     step, model, ema.module if ema is not None else None, optimizer, scaler,
                     config.to_dict(), config.keep_checkpoints,
                     {"world_size": ctx.world_size, "model_class": type(model).__name__,
-                     "eval_bpd": last_eval if step == total_steps else None}, status)
+                     "eval_bpd": last_eval if last else None}, status, reason)
                 barrier(ctx)
             window_pause += time.perf_counter() - pause_start
             if stopping:
@@ -407,7 +415,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
                                   else (score(eval_data, twin), len(eval_data)))
         folder.finish(net, dev, _title(info, model), "finished")
     return FitResult(step, checkpoint_path, last_eval, last_train, history, last_val,
-                     folder.best)
+                     folder.best, reason)
 
 
 def _title(info: dict[str, Any], model: nn.Module) -> str:
@@ -415,6 +423,12 @@ def _title(info: dict[str, Any], model: nn.Module) -> str:
     where = ds.get("name") or (f"{Path(ds['path']).name} (local folder)" if ds.get("path")
                                else "in-memory data")
     return f"{info.get('preset') or type(model).__name__} on {where}"
+
+
+def _clock(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class _no_stop:

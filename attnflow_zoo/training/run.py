@@ -121,10 +121,14 @@ class RunFolder:
 
     def checkpoint(self, step: int, raw: nn.Module, ema_model: nn.Module | None,
                    optimizer: torch.optim.Optimizer, scaler: Any, train_config: dict[str, Any],
-                   keep: int, extra: dict[str, Any], status: str = "running") -> Path | None:
+                   keep: int, extra: dict[str, Any], status: str = "running",
+                   stop_reason: str | None = None) -> Path | None:
+        """A step checkpoint with its ``run.json`` (``stop_reason``: why a finished run ended,
+        recorded with status finished)."""
         if self.out is None or self.record is None:
             return None
-        self.record.update(step=step, status=status, metrics=self.metrics_at(step))
+        self.record.update(step=step, status=status, metrics=self.metrics_at(step),
+                           **({"stop_reason": stop_reason} if stop_reason else {}))
         path = save_training_checkpoint(self.out, step, raw, ema_model, optimizer, scaler,
                                         train_config, keep, extra, self.record.data)
         self.record.write()
