@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .core import diag_normal_logpdf, randn_like_on
 from .errors import ShapeError
 from .layers.nets import ConvLSTM, ZeroConv2d
+from .precision import full_precision, upcast
 
 
 class Prior(nn.Module):
@@ -88,7 +89,8 @@ class MARPrior(Prior):
         return self.in_cond(self.embed(cond))
 
     def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Teacher-forced (μ, log σ) of every channel given the channels before it; B×C×H×W."""
+        """Teacher-forced (μ, log σ) of every channel given the channels before it; B×C×H×W,
+        float32 under autocast (the convolutions run in the autocast dtype)."""
         b, c, h, w = z.shape
         if c != self.num_channels:
             raise ShapeError(f"prior expects {self.num_channels} channels, got {c}")
@@ -99,7 +101,7 @@ class MARPrior(Prior):
         if e is not None:
             x_seq = x_seq + e.unsqueeze(0)
         h_seq = self.lstm(x_seq)
-        out = self.out(h_seq.reshape(c * b, -1, h, w)).view(c, b, 2, h, w)
+        out = upcast(self.out(h_seq.reshape(c * b, -1, h, w))).view(c, b, 2, h, w)
         mean, log_std = out.unbind(2)
         return mean.transpose(0, 1), log_std.transpose(0, 1)
 
@@ -108,29 +110,39 @@ class MARPrior(Prior):
                temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """z_c = μ_c + T·σ_c·ε_c channel by channel, B×C×H×W; T = 0 gives the mode chain.
 
-        The sampled z_c (not the mean) feeds step c + 1, as in ancestral sampling.
+        The sampled z_c (not the mean) feeds step c + 1, as in ancestral sampling. The noise of
+        every channel is drawn before the loop (the same numbers, in the same order, as one
+        draw per channel), so the loop itself has static shapes, preallocated state
+        (``ConvLSTM.begin``), no random-number generation and no host synchronisation: a CUDA
+        graph can capture it.
         """
         ref = self.out.weight
+        dtype = upcast(ref[:0]).dtype
+        c_len = self.num_channels
+        shape = (num_samples, 1, height, width)
+        eps = None
+        if temperature != 0:
+            eps = torch.stack([randn_like_on(shape, ref[:0].to(dtype), generator)
+                               for _ in range(c_len)])
         e = self._cond_input(cond)
-        weights = self.lstm.fused_weights()
-        x = self.in_z.bias.view(1, -1, 1, 1).expand(num_samples, -1, height, width)
-        state = None
-        channels = []
-        for step in range(self.num_channels):
-            if step > 0:
-                x = self.in_z(channels[-1])
+        z = torch.empty(num_samples, c_len, height, width, dtype=dtype, device=ref.device)
+        state = self.lstm.begin(z[:, :1].expand(-1, self.lstm.in_channels, -1, -1))
+        # Step 0's input is Conv_in(0) + e = b_in + e.
+        first = self.in_z.bias.view(1, -1, 1, 1).expand(num_samples, -1, height, width)
+        for step in range(c_len):
+            x = first if step == 0 else self.in_z(z[:, step - 1: step])
             if e is not None:
                 x = x + e
-            top, state = self.lstm.step(x, state, weights)
-            out = self.out(top)
-            mean, log_std = out[:, :1], out[:, 1:]
-            if temperature == 0:
-                z_c = mean
-            else:
-                eps = randn_like_on(tuple(mean.shape), ref, generator)
-                z_c = mean + temperature * torch.exp(log_std) * eps
-            channels.append(z_c)
-        return torch.cat(channels, 1)
+            state.input.copy_(x)
+            out = upcast(self.out(self.lstm.step(None, state)))
+            with full_precision(out):
+                mean, log_std = out[:, :1], out[:, 1:]
+                if eps is None:
+                    z[:, step: step + 1].copy_(mean)
+                else:
+                    torch.addcmul(mean, torch.exp(log_std), eps[step], value=temperature,
+                                  out=z[:, step: step + 1])
+        return z
 
 
 class GaussianPrior(Prior):
@@ -159,7 +171,7 @@ class GaussianPrior(Prior):
             return (self.mean.expand(b, -1, h, w), self.log_std.expand(b, -1, h, w))
         if cond is None:
             raise ValueError("this prior is conditional: pass cond (the kept half z1)")
-        out = self.net(cond)
+        out = upcast(self.net(cond))
         return out[:, 0::2], out[:, 1::2]
 
     def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
