@@ -38,12 +38,13 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _LOW = (torch.bfloat16, torch.float16)
 
 
-def autocast_for(device: str | torch.device,
-                 precision: str) -> contextlib.AbstractContextManager[object]:
+def autocast_for(device: str | torch.device, precision: str, *,
+                 cache_enabled: bool = True) -> contextlib.AbstractContextManager[object]:
     """The autocast context of ``precision`` on ``device`` (a no-op context for "fp32").
 
-    ``ConfigError`` for an unknown precision or fp16 off CUDA (CPU autocast has no fp16
-    kernels worth having; use bf16).
+    ``cache_enabled=False`` inside a CUDA-graph capture (autocast's weight-cast cache must not
+    outlive the capture). ``ConfigError`` for an unknown precision or fp16 off CUDA (CPU
+    autocast has no fp16 kernels worth having; use bf16).
     """
     dev = torch.device(device)
     if precision not in PRECISIONS:
@@ -53,7 +54,7 @@ def autocast_for(device: str | torch.device,
     if precision == "fp16" and dev.type != "cuda":
         raise ConfigError(f"precision fp16 needs a CUDA device (got {dev.type}); use bf16")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(dev.type, dtype=dtype)
+    return torch.autocast(dev.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def upcast(x: Tensor) -> Tensor:

@@ -29,6 +29,27 @@ class Prior(nn.Module):
         mean, log_std = self.mean_and_log_std(z, cond)
         return diag_normal_logpdf(z, mean, log_std)
 
+    def draw_noise(self, num_samples: int, height: int, width: int,
+                   generator: torch.Generator | None = None) -> Tensor:  # pragma: no cover
+        """The N(0, 1) noise ``sample_from_noise`` turns into a sample (float32 at least)."""
+        raise NotImplementedError
+
+    def sample_from_noise(self, num_samples: int, height: int, width: int, cond: Tensor | None,
+                          temperature: float, noise: Tensor | None
+                          ) -> Tensor:  # pragma: no cover - interface
+        """The sample of ``noise`` (None: temperature 0, the mode chain), B×C×H×W.
+        Deterministic, static shapes: what ``torch.compile`` or a CUDA graph captures."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, height: int, width: int, cond: Tensor | None = None,
+               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """z ~ p(z | cond) with every standard deviation scaled by ``temperature``, B×C×H×W;
+        temperature 0 gives the mode chain (no noise is drawn)."""
+        noise = (None if temperature == 0
+                 else self.draw_noise(num_samples, height, width, generator))
+        return self.sample_from_noise(num_samples, height, width, cond, temperature, noise)
+
 
 class MARPrior(Prior):
     """mAR-SCF channel-autoregressive prior p(z | z1) = Π_c N(z_c; μ_c, σ_c²).
@@ -105,27 +126,30 @@ class MARPrior(Prior):
         mean, log_std = out.unbind(2)
         return mean.transpose(0, 1), log_std.transpose(0, 1)
 
-    @torch.no_grad()
-    def sample(self, num_samples: int, height: int, width: int, cond: Tensor | None = None,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """z_c = μ_c + T·σ_c·ε_c channel by channel, B×C×H×W; T = 0 gives the mode chain.
+    def draw_noise(self, num_samples: int, height: int, width: int,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """ε of every channel, C×B×1×H×W: one draw per channel in channel order (the numbers
+        a per-step draw inside the sampling loop would get)."""
+        like = self.out.weight[:0]
+        like = like.to(upcast(like).dtype)
+        return torch.stack([randn_like_on((num_samples, 1, height, width), like, generator)
+                            for _ in range(self.num_channels)])
 
-        The sampled z_c (not the mean) feeds step c + 1, as in ancestral sampling. The noise of
-        every channel is drawn before the loop (the same numbers, in the same order, as one
-        draw per channel), so the loop itself has static shapes, preallocated state
-        (``ConvLSTM.begin``), no random-number generation and no host synchronisation: a CUDA
-        graph can capture it.
+    @torch.no_grad()
+    def sample_from_noise(self, num_samples: int, height: int, width: int, cond: Tensor | None,
+                          temperature: float, noise: Tensor | None) -> Tensor:
+        """z_c = μ_c + T·σ_c·ε_c channel by channel, B×C×H×W; ``noise`` None (T = 0): the
+        mode chain z_c = μ_c.
+
+        The sampled z_c (not the mean) feeds step c + 1, as in ancestral sampling. The loop has
+        static shapes, preallocated state (``ConvLSTM.begin``), no random-number generation
+        and no host synchronisation: a CUDA graph can capture it.
         """
         ref = self.out.weight
-        dtype = upcast(ref[:0]).dtype
         c_len = self.num_channels
-        shape = (num_samples, 1, height, width)
-        eps = None
-        if temperature != 0:
-            eps = torch.stack([randn_like_on(shape, ref[:0].to(dtype), generator)
-                               for _ in range(c_len)])
         e = self._cond_input(cond)
-        z = torch.empty(num_samples, c_len, height, width, dtype=dtype, device=ref.device)
+        z = torch.empty(num_samples, c_len, height, width, dtype=upcast(ref[:0]).dtype,
+                        device=ref.device)
         state = self.lstm.begin(z[:, :1].expand(-1, self.lstm.in_channels, -1, -1))
         # Step 0's input is Conv_in(0) + e = b_in + e.
         first = self.in_z.bias.view(1, -1, 1, 1).expand(num_samples, -1, height, width)
@@ -137,11 +161,11 @@ class MARPrior(Prior):
             out = upcast(self.out(self.lstm.step(None, state)))
             with full_precision(out):
                 mean, log_std = out[:, :1], out[:, 1:]
-                if eps is None:
+                if noise is None:
                     z[:, step: step + 1].copy_(mean)
                 else:
-                    torch.addcmul(mean, torch.exp(log_std), eps[step], value=temperature,
-                                  out=z[:, step: step + 1])
+                    z[:, step: step + 1].copy_(log_std).exp_().mul_(noise[step]).mul_(
+                        temperature).add_(mean)
         return z
 
 
@@ -180,12 +204,18 @@ class GaussianPrior(Prior):
             raise ShapeError(f"prior expects {self.num_channels} channels, got {z.shape[1]}")
         return self._params(z.shape[0], z.shape[2], z.shape[3], cond)
 
+    def draw_noise(self, num_samples: int, height: int, width: int,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """ε, B×C×H×W."""
+        like = self.net.conv.weight[:0] if self.cond_channels else self.mean[:0]
+        like = like.to(upcast(like).dtype)
+        return randn_like_on((num_samples, self.num_channels, height, width), like, generator)
+
     @torch.no_grad()
-    def sample(self, num_samples: int, height: int, width: int, cond: Tensor | None = None,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """z = μ + T·σ·ε, B×C×H×W; T = 0 gives the mean."""
+    def sample_from_noise(self, num_samples: int, height: int, width: int, cond: Tensor | None,
+                          temperature: float, noise: Tensor | None) -> Tensor:
+        """z = μ + T·σ·ε, B×C×H×W; ``noise`` None (T = 0) gives the mean."""
         mean, log_std = self._params(num_samples, height, width, cond)
-        if temperature == 0:
+        if noise is None:
             return mean.clone()
-        eps = randn_like_on(tuple(mean.shape), mean, generator)
-        return mean + temperature * torch.exp(log_std) * eps
+        return mean + temperature * torch.exp(log_std) * noise
