@@ -57,10 +57,10 @@ def _timed_loop(fn, sync, seconds: float, min_reps: int = 3, max_reps: int = 50)
 
 def _worker(args: argparse.Namespace) -> dict:
     import torch
+    from harness import TrainStep, make_sampler
 
     import attnflow_zoo as az
     from attnflow_zoo.compilation import compile_log_density, compile_sampling
-    from harness import TrainStep, make_sampler
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
