@@ -36,7 +36,7 @@ CONFIGS = {
 TINY = {"reference": ("marflow_tiny", {}), "attnflow_imap_cifar10": ("attnflow_imap_tiny", {})}
 VARIANTS = ("fp32", "bf16", "bf16+graph", "bf16+compile")
 #: Share of the budget each variant's subprocess may use (compilation takes longest).
-SHARE = {"fp32": 1.0, "bf16": 1.0, "bf16+graph": 1.2, "bf16+compile": 2.0}
+SHARE = {"fp32": 0.8, "bf16": 0.8, "bf16+graph": 1.0, "bf16+compile": 2.6}
 
 
 def _timed_loop(fn, sync, seconds: float, min_reps: int = 3, max_reps: int = 50) -> float:  # noqa: ANN001

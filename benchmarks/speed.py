@@ -11,8 +11,8 @@ Per batch size:
   call of 16 images (temperature 1) of each. The ratio ours/mar-scf is taken per round, and the
   table gives its median and range over the rounds (the machine may be shared: a ratio of two
   numbers measured seconds apart is what survives that; absolute times do not);
-- peak memory, each model and variant in its own subprocess (CPU: max RSS of the process,
-  and its increase over the RSS after building the model; CUDA: max allocated).
+- peak memory, each model and variant in its own subprocess (CPU: peak RSS of the process,
+  VmHWM, and its increase over the RSS after building the model; CUDA: max allocated).
 
 Variants of ours: ``fp32`` (eager), ``bf16`` (``attnflow_zoo.precision``), and with
 ``-compile`` appended, ``attnflow_zoo.compilation`` (the first call's cost, compilation
@@ -139,17 +139,21 @@ def _measure_memory(args: argparse.Namespace, batch_size: int, name: str) -> dic
 
 
 def _memory_worker(args: argparse.Namespace) -> dict:
-    import resource
-
     import torch
 
     torch.set_num_threads(args.threads)
 
-    def rss_mb() -> float:  # ru_maxrss: kB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def status_mb(field: str) -> float:
+        # VmHWM (peak RSS) of this process image. Not getrusage's ru_maxrss: Linux keeps that
+        # across fork + exec, so a subprocess would report its parent's peak.
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no {field} in /proc/self/status")
 
     runner = _Runner(args, args.batch_sizes[0], [args.worker_memory])
-    base = rss_mb()
+    base = status_mb("VmRSS")
     if runner.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runner.device)
     name = args.worker_memory
@@ -157,7 +161,7 @@ def _memory_worker(args: argparse.Namespace) -> dict:
         runner.train[name]()
         runner.sample[name]()
     runner.sync()
-    out = {"peak_rss_mb": rss_mb(), "base_rss_mb": base}
+    out = {"peak_rss_mb": status_mb("VmHWM"), "base_rss_mb": base}
     if runner.device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(runner.device) / 2**20
     return out
@@ -247,8 +251,8 @@ def _print_table(batch_size: int, args: argparse.Namespace, names: list[str],
         if key == "peak_rss_mb":
             def grow(n: str) -> float:
                 return memory[n]["peak_rss_mb"] - memory[n]["base_rss_mb"]
-            print(f"| RSS growth over the built model, MB | {grow('mar-scf'):.0f} | "
-                  + " | ".join(f"{grow(n):.0f} ({grow(n) / grow('mar-scf'):.2f}×)"
+            print(f"| peak RSS − RSS of the built model, MB | {grow('mar-scf'):.0f} | "
+                  + " | ".join(f"{grow(n):.0f} ({grow(n) / max(grow('mar-scf'), 1e-9):.2f}×)"
                                for n in ours) + " |")
     print("| first train step / first sample, s | "
           + " | ".join(f"{first_call[n][0]:.1f} / {first_call[n][1]:.1f}" for n in names)

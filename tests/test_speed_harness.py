@@ -71,3 +71,27 @@ def test_nonfinite_step_is_skipped_and_counted() -> None:
     assert torch.isfinite(step(x))
     assert (int(step.skipped), int(step.consecutive)) == (2, 0)
     assert any(not torch.equal(a, p) for a, p in zip(weights, model.parameters(), strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_step_has_no_host_sync_on_cuda(precision: str) -> None:
+    """On CUDA, with Adamax keeping its step counter on the device (capturable=True), a whole
+    step runs under torch.cuda.set_sync_debug_mode("error")."""
+    torch.manual_seed(0)
+    model = az.create_model("marflow_tiny").cuda()
+    g = torch.Generator("cuda").manual_seed(0)
+    x_u8 = torch.randint(0, 256, (4, *model.input_shape), generator=g, dtype=torch.uint8,
+                         device="cuda")
+    model.initialize_from_data(x_u8, g)
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-3, capturable=True)
+    step = TrainStep(model, opt, precision)
+    x = model.to_model_space(x_u8, g)
+    step(x)  # first call: optimizer state created
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)
