@@ -17,6 +17,14 @@ from pathlib import Path
 from .errors import OutputError
 
 
+def _umask_mode(mode: int) -> int:
+    # mkstemp / mkdtemp create private (0600 / 0700) entries: give the final file the mode an
+    # ordinary open() would (0666 / 0777 less the umask), so other users can read checkpoints.
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def _describe(err: OSError, path: Path) -> str:
     reason = err.strerror or str(err)
     return (f"cannot write {path}: {reason}; choose a writable location with free space "
@@ -39,6 +47,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise OutputError(_describe(err, path)) from err
     try:
         yield Path(tmp)
+        os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     except OSError as err:
         raise OutputError(_describe(err, path)) from err
@@ -52,6 +61,53 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def append_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Append ``text`` (UTF-8) to ``path`` (an append-only log such as ``metrics.jsonl``), flushed;
+    ``OutputError`` instead of ``OSError``."""
+    path = Path(path)
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+    except OSError as err:
+        raise OutputError(_describe(err, path)) from err
+    return path
+
+
+def make_dir(path: str | os.PathLike[str]) -> Path:
+    """``mkdir -p path``; ``OutputError`` (one line, what to do) instead of ``OSError``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(_describe(err, path)) from err
+    return path
+
+
+def check_writable(path: str | os.PathLike[str], *, is_dir: bool = False) -> Path:
+    """``OutputError`` unless ``path`` could be written, checked before any work and without
+    creating anything: its nearest existing ancestor must be a writable folder (a file in the way
+    or a read-only folder is caught here, not after an hour of training or sampling)."""
+    path = Path(path).expanduser()
+    if path.exists():
+        if path.is_dir() != is_dir:
+            what = "a folder" if path.is_dir() else "a file"
+            raise OutputError(f"cannot write {path}: {what} of that name is in the way; "
+                              "choose another path")
+        folder = path if is_dir else path.parent
+    else:
+        folder = path.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise OutputError(f"cannot write {path}: {folder} is a file, not a folder; choose "
+                              "another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: {folder} is not writable; choose a writable "
+                          "location")
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -73,6 +129,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise OutputError(_describe(err, path)) from err
     try:
         yield tmp
+        os.chmod(tmp, _umask_mode(0o777))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -276,6 +276,19 @@ def write_run_record(directory: str | os.PathLike[str], record: dict[str, Any]) 
     "NVIDIA H200" or "cpu"), ``torch``, ``attnflow_zoo`` (versions), ``started`` (ISO time),
     ``wall_seconds``, ``step``, ``samples_seen``, ``metrics`` (a list of {"name", "split",
     "value", "step", "num_images", "protocol"}) and ``best`` ({"step", "split", "bpd"}).
+
+    Added by training (all optional to readers): ``dataset`` also has "eval_limit" and
+    "limit_rule" (how ``limit`` picks images: ``data.LIMIT_RULE``; "validation_split" is
+    "carved from train" when the validation images come out of the training split);
+    ``best`` also has "num_images", "path" (the folder, "best") and, once scored at the end,
+    "test_bpd"; ``total_steps`` (the length asked for); ``status`` ("running", "finished",
+    "interrupted" or "failed", with ``error``: its one-line message); ``segments`` (one
+    {"started", "from_step", "host"} per start or resume; ``started`` is the first's and
+    ``wall_seconds`` sums them, from the first step to the latest write).
+
+    Which weights ``metrics`` describes: in a step folder (and ``best/``), that folder's; in the
+    run folder, those of the newest checkpoint. ``step`` and ``samples_seen`` (= step × batch)
+    are those weights' too.
     """
     payload = {**record, "format": RUN_RECORD_FORMAT}
     return atomic_write_text(Path(directory) / RUN_RECORD_NAME,

@@ -6,7 +6,6 @@ assumes: x̃ = (x_u8 + u) / 256 with u ~ U(0, 1)^D, so x̃ ∈ [0, 1)^D.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ._io import atomic_path
 from .errors import DataError, OutputError, ShapeError
-from .progress import progress
+from .folders import fingerprint, image_column, imagefolder_split, local_splits
+from .images import decode as _decode
+from .images import resize_note
+from .progress import note
 
 
 def dequantize(x_u8: Tensor, generator: torch.Generator | None = None,
@@ -63,6 +66,8 @@ class DatasetSpec:
 
     Attributes:
         repo_id, column, config: the Hub dataset, its image column and config name.
+        embedded: for a dataset that ships inside the package (``attnflow_zoo/assets``), its
+            file; it is read offline, then decoded and cached like every other dataset.
         splits: the split names; ``heldout``: the one held-out bits/dim is reported on.
         flip: whether horizontal flips are a valid augmentation (False for digits).
         name, shape_text, splits_text: what a model card shows.
@@ -80,6 +85,7 @@ class DatasetSpec:
     config: str | None = None
     heldout: str = "test"
     flip: bool = True
+    embedded: str | None = None
 
 
 #: The one dataset table of the zoo.
@@ -99,6 +105,12 @@ DATASETS: dict[str, DatasetSpec] = {
         "A derivative of NIST data; the original page states no license, and it is commonly "
         "redistributed under CC BY-SA 3.0 (as TensorFlow's documentation states). Cite LeCun "
         "et al. (1998).", flip=False),
+    "digits": DatasetSpec(
+        "attnflow_zoo/assets/digits.npz", "image", ("train", "test"),
+        "digits (5,000 MNIST digits embedded in attnflow_zoo)", "1x28x28",
+        "4,000 train / 1,000 test (fixed, stratified: 400 / 100 per class)", "digits.md",
+        "MNIST's terms: a derivative of NIST data, commonly redistributed under CC BY-SA 3.0. "
+        "Cite LeCun et al. (1998).", flip=False, embedded="digits.npz"),
     "celeba": DatasetSpec(
         "flwrlabs/celeba", "image", ("train", "valid", "test"), "CelebA",
         "3x218x178 aligned (32x32: center crop 178, resize)",
@@ -119,11 +131,8 @@ def heldout_split(dataset: str | os.PathLike[str]) -> str | None:
     spec = dataset_spec(dataset)
     if spec is not None:
         return spec.heldout
-    folder = Path(dataset)
-    for name in ("test", "valid", "validation"):
-        if (folder / name).is_dir():
-            return name
-    return None
+    names = local_splits(Path(dataset).expanduser())
+    return next((n for n in ("test", "valid", "validation") if n in names), None)
 
 
 def default_flip(dataset: str | os.PathLike[str] | None) -> bool:
@@ -138,12 +147,28 @@ def card_info(dataset: str | None) -> dict[str, str | None] | None:
     spec = dataset_spec(dataset) if dataset else None
     if spec is None:
         return None
-    return {"name": spec.name, "hub_id": spec.repo_id, "hub_config": spec.config,
+    return {"name": spec.name, "hub_id": None if spec.embedded else spec.repo_id,
+            "hub_config": spec.config,
             "image_shape": spec.shape_text, "splits": spec.splits_text,
             "license_file": spec.license_file, "license_summary": spec.license_summary}
 
 
 _FORMAT_VERSION = "1"
+#: How ``limit`` picks images (recorded in run.json): the same subset for every command, so
+#: ``train --limit`` / ``--eval-limit`` and ``evaluate --limit`` see the same images.
+LIMIT_RULE = "a random subset drawn with seed 0 (kept in dataset order)"
+LIMIT_SEED = 0
+
+
+def limit_indices(num_images: int, limit: int | None) -> list[int] | None:
+    """The indices ``limit`` keeps out of ``num_images`` (``LIMIT_RULE``); None keeps all.
+
+    Not the first ``limit``: a folder's files are listed sorted, so those are one class.
+    """
+    if limit is None or limit >= num_images:
+        return None
+    g = torch.Generator().manual_seed(LIMIT_SEED)
+    return sorted(torch.randperm(num_images, generator=g)[:limit].tolist())
 
 
 def default_cache_dir() -> Path:
@@ -169,7 +194,7 @@ def load_images(dataset: str | Path, split: str = "train", *, image_size: int | 
             their shorter side, then resized with antialiased bilinear filtering (CelebA: crop 178
             then resize); smaller images are zero-padded symmetrically (MNIST 28 → 32, the
             standard for flows). ``None`` keeps the native size (all images must share it).
-        limit: keep only the first ``limit`` images of the split (dataset order).
+        limit: keep ``limit`` images of the split: a seeded random subset (``LIMIT_RULE``).
         cache_dir: where the decoded tensors live; default ``default_cache_dir()``.
 
     Returns:
@@ -178,8 +203,18 @@ def load_images(dataset: str | Path, split: str = "train", *, image_size: int | 
 
     The cache key holds the dataset, split, size and limit, and for a local folder a fingerprint
     of its path and its files' sizes and mtimes, so editing the folder re-decodes it. Files are
-    safetensors written atomically (temporary file + rename).
+    safetensors written atomically (temporary file + rename). What was done to images of another
+    size than ``image_size`` is said in one line on stderr (never silently).
     """
+    images, said = _load_images(dataset, split, image_size, limit, cache_dir)
+    if said:
+        note(said)
+    return images
+
+
+def _load_images(dataset: str | Path, split: str, image_size: int | None, limit: int | None,
+                 cache_dir: str | Path | None) -> tuple[Tensor, str]:
+    """``load_images`` and the line saying how the images were resized ("" if they were not)."""
     source, spec = _resolve(dataset)
     if spec is not None and split not in spec.splits:
         raise DataError(f"{dataset} has no split {split!r}; available: {', '.join(spec.splits)}")
@@ -192,17 +227,24 @@ def load_images(dataset: str | Path, split: str = "train", *, image_size: int | 
     path = root / f"{key}.safetensors"
     if path.is_file():
         try:
-            return load_file(str(path))["images"]
+            images = load_file(str(path))["images"]
+            with safe_open(str(path), framework="pt") as f:
+                resized = (f.metadata() or {}).get("resized")
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, never trusted
             path.unlink(missing_ok=True)
+        else:
+            return images, f"{Path(str(source)).name}/{split}: {resized}" if resized else ""
     ds = _load_split(source, spec, split, cache_dir)
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    column = spec.column if spec is not None else _image_column(ds, source)
+    keep = limit_indices(len(ds), limit)
+    if keep is not None:
+        ds = ds.select(keep)
+    column = spec.column if spec is not None else image_column(ds, source)
     name = spec.repo_id if spec is not None else str(source)
-    images = _decode(ds, column, image_size, f"decode {Path(name).name}/{split}")
-    _save_atomic(path, images, {"dataset": name, "split": split, "format": _FORMAT_VERSION})
-    return images
+    images, sizes = _decode(ds, column, image_size, f"decode {Path(name).name}/{split}")
+    resized = resize_note(sizes, image_size)
+    _save_atomic(path, images, {"dataset": name, "split": split, "format": _FORMAT_VERSION,
+                                "resized": resized})
+    return images, f"{Path(str(source)).name}/{split}: {resized}" if resized else ""
 
 
 def _resolve(dataset: str | Path) -> tuple[str | Path, DatasetSpec | None]:
@@ -219,29 +261,15 @@ def _resolve(dataset: str | Path) -> tuple[str | Path, DatasetSpec | None]:
                     "path of a local `datasets` folder (imagefolder or parquet)")
 
 
-def _fingerprint(folder: Path) -> str:
-    h = hashlib.sha256(str(folder).encode())
-    try:
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames.sort()
-            for name in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, name))
-                h.update(f"{os.path.relpath(os.path.join(dirpath, name), folder)}:"
-                         f"{st.st_size}:{st.st_mtime_ns}\n".encode())
-    except OSError as err:
-        raise DataError(f"cannot read {folder}: {err.strerror}; check its permissions") from err
-    return h.hexdigest()[:16]
-
-
 def _cache_key(source: str | Path, spec: DatasetSpec | None, split: str,
                image_size: int | None, limit: int | None) -> str:
     if spec is not None:
         name = str(source)
     else:
         folder = Path(source)
-        name = f"{folder.name or 'folder'}-{_fingerprint(folder)}"
+        name = f"{folder.name or 'folder'}-{fingerprint(folder)}"
     size = "native" if image_size is None else f"s{image_size}"
-    count = "all" if limit is None else f"n{limit}"
+    count = "all" if limit is None else f"n{limit}r{LIMIT_SEED}"
     safe_split = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
     return f"{name}_{safe_split}_{size}_{count}_v{_FORMAT_VERSION}"
 
@@ -252,6 +280,8 @@ def _load_split(source: str | Path, spec: DatasetSpec | None, split: str,
 
     hf_cache = str(Path(cache_dir) / "hf") if cache_dir is not None else None
     try:
+        if spec is not None and spec.embedded is not None:
+            return _embedded_split(spec.embedded, split)
         if spec is not None:
             return datasets.load_dataset(spec.repo_id, spec.config, split=split,
                                          cache_dir=hf_cache)
@@ -266,7 +296,7 @@ def _load_split(source: str | Path, spec: DatasetSpec | None, split: str,
             return ds
         if any(folder.rglob("*.parquet")):
             return datasets.load_dataset(str(folder), split=split, cache_dir=hf_cache)
-        return _imagefolder_split(folder, split)
+        return imagefolder_split(folder, split)
     except ValueError as err:
         if "Unknown split" in str(err):
             raise DataError(f"{source} has no split {split!r}: {err}") from err
@@ -281,102 +311,19 @@ def _load_split(source: str | Path, spec: DatasetSpec | None, split: str,
                         "(imagefolder `root/{split}/…/*.png`) or parquet files") from err
 
 
-def _imagefolder_split(folder: Path, split: str):
-    """An imagefolder split (``root/{split}/[label/]*.png``; images at the top level are the
-    single split ``train``) as a ``datasets.Dataset`` with an ``Image`` column.
+def _embedded_split(name: str, split: str):
+    """A split of a dataset shipped in ``attnflow_zoo/assets`` as a ``datasets.Dataset`` (image,
+    label), read from package data (works from a wheel, offline)."""
+    from importlib import resources
 
-    Files are listed here rather than by ``load_dataset("imagefolder")``, whose data-file
-    resolution takes seconds per call on thousands of files; decoding is still ``datasets``'.
-    """
     import datasets
 
-    extensions = {ext.lower() for ext in Image.registered_extensions()}
-
-    def images_under(d: Path, recursive: bool = True) -> list[str]:
-        found = d.rglob("*") if recursive else d.glob("*")
-        return sorted(str(p) for p in found if p.suffix.lower() in extensions and p.is_file())
-
-    splits = sorted(d.name for d in folder.iterdir() if d.is_dir() and images_under(d))
-    top = images_under(folder, recursive=False)
-    if not splits and not top:
-        raise DataError(f"{folder} holds no images or parquet files; pass an imagefolder "
-                        "`root/{split}/…/*.png` or a folder of parquet files")
-    if not splits:
-        splits = ["train"]
-    if split not in splits:
-        raise DataError(f"{folder} has no split {split!r}; available: {', '.join(splits)}")
-    files = top if top and not (folder / split).is_dir() else images_under(folder / split)
-    return datasets.Dataset.from_dict({"image": files}).cast_column("image", datasets.Image())
-
-
-def _image_column(ds, source: str | Path) -> str:
-    import datasets
-
-    for name, feature in ds.features.items():
-        if isinstance(feature, datasets.Image):
-            return name
-    raise DataError(f"{source} has no image column (columns: {', '.join(ds.features)}); "
-                    "pass a folder of images or parquet files with an Image feature")
-
-
-def _to_array(img: Image.Image) -> np.ndarray:
-    """A PIL image as H×W (grey) or H×W×3 (colour) uint8."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return (np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
-    if img.mode in ("1", "L", "LA"):
-        return np.asarray(img.convert("L"))
-    return np.asarray(img.convert("RGB"))
-
-
-def _fit(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    if w >= size and h >= size and (w, h) != (size, size):
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-        if side != size:
-            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return img
-
-
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-    h, w = a.shape[:2]
-    if h > size or w > size:
-        raise DataError(f"an image of {h}×{w} is neither larger nor smaller than {size}×{size} "
-                        "on both sides; pick an image_size the images can be cropped or padded to")
-    top, left = (size - h) // 2, (size - w) // 2
-    pad = [(top, size - h - top), (left, size - w - left)] + [(0, 0)] * (a.ndim - 2)
-    return np.pad(a, pad)
-
-
-def _decode(ds, column: str, image_size: int | None, description: str) -> Tensor:
-    arrays: list[np.ndarray] = []
-    try:
-        with progress(description, total=len(ds)) as advance:
-            for batch in ds.iter(batch_size=256):
-                for img in batch[column]:
-                    if image_size is not None:
-                        a = _to_array(_fit(img, image_size))
-                        if a.shape[:2] != (image_size, image_size):
-                            a = _pad(a, image_size)
-                    else:
-                        a = _to_array(img)
-                    arrays.append(a)
-                advance(len(batch[column]))
-    except (OSError, SyntaxError) as err:  # PIL's errors for unreadable files
-        raise DataError(f"cannot decode an image: {err}; remove or fix the file") from err
-    if not arrays:
-        raise DataError("the split holds no images; check the folder or split name")
-    shapes = {a.shape[:2] for a in arrays}
-    if len(shapes) > 1:
-        sizes = ", ".join(f"{h}×{w}" for h, w in sorted(shapes)[:4])
-        raise DataError(f"images of different sizes ({sizes}…); pass image_size to crop/resize "
-                        "them to one size")
-    color = any(a.ndim == 3 for a in arrays)
-    out = np.empty((len(arrays), 3 if color else 1, *arrays[0].shape[:2]), dtype=np.uint8)
-    for i, a in enumerate(arrays):
-        out[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
-    return torch.from_numpy(out)
+    with resources.files("attnflow_zoo.assets").joinpath(name).open("rb") as fh:
+        arrays = np.load(fh)
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in images],
+                                       "label": labels.tolist()}).cast_column(
+        "image", datasets.Image())
 
 
 def _save_atomic(path: Path, images: Tensor, metadata: dict[str, str]) -> None:
@@ -395,12 +342,14 @@ def load_for_shape(dataset: str | Path, split: str, shape: tuple[int, int, int],
     """``load_images`` at a model's (C, H, W): square images are cropped/resized/padded to H;
     ``DataError`` (saying what to change) if the result is not C×H×W."""
     c, h, w = shape
-    images = load_images(dataset, split, image_size=h if h == w else None, limit=limit)
+    images, said = _load_images(dataset, split, h if h == w else None, limit, None)
     if tuple(images.shape[1:]) != (c, h, w):
         got = "×".join(map(str, images.shape[1:]))
         raise DataError(f"{dataset} ({split}) gives images of {got} but the model takes "
                         f"{c}×{h}×{w}; pick a model, --image-size or --in-channels that fits "
                         "the data")
+    if said:
+        note(said)
     return images
 
 

@@ -1,18 +1,30 @@
-"""Scoring models: held-out bits/dim of a model or a checkpoint, and FID."""
+"""Scoring models: held-out bits/dim of a model or a checkpoint, and the standard FID.
+
+Both return the one metrics schema (``attnflow_zoo.results``) that ``attnflow evaluate --json``
+prints and ``attnflow push --metrics`` / the model card read.
+
+The FID protocol (``standard_fid``), as the flow papers report it: ``num_samples`` = 50,000
+model samples at a stated temperature (1.0), 2048-d pool features of the 2015-12-05 Inception
+(``metrics.load_inception``), Fréchet distance to the statistics of the TRAINING split (cached
+per dataset split), every choice recorded in the returned metrics.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import data
+from . import checkpoint, data, results
 from .core import resolve_device
+from .errors import DataError
 from .factory import load_model
-from .inception import load_inception
-from .metrics import dataset_statistics, fid_from_model
+from .hub import resolve_checkpoint
+from .metrics import dataset_statistics, fid_from_model, load_inception
 from .progress import progress
 
 
@@ -42,30 +54,110 @@ def evaluate_bpd(model: nn.Module, images_u8: Tensor, batch_size: int = 256,
     return float(total / len(images_u8))
 
 
+def dataset_label(dataset: str | os.PathLike[str]) -> str:
+    """How metrics name a dataset: its table key, or a local folder's absolute path."""
+    spec = data.dataset_spec(dataset)
+    return str(dataset).lower() if spec is not None else str(Path(dataset).expanduser().resolve())
+
+
+def checkpoint_step(directory: str | os.PathLike[str]) -> int | None:
+    """The training step of a local checkpoint: its run record's, else its ``step-N`` folder
+    name; None for a checkpoint not written by training."""
+    record = checkpoint.read_run_record(directory)
+    if record is not None and isinstance(record.get("step"), int):
+        return record["step"]
+    match = re.fullmatch(rf"{checkpoint.STEP_PREFIX}(\d+)", Path(directory).name)
+    return int(match.group(1)) if match else None
+
+
+def standard_fid(model: Any, dataset: str | os.PathLike[str], *, num_samples: int = 50_000,
+                 temperature: float = 1.0, reference_split: str = "train",
+                 reference_limit: int | None = None, seed: int = 0,
+                 inception_weights: str | os.PathLike[str] | None = None,
+                 random_inception: bool = False, batch_size: int = 200,
+                 statistics_out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """FID of ``num_samples`` samples of ``model`` against ``dataset``'s ``reference_split``.
+
+    FID = ‖μ_s − μ_r‖² + tr Σ_s + tr Σ_r − 2 tr (Σ_s Σ_r)^{1/2} over Inception pool features of
+    the samples (s) and of the reference split's images (r), resized to the model's size first.
+
+    Args:
+        model: a zoo density model (``sample``), on the device to use.
+        dataset: a data-table name or a local folder.
+        num_samples: 50,000 for a FID comparable with the papers.
+        temperature: the prior temperature of the samples.
+        reference_split: the split the samples are compared with (the papers: train).
+        reference_limit: only the first N reference images (a smaller, stated protocol).
+        seed: of the samples' generator.
+        inception_weights: the weight file (else ``$ATTNFLOW_INCEPTION_WEIGHTS`` / the cache).
+        random_inception: random Inception weights, for pipeline tests only: the result's
+            ``fid_weights`` says so and model cards refuse it.
+        batch_size: samples drawn and embedded per step.
+        statistics_out: also keep the reference statistics here (``.npz``).
+
+    Returns:
+        The ``fid*`` keys of the metrics schema.
+    """
+
+    dev = next(iter(model.parameters())).device
+    if random_inception:
+        extractor = load_inception(inception_weights, random_init=True, device=dev)
+    else:
+        extractor = load_inception(inception_weights, device=dev)
+    _, h, w = model.input_shape
+    reference = dataset_statistics(dataset, reference_split, extractor,
+                                   image_size=h if h == w else None, limit=reference_limit)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        res = fid_from_model(model, reference, num_samples=num_samples, batch_size=batch_size,
+                             temperature=temperature, generator=gen, extractor=extractor,
+                             reference=f"{dataset_label(dataset)} {reference_split}")
+    finally:
+        model.train(was_training)
+    out = {**res.as_metrics(), "fid_seed": seed, "fid_reference_split": reference_split,
+           "fid_reference_num_images": int(reference.num_images)}
+    out["fid_temperature"] = float(temperature)
+    if statistics_out is not None:
+        out["fid_reference_statistics"] = str(reference.save(Path(statistics_out).resolve()))
+    return out
+
+
 def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[str],
-                        split: str = "test", *, batch_size: int = 256, seed: int = 0,
+                        split: str | None = None, *, batch_size: int = 256, seed: int = 0,
                         limit: int | None = None, device: str = "auto", fid: bool = False,
                         num_samples: int = 50_000, temperature: float = 1.0,
+                        fid_reference_split: str = "train",
+                        fid_reference_limit: int | None = None,
                         inception_weights: str | os.PathLike[str] | None = None,
+                        random_inception: bool = False,
+                        statistics_out: str | os.PathLike[str] | None = None,
                         show_progress: bool | None = None) -> dict[str, Any]:
-    """Held-out bits/dim (``evaluate_bpd`` with a generator seeded ``seed`` — the numbers ``fit``
-    logs with the same seed and batch size) and, with ``fid``, the FID of ``num_samples``
-    samples against the dataset's train split."""
+    """Held-out bits/dim of a checkpoint (``evaluate_bpd``, noise seeded ``seed``: the numbers
+    ``fit`` logs with the same seed and batch size) and, with ``fid``, ``standard_fid``.
+
+    ``split`` defaults to the dataset's held-out split (``data.heldout_split``). Returns the
+    metrics schema of ``attnflow_zoo.results`` (what ``attnflow push --metrics`` takes).
+    """
     dev = resolve_device(device)
-    model = load_model(checkpoint).to(dev)
+    directory = resolve_checkpoint(checkpoint)
+    model = load_model(directory).to(dev)
+    split = split or data.heldout_split(dataset)
+    if split is None:
+        raise DataError(f"{dataset} has no held-out split (test, valid or validation); "
+                             "pass --split")
     images = data.load_for_shape(dataset, split, model.input_shape, limit=limit)
     g = torch.Generator(device=dev).manual_seed(seed)
-    result: dict[str, Any] = {"bits_per_dim": evaluate_bpd(model, images, batch_size, g,
-                                                           show_progress=show_progress),
-                              "split": split, "num_images": len(images), "dataset": str(dataset),
-                              "estimate": "single-sample dequantisation"}
+    bpd = evaluate_bpd(model, images, batch_size, g, show_progress=show_progress)
+    result: dict[str, Any] = {
+        "format": results.FORMAT, "dataset": dataset_label(dataset), "split": split,
+        "step": checkpoint_step(directory), "bpd": bpd, "bpd_estimator": "single-sample",
+        "bpd_num_images": len(images), "bpd_seed": seed, "bpd_batch_size": batch_size}
     if fid:
-        extractor = load_inception(inception_weights, device=dev)
-        reference = dataset_statistics(dataset, "train", extractor,
-                                       image_size=model.input_shape[1])  # type: ignore
-        sample_gen = torch.Generator(device=dev).manual_seed(seed)
-        res = fid_from_model(model, reference, num_samples=num_samples, temperature=temperature,
-                             generator=sample_gen, extractor=extractor,
-                             reference=f"{dataset} train")
-        result.update(res.as_metrics())
-    return result
+        result.update(standard_fid(
+            model, dataset, num_samples=num_samples, temperature=temperature,
+            reference_split=fid_reference_split, reference_limit=fid_reference_limit, seed=seed,
+            inception_weights=inception_weights, random_inception=random_inception,
+            statistics_out=statistics_out))
+    return results.check_metrics(result)

@@ -63,8 +63,14 @@ class MARPrior(Prior):
     computed once per call, not once per channel. Training (``log_prob``) runs all channels at
     once under teacher forcing; only ``sample`` is sequential over channels.
 
-    Decision: the output conv is zero-initialised (the prior starts as N(0, I), like Glow's
-    learned prior); mAR-SCF initialises it randomly.
+    Decision (``output_init``): "random" (default) initialises the output conv as mAR-SCF does
+    (PyTorch's default); "zero" starts the prior as N(0, I) (Glow's learned prior). Zero blocks
+    every gradient into the conv-LSTM, Conv_in and emb until the output weights have grown, and
+    under the lr warm-up that takes thousands of images. Measured (benchmarks/quality.py: MNIST
+    as RGB, L = 3, K = 2, C = 256, batch 16, 150 steps = 2,400 images, 5 seeds): held-out
+    5.303 ± 0.081 bits/dim with "zero", 4.895 ± 0.108 with "random", mAR-SCF's own code
+    4.904 ± 0.155. The conv-LSTM's and Conv_in's initialisations (which also differ from
+    mAR-SCF's) measured no effect (≤ 0.03 bits/dim, within seed noise).
 
     Source: Mahajan et al., "Normalizing Flows with Multi-Scale Autoregressive Priors",
     CVPR 2020 (code visinf/mar-scf, ``ChannelPriorUniScale``).
@@ -78,11 +84,13 @@ class MARPrior(Prior):
         dilation: dilation of the gate convs (mAR-SCF: 2, 1, 1 by level).
         cond_hidden_channels: hidden width of emb (mAR-SCF: 32).
         embed_channels: output channels of emb (mAR-SCF: 4).
+        output_init: "random" or "zero" (the output conv's initialisation, see above).
     """
 
     def __init__(self, num_channels: int, cond_channels: int = 0, hidden_channels: int = 32,
                  num_layers: int = 3, kernel_size: int = 5, dilation: int = 1,
-                 cond_hidden_channels: int = 32, embed_channels: int = 4) -> None:
+                 cond_hidden_channels: int = 32, embed_channels: int = 4,
+                 output_init: str = "random") -> None:
         super().__init__()
         self.num_channels = num_channels
         self.cond_channels = cond_channels
@@ -98,8 +106,11 @@ class MARPrior(Prior):
         self.in_z = nn.Conv2d(1, hidden_channels, kernel_size, padding=pad)
         self.lstm = ConvLSTM(hidden_channels, hidden_channels, num_layers, kernel_size, dilation)
         self.out = nn.Conv2d(hidden_channels, 2, 3, padding=1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        if output_init == "zero":
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+        elif output_init != "random":
+            raise ValueError(f"output_init must be 'random' or 'zero', got {output_init!r}")
 
     def _cond_input(self, cond: Tensor | None) -> Tensor | None:
         """Conv_e(emb(z1)), B×hidden×H×W, or None without conditioning."""

@@ -1,58 +1,134 @@
-"""Progress bars for every long loop: rich bars on a terminal, silent otherwise."""
+"""Progress of every long loop, on a terminal or not, and one-line notes.
+
+On a terminal (stderr is a TTY) a rich bar is shown on stderr. Off a terminal (``nohup``, Slurm,
+CI, ``| tee log``) plain timestamped lines go to stderr instead, flushed: one every ``every``
+units when the loop gives ``every`` (training: its log interval), else one at most every
+``interval`` seconds, each with the count, the loop's latest fields (bpd, lr, img/s, …) and the
+ETA. ``note`` prints one line either way (above a live bar), e.g. "resuming from step N".
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from typing import TypeVar
-
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 T = TypeVar("T")
 
+_LIVE: list = []  # the rich Progress being shown, so that notes print above it
+
 
 def enabled() -> bool:
-    """Bars are shown only when stderr is a terminal (never in CI logs or pipes)."""
+    """Rich bars are shown only when stderr is a terminal."""
     return sys.stderr.isatty()
 
 
-@contextmanager
-def progress(description: str, total: int | None, show: bool | None = None
-             ) -> Iterator[Callable[..., None]]:
-    """Context manager yielding ``advance(n=1, **fields)``; ``fields`` (e.g. bpd=3.1) are shown
-    after the bar. Example::
+def _stamp() -> str:
+    return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
 
-        with progress("train", total=steps) as advance:
-            for step in range(steps):
+
+def note(message: str) -> None:
+    """One line on stderr: above the live bar on a terminal, timestamped otherwise."""
+    if _LIVE:
+        _LIVE[-1].console.print(message, markup=False, highlight=False)
+    elif enabled():
+        print(message, file=sys.stderr, flush=True)
+    else:
+        print(f"{_stamp()} {message}", file=sys.stderr, flush=True)
+
+
+def _eta(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds)))
+
+
+@contextmanager
+def progress(description: str, total: int | None, show: bool | None = None, *, start: int = 0,
+             every: int | None = None, interval: float = 60.0
+             ) -> Iterator[Callable[..., None]]:
+    """Context manager yielding ``advance(n=1, **fields)``; ``fields`` (e.g. bpd="3.1") are shown
+    after the bar / in the log line. Example::
+
+        with progress("train", total=steps, start=done, every=log_every) as advance:
+            for step in range(done, steps):
                 advance(1, bpd=f"{bpd:.3f}")
+
+    Args:
+        total: the count at the end (None: unknown).
+        show: True a rich bar, False nothing, None (default) a bar on a terminal and log lines
+            otherwise.
+        start: the count already done (a resumed run continues at ``start``/``total``).
+        every: off a terminal, a line whenever the count reaches a multiple of ``every`` (and
+            at ``total``); None: a line at most every ``interval`` seconds.
     """
-    show = enabled() if show is None else show
+    if show is None and not enabled():
+        yield from _lines(description, total, start, every, interval)
+        return
+    if show is None:
+        show = True
     if not show:
         yield lambda n=1, **fields: None
         return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=total, info="")
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=total, completed=start, info="")
+        _LIVE.append(bar)
 
         def advance(n: int = 1, **fields: object) -> None:
             info = "  ".join(f"{k}={v}" for k, v in fields.items())
             bar.update(task, advance=n, **({"info": info} if fields else {}))
 
-        yield advance
+        try:
+            yield advance
+        finally:
+            _LIVE.remove(bar)
+
+
+def _lines(description: str, total: int | None, start: int, every: int | None,
+           interval: float) -> Iterator[Callable[..., None]]:
+    count = start
+    began = last = time.monotonic()
+    latest: dict[str, object] = {}
+
+    def advance(n: int = 1, **fields: object) -> None:
+        nonlocal count, last
+        latest.update(fields)
+        before, count = count, count + n
+        now = time.monotonic()
+        if every is not None:
+            due = n > 0 and (count // every > before // every or count == total)
+        else:
+            due = n > 0 and now - last >= interval
+        if not due:
+            return
+        last = now
+        where = f"{count}/{total} ({count / total:.0%})" if total else str(count)
+        parts = [f"{_stamp()} {description} {where}"]
+        parts += [f"{k}={v}" for k, v in latest.items()]
+        done = count - start
+        if total and done > 0 and count < total:
+            parts.append(f"ETA {_eta((now - began) / done * (total - count))}")
+        print("  ".join(parts), file=sys.stderr, flush=True)
+
+    yield advance
 
 
 def track(items: Iterable[T], description: str, total: int | None = None,
           show: bool | None = None) -> Iterator[T]:
-    """Iterate over ``items`` with a bar (see ``progress``)."""
+    """Iterate over ``items`` with progress (see ``progress``)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     with progress(description, total, show) as advance:

@@ -1,8 +1,10 @@
-"""The zoo as data: presets by name, and architecture names -> classes (timm-style).
+"""The zoo as data: presets by name (config, training recipe, published weights), and
+architecture names -> classes (timm-style).
 
 A leaf of the house: it imports only ``errors``. The model modules register their presets here
-(``register_preset`` / ``register_model``) and every zoo class registers its architecture name
-(``ZooHubMixin.__init_subclass__``); ``factory`` imports the model modules and builds from here.
+(``register_preset`` / ``register_model``, each with its ``Recipe`` next to the architecture) and
+every zoo class registers its architecture name (``ZooHubMixin.__init_subclass__``); ``factory``
+imports the model modules and builds from here, ``recipes`` turns a recipe into a TrainConfig.
 """
 
 from __future__ import annotations
@@ -16,38 +18,156 @@ from typing import Any
 
 from .errors import CheckpointError, ConfigError
 
+TASKS = ("density", "invertibility")
+OPTIMIZERS = ("adamax", "adam")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a zoo entry is trained and scored: plain data next to its architecture.
+
+    ``attnflow_zoo.recipes.train_config`` turns a recipe into a ``TrainConfig``: the batch is the
+    GLOBAL batch (all processes together, kept under torchrun), the lr is used as it is at that
+    batch (never rescaled), and the warm-up, stated in images as the papers count it, becomes
+    ceil(warmup_images / batch_size) optimizer steps.
+
+    Attributes:
+        name: short id of the recipe (recorded in run.json and shown on the card).
+        source: where its numbers come from, and which choices are the zoo's own.
+        task: "density" (maximum likelihood, ``attnflow train``) or "invertibility" (Zha et
+            al.'s MSE experiment, run by ``attnflow validate``).
+        dataset: the dataset the recipe is for (a key of the data table), None for any.
+        optimizer: "adamax" or "adam".
+        lr: learning rate after warm-up, at ``batch_size``.
+        warmup_images: linear warm-up from 0, in training images.
+        batch_size: global batch.
+        epochs: training length in passes over the training split (``steps`` wins).
+        steps: training length in optimizer steps.
+        schedule: "constant" or "cosine" after warm-up.
+        max_shift: random translation ≤ ``max_shift`` px (0: no augmentation).
+        flip: horizontal flips; None: the dataset's rule (on for CIFAR-10 and CelebA, off for
+            digits and local folders).
+        ema_decay: EMA of the weights (the published weights are the EMA), None: no EMA.
+        precision: "fp32", "bf16" or "fp16" (autocast on CUDA).
+        grad_clip: max global gradient norm, None: no clipping.
+        train_limit: train on the first N training images only (None: all).
+        eval_split: the split the headline metric is reported on.
+        bpd_estimator: "single-sample" or "importance-weighted" dequantisation estimate.
+        fid_num_samples: samples of the FID (None: the entry reports no FID).
+        fid_temperature: prior temperature of those samples.
+        fid_reference_split: the split whose Inception statistics the samples are compared with.
+    """
+
+    name: str
+    source: str
+    task: str = "density"
+    dataset: str | None = None
+    optimizer: str = "adamax"
+    lr: float = 8e-4
+    warmup_images: int = 10_000
+    batch_size: int = 64
+    epochs: int | None = None
+    steps: int | None = None
+    schedule: str = "constant"
+    max_shift: int = 3
+    flip: bool | None = None
+    ema_decay: float | None = 0.999
+    precision: str = "fp32"
+    grad_clip: float | None = None
+    train_limit: int | None = None
+    eval_split: str = "test"
+    bpd_estimator: str = "single-sample"
+    fid_num_samples: int | None = 50_000
+    fid_temperature: float = 1.0
+    fid_reference_split: str = "train"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("task", TASKS), ("optimizer", OPTIMIZERS),
+                              ("precision", PRECISIONS), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"recipe {name} must be one of {', '.join(allowed)}, got "
+                                  f"{getattr(self, name)!r}")
+        if self.steps is None and self.epochs is None:
+            raise ConfigError(f"recipe {self.name!r} needs a training length: steps or epochs")
+        for name in ("batch_size", "epochs", "steps", "train_limit", "fid_num_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                raise ConfigError(f"recipe {name} must be a positive integer, got {value!r}")
+        for name in ("warmup_images", "max_shift"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"recipe {name} must be an integer ≥ 0, got {value!r}")
+        if not (isinstance(self.lr, int | float) and 0 < self.lr < float("inf")):
+            raise ConfigError(f"recipe lr must be a positive number, got {self.lr!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"recipe ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if not (isinstance(self.fid_temperature, int | float) and self.fid_temperature > 0):
+            raise ConfigError(f"recipe fid_temperature must be positive, got "
+                              f"{self.fid_temperature!r}")
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with ``changes`` (recipe fields only; checked again)."""
+        unknown = sorted(set(changes) - recipe_fields())
+        if unknown:
+            raise ConfigError(f"Recipe has no field(s) {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as JSON-plain data."""
+        return dataclasses.asdict(self)
+
+
+#: The recipe of every density ``*_tiny`` preset: a short run on any data for the test suite.
+TINY_RECIPE = Recipe(name="tiny-test", source="test-size preset: a short run for the test suite, "
+                     "not for quality", lr=1e-3, warmup_images=160, batch_size=16, steps=100,
+                     max_shift=1, ema_decay=0.99, fid_num_samples=256)
+
+
+def recipe_fields() -> set[str]:
+    """The names of ``Recipe``'s fields."""
+    return {f.name for f in dataclasses.fields(Recipe)}
+
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One zoo entry: a preset name, its model class, its (frozen) config and a description."""
+    """One zoo entry: a preset name, its model class, its (frozen) config, a description, its
+    training recipe and the Hub repo of its published weights (None: no weights yet)."""
 
     name: str
     model_cls: type
     config: Any
     description: str = ""
+    recipe: Recipe | None = None
+    weights: str | None = None
 
 
 _PRESETS: dict[str, ModelEntry] = {}
 _ARCHITECTURES: dict[str, type] = {}
 
 
-def register_preset(name: str, model_cls: type, config: Any, description: str = ""
-                    ) -> ModelEntry:
-    """Register ``config`` (a frozen config dataclass of ``model_cls``) as preset ``name``."""
+def register_preset(name: str, model_cls: type, config: Any, description: str = "", *,
+                    recipe: Recipe | None = None, weights: str | None = None) -> ModelEntry:
+    """Register ``config`` (a frozen config dataclass of ``model_cls``) as preset ``name``, with
+    its training ``recipe`` and the Hub repo id of its published ``weights`` (if any)."""
     if name in _PRESETS:
         raise ConfigError(f"model {name!r} is registered twice")
-    entry = ModelEntry(name, model_cls, config, description)
+    entry = ModelEntry(name, model_cls, config, description, recipe, weights)
     _PRESETS[name] = entry
     return entry
 
 
-def register_model(model_cls: type) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+def register_model(model_cls: type, *, recipe: Recipe | None = None, weights: str | None = None
+                   ) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
     """Decorator form: register ``fn()`` under ``fn.__name__`` for ``model_cls``; the first line
     of the function's docstring is the entry's description."""
 
     def wrap(fn: Callable[[], Any]) -> Callable[[], Any]:
         doc = (fn.__doc__ or "").strip().splitlines()
-        register_preset(fn.__name__, model_cls, fn(), doc[0] if doc else "")
+        register_preset(fn.__name__, model_cls, fn(), doc[0] if doc else "", recipe=recipe,
+                        weights=weights)
         return fn
 
     return wrap

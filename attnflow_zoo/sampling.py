@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._io import atomic_path
+from ._io import atomic_path, check_writable
 from .core import resolve_device
 from .errors import ConfigError
 from .models.base import check_sampling
@@ -28,12 +28,7 @@ def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed
     (seed, batch_size, device) triple always gives the same images. ``temperature`` scales the
     prior's standard deviation (Glow's T; T < 1 trades diversity for quality).
     """
-    check_sampling(num_samples, temperature)
-    if temperature == 0:
-        raise ConfigError("the temperature must be positive for sampling to files (0 gives the "
-                          "mode chain: use model.sample(n, temperature=0) for that)")
-    if batch_size < 1:
-        raise ConfigError(f"the batch size must be positive, got {batch_size}")
+    check_request(num_samples, temperature, batch_size)
     device = resolve_device(device)
     model = model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -46,14 +41,24 @@ def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed
     return torch.cat(out)
 
 
+def check_request(num_samples: int, temperature: float, batch_size: int) -> None:
+    """``ConfigError`` for a draw ``draw_samples`` refuses (checked before a model is loaded)."""
+    check_sampling(num_samples, temperature)
+    if temperature == 0:
+        raise ConfigError("the temperature must be positive for sampling to files (0 gives the "
+                          "mode chain: use model.sample(n, temperature=0) for that)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"the batch size must be a positive integer, got {batch_size!r}")
+
+
 def check_output(path: str | Path) -> Path:
-    """``ConfigError`` unless ``path`` has a suffix ``save_samples`` writes (checked before any
-    sample is drawn)."""
+    """``ConfigError`` unless ``path`` has a suffix ``save_samples`` writes, ``OutputError``
+    unless it can be written (both checked before any sample is drawn)."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ConfigError(f"cannot save samples as {path.suffix or 'a file without suffix'}; use "
                           ".png for a grid or .npz for the raw uint8 array")
-    return path
+    return check_writable(path)
 
 
 def save_samples(images: Tensor, path: str | Path, nrow: int | None = None,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import data
-from ._io import atomic_write_text
+from ._io import atomic_path, atomic_write_text, check_writable, make_dir
 from .core import resolve_device
 from .errors import ConfigError, DataError, ShapeError
 from .layers.residual import InverseNotConvergedWarning
@@ -82,6 +82,7 @@ def run_validation(config: InvertibilityValidatorConfig, train_images_u8: Tensor
     """
     _check_images(train_images_u8, "train images", config)
     _check_images(test_images_u8, "test images", config)
+    check_settings(epochs=epochs, batch_size=batch_size, num_train=num_train, num_test=num_test)
     generator = torch.Generator().manual_seed(0) if generator is None else generator
     device = resolve_device(device) if isinstance(device, str) else device
     train = train_images_u8[:num_train]
@@ -195,8 +196,7 @@ def run_validation(config: InvertibilityValidatorConfig, train_images_u8: Tensor
         with torch.no_grad():
             result["lipschitz_bound"] = float(model.attention.lipschitz_bound())
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = make_dir(out_dir)
         assert recon_main is not None
         save_comparison(x_test[:num_grid_images] + 0.5, recon_main[:num_grid_images] + 0.5,
                         out / "reconstructions.png")
@@ -204,6 +204,15 @@ def run_validation(config: InvertibilityValidatorConfig, train_images_u8: Tensor
         atomic_write_text(out / "figures.json", json.dumps(result, indent=2) + "\n")
         result["out_dir"] = str(out)
     return result
+
+
+def check_settings(**values: int | None) -> None:
+    """``ConfigError`` unless every given count (epochs, batch size, limit, …) is ≥ 1: zero epochs
+    would "invert" an untrained layer, the identity, and report a perfect PSNR."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def save_comparison(originals: Tensor, reconstructions: Tensor, path: str | Path,
@@ -215,7 +224,8 @@ def save_comparison(originals: Tensor, reconstructions: Tensor, path: str | Path
     right = make_grid(torch.nan_to_num(reconstructions, nan=0.0).clamp(0, 1), nrow=nrow,
                       pad_value=1.0)
     gap = torch.ones(left.shape[0], left.shape[1], 8)
-    save_image(torch.cat([left, gap, right], dim=2), str(path))
+    with atomic_path(path) as tmp:
+        save_image(torch.cat([left, gap, right], dim=2), tmp, format="png")
 
 
 def validate(kind: str, dataset: str, out_dir: str | Path, *, fullscale: bool = False,
@@ -223,14 +233,17 @@ def validate(kind: str, dataset: str, out_dir: str | Path, *, fullscale: bool = 
              batch_size: int | None = None, seed: int = 0,
              device: str | torch.device = "cpu") -> dict[str, Any]:
     """The experiment end to end on a named dataset or a local image folder (``attnflow
-    validate``): load the first ``limit`` train and test images, ``run_validation``, write
-    figures, grid and checkpoint to ``out_dir``.
+    validate``): load ``limit`` train and test images (seeded random subsets,
+    ``data.LIMIT_RULE``), ``run_validation``, write figures, grid and checkpoint to ``out_dir``.
 
     CelebA is center-cropped to 178 and resized to 32×32 unless ``fullscale`` (218×178, batch 1,
     1 epoch by default). Defaults otherwise: 100 epochs, batch 64 (the paper).
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown attention {kind!r}; choose one of {', '.join(KINDS)}")
+    check_settings(epochs=epochs, limit=limit, batch_size=batch_size)
+    check_writable(out_dir, is_dir=True)
+    device = resolve_device(device) if isinstance(device, str) else device
     if lipschitz not in ("faithful", "certified"):
         raise ConfigError(f"lipschitz must be 'faithful' or 'certified', got {lipschitz!r}")
     if fullscale and dataset != "celeba":

@@ -19,23 +19,37 @@ def evaluate(
                                             "use train's --eval-batch-size to reproduce its log)."
                                             )] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the dequantisation noise.")] = 0,
-    limit: Annotated[int | None, typer.Option(help="Score only the first N images.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score N images: a seeded random subset, "
+                                              "the same as `train --eval-limit N`.")] = None,
     fid: Annotated[bool, typer.Option("--fid/--no-fid", help="Also compute FID.")] = False,
     num_samples: Annotated[int, typer.Option(help="Samples for FID (50000 for papers).")] = 50_000,
     temperature: Annotated[float, typer.Option(help="Sampling temperature for FID.")] = 1.0,
     inception_weights: Annotated[Path | None, typer.Option(
         help="The pytorch-fid Inception weights file (else $ATTNFLOW_INCEPTION_WEIGHTS or the "
              "torch hub cache).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")
+                      ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Score a checkpoint: test-split bits/dim (single-sample dequantisation), optionally FID."""
     from rich.console import Console
 
+    from attnflow_zoo.core import resolve_device
+    from attnflow_zoo.errors import ConfigError
     from attnflow_zoo.evaluation import evaluate_checkpoint
+    from attnflow_zoo.sampling import check_request
 
     if (checkpoint is None) == (repo is None):
-        raise typer.BadParameter("give exactly one of --checkpoint or --repo")
+        raise ConfigError("give exactly one of --checkpoint DIR or --repo ID")
+    for name, value in (("--batch-size", batch_size), ("--limit", limit)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value}")
+    if fid:
+        from attnflow_zoo.metrics import resolve_inception_weights
+
+        check_request(num_samples, temperature, batch_size)
+        resolve_inception_weights(inception_weights)  # missing FID weights are said before any work
+    resolve_device(device)  # a device the machine lacks is refused before any work
     source = checkpoint if checkpoint is not None else repo
     result = evaluate_checkpoint(source, dataset, split, batch_size=batch_size, seed=seed,
                                  limit=limit, device=device, fid=fid, num_samples=num_samples,
@@ -44,7 +58,7 @@ def evaluate(
         typer.echo(json.dumps(result))
         return
     console = Console()
-    console.print(f"{dataset} {split} ({result['num_images']} images): "
-                  f"bits/dim {result['bits_per_dim']:.4f}")
+    console.print(f"{dataset} {result['split']} ({result['bpd_num_images']} images): "
+                  f"bits/dim {result['bpd']:.4f}")
     if "fid" in result:
         console.print(f"FID {result['fid']:.2f} ({result['fid_num_samples']} samples)")

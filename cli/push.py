@@ -10,47 +10,37 @@ import typer
 
 def push(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Local checkpoint directory "
-                                             "(config.json + model.safetensors).")],
+                                             "(config.json + model.safetensors) or a `train "
+                                             "--out` folder (its latest checkpoint).")],
     repo: Annotated[str, typer.Option("--repo", help="Target Hub repo id, user/name.")],
-    metrics: Annotated[str | None, typer.Option(help="Measured metrics for the card: a JSON "
-                                                "file or a JSON string (keys: dataset, split, "
-                                                "bpd, bpd_estimator, fid, fid_num_samples, "
-                                                "fid_weights, ...).")] = None,
+    metrics: Annotated[str | None, typer.Option(help="Measured metrics for the card: the JSON "
+                                                "that `attnflow evaluate --json` prints (a file "
+                                                "or the JSON itself).")] = None,
     private: Annotated[bool, typer.Option(help="Create the repo as private.")] = False,
     preset: Annotated[str | None, typer.Option(help="Zoo entry whose card to use (default: "
                                                "the one recorded in config.json).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Run every check and write the "
+                                          "card locally; upload nothing.")] = False,
+    card_out: Annotated[Path | None, typer.Option("--card-out", "-o", help="Where --dry-run "
+                                                  "writes the card (default: README.md in the "
+                                                  "checkpoint).")] = None,
 ) -> None:
     """Upload exactly config.json, model.safetensors and a rendered README.md (model card).
 
     The checkpoint is loaded strictly and its round trip inverse(forward(x)) = x is checked
-    before anything is uploaded.
+    before anything is uploaded. The card is rendered from the checkpoint's run record (what
+    training really did), its recipe and --metrics.
     """
-    import json
-
     from rich.console import Console
 
-    from attnflow_zoo.errors import ConfigError
     from attnflow_zoo.publish import push_checkpoint
+    from attnflow_zoo.results import load_metrics
 
-    metrics_dict = None
-    if metrics is not None:
-        text = metrics if metrics.lstrip().startswith("{") else _read(Path(metrics))
-        try:
-            metrics_dict = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"--metrics is neither a JSON file nor valid JSON: {err}") from err
-        if not isinstance(metrics_dict, dict):
-            raise ConfigError("--metrics must be a JSON object")
-    url = push_checkpoint(checkpoint, repo, metrics=metrics_dict, private=private,
-                          preset=preset)
-    Console().print(f"pushed {checkpoint} to {repo}: {url}")
-
-
-def _read(path: Path) -> str:
-    from attnflow_zoo.errors import ConfigError
-
-    try:
-        return path.read_text()
-    except OSError as err:
-        raise ConfigError(f"--metrics: cannot read {path} ({err.strerror}); pass a JSON file "
-                          "or a JSON object") from err
+    metrics_dict = load_metrics(metrics) if metrics is not None else None
+    result = push_checkpoint(checkpoint, repo, metrics=metrics_dict, private=private,
+                             preset=preset, dry_run=dry_run, card_out=card_out)
+    if dry_run:
+        Console().print(f"dry run: {checkpoint} passed every check; card for {repo} written to "
+                        f"{result}; nothing was uploaded")
+    else:
+        Console().print(f"pushed {checkpoint} to {repo}: {result}")

@@ -17,9 +17,11 @@ def sample(
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Local checkpoint "
                                                     "directory (config.json + model.safetensors).",
                                                     rich_help_panel=SOURCE)] = None,
-    num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="How many images.",
+    num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="How many images "
+                                             "(≥ 1).",
                                              rich_help_panel=OUTPUT)] = 64,
-    temperature: Annotated[float, typer.Option(help="Prior standard-deviation scale T.",
+    temperature: Annotated[float, typer.Option(help="Prior standard-deviation scale T (> 0, "
+                                               "finite; 1 is the model's distribution).",
                                                rich_help_panel=OUTPUT)] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the sampling generator.",
                                       rich_help_panel=OUTPUT)] = 0,
@@ -28,22 +30,36 @@ def sample(
                                          rich_help_panel=OUTPUT)] = Path("samples.png"),
     nrow: Annotated[int | None, typer.Option(help="Images per grid row (default √n).",
                                              rich_help_panel=OUTPUT)] = None,
-    batch_size: Annotated[int, typer.Option(help="Images drawn per forward pass.",
+    batch_size: Annotated[int, typer.Option(help="Images drawn per forward pass (≥ 1).",
                                             rich_help_panel=OUTPUT)] = 256,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N or "
+                                        "mps.")] = "auto",
 ) -> None:
-    """Draw seeded samples at a temperature and save them as a PNG grid or an NPZ array."""
+    """Draw seeded samples at a temperature and save them as a PNG grid or an NPZ array.
+
+    Every option (count, temperature, batch size, output path, device) is checked before the
+    model is loaded or any sample drawn.
+    """
     from rich.console import Console
 
     from attnflow_zoo.errors import ConfigError
     from attnflow_zoo.factory import load_model
-    from attnflow_zoo.sampling import draw_samples, resolve_device, save_samples
+    from attnflow_zoo.sampling import (
+        check_output,
+        check_request,
+        draw_samples,
+        resolve_device,
+        save_samples,
+    )
 
     if (repo is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --repo ID or --checkpoint DIR")
+    check_request(num_samples, temperature, batch_size)
+    check_output(output)
+    dev = resolve_device(device)
     model = load_model(checkpoint if checkpoint is not None else repo)
     images = draw_samples(model, num_samples, temperature=temperature, seed=seed,
-                          batch_size=batch_size, device=resolve_device(device))
+                          batch_size=batch_size, device=dev)
     path = save_samples(images, output, nrow=nrow)
     Console().print(f"wrote {images.shape[0]} samples ({'×'.join(map(str, images.shape[1:]))}, "
                     f"T={temperature}, seed={seed}) to {path}")

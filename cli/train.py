@@ -49,62 +49,107 @@ def train(
                                               "(default: the dataset's rule: off for digits and "
                                               "local folders).",
                                               rich_help_panel=_DATA)] = None,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N training images.",
+    limit: Annotated[int | None, typer.Option(help="Use N training images: a seeded random "
+                                              "subset, the same in every command.",
                                               rich_help_panel=_DATA)] = None,
-    eval_limit: Annotated[int | None, typer.Option(help="Use only the first N held-out images.",
-                                                   rich_help_panel=_DATA)] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Score N held-out images (a seeded "
+                                                   "random subset; `evaluate --limit N` scores "
+                                                   "the same).", rich_help_panel=_DATA)] = None,
+    validation: Annotated[float | None, typer.Option(help="Validation images carved out of the "
+                                                     "training images (seeded by --seed): a "
+                                                     "fraction < 1 or a count; 0 for none. They "
+                                                     "choose best/ (default 0.02).",
+                                                     rich_help_panel=_DATA)] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<model>).",
                                              rich_help_panel=_RUN)] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly.",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly, from its "
+                                         "newest intact checkpoint.",
                                          rich_help_panel=_RUN)] = False,
+    override: Annotated[list[str] | None, typer.Option(
+        "--override", metavar="KEY", help="With --resume: let this recorded setting change "
+        "(repeatable, e.g. --override lr); without it a changed setting is refused.",
+        rich_help_panel=_RUN)] = None,
+    keep_last: Annotated[int | None, typer.Option(help="Keep the newest N step checkpoints "
+                                                  "(best/ is kept apart; default 2).",
+                                                  rich_help_panel=_RUN)] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.",
                                                          rich_help_panel=_RUN)] = None,
-    log_every: Annotated[int | None, typer.Option(help="Log metrics every N steps.",
+    log_every: Annotated[int | None, typer.Option(help="Log metrics (and, off a terminal, a "
+                                                  "progress line) every N steps.",
                                                   rich_help_panel=_RUN)] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Held-out bits/dim every N steps "
-                                                   "(always at the end).",
+    eval_every: Annotated[int | None, typer.Option(help="Validation bits/dim and a sample "
+                                                   "grid every N steps (always at the end; the "
+                                                   "held-out split is scored at the end only).",
                                                    rich_help_panel=_RUN)] = None,
-    eval_batch_size: Annotated[int | None, typer.Option(help="Batch size of the held-out "
-                                                        "evaluation.",
+    eval_batch_size: Annotated[int | None, typer.Option(help="Batch size of the validation and "
+                                                        "held-out evaluations.",
                                                         rich_help_panel=_RUN)] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of shuffling, augmentation and noise.",
+    seed: Annotated[int | None, typer.Option(help="Seed of the initial weights, the "
+                                             "validation split, shuffling, augmentation and "
+                                             "noise.",
                                              rich_help_panel=_RUN)] = None,
-    amp: Annotated[str | None, typer.Option(help="none, bf16 or fp16 (CUDA only).",
+    amp: Annotated[str | None, typer.Option(help="none, bf16 or fp16 autocast (CUDA only: "
+                                            "refused on other devices).",
                                             rich_help_panel=_RUN)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.",
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.",
                                         rich_help_panel=_RUN)] = "auto",
 ) -> None:
     """Train a zoo preset by maximum likelihood (Adamax + warm-up + EMA, mAR-SCF recipe).
 
-    Options left out take TrainConfig's defaults.
+    Options left out take the preset's training recipe (`attnflow models` shows it), e.g.
+    `attnflow train --model attnflow_imap_cifar10 --dataset cifar10` trains the published
+    recipe with no other flag; --steps or --epochs override its length.
 
     Writes <out>/step-N/ checkpoints (config.json + model.safetensors, loadable with
-    from_pretrained; `attnflow evaluate --checkpoint <out>` reads the latest) and
-    <out>/metrics.jsonl. Under `torchrun --nproc_per_node G` it trains on G GPUs.
+    from_pretrained; `attnflow evaluate --checkpoint <out>` reads the latest), <out>/best/
+    (lowest validation bits/dim), metrics.jsonl, run.json (what the run did), TensorBoard
+    events in <out>/tensorboard, and curves.png + samples.png at the end. Ctrl-C or SIGTERM
+    finish the step, write a checkpoint and print the resume command. Under
+    `torchrun --nproc_per_node G` it trains on G GPUs.
     """
-    from rich.console import Console
+    from attnflow_zoo.recipes import train_config
+    from attnflow_zoo.training import TrainingInterrupted, train_preset
 
-    from attnflow_zoo.training import TrainConfig, train_preset
-
-    if steps is None and epochs is None:
-        raise typer.BadParameter("give --steps or --epochs")
     overrides = {k: v for k, v in (("attention", attn), ("image_size", image_size),
                                    ("in_channels", in_channels)) if v is not None}
     given = {"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr,
              "warmup_steps": warmup_steps, "schedule": schedule, "grad_clip": grad_clip,
              "augment": augment, "flip": flip, "checkpoint_every": checkpoint_every,
              "log_every": log_every, "eval_every": eval_every,
-             "eval_batch_size": eval_batch_size, "seed": seed, "amp": amp}
+             "eval_batch_size": eval_batch_size, "seed": seed, "amp": amp,
+             "validation": validation, "keep_checkpoints": keep_last}
     settings = {k: v for k, v in given.items() if v is not None}
     if ema_decay is not None:
         settings["ema_decay"] = ema_decay or None  # 0 disables the EMA
-    config = TrainConfig(**settings)
+    config = train_config(model, **settings)
     out = out if out is not None else Path("runs") / model
-    result = train_preset(model, dataset, config, out_dir=out, resume=resume,
-                          overrides=overrides, limit=limit, eval_limit=eval_limit, device=device)
+    try:
+        result = train_preset(model, dataset, config, out_dir=out, resume=resume,
+                              overrides=overrides, limit=limit, eval_limit=eval_limit,
+                              device=device, allow_changes=override or ())
+    except TrainingInterrupted as err:
+        typer.echo(str(err), err=True)
+        typer.echo(f"resume with: {_resume_command()}", err=True)
+        raise typer.Exit(err.exit_code) from None
     if result.checkpoint is None:  # not rank 0 under torchrun
         return
-    console = Console()
-    console.print(f"step {result.step}: train bits/dim {result.train_bpd:.4f}"
-                  + (f", held-out bits/dim {result.eval_bpd:.4f}" if result.eval_bpd else ""))
-    console.print(f"checkpoint: {result.checkpoint}")
+    parts = [f"step {result.step}: train bits/dim {result.train_bpd:.4f}"]
+    if result.val_bpd is not None:
+        parts.append(f"validation {result.val_bpd:.4f}")
+    if result.eval_bpd is not None:
+        parts.append(f"held-out {result.eval_bpd:.4f}")
+    # Plain lines (no wrapping of long paths): scripts read them.
+    typer.echo(", ".join(parts))
+    typer.echo(f"checkpoint: {result.checkpoint}")
+    if result.best is not None:
+        typer.echo(f"best: {out / 'best'} (step {result.best['step']}, validation bits/dim "
+                      f"{result.best['bpd']:.4f})")
+
+
+def _resume_command() -> str:
+    """The command line that continues this run: the same arguments plus --resume."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:]
+    return shlex.join(["attnflow", *args, *([] if "--resume" in args else ["--resume"])])

@@ -18,10 +18,11 @@ def validate(
     fullscale: Annotated[bool, typer.Option(help="CelebA at 218×178, batch 1, 1 epoch.")] = False,
     lipschitz: Annotated[str, typer.Option(help="faithful (the paper) | certified (provably "
                                            "contractive).")] = "faithful",
-    epochs: Annotated[int | None, typer.Option(help="Training epochs (default 100; 1 with "
+    epochs: Annotated[int | None, typer.Option(help="Training epochs, ≥ 1 (default 100; 1 with "
                                                "--fullscale).", rich_help_panel="Training")
                       ] = None,
-    limit: Annotated[int, typer.Option(help="Train and test images used (the paper: 1000).",
+    limit: Annotated[int, typer.Option(help="Train and test images used, each a seeded random "
+                                       "subset (the paper: 1000).",
                                        rich_help_panel="Training")] = 1000,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default 64; 1 with "
                                                    "--fullscale).", rich_help_panel="Training")

@@ -63,14 +63,15 @@ def test_bits_per_dim_at_init_is_analytic(name: str, overrides: dict,
     """At construction (eval mode, ActNorm not yet data-initialised) the model is linear:
     ActNorm = id, InvConv1x1 = a rotation (|det| = 1), coupling z_b = σ(2)·x_b (zero-init
     shift net), iMap y = σ(4)·x (zero mixing weights, s = b = 4: SPEC §1.3), prior = N(0, I)
-    (zero-init heads). With n_l = C_l·H_l·W_l at level l (after the squeeze), hence
+    (zero-init heads; the mAR prior's with prior_output_init="zero"). With n_l = C_l·H_l·W_l
+    at level l (after the squeeze), hence
 
         log p(x) = −D/2·ln 2π − ½‖z‖² + Σ_l K·[(C_l//2)·H_l·W_l·ln σ(2) + a_l·n_l·ln σ(4)],
 
     (a_l = 1 if level l has attention) and, since each step rotates, shrinks half the channels by
     σ(2) and (with iMap) all of them by σ(4): σ(2)^{KL}·r ≤ ‖z‖/‖x‖ ≤ r, r = σ(4)^{K·Σa_l}.
     At x = 0 it is exact; on images bpd lies between the two bounds."""
-    model = _create(name, **overrides).double().eval()
+    model = _create(name, prior_output_init="zero", **overrides).double().eval()
     cfg = model.config
     for module in model.modules():  # the iMap init this derivation assumes
         if type(module).__name__ == "IMap":
@@ -162,6 +163,8 @@ def test_config_errors() -> None:
         az.create_model("attnflow_itrans_tiny", itrans_patch_size=3)
     with pytest.raises(ConfigError, match="2×2 tokens"):  # level 2 is 2×2: one 2×2 token
         az.create_model("attnflow_itrans_tiny", attention_levels=[True, True])
+    with pytest.raises(ConfigError, match="prior_output_init"):
+        az.create_model("marflow_tiny", prior_output_init="ones")
     model = az.create_model("marflow_tiny")
     with pytest.raises(ShapeError):
         model.log_prob(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
@@ -184,6 +187,21 @@ def test_presets_are_registered() -> None:
     assert (cfg.image_size, cfg.num_levels, cfg.num_steps, cfg.hidden_channels) == (64, 4, 32, 512)
     cfg = az.registry.preset_config("marflow_mnist_small")
     assert (cfg.in_channels, cfg.image_size, cfg.num_steps, cfg.hidden_channels) == (1, 32, 8, 256)
+
+
+def test_mixlog_presets_are_the_paper_configuration() -> None:
+    """AttnFlow's table: L = 3, K = 2, C = 256 with MixLogCDF couplings (≈ 127M parameters);
+    the _small variant K = 4, C = 96 (≈ 45M)."""
+    rows = {r["name"]: r["params"] for r in az.describe_models("*_cifar10_mixlog*")}
+    assert set(rows) == {f"{f}_cifar10_mixlog{s}" for f in ("attnflow_imap", "attnflow_itrans",
+                                                             "marflow") for s in ("", "_small")}
+    for name, params in rows.items():
+        millions = float(params.rstrip("M"))
+        assert (120 < millions < 135) if name.endswith("_mixlog") else (40 < millions < 50)
+    cfg = az.registry.preset_config("attnflow_imap_cifar10_mixlog")
+    assert (cfg.num_levels, cfg.num_steps, cfg.hidden_channels, cfg.coupling) == (
+        3, 2, 256, "mixlogcdf")
+    assert (cfg.mixlog_num_components, cfg.mixlog_num_blocks, cfg.mixlog_dropout) == (32, 10, 0.2)
 
 
 # --- a short training run on real digits --------------------------------------------------------

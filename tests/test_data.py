@@ -122,7 +122,7 @@ def test_rectangular_images_are_center_cropped(tmp_path):
 def test_parquet_folder(mnist_folder, tmp_path):
     import datasets
 
-    ref = data.load_images(mnist_folder, "test", limit=20, cache_dir=tmp_path / "c")
+    ref = data.load_images(mnist_folder, "test", cache_dir=tmp_path / "c")[:20]  # sorted files
     files = sorted(str(p) for p in (mnist_folder / "test").rglob("*.png"))[:20]
     ds = datasets.Dataset.from_dict({"label": list(range(20)), "picture": files})
     ds = ds.cast_column("picture", datasets.Image())
@@ -131,6 +131,51 @@ def test_parquet_folder(mnist_folder, tmp_path):
     x = data.load_images(tmp_path / "pq", "test", cache_dir=tmp_path / "c")
     assert x.shape == (20, 1, 28, 28)
     assert sorted(map(bytes, x.flatten(1).numpy())) == sorted(map(bytes, ref.flatten(1).numpy()))
+    # Its test split is the held-out split (scored by train and evaluate), as for a folder tree.
+    ds.to_parquet(str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"))
+    assert data.local_splits(tmp_path / "pq") == ["train", "test"]
+    assert data.heldout_split(tmp_path / "pq") == "test"
+    assert data.heldout_split(mnist_folder) == "test"
+
+
+def test_limit_is_a_seeded_random_subset_not_the_first_files(mnist_folder, tmp_path):
+    """The folder lists files sorted by class: the first N would all be zeros."""
+    full = data.load_images(mnist_folder, "train", cache_dir=tmp_path)
+    a = data.load_images(mnist_folder, "train", limit=200, cache_dir=tmp_path)
+    b = data.load_images(mnist_folder, "train", limit=200, cache_dir=tmp_path / "other")
+    assert torch.equal(a, b)  # the same subset every time (and in every command)
+    keep = data.limit_indices(len(full), 200)
+    assert torch.equal(a, full[keep]) and keep != list(range(200))
+    # It spans the classes: the folder holds 400 images per class in order.
+    assert len({i // 400 for i in keep}) == 10
+
+
+def test_resizing_is_said_not_silent(mnist_folder, tmp_path, capsys):
+    data.load_images(mnist_folder, "test", image_size=32, limit=10, cache_dir=tmp_path)
+    first = capsys.readouterr().err
+    assert "28×28 zero-padded to 32×32" in first and "--image-size" in first
+    data.load_images(mnist_folder, "test", image_size=32, limit=10, cache_dir=tmp_path)
+    assert "zero-padded" in capsys.readouterr().err  # said again when read from the cache
+    data.load_images(mnist_folder, "test", image_size=14, limit=10, cache_dir=tmp_path)
+    assert "28×28 resized (bilinear) to 14×14" in capsys.readouterr().err
+    data.load_images(mnist_folder, "test", limit=10, cache_dir=tmp_path)
+    assert capsys.readouterr().err == ""
+
+
+def test_float_images_are_refused():
+    """`bits_per_dim(x.float() / 255)` used to score ≈ 7.1 bits/dim of the wrong data."""
+    from _toy_flow import ToyFlow, ToyFlowConfig
+
+    from attnflow_zoo.errors import ShapeError
+
+    x = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    model = ToyFlow(ToyFlowConfig())
+    for bad in (x.float() / 255, x.float(), x.to(torch.int64)):
+        with pytest.raises(ShapeError, match="uint8"):
+            model.bits_per_dim(bad)
+        with pytest.raises(ShapeError, match="uint8"):
+            data.dequantize(bad)
+    assert model.bits_per_dim(x).shape == (2,)
 
 
 def test_split_errors_list_available_splits(mnist_folder, tmp_path):
@@ -199,3 +244,21 @@ def test_augment_without_flip_is_a_pure_shift(gen):
     assert y.shape == x.shape
     zero = data.augment(x, gen, max_shift=0, flip=False)
     assert torch.equal(zero, x)
+
+
+def test_embedded_digits_load_offline(tmp_path) -> None:
+    """`digits` ships inside the package: 4,000 / 1,000 real digits, stratified, padded to 32
+    like the zoo's MNIST presets, read through the same decode-and-cache path."""
+    from attnflow_zoo import data
+
+    train = data.load_images("digits", "train", image_size=32, cache_dir=tmp_path)
+    test = data.load_images("digits", "test", image_size=32, cache_dir=tmp_path)
+    assert train.shape == (4000, 1, 32, 32) and test.shape == (1000, 1, 32, 32)
+    assert train.dtype == torch.uint8 and int(train.max()) == 255
+    assert train[:, :, :2].max() == 0 and train[:, :, -2:].max() == 0  # 28 -> 32 zero padding
+    assert data.heldout_split("digits") == "test" and not data.default_flip("digits")
+    assert list(tmp_path.glob("digits_*.safetensors"))  # cached like every dataset
+    ds = data._embedded_split("digits.npz", "test")
+    assert sorted(set(ds["label"])) == list(range(10))
+    assert all(n == 100 for n in torch.bincount(torch.tensor(ds["label"])).tolist())
+    assert data.card_info("digits")["hub_id"] is None

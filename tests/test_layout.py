@@ -103,7 +103,7 @@ def _in(module: str, *groups: str) -> bool:
 
 def test_the_graph_is_read() -> None:
     edges, external = _graph()
-    assert "factory" in edges["training.loop"] and "core" in edges["layers.linear"]
+    assert "factory" in edges["training.preset"] and "core" in edges["layers.linear"]
     assert "models.attnflow" in edges["factory"]  # `from .models import attnflow` is seen
     assert "torch" in external["core"]
 

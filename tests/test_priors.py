@@ -12,8 +12,9 @@ from attnflow_zoo.testing import check_gradients, perturb_parameters
 PRIORS = {
     "mar_cond": lambda: MARPrior(6, cond_channels=4, hidden_channels=8, num_layers=3,
                                  kernel_size=5, dilation=2, cond_hidden_channels=8,
-                                 embed_channels=3),
-    "mar_uncond": lambda: MARPrior(5, hidden_channels=8, num_layers=2, kernel_size=3),
+                                 embed_channels=3, output_init="zero"),
+    "mar_uncond": lambda: MARPrior(5, hidden_channels=8, num_layers=2, kernel_size=3,
+                                   output_init="zero"),
     "gauss_cond": lambda: GaussianPrior(6, cond_channels=4),
     "gauss_uncond": lambda: GaussianPrior(5),
 }
@@ -41,6 +42,20 @@ def test_starts_as_standard_normal(name: str) -> None:
     z, cond = _inputs(prior, 2, 4, 4)
     expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).flatten(1).sum(1)
     torch.testing.assert_close(prior.log_prob(z, cond), expected)
+
+
+@pytest.mark.parametrize(("output_init", "lstm_learns"), [("random", True), ("zero", False)])
+def test_output_init_decides_whether_the_lstm_learns_at_init(output_init: str,
+                                                             lstm_learns: bool) -> None:
+    """The Decision behind output_init: a zero output conv cuts every gradient into the
+    conv-LSTM at initialisation; mAR-SCF's random one lets it learn from the first step."""
+    prior = MARPrior(6, cond_channels=4, hidden_channels=8, num_layers=2, kernel_size=3,
+                     output_init=output_init).double()
+    z, cond = _inputs(prior, 2, 4, 4)
+    prior.log_prob(z, cond).sum().backward()
+    grads = [p.grad for p in prior.lstm.parameters()]
+    assert all(g is not None for g in grads)
+    assert any(g.abs().max() > 0 for g in grads) == lstm_learns
 
 
 @pytest.mark.parametrize("name", PRIORS)

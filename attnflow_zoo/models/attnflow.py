@@ -21,16 +21,18 @@ from ..errors import ConfigError, ShapeError
 from ..layers.coupling import AffineCoupling
 from ..layers.linear import InvConv1x1
 from ..layers.masked_attention import IMap, ITrans
+from ..layers.mixlogcdf import MixLogCDFCoupling
 from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import GaussianPrior, MARPrior
-from ..registry import register_model, register_preset
 from .base import FlowModel
 
-#: Coupling layers by config name: (num_channels, hidden_channels) -> layer. A MixLogCDF
-#: coupling registers here (``COUPLINGS["mixlogcdf"] = ...``) without touching the model.
-COUPLINGS: dict[str, Callable[[int, int], InvertibleModule]] = {
-    "affine": lambda c, hidden: AffineCoupling(c, hidden),
+#: Coupling layers by config name: (num_channels, config) -> layer.
+COUPLINGS: dict[str, Callable[[int, "AttnFlowConfig"], InvertibleModule]] = {
+    "affine": lambda c, cfg: AffineCoupling(c, cfg.hidden_channels),
+    "mixlogcdf": lambda c, cfg: MixLogCDFCoupling(
+        c, cfg.hidden_channels, cfg.mixlog_num_components, cfg.mixlog_num_blocks,
+        cfg.mixlog_num_heads, cfg.mixlog_dropout),
 }
 
 ATTENTIONS = ("imap", "itrans", "none")
@@ -50,18 +52,32 @@ class AttnFlowConfig:
         num_levels: L, the number of squeeze levels (a split after each level but the last).
         num_steps: K, flow steps per level.
         hidden_channels: width of each coupling's conditioner network.
-        coupling: coupling layer, a key of ``COUPLINGS`` ("affine").
+        coupling: coupling layer, a key of ``COUPLINGS``: "affine" (mAR-SCF's affine coupling)
+            or "mixlogcdf" (Flow++'s logistic-mixture CDF coupling, as in mAR-SCF's 3.24 bpd
+            models; SPEC §3.1).
+        mixlog_num_components: K, logistics per MixLogCDF mixture (Flow++ / mAR-SCF: 32).
+        mixlog_num_blocks: gated conv + attention blocks of its conditioner (mAR-SCF: 10).
+        mixlog_num_heads: attention heads of its conditioner (4).
+        mixlog_dropout: dropout of its conditioner (0.2; off in ``eval()``, so score in eval).
         attention: "imap", "itrans" or "none" (then the model is MaR-Flow).
         attention_levels: per-level on/off tuple of length L (None: attention on every level).
         imap_mixing: iMap's mixing axis, "spatial" (positions) or "channel" (SPEC §1.3).
+        imap_init_logit: c, iMap's initial s = b (SPEC §1.3 Decision): 4 starts every gate at
+            σ(4) = 0.98, near the identity; see ``IMap``.
+        imap_gate: "sigmoid" (published: y = x·σ(·)) or "normalized" (y = x·σ(·)/σ(c), the
+            identity at init for any c); a Decision, see ``IMap``.
         itrans_patch_size: iTrans token patch size P (1 or 2; must divide each level's H, W).
         itrans_form: "convex" (default; A = (1 − β)I + β·softmax, starts at the identity) or
             "paper" (A = softmax + αI exactly as published); see ``ITrans``.
+        itrans_init_mix: the convex iTrans's initial β, the softmax's weight in A (0.05).
         prior: "mar" (mAR conv-LSTM channel prior) or "gaussian" (Glow's diagonal prior).
         prior_hidden_channels: conv-LSTM width of the mAR prior (mAR-SCF: 32).
         prior_num_layers: conv-LSTM layers of the mAR prior (mAR-SCF: 3).
         prior_cond_hidden_channels: hidden width of the prior's emb(z1) net (mAR-SCF: 32).
         prior_embed_channels: output channels of emb(z1) (mAR-SCF: 4).
+        prior_output_init: "random" (mAR-SCF's default-initialised output conv of the mAR
+            prior; learns 0.4 bits/dim faster early on) or "zero" (the prior starts as
+            N(0, I)); a Decision, see ``MARPrior``.
     """
 
     image_size: int = 32
@@ -70,16 +86,24 @@ class AttnFlowConfig:
     num_steps: int = 8
     hidden_channels: int = 256
     coupling: str = "affine"
+    mixlog_num_components: int = 32
+    mixlog_num_blocks: int = 10
+    mixlog_num_heads: int = 4
+    mixlog_dropout: float = 0.2
     attention: str = "imap"
     attention_levels: tuple[bool, ...] | None = None
     imap_mixing: str = "spatial"
+    imap_init_logit: float = 4.0
+    imap_gate: str = "sigmoid"
     itrans_patch_size: int = 2
     itrans_form: str = "convex"
+    itrans_init_mix: float = 0.05
     prior: str = "mar"
     prior_hidden_channels: int = 32
     prior_num_layers: int = 3
     prior_cond_hidden_channels: int = 32
     prior_embed_channels: int = 4
+    prior_output_init: str = "random"
 
     def __post_init__(self) -> None:
         if self.attention_levels is not None and not isinstance(self.attention_levels, tuple):
@@ -93,11 +117,23 @@ class AttnFlowConfig:
             raise ConfigError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.coupling not in COUPLINGS:
             raise ConfigError(f"coupling must be one of {tuple(COUPLINGS)}, got {self.coupling!r}")
+        if self.prior_output_init not in ("random", "zero"):
+            raise ConfigError(f"prior_output_init must be 'random' or 'zero', got "
+                              f"{self.prior_output_init!r}")
         if self.prior not in PRIORS:
             raise ConfigError(f"prior must be one of {PRIORS}, got {self.prior!r}")
         if self.imap_mixing not in ("spatial", "channel"):
             raise ConfigError(f"imap_mixing must be 'spatial' or 'channel', got "
                               f"{self.imap_mixing!r}")
+        if not math.isfinite(self.imap_init_logit):
+            raise ConfigError(f"imap_init_logit must be a finite number, got "
+                              f"{self.imap_init_logit!r}")
+        if self.imap_gate not in ("sigmoid", "normalized"):
+            raise ConfigError(f"imap_gate must be 'sigmoid' or 'normalized', got "
+                              f"{self.imap_gate!r}")
+        if not 0 < self.itrans_init_mix < 0.5:
+            raise ConfigError(f"itrans_init_mix must be in (0, 0.5), got "
+                              f"{self.itrans_init_mix!r}")
         if self.num_levels < 1 or self.num_steps < 1:
             raise ConfigError("num_levels and num_steps must be at least 1")
         if self.image_size % (2 ** self.num_levels):
@@ -126,9 +162,10 @@ class AttnFlowConfig:
 def _attention_layer(cfg: AttnFlowConfig, channels: int, size: int, parity: int
                      ) -> InvertibleModule:
     if cfg.attention == "imap":
-        return IMap(channels, size, size, parity=parity, mixing=cfg.imap_mixing)
+        return IMap(channels, size, size, parity=parity, mixing=cfg.imap_mixing,
+                    init_logit=cfg.imap_init_logit, gate=cfg.imap_gate)
     return ITrans(channels, size, size, parity=parity, patch_size=cfg.itrans_patch_size,
-                  form=cfg.itrans_form)
+                  form=cfg.itrans_form, init_mix=cfg.itrans_init_mix)
 
 
 def flow_step(cfg: AttnFlowConfig, channels: int, size: int, parity: int,
@@ -137,7 +174,7 @@ def flow_step(cfg: AttnFlowConfig, channels: int, size: int, parity: int,
     layers: list[InvertibleModule] = [
         ActNorm(channels),
         InvConv1x1(channels),
-        COUPLINGS[cfg.coupling](channels, cfg.hidden_channels),
+        COUPLINGS[cfg.coupling](channels, cfg),
     ]
     if attention:
         layers.append(_attention_layer(cfg, channels, size, parity))
@@ -189,7 +226,8 @@ class AttnFlow(FlowModel):
         kernel, dilation = PRIOR_KERNELS[min(level, len(PRIOR_KERNELS) - 1)]
         return MARPrior(channels, cond_channels, cfg.prior_hidden_channels,
                         cfg.prior_num_layers, kernel, dilation,
-                        cfg.prior_cond_hidden_channels, cfg.prior_embed_channels)
+                        cfg.prior_cond_hidden_channels, cfg.prior_embed_channels,
+                        cfg.prior_output_init)
 
     # --- the flow ---------------------------------------------------------------------------
     def encode(self, x: Tensor) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
@@ -290,99 +328,3 @@ class AttnFlow(FlowModel):
                 h = merge_channels(h, z2)
             h = self.levels[lvl].inverse(h)
         return h
-
-
-# --- presets ---------------------------------------------------------------------------------
-# Naming: ``{family}_{dataset}`` is the paper-scale model, ``{family}_{dataset}_small`` a
-# K = 8, C = 256 model for quick runs, ``{family}_tiny`` / ``{family}_*_tiny`` test sizes.
-# family: attnflow_imap, attnflow_itrans, marflow (the backbone without attention).
-# Paper scale: the AttnFlow paper does not state K and C; we use mAR-SCF's affine recipe
-# (L = 3, K = 32, C = 512 at 32×32; L = 4 at 64×64).
-_DATA_SHAPES = {
-    # dataset: (image_size, in_channels, num_levels, description); MNIST is padded to 32.
-    "cifar10": (32, 3, 3, "CIFAR-10 32×32"),
-    "svhn": (32, 3, 3, "SVHN cropped digits 32×32"),
-    "mnist": (32, 1, 3, "MNIST padded to 32×32 (1 channel)"),
-    "celeba": (64, 3, 4, "CelebA 64×64"),
-}
-_ATTENTIONS = {"imap": "AttnFlow-iMap", "itrans": "AttnFlow-iTrans",
-               "none": "MaR-Flow (no attention)"}
-_SIZES = {"paper": (32, 512, "paper scale: K=32, C=512 (mAR-SCF affine recipe)"),
-          "small": (8, 256, "small: K=8, C=256")}
-
-
-def _preset(name: str, attention: str, dataset: str, size: str) -> None:
-    image_size, channels, levels, ddesc = _DATA_SHAPES[dataset]
-    k, hidden, sdesc = _SIZES[size]
-    register_preset(name, AttnFlow, AttnFlowConfig(
-        image_size=image_size, in_channels=channels, num_levels=levels, num_steps=k,
-        hidden_channels=hidden, attention=attention),
-        f"{_ATTENTIONS[attention]} on {ddesc}, L={levels}, {sdesc}.")
-
-
-_preset("attnflow_imap_cifar10", "imap", "cifar10", "paper")
-_preset("attnflow_imap_cifar10_small", "imap", "cifar10", "small")
-_preset("attnflow_imap_svhn", "imap", "svhn", "paper")
-_preset("attnflow_imap_svhn_small", "imap", "svhn", "small")
-_preset("attnflow_imap_mnist", "imap", "mnist", "paper")
-_preset("attnflow_imap_mnist_small", "imap", "mnist", "small")
-_preset("attnflow_imap_celeba", "imap", "celeba", "paper")
-_preset("attnflow_imap_celeba_small", "imap", "celeba", "small")
-_preset("attnflow_itrans_cifar10", "itrans", "cifar10", "paper")
-_preset("attnflow_itrans_cifar10_small", "itrans", "cifar10", "small")
-_preset("attnflow_itrans_svhn", "itrans", "svhn", "paper")
-_preset("attnflow_itrans_svhn_small", "itrans", "svhn", "small")
-_preset("attnflow_itrans_mnist", "itrans", "mnist", "paper")
-_preset("attnflow_itrans_mnist_small", "itrans", "mnist", "small")
-_preset("attnflow_itrans_celeba", "itrans", "celeba", "paper")
-_preset("attnflow_itrans_celeba_small", "itrans", "celeba", "small")
-_preset("marflow_cifar10", "none", "cifar10", "paper")
-_preset("marflow_cifar10_small", "none", "cifar10", "small")
-_preset("marflow_svhn", "none", "svhn", "paper")
-_preset("marflow_svhn_small", "none", "svhn", "small")
-_preset("marflow_mnist", "none", "mnist", "paper")
-_preset("marflow_mnist_small", "none", "mnist", "small")
-_preset("marflow_celeba", "none", "celeba", "paper")
-_preset("marflow_celeba_small", "none", "celeba", "small")
-
-_TINY = dict(image_size=8, in_channels=3, num_levels=2, num_steps=2, hidden_channels=8,
-             prior_hidden_channels=8, prior_num_layers=2, prior_cond_hidden_channels=8,
-             prior_embed_channels=2)
-
-
-@register_model(AttnFlow)
-def attnflow_imap_tiny() -> AttnFlowConfig:
-    """AttnFlow-iMap (spatial mixing), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="imap", imap_mixing="spatial")
-
-
-@register_model(AttnFlow)
-def attnflow_imap_channel_tiny() -> AttnFlowConfig:
-    """AttnFlow-iMap (channel mixing), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="imap", imap_mixing="channel")
-
-
-@register_model(AttnFlow)
-def attnflow_itrans_tiny() -> AttnFlowConfig:
-    """AttnFlow-iTrans (2×2 patches, level 1 only), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    # Level 2 is 2×2: a single 2×2 token, so iTrans is switched off there.
-    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=2,
-                          attention_levels=(True, False))
-
-
-@register_model(AttnFlow)
-def attnflow_itrans_p1_tiny() -> AttnFlowConfig:
-    """AttnFlow-iTrans (1×1 patches), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=1)
-
-
-@register_model(AttnFlow)
-def attnflow_itrans_paper_tiny() -> AttnFlowConfig:
-    """AttnFlow-iTrans in the published form A = softmax + αI (1×1 patches), tiny (tests)."""
-    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=1, itrans_form="paper")
-
-
-@register_model(AttnFlow)
-def marflow_tiny() -> AttnFlowConfig:
-    """MaR-Flow (no attention), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="none")

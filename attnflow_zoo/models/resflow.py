@@ -21,7 +21,7 @@ from ..layers.residual import ResidualLayer
 from ..layers.residual_attention import KINDS, ResidualAttention
 from ..layers.spectral import SNConv1x1, SNConv2d
 from ..logdet_estimators import cpu_twin
-from ..registry import register_model
+from ..registry import TINY_RECIPE, Recipe, register_model
 from .base import FlowModel, image_hw
 
 
@@ -209,26 +209,35 @@ class ResFlow(FlowModel):
 
 
 # --- presets ---------------------------------------------------------------------------------
-@register_model(ResFlow)
+#: Zha et al.'s InvertibleAttention-iResNet CIFAR_main.py (i-ResNet's defaults; SPEC §2.5).
+IRESNET_RECIPE = Recipe(
+    name="iresnet-zha-cifar10", dataset="cifar10", lr=3e-3, warmup_images=50_000, batch_size=64,
+    epochs=200, max_shift=4, ema_decay=None,
+    source="Zha et al., InvertibleAttention-iResNet CIFAR_main.py (i-ResNet defaults): Adamax "
+           "3e-3, batch 64, 200 epochs, warm-up 1 epoch, pad 4 + random crop + flip, no EMA. "
+           "Zoo deviation: the shift pads with edge values (the original reflects).")
+
+
+@register_model(ResFlow, recipe=IRESNET_RECIPE)
 def resflow_concat_cifar10() -> ResFlowConfig:
     """i-ResNet (3×16 blocks, 512 channels) + concat residual attention, CIFAR-10 (Zha et al.)."""
     return ResFlowConfig(attention="concat")
 
 
-@register_model(ResFlow)
+@register_model(ResFlow, recipe=IRESNET_RECIPE)
 def resflow_dot_cifar10() -> ResFlowConfig:
     """i-ResNet (3×16 blocks, 512 channels) + dot residual attention, CIFAR-10 (Zha et al.)."""
     return ResFlowConfig(attention="dot")
 
 
-@register_model(ResFlow)
+@register_model(ResFlow, recipe=TINY_RECIPE)
 def resflow_concat_tiny() -> ResFlowConfig:
     """Tiny i-ResNet + certified concat attention (3×8×8, 2×1 blocks), exact logdet, for tests."""
     return ResFlowConfig(image_size=8, num_scales=2, blocks_per_scale=1, hidden_channels=8,
                          attention="concat", attention_lipschitz="certified", logdet="exact")
 
 
-@register_model(ResFlow)
+@register_model(ResFlow, recipe=TINY_RECIPE)
 def resflow_dot_tiny() -> ResFlowConfig:
     """Tiny i-ResNet + certified dot attention (3×8×8, 2×1 blocks), exact logdet, for tests."""
     return ResFlowConfig(image_size=8, num_scales=2, blocks_per_scale=1, hidden_channels=8,

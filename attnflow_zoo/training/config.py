@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from ..errors import ConfigError
 
@@ -28,9 +31,14 @@ class TrainConfig:
         flip: horizontal flips; None: the dataset's rule (``data.default_flip``: on for CIFAR-10
             and CelebA, off for digits, local folders and in-memory data).
         checkpoint_every: write a checkpoint every this many steps (and always at the end).
-        keep_checkpoints: how many step directories to keep (the newest).
+        keep_checkpoints: how many step directories to keep (the newest; ``best/`` is kept
+            apart and never rotated away).
         log_every: log training metrics every this many steps.
-        eval_every: held-out bits/dim every this many steps (and at the end), None: only at end.
+        eval_every: validation bits/dim (and a sample grid) every this many steps and at the
+            end; None: only at the end. The held-out (test) split is scored at the end only.
+        validation: the validation split carved out of the training images (seeded by ``seed``):
+            a fraction in (0, 1) or a count ≥ 1 of images, 0 for none. It picks the ``best``
+            checkpoint; the held-out split never does.
         eval_batch_size: batch size of the held-out evaluation (part of its noise stream).
         eval_seed: seed of the held-out evaluation's dequantisation noise.
         seed: seed of shuffling, augmentation and dequantisation noise.
@@ -54,6 +62,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     eval_every: int | None = None
+    validation: float = 0.02
     eval_batch_size: int = 256
     eval_seed: int = 0
     seed: int = 0
@@ -71,6 +80,10 @@ class TrainConfig:
         for name in ("warmup_steps", "max_shift", "min_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.validation) and self.validation >= 0) or (
+                self.validation >= 1 and self.validation != int(self.validation)):
+            raise ConfigError(f"validation must be a fraction in (0, 1), a whole count ≥ 1 or 0, "
+                              f"got {self.validation}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -82,6 +95,14 @@ class TrainConfig:
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
+    def validation_count(self, num_images: int) -> int:
+        """How many of ``num_images`` training images the validation split takes."""
+        if self.validation == 0:
+            return 0
+        if self.validation < 1:
+            return max(1, round(self.validation * num_images))
+        return int(self.validation)
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-plain dict (``TrainConfig(**d)`` rebuilds them)."""
         return dataclasses.asdict(self)
@@ -89,3 +110,79 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def check_device(config: TrainConfig, device: torch.device) -> None:
+    """``ConfigError`` for settings the device cannot honour (never silently ignored)."""
+    if config.amp != "none" and device.type != "cuda":
+        raise ConfigError(f"--amp {config.amp} needs a CUDA device and this run is on "
+                          f"{device.type}; use --amp none (or --device cuda on a GPU machine)")
+
+
+# --- what may change when a run is resumed ---------------------------------------------------
+#: Settings that change no weight of the run (logging and bookkeeping): free on resume.
+RESUME_FREE = frozenset({"steps", "epochs", "total_steps", "checkpoint_every",
+                         "keep_checkpoints", "log_every", "eval_every", "max_nonfinite",
+                         "eval_limit"})
+#: Settings a resumed run can never change, and why.
+RESUME_LOCKED = {
+    "batch_size": "step s trains on images s·B … (s+1)·B of its epoch's shuffle, so another "
+                  "batch size would re-show some images and skip others",
+    "seed": "the seed draws the validation split out of the training images, so another seed "
+            "would train on validation images",
+    "validation": "the validation images were carved out of the training images, so another "
+                  "split would train on them",
+}
+
+
+def check_resume(saved: dict[str, Any], current: dict[str, Any], allow: Iterable[str] = ()
+                 ) -> list[str]:
+    """Compare a run's recorded settings with the new ones (``TrainConfig.to_dict()`` plus the
+    data: ``dataset``, ``limit``, ``eval_limit``); return the changed keys allowed by ``allow``.
+
+    Free keys (``RESUME_FREE``) may change, except the run's length where the learning-rate
+    schedule depends on it (a cosine schedule, or a warm-up cut short by the length); locked keys
+    (``RESUME_LOCKED``) never; any other change (the recipe: lr, schedule, EMA, augmentation,
+    amp, the data, …) is a ``ConfigError`` unless its key is in ``allow`` (``--override KEY``).
+    """
+    allow = set(allow)
+    known = set(saved) | set(current)
+    unknown = sorted(allow - known)
+    if unknown:
+        raise ConfigError(f"--override {unknown[0]}: no such setting; choose from "
+                          f"{', '.join(sorted(known - RESUME_FREE - set(RESUME_LOCKED)))}")
+    changed = sorted(k for k in known if k in saved and saved.get(k) != current.get(k))
+    refused, allowed = [], []
+    for key in changed:
+        if key == "total_steps":  # the length in steps: judged through steps / epochs
+            continue
+        if key in RESUME_LOCKED:
+            raise ConfigError(f"cannot resume with {key}={current.get(key)!r}: the run used "
+                              f"{saved.get(key)!r}, and {RESUME_LOCKED[key]}; keep "
+                              f"{saved.get(key)!r} or start a new --out")
+        if key in RESUME_FREE and not (key in ("steps", "epochs")
+                                       and _length_moves_lr(saved, current)):
+            continue
+        (allowed if key in allow else refused).append(key)
+    if refused:
+        detail = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in refused)
+        if {"steps", "epochs"} & set(refused):
+            detail += " (the learning-rate schedule is fitted to the run's length: its cosine or "\
+                      "its warm-up, cut to the length, would change)"
+        flags = " ".join(f"--override {k}" for k in refused)
+        raise ConfigError(f"--resume would change the run's {detail}; keep the run's settings, "
+                          f"or pass {flags} to change them from the resumed step on")
+    return allowed
+
+
+def _length_moves_lr(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether another ``steps`` / ``epochs`` changes the learning rate of steps already planned:
+    a cosine schedule spans the run, and the warm-up is cut to the run's length."""
+    if "cosine" in (saved.get("schedule"), current.get("schedule")):
+        return True
+    warmup = current.get("warmup_steps") or 0
+    lengths = [saved.get("total_steps") or saved.get("steps"),
+               current.get("total_steps") or current.get("steps")]
+    if None in lengths:  # a length in epochs, not yet in steps: ``fit`` checks again with it
+        return False
+    return min(warmup, lengths[0]) != min(warmup, lengths[1])

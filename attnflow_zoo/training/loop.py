@@ -13,16 +13,20 @@ augmentation and dequantisation noise of the whole global batch (``batch_size``)
 own rows, so N processes train exactly the model one process would train on the same global
 batch (up to the order of floating-point sums). Gradients are averaged by DDP, metrics by
 all-reduce, and only rank 0 writes.
+
+A run folder (``out_dir``) is locked while a run writes it (``lock``), holds ``metrics.jsonl``,
+``run.json``, TensorBoard events, ``step-N/`` checkpoints, ``best/`` (lowest validation bits/dim)
+and, at the end, ``curves.png`` and ``samples.png`` (``run``). SIGINT / SIGTERM finish the step,
+write a checkpoint and raise ``TrainingInterrupted`` (``interrupt``).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,27 +35,33 @@ import torch
 from torch import Tensor, nn
 
 from .. import checkpoint, data, metrics
+from .._io import check_writable
 from ..core import initialize_from_data, resolve_device
-from ..errors import DataError, TrainingError
+from ..errors import CheckpointError, DataError, TrainingError
 from ..evaluation import evaluate_bpd
-from ..factory import create_model
-from ..progress import progress
-from .config import TrainConfig
+from ..progress import note, progress
+from .config import TrainConfig, check_device, check_resume
+from .datasets import carve_validation, data_record, run_settings
 from .distributed import DistContext, all_mean, barrier, init_distributed
-from .state import load_training_state, save_training_checkpoint
-
-METRICS = "metrics.jsonl"
+from .interrupt import TrainingInterrupted, stop_requests
+from .record import device_name, versions
+from .run import RunFolder, check_fresh
+from .state import load_newest_intact, recorded_settings
 
 
 @dataclass
 class FitResult:
-    """What ``fit`` returns: the final step, the checkpoint it wrote and the last metrics."""
+    """What ``fit`` returns: the final step, the checkpoint it wrote and the last metrics
+    (``eval_bpd``: the held-out split at the end; ``val_bpd``: the validation split at the end;
+    ``best``: run.json's ``best`` entry, or None without a validation split)."""
 
     step: int
     checkpoint: Path | None
     eval_bpd: float | None
     train_bpd: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    val_bpd: float | None = None
+    best: dict[str, Any] | None = None
 
 
 class _LogDensity(nn.Module):
@@ -123,27 +133,36 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
         eval_data: Tensor | None = None, out_dir: str | os.PathLike[str] | None = None,
         resume: bool = False, device: str | torch.device | None = None,
         show_progress: bool | None = None,
-        on_log: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+        on_log: Callable[[dict[str, Any]], None] | None = None,
+        allow_changes: Iterable[str] = (), run_info: dict[str, Any] | None = None) -> FitResult:
     """Train ``model`` (a FlowModel) by maximum likelihood: minimise the mean bits/dim of the
     dequantised, augmented training batches.
 
     Args:
         model: the model; trained in place (its raw, non-EMA weights).
         train_data: uint8 images N×C×H×W, or a dataset name/folder (its train split; held-out
-            data then defaults to its held-out split).
+            data then defaults to its held-out split). ``config.validation`` images are carved
+            out of it (seeded) to choose ``best/``.
         config: the ``TrainConfig``.
-        eval_data: uint8 held-out images for ``evaluate_bpd`` (of the EMA weights if EMA is on).
-        out_dir: where checkpoints and ``metrics.jsonl`` go (None: nothing is written).
-        resume: continue from ``out_dir``'s latest checkpoint (exact: same batches, noise,
+        eval_data: uint8 held-out images, scored at the end only (never used to choose).
+        out_dir: the run folder (None: nothing is written).
+        resume: continue from ``out_dir``'s newest intact checkpoint (exact: same batches, noise,
             optimizer and EMA state as an uninterrupted run).
         device: "auto" (default: CUDA if available; under torchrun cuda:LOCAL_RANK), "cpu", …
         on_log: called with every metrics record (rank 0).
+        allow_changes: settings a resume may change (``check_resume``; ``--override KEY``).
+        run_info: entries for ``run.json`` (``preset``, ``dataset`` {name, path, limit, …}).
 
     Returns:
         ``FitResult`` with the final step, the last checkpoint and the last metrics.
+
+    Raises:
+        TrainingInterrupted: after SIGINT / SIGTERM, once the checkpoint of the step is written.
     """
     ctx = init_distributed(None if device is None else resolve_device(device))
     dev = _training_device(device, ctx)
+    check_device(config, dev)
+    info = dict(run_info or {})
     dataset = train_data if isinstance(train_data, (str, os.PathLike)) else None
     if dataset is not None:
         shape = model.input_shape  # type: ignore[attr-defined]
@@ -151,6 +170,7 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
         if eval_data is None and split is not None:
             eval_data = data.load_for_shape(dataset, split, shape)
         train_data = data.load_for_shape(dataset, "train", shape)
+        info.setdefault("dataset", data_record(dataset, None, split, None))
     if config.flip is None:
         config = config.replace(flip=data.default_flip(dataset))
     model.check_images(train_data[:1])  # type: ignore[attr-defined]
@@ -159,6 +179,7 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     if config.batch_size % ctx.world_size:
         raise TrainingError(f"batch_size {config.batch_size} is not divisible by the "
                             f"{ctx.world_size} processes")
+    train_data, val_data = carve_validation(train_data, config)
     steps_per_epoch = len(train_data) // config.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_data)} training images are fewer than one batch of "
@@ -167,31 +188,60 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise TrainingError("resume needs the output folder of the run to continue")
-    if out is not None and ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        check_writable(out, is_dir=True)
+    settings = {**run_settings(config, info), "total_steps": total_steps}
+    folder = RunFolder(out, ctx.is_main)
+    try:
+        folder.lock()
+        barrier(ctx)
+        return _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, folder,
+                           resume, total_steps, steps_per_epoch, settings, allow_changes, info,
+                           show_progress, on_log)
+    except TrainingInterrupted:
+        raise
+    except BaseException as err:
+        folder.fail(err)
+        raise
+    finally:
+        folder.close()
 
+
+def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, folder, resume,
+                total_steps, steps_per_epoch, settings, allow_changes, info, show_progress,
+                on_log) -> FitResult:
+    if out is not None and not resume:
+        check_fresh(out)
     model.to(dev)
     model.train()
     optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr)
     use_amp = dev.type == "cuda" and config.amp != "none"
     amp_dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and config.amp == "fp16" else None
-    num_dims = math.prod(model.input_shape)  # type: ignore[attr-defined]
+    num_dims = math.prod(model.input_shape)
 
     start_step = 0
     ema = None
+    previous = None
     if resume:
         if config.ema_decay is not None:
             ema = _make_ema(model, config)
-        meta = load_training_state(checkpoint.resolve_local(out), model,  # type: ignore[arg-type]
-                                   ema.module if ema is not None else None, optimizer, scaler)
+        where, meta = load_newest_intact(out, model, ema.module if ema is not None else None,
+                                         optimizer, scaler)
         # Resuming without EMA from a run that had one: the raw weights load, the EMA is dropped.
         start_step = int(meta["step"])
+        changed = check_resume(recorded_settings(where), settings, allow_changes)
+        try:
+            previous = checkpoint.read_run_record(where)
+        except CheckpointError as err:  # the record is rewritten from here on
+            note(f"{err}; starting a new run record")
+        if ctx.is_main:
+            note(f"resuming from step {start_step} ({where})"
+                 + (f"; changed: {', '.join(changed)}" if changed else ""))
     else:
         # The explicit data-dependent init (ActNorm) on the first batch, before the EMA copies
-        # the weights.
-        # Each rank sees its rows of the global batch; ActNorm averages the statistics over
-        # ranks, which makes them the global batch's.
+        # the weights. Each rank sees its rows of the global batch; ActNorm averages the
+        # statistics over ranks, which makes them the global batch's.
         g = _step_generator(config.seed, 0, dev)
         x = _local_rows(data.to_model_space(
             _batch(train_data, 0, config, steps_per_epoch, dev), g), ctx)
@@ -202,33 +252,49 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
         raise TrainingError(f"the checkpoint is at step {start_step}, already ≥ the {total_steps} "
                             "steps asked for; ask for more --steps to continue")
 
+    dataset = dict(info.get("dataset") or {})
+    dataset.update(num_train=len(train_data), num_validation=len(val_data) if val_data is not None
+                   else 0, num_heldout=len(eval_data) if eval_data is not None else 0,
+                   validation_split="carved from train" if val_data is not None else None,
+                   image_shape=list(model.input_shape))
+    base = {**info, "dataset": dataset, "architecture": type(model).__name__,
+            "train_config": config.to_dict(), "world_size": ctx.world_size,
+            "device": device_name(dev), **versions(), "total_steps": total_steps,
+            "recipe": info.get("recipe")}
+    folder.start(start_step, base, previous)
+
     trainer: nn.Module = _LogDensity(model)
     if ctx.active:
         trainer = nn.parallel.DistributedDataParallel(
             trainer, device_ids=[dev.index] if dev.type == "cuda" else None)
     scheduler = _make_scheduler(optimizer, config, total_steps)
-    log_path = out / METRICS if out is not None and ctx.is_main else None
     history: list[dict[str, Any]] = []
+    net = ema.module if ema is not None else model
 
     def log(record: dict[str, Any]) -> None:
         if not ctx.is_main:
             return
         history.append(record)
-        if log_path is not None:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        folder.log_record(record)
         if on_log is not None:
             on_log(record)
 
-    def evaluate(step: int) -> float | None:
-        if eval_data is None:
+    def score(images: Tensor | None, of: nn.Module) -> float | None:
+        if images is None:
             return None
+        g = torch.Generator(device=dev).manual_seed(config.eval_seed)
+        return evaluate_bpd(of, images, config.eval_batch_size, g, show_progress=False)
+
+    def evaluate(step: int) -> float | None:
         value = None
         if ctx.is_main:
-            net = ema.module if ema is not None else model
-            g = torch.Generator(device=dev).manual_seed(config.eval_seed)
-            value = evaluate_bpd(net, eval_data, config.eval_batch_size, g, show_progress=False)
-            log({"step": step, "eval_bpd": value, "num_images": len(eval_data)})
+            value = score(val_data, net)
+            if value is not None:
+                log({"step": step, "split": "validation", "val_bpd": value,
+                     "num_images": len(val_data)})
+                note(f"step {step}: validation bits/dim {value:.4f} ({len(val_data)} images)")
+                folder.consider_best(net, step, value, len(val_data))
+            folder.grid(net, step, dev)
         barrier(ctx)
         return value
 
@@ -238,11 +304,13 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     window_steps = 0
     window_start = time.perf_counter()
     window_pause = 0.0
-    last_train = last_eval = None
+    last_train = last_eval = last_val = None
     checkpoint_path: Path | None = None
-    if not resume and step == 0 and config.eval_every is not None:
-        last_eval = evaluate(0)
-    with progress("train", total=total_steps - start_step, show=show_progress) as advance:
+    if not resume and config.eval_every is not None:
+        last_val = evaluate(0)
+    with stop_requests() if out is not None else _no_stop() as stop, \
+            progress("train", total=total_steps, show=show_progress, start=start_step,
+                     every=config.log_every) as advance:
         while step < total_steps:
             x_u8 = _batch(train_data, step, config, steps_per_epoch, dev)
             g = _step_generator(config.seed, step + 1, dev)
@@ -259,15 +327,19 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), config.grad_clip if config.grad_clip else float("inf"))
-            check = all_mean(torch.stack([bpd.detach().double(), grad_norm.double()]), ctx)
-            finite = bool(torch.isfinite(check).all())
+            signum = stop()
+            flag = torch.tensor(float(signum or 0), dtype=torch.float64, device=dev)
+            # One host sync per step: loss, grad norm and the stop request of every rank.
+            check = all_mean(torch.stack([bpd.detach().double(), grad_norm.double(), flag]), ctx)
+            loss_value, norm_value, stop_value = check.tolist()
+            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
             if not finite:
                 nonfinite += 1
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.update()
-                log({"step": step + 1, "event": "nonfinite", "train_bpd": float(check[0]),
-                     "grad_norm": float(check[1]), "consecutive": nonfinite})
+                log({"step": step + 1, "event": "nonfinite", "train_bpd": loss_value,
+                     "grad_norm": norm_value, "consecutive": nonfinite})
                 if nonfinite >= config.max_nonfinite:
                     raise TrainingError(
                         f"{nonfinite} consecutive steps gave a non-finite loss or gradient "
@@ -286,59 +358,68 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
                 window_loss += check[0]
                 window_steps += 1
             step += 1
-            advance(1)
+            fields: dict[str, str] = {}
             if window_steps and (step % config.log_every == 0 or step == total_steps):
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 elapsed = time.perf_counter() - window_start - window_pause
                 last_train = float(window_loss / window_steps)
                 ips = window_steps * config.batch_size / max(elapsed, 1e-9)
-                log({"step": step, "train_bpd": last_train, "lr": optimizer.param_groups[0]["lr"],
-                     "grad_norm": float(check[1]), "images_per_s": ips})
-                advance(0, bpd=f"{last_train:.4f}", img_s=f"{ips:.0f}")
+                lr = optimizer.param_groups[0]["lr"]
+                log({"step": step, "train_bpd": last_train, "lr": lr,
+                     "grad_norm": norm_value, "images_per_s": ips,
+                     "num_images": window_steps * config.batch_size})
+                fields = {"bpd": f"{last_train:.4f}", "lr": f"{lr:.2e}", "img/s": f"{ips:.0f}"}
                 window_loss.zero_()
                 window_steps = 0
                 window_start = time.perf_counter()
                 window_pause = 0.0
+            advance(1, **fields)
             pause_start = time.perf_counter()
             if step == total_steps or (config.eval_every is not None
                                        and step % config.eval_every == 0):
-                last_eval = evaluate(step)
-            # A skipped step changes no weights: its checkpoint waits for the next good step.
+                last_val = evaluate(step)
+            if step == total_steps and ctx.is_main:
+                last_eval = score(eval_data, net)
+                if last_eval is not None:
+                    log({"step": step, "split": "test", "eval_bpd": last_eval,
+                         "num_images": len(eval_data)})
+            stopping = stop_value > 0 and step < total_steps
+            # A skipped step changes no weights: its checkpoint waits for the next good step
+            # (unless the run is stopping).
             if out is not None and ((finite and step % config.checkpoint_every == 0)
-                                    or step == total_steps):
-                if ctx.is_main:
-                    checkpoint_path = save_training_checkpoint(
-                        out, step, model, ema.module if ema is not None else None, optimizer,
-                        scaler, config.to_dict(), config.keep_checkpoints,
-                        {"world_size": ctx.world_size, "model_class": type(model).__name__,
-                         "eval_bpd": last_eval if step == total_steps else None})
+                                    or step == total_steps or stopping):
+                status = "finished" if step == total_steps else \
+                    "interrupted" if stopping else "running"
+                checkpoint_path = folder.checkpoint(
+                    step, model, ema.module if ema is not None else None, optimizer, scaler,
+                    config.to_dict(), config.keep_checkpoints,
+                    {"world_size": ctx.world_size, "model_class": type(model).__name__,
+                     "eval_bpd": last_eval if step == total_steps else None}, status)
                 barrier(ctx)
             window_pause += time.perf_counter() - pause_start
-    return FitResult(step, checkpoint_path, last_eval, last_train, history)
+            if stopping:
+                folder.finish(net, dev, _title(info, model), "interrupted")
+                raise TrainingInterrupted(signum or int(stop_value) or 15, step,
+                                          checkpoint_path or out)  # type: ignore[arg-type]
+    if ctx.is_main:
+        folder.score_best_on_test(net, step, lambda twin: None if eval_data is None
+                                  else (score(eval_data, twin), len(eval_data)))
+        folder.finish(net, dev, _title(info, model), "finished")
+    return FitResult(step, checkpoint_path, last_eval, last_train, history, last_val,
+                     folder.best)
 
 
-def train_preset(model_name: str, dataset: str | os.PathLike[str], config: TrainConfig, *,
-                 out_dir: str | os.PathLike[str], resume: bool = False,
-                 overrides: dict[str, Any] | None = None, limit: int | None = None,
-                 eval_limit: int | None = None, device: str = "auto",
-                 show_progress: bool | None = None) -> FitResult:
-    """Build preset ``model_name`` (config ``overrides``), load ``dataset`` at its image size and
-    ``fit`` it into ``out_dir``. Every check (preset, device, data, image size, resume
-    compatibility) runs before anything is written to ``out_dir``."""
-    dev = resolve_device(device)
-    model = create_model(model_name, **(overrides or {}))
-    out = Path(out_dir)
-    if resume:
-        checkpoint.check_config_matches(model, checkpoint.resolve_local(out))
-    elif out.exists() and (checkpoint.step_folders(out) or (out / checkpoint.LATEST_NAME).exists()):
-        raise TrainingError(f"{out} already holds a training run; pass --resume to continue it "
-                            "or choose another --out")
-    shape = model.input_shape
-    train = data.load_for_shape(dataset, "train", shape, limit=limit)
-    split = data.heldout_split(dataset)
-    heldout = data.load_for_shape(dataset, split, shape, limit=eval_limit) if split else None
-    if config.flip is None:
-        config = config.replace(flip=data.default_flip(dataset))
-    return fit(model, train, config, eval_data=heldout, out_dir=out, resume=resume, device=dev,
-               show_progress=show_progress)
+def _title(info: dict[str, Any], model: nn.Module) -> str:
+    ds = info.get("dataset") or {}
+    where = ds.get("name") or (f"{Path(ds['path']).name} (local folder)" if ds.get("path")
+                               else "in-memory data")
+    return f"{info.get('preset') or type(model).__name__} on {where}"
+
+
+class _no_stop:
+    def __enter__(self) -> Callable[[], int | None]:
+        return lambda: None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

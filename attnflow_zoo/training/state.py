@@ -21,9 +21,12 @@ from torch import Tensor, nn
 from .. import checkpoint
 from .._io import atomic_directory, atomic_write_text
 from ..errors import CheckpointError, TrainingError
+from ..progress import note
 
 STATE_DIR = "training_state"
 STATE_FORMAT = 1
+#: The checkpoint with the lowest validation bits/dim (never rotated away; no training state).
+BEST_NAME = "best"
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -50,8 +53,9 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], plain: dict[str, Any]) -> d
 def save_training_checkpoint(out_dir: Path, step: int, raw: nn.Module,
                              ema_model: nn.Module | None, optimizer: torch.optim.Optimizer,
                              scaler: Any, train_config: dict[str, Any], keep: int,
-                             extra: dict[str, Any]) -> Path:
-    """Write ``out_dir/step-NNNNNNN`` and point ``latest`` at it; keep the newest ``keep``."""
+                             extra: dict[str, Any], record: dict[str, Any] | None = None) -> Path:
+    """Write ``out_dir/step-NNNNNNN`` (with ``record`` as its ``run.json``) and point ``latest``
+    at it; keep the newest ``keep`` step folders."""
     for p in raw.parameters():
         if not torch.isfinite(p).all():
             raise TrainingError(f"weights became non-finite before the checkpoint at step {step}; "
@@ -68,10 +72,89 @@ def save_training_checkpoint(out_dir: Path, step: int, raw: nn.Module,
                 "optimizer": plain, "scaler": scaler.state_dict() if scaler is not None else None,
                 "train_config": train_config, **extra}
         atomic_write_text(state_dir / "state.json", json.dumps(meta, indent=1))
+        if record is not None:
+            checkpoint.write_run_record(tmp, record)
     atomic_write_text(out_dir / checkpoint.LATEST_NAME, name + "\n")
     for old in checkpoint.step_folders(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return out_dir / name
+
+
+def save_best(out_dir: Path, model: nn.Module, record: dict[str, Any]) -> Path:
+    """Write ``out_dir/best`` (``save_pretrained`` layout + ``run.json``) atomically."""
+    with atomic_directory(out_dir / BEST_NAME) as tmp:
+        model.save_pretrained(tmp)  # type: ignore[attr-defined]
+        checkpoint.write_run_record(tmp, record)
+    return out_dir / BEST_NAME
+
+
+def resume_candidates(out_dir: Path) -> list[Path]:
+    """The step folders a resume may start from, best first: the one the run folder stands for
+    (``checkpoint.resolve_local``: ``latest``, or the newest step folder when ``latest`` is
+    gone), then every older step folder, newest first."""
+    folders = checkpoint.step_folders(out_dir)
+    if not folders and not (out_dir / checkpoint.LATEST_NAME).exists():
+        raise CheckpointError(f"{out_dir} holds no training run to resume; drop --resume to "
+                              "start one there, or pass the --out of the run to continue")
+    try:
+        first = checkpoint.resolve_local(out_dir)
+    except CheckpointError as err:
+        if not folders:
+            raise
+        note(f"{err}; trying the step folders")
+        first = None
+    rest = [f for f in reversed(folders) if first is None or f.resolve() != first.resolve()]
+    return ([first] if first is not None else []) + rest
+
+
+def recorded_settings(folder: Path) -> dict[str, Any]:
+    """What the run of step folder ``folder`` trained with: its ``TrainConfig`` (from the
+    training state) and, when it has a ``run.json``, its data (``dataset``, ``limit``,
+    ``eval_limit``) — the keys ``config.check_resume`` compares."""
+    try:
+        meta = json.loads((folder / STATE_DIR / "state.json").read_text())
+        saved = dict(meta["train_config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder} has no readable training state ({err}); it cannot be "
+                              "resumed") from err
+    try:
+        record = checkpoint.read_run_record(folder)
+    except CheckpointError:  # a damaged record: the training state alone is compared
+        record = None
+    if record is not None and isinstance(record.get("dataset"), dict):
+        ds = record["dataset"]
+        saved.update(dataset=ds.get("name") or ds.get("path"), limit=ds.get("limit"),
+                     eval_limit=ds.get("eval_limit"))
+    if record is not None and record.get("total_steps") is not None:
+        saved["total_steps"] = record["total_steps"]
+    return saved
+
+
+def load_newest_intact(out_dir: Path, raw: nn.Module, ema_model: nn.Module | None,
+                       optimizer: torch.optim.Optimizer, scaler: Any
+                       ) -> tuple[Path, dict[str, Any]]:
+    """``load_training_state`` from the first intact ``resume_candidates`` folder; a damaged one
+    (missing or truncated file, bad checksum) is skipped with a note. A checkpoint of another
+    model is an error at once (an older one would be too)."""
+    errors = []
+    for folder in resume_candidates(out_dir):
+        try:
+            checkpoint.read_config(folder)
+        except CheckpointError as err:
+            errors.append((folder, err))
+            continue
+        checkpoint.check_config_matches(raw, folder)
+        try:
+            meta = load_training_state(folder, raw, ema_model, optimizer, scaler)
+        except CheckpointError as err:
+            errors.append((folder, err))
+            continue
+        for bad, err in errors:
+            note(f"skipping damaged checkpoint {bad.name} ({err}); resuming from {folder.name}")
+        return folder, meta
+    detail = "; ".join(f"{f.name}: {e}" for f, e in errors[:2])
+    raise CheckpointError(f"{out_dir} has no intact checkpoint to resume from ({detail}); start "
+                          "a new --out")
 
 
 def load_training_state(directory: Path, raw: nn.Module, ema_model: nn.Module | None,

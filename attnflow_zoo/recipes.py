@@ -1,0 +1,268 @@
+"""Recipes -> training settings: the zoo entry's ``Recipe`` (registry) as a ``TrainConfig``.
+
+The rule, the same for one process and for ``torchrun --nproc-per-node N``:
+
+- the batch is the GLOBAL batch (each of N processes takes batch / N rows), so N processes train
+  the model one process would; a batch that does not split over N is refused;
+- the lr is the recipe's at that global batch and is never rescaled (override it together with
+  the batch if you change the batch);
+- the warm-up is stated in images, as the papers count it, and becomes
+  ceil(warmup_images / batch) optimizer steps, so it lasts as many images at any batch;
+- ``steps`` wins over ``epochs``; overriding one drops the other.
+
+Overrides are recipe fields (``batch_size``, ``lr``, ``warmup_images``, ``epochs``, ``steps``,
+``max_shift``, ``ema_decay``, ...) or ``TrainConfig`` fields (``checkpoint_every``, ``seed``,
+``warmup_steps``, ...); a ``TrainConfig`` field given explicitly wins over what the recipe makes
+of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+from . import data, factory, registry
+from .errors import ConfigError
+from .registry import Recipe
+
+if TYPE_CHECKING:
+    from .training.config import TrainConfig
+
+#: Recipe precision -> TrainConfig.amp.
+AMP = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
+#: TrainConfig fields a recipe sets (compared when a run is checked against its recipe).
+RECIPE_SETTINGS = ("steps", "epochs", "batch_size", "lr", "warmup_steps", "schedule",
+                   "grad_clip", "ema_decay", "augment", "max_shift", "flip", "amp")
+
+
+def recipe_of(preset: str) -> Recipe:
+    """The recipe of zoo entry ``preset``; ``ConfigError`` if the entry has none."""
+    factory.list_models()  # the model modules register the presets on import
+    entry = registry.get_entry(preset)
+    if entry.recipe is None:
+        raise ConfigError(f"zoo entry {preset!r} has no training recipe; give the training "
+                          "settings explicitly")
+    return entry.recipe
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(recipe fields, TrainConfig-only fields) of ``overrides``; ``ConfigError`` naming the
+    valid keys for any other."""
+    from .training.config import TrainConfig  # (importing training loads the training loop)
+
+    recipe_keys = registry.recipe_fields() - {"name", "source", "task", "dataset"}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - recipe_keys - train_keys)
+    if unknown:
+        raise ConfigError(f"unknown recipe/training setting(s) {', '.join(unknown)}; valid: "
+                          f"{', '.join(sorted(recipe_keys | train_keys))}")
+    in_recipe = {k: v for k, v in overrides.items() if k in recipe_keys}
+    return in_recipe, {k: v for k, v in overrides.items() if k not in recipe_keys}
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """The recipe with its own fields overridden (``steps`` drops ``epochs`` and back)."""
+    changes = dict(overrides)
+    if changes.get("steps") is not None and "epochs" not in changes:
+        changes["epochs"] = None
+    if changes.get("epochs") is not None and "steps" not in changes:
+        changes["steps"] = None
+    try:
+        return recipe.replace(**changes)
+    except TypeError as err:  # a value of the wrong type reaching a comparison
+        raise ConfigError(f"invalid recipe override: {err}") from err
+
+
+def warmup_steps(warmup_images: int, batch_size: int) -> int:
+    """Optimizer steps of a warm-up over ``warmup_images`` images at a global batch."""
+    return math.ceil(warmup_images / batch_size)
+
+
+def world_size_from_env() -> int:
+    """The number of processes of this job (``WORLD_SIZE`` set by torchrun; 1 otherwise)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def recipe_settings(recipe: Recipe) -> dict[str, Any]:
+    """The ``TrainConfig`` fields a (density) recipe sets (module rule), unchecked."""
+    return {
+        "steps": recipe.steps, "epochs": None if recipe.steps is not None else recipe.epochs,
+        "batch_size": recipe.batch_size, "lr": float(recipe.lr),
+        "warmup_steps": warmup_steps(recipe.warmup_images, recipe.batch_size),
+        "schedule": recipe.schedule, "grad_clip": recipe.grad_clip,
+        "ema_decay": recipe.ema_decay, "augment": recipe.max_shift > 0 or recipe.flip is not False,
+        "max_shift": recipe.max_shift, "flip": recipe.flip, "amp": AMP[recipe.precision]}
+
+
+def config_from_recipe(recipe: Recipe, world_size: int = 1, **train_overrides: Any
+                       ) -> TrainConfig:
+    """The ``TrainConfig`` of a (density) recipe for ``world_size`` processes (module rule)."""
+    from .training.config import TrainConfig
+
+    if recipe.task != "density":
+        raise ConfigError(f"recipe {recipe.name!r} is Zha et al.'s invertibility experiment: "
+                          "run it with `attnflow validate`, not `attnflow train`")
+    if recipe.optimizer != "adamax":
+        raise ConfigError(f"recipe {recipe.name!r} uses {recipe.optimizer}; training runs "
+                          "Adamax only")
+    if world_size < 1 or recipe.batch_size % world_size:
+        raise ConfigError(f"the global batch {recipe.batch_size} does not split over "
+                          f"{world_size} processes; set batch_size to a multiple of "
+                          f"{world_size} (and the lr with it) or change --nproc-per-node")
+    return TrainConfig(**{**recipe_settings(recipe), **train_overrides})
+
+
+def train_config(preset: str, world_size: int | None = None, **overrides: Any) -> TrainConfig:
+    """The ``TrainConfig`` of zoo entry ``preset``'s recipe, with ``overrides`` (module rule);
+    an entry without a recipe gets ``TrainConfig(**overrides)`` (its defaults).
+
+    Example: ``train_config("attnflow_imap_cifar10_mixlog")`` gives Adamax 8e-4, batch 64,
+    warm-up 157 steps (10,000 images), 400 epochs, shift ≤ 3 px, EMA 0.999; under torchrun
+    with 4 processes each takes 16 rows of the same batch of 64.
+
+    Args:
+        preset: a zoo entry name.
+        world_size: the number of processes (None: ``WORLD_SIZE`` of torchrun, else 1).
+        **overrides: recipe or ``TrainConfig`` fields, e.g. ``steps=20``.
+    """
+    factory.list_models()  # the model modules register the presets on import
+    if registry.get_entry(preset).recipe is None:  # e.g. a preset registered by user code
+        from .training.config import TrainConfig
+
+        return TrainConfig(**overrides)
+    in_recipe, in_train = split_overrides(overrides)
+    recipe = apply_overrides(recipe_of(preset), in_recipe)
+    return config_from_recipe(recipe, world_size or world_size_from_env(), **in_train)
+
+
+def parse_assignments(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["steps=20", "ema_decay=none", "flip=false", "lr=1e-3"]`` -> a dict of typed values
+    (JSON numbers and booleans, ``none``/``null`` -> None, anything else a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"--set takes key=value, got {item!r} (e.g. --set steps=20)")
+        text = text.strip()
+        if text.lower() in ("none", "null"):
+            value: Any = None
+        elif text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
+        out[key] = value
+    return out
+
+
+# --- how a recipe reads -----------------------------------------------------------------------
+def _count(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def _flip_text(recipe: Recipe) -> str:
+    if recipe.flip is not None:
+        return "flip" if recipe.flip else "no flip"
+    if recipe.dataset is None:
+        return "flip: data's rule"
+    return "flip" if data.default_flip(recipe.dataset) else "no flip"
+
+
+def _length(recipe: Recipe) -> str:
+    n, unit = (recipe.steps, "step") if recipe.steps is not None else (recipe.epochs, "epoch")
+    return f"{n:,} {unit}" + ("s" if n != 1 else "")
+
+
+def summary(recipe: Recipe | None) -> str:
+    """One compact line, e.g. ``adamax 8e-4 · b64 · 400 ep · wu 10k img · shift 3, flip ·
+    EMA 0.999``."""
+    if recipe is None:
+        return "-"
+    length = f"{recipe.steps} steps" if recipe.steps is not None else f"{recipe.epochs} ep"
+    parts = [f"{recipe.optimizer} {recipe.lr:g}", f"b{recipe.batch_size}", length]
+    if recipe.warmup_images:
+        parts.append(f"wu {_count(recipe.warmup_images)} img")
+    if recipe.task == "invertibility":
+        parts.insert(0, "invertibility")
+        if recipe.train_limit:
+            parts.append(f"first {recipe.train_limit} img")
+        return " · ".join(parts)
+    aug = [f"shift {recipe.max_shift}"] if recipe.max_shift else []
+    parts.append(", ".join([*aug, _flip_text(recipe)]))
+    if recipe.ema_decay is not None:
+        parts.append(f"EMA {recipe.ema_decay:g}")
+    if recipe.precision != "fp32":
+        parts.append(recipe.precision)
+    return " · ".join(parts)
+
+
+def describe(recipe: Recipe) -> list[str]:
+    """The recipe as sentences for a model card."""
+    lines = [f"Recipe `{recipe.name}`. Source: {recipe.source}"]
+    if recipe.task == "invertibility":
+        limit = f" on the first {recipe.train_limit} training images" if recipe.train_limit \
+            else ""
+        length = _length(recipe)
+        return [*lines, f"{recipe.optimizer.capitalize()}, lr {recipe.lr:g}, batch "
+                        f"{recipe.batch_size}, {length}{limit} (run by `attnflow validate`)."]
+    warm = (f"linear warm-up over {recipe.warmup_images:,} images "
+            f"(= {warmup_steps(recipe.warmup_images, recipe.batch_size)} steps at this batch)"
+            if recipe.warmup_images else "no warm-up")
+    length = _length(recipe)
+    flips = {"flip": "horizontal flips", "no flip": "no flips",
+             "flip: data's rule": "flips by the dataset's rule"}[_flip_text(recipe)]
+    aug = (f"random shift <= {recipe.max_shift} px (edge padding), {flips}" if recipe.max_shift
+           else flips)
+    ema = (f"EMA of the weights, decay {recipe.ema_decay:g} (the published weights are the EMA)"
+           if recipe.ema_decay is not None else "no EMA")
+    fid = (f"; FID of {recipe.fid_num_samples:,} samples at temperature "
+           f"{recipe.fid_temperature:g} against the {recipe.fid_reference_split} split's "
+           "Inception statistics" if recipe.fid_num_samples else "")
+    return [*lines,
+            f"{recipe.optimizer.capitalize()}, lr {recipe.lr:g} after {warm}; {recipe.schedule} "
+            "lr after it; the lr is not rescaled with the batch.",
+            f"Global batch {recipe.batch_size} (split over the processes under torchrun), "
+            f"{length}, {recipe.precision}"
+            + (f", gradient norm clipped at {recipe.grad_clip:g}" if recipe.grad_clip else "")
+            + ".",
+            f"Augmentation: {aug}; {ema}.",
+            f"Scoring: {recipe.eval_split}-split bits/dim ({recipe.bpd_estimator} "
+            f"dequantisation estimate){fid}."]
+
+
+def deviations(recipe: Recipe, run: dict[str, Any]) -> list[str]:
+    """How a run (its ``run.json``) departs from ``recipe``: one phrase per setting."""
+    used = run.get("train_config") or {}
+    out = []
+    dataset = (run.get("dataset") or {})
+    trained_on = dataset.get("name") or dataset.get("path")
+    if recipe.dataset is not None and trained_on and trained_on != recipe.dataset:
+        out.append(f"trained on {trained_on} (recipe: {recipe.dataset})")
+    if dataset.get("limit"):
+        out.append(f"only the first {dataset['limit']} training images")
+    if not used or recipe.task != "density":
+        return out
+    wanted = recipe_settings(recipe)
+    for key in RECIPE_SETTINGS:
+        if key not in used or (key == "flip" and recipe.flip is None):
+            continue
+        if key in ("steps", "epochs") and used.get("steps") is not None:
+            if key == "epochs":
+                continue
+            if wanted.get("steps") != used["steps"]:
+                length = (f"{wanted['steps']} steps" if wanted.get("steps") is not None
+                          else f"{wanted['epochs']} epochs")
+                out.append(f"steps {used['steps']} (recipe: {length})")
+            continue
+        if used[key] != wanted.get(key):
+            out.append(f"{key} {used[key]} (recipe: {wanted.get(key)})")
+    return out

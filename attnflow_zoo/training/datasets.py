@@ -1,0 +1,47 @@
+"""The data of a run: the validation split carved from train, and how ``run.json`` and a
+resume describe the data (name or folder, limit)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import data
+from ..errors import DataError
+from .config import TrainConfig
+
+
+def carve_validation(images: Tensor, config: TrainConfig) -> tuple[Tensor, Tensor | None]:
+    """(train, validation): ``config.validation_count`` images drawn out of ``images`` with a
+    generator seeded by ``config.seed`` (both keep the dataset's order)."""
+    num_val = config.validation_count(len(images))
+    if num_val == 0:
+        return images, None
+    if len(images) - num_val < config.batch_size:
+        raise DataError(f"{len(images)} training images leave fewer than one batch of "
+                        f"{config.batch_size} after the {num_val} validation images; lower "
+                        "--batch-size or --validation, or use more images")
+    g = torch.Generator().manual_seed(config.seed * 15_485_863 + 104_729)
+    perm = torch.randperm(len(images), generator=g)
+    return images[perm[num_val:].sort().values], images[perm[:num_val].sort().values]
+
+
+def data_record(dataset: str | os.PathLike[str], limit: int | None, heldout: str | None,
+                eval_limit: int | None) -> dict[str, Any]:
+    """The ``dataset`` entry of ``run.json`` for a named dataset or a local folder."""
+    named = data.dataset_spec(dataset) is not None
+    return {"name": str(dataset).lower() if named else None,
+            "path": None if named else str(Path(dataset).expanduser().resolve()),
+            "train_split": "train", "heldout_split": heldout, "limit": limit,
+            "eval_limit": eval_limit, "limit_rule": data.LIMIT_RULE}
+
+
+def run_settings(config: TrainConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """What a resume compares: the TrainConfig and the data it trains on."""
+    ds = info.get("dataset") or {}
+    return {**config.to_dict(), "dataset": ds.get("name") or ds.get("path"),
+            "limit": ds.get("limit"), "eval_limit": ds.get("eval_limit")}

@@ -1,0 +1,87 @@
+"""``train_preset``: a zoo preset trained on a dataset by name or folder (what ``attnflow train``
+runs). Every check runs before the data is loaded and before anything is written."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import checkpoint, data, registry
+from .._io import check_writable
+from ..core import resolve_device
+from ..errors import CheckpointError, ConfigError
+from ..factory import create_model
+from .config import TrainConfig, check_device, check_resume
+from .datasets import data_record, run_settings
+from .lock import check_unlocked
+from .loop import FitResult, fit
+from .run import check_fresh
+from .state import recorded_settings, resume_candidates
+
+
+def build_seeded(model_name: str, seed: int, overrides: dict[str, Any] | None = None) -> Any:
+    """``create_model`` with the global RNG forked and seeded by ``seed`` (the caller's RNG state
+    is untouched), so the initial weights of a run depend on its seed only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(model_name, **(overrides or {}))
+
+
+def train_preset(model_name: str, dataset: str | os.PathLike[str], config: TrainConfig, *,
+                 out_dir: str | os.PathLike[str], resume: bool = False,
+                 overrides: dict[str, Any] | None = None, limit: int | None = None,
+                 eval_limit: int | None = None, device: str = "auto",
+                 show_progress: bool | None = None, allow_changes: Iterable[str] = ()
+                 ) -> FitResult:
+    """Build preset ``model_name`` (config ``overrides``; initial weights seeded by
+    ``config.seed``), load ``dataset`` at its image size (``limit`` / ``eval_limit``: seeded
+    random subsets, ``data.LIMIT_RULE``) and ``fit`` it into ``out_dir``.
+
+    Every check (device, preset, output folder, resume compatibility, data, image size) runs
+    before anything is written to ``out_dir``. ``allow_changes``: the settings a resume may
+    change (``--override KEY``).
+    """
+    allow_changes = tuple(allow_changes)
+    if allow_changes and not resume:
+        raise ConfigError("--override only applies to --resume (it allows a setting of the run "
+                          "being resumed to change)")
+    dev = resolve_device(device)
+    check_device(config, dev)
+    out = Path(out_dir)
+    check_writable(out, is_dir=True)
+    model = build_seeded(model_name, config.seed, overrides)
+    if config.flip is None:
+        config = config.replace(flip=data.default_flip(dataset))
+    split = data.heldout_split(dataset)
+    # The preset's recipe name where the registry has one (None otherwise).
+    recipe = getattr(registry.get_entry(model_name), "recipe", None)
+    info = {"preset": model_name, "recipe": getattr(recipe, "name", None),
+            "dataset": data_record(dataset, limit, split, eval_limit)}
+    check_unlocked(out)
+    if resume:
+        _precheck_resume(out, model, config, info, allow_changes)
+    else:
+        check_fresh(out)
+    shape = model.input_shape
+    train = data.load_for_shape(dataset, "train", shape, limit=limit)
+    heldout = data.load_for_shape(dataset, split, shape, limit=eval_limit) if split else None
+    return fit(model, train, config, eval_data=heldout, out_dir=out, resume=resume, device=dev,
+               show_progress=show_progress, allow_changes=allow_changes, run_info=info)
+
+
+def _precheck_resume(out: Path, model: Any, config: TrainConfig, info: dict[str, Any],
+                     allow: tuple[str, ...]) -> None:
+    """The resume checks of ``fit``, early (before the data loads), on the newest checkpoint; a
+    damaged one is left to ``fit``, which falls back to an older one."""
+    first = resume_candidates(out)[0]
+    try:
+        checkpoint.read_config(first)
+        saved = recorded_settings(first)
+    except CheckpointError:
+        return
+    checkpoint.check_config_matches(model, first)
+    check_resume(saved, run_settings(config, info), allow)
