@@ -160,7 +160,7 @@ def test_config_rejects_nonsense():
     with pytest.raises(ConfigError):
         TrainConfig()
     with pytest.raises(ConfigError):
-        TrainConfig(steps=10, amp="fp8")
+        TrainConfig(steps=10, precision="fp8")
     assert TrainConfig(**TrainConfig(steps=3).to_dict()) == TrainConfig(steps=3)
 
 
