@@ -23,6 +23,8 @@ The training step is ``harness.TrainStep`` (no host synchronisation).
     python benchmarks/speed.py --peer-dir /work/peers/mar-scf --batch-sizes 16 --rounds 9 \\
         --variants fp32 bf16 bf16-compile
     python benchmarks/speed.py --peer-dir … --device cuda --threads 16
+    python benchmarks/speed.py --peer-dir … --batch-sizes 16 --variants marflow:fp32 \\
+        marflow:bf16 imap:fp32 imap:bf16 itrans:fp32 itrans:bf16     # all three in one run
 """
 
 from __future__ import annotations
@@ -93,9 +95,9 @@ class _Runner:
         for name in names:
             if name == "mar-scf":
                 continue
-            precision, _, compiled = name.partition("-")
+            preset, precision, compiled = _parse_variant(name, args.model)
             torch.manual_seed(0)
-            model = az.create_model(args.model, **overrides).to(self.device)
+            model = az.create_model(preset, **overrides).to(self.device)
             model.initialize_from_data(self.x_u8, torch.Generator(self.device).manual_seed(1))
             opt = torch.optim.Adamax(model.parameters(), lr=1e-5,
                                      capturable=self.device.type == "cuda")
@@ -167,6 +169,18 @@ def _memory_worker(args: argparse.Namespace) -> dict:
     return out
 
 
+#: Short model names a variant may start with (``imap:bf16``); any preset name works too.
+MODELS = {"marflow": "marflow_cifar10_small", "imap": "attnflow_imap_cifar10_small",
+          "itrans": "attnflow_itrans_cifar10_small"}
+
+
+def _parse_variant(name: str, default_model: str) -> tuple[str, str, str]:
+    """(preset, precision, "compile" or "") of a variant ``[model:]precision[-compile]``."""
+    model, _, rest = name.rpartition(":")
+    precision, _, compiled = rest.partition("-")
+    return MODELS.get(model, model or default_model), precision, compiled
+
+
 def _cell(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
@@ -179,7 +193,8 @@ def main() -> None:
     parser.add_argument("--set", default=json.dumps(REFERENCE_OVERRIDES),
                         help="config overrides of --model as JSON (default: the reference)")
     parser.add_argument("--variants", nargs="+", default=["fp32", "bf16"],
-                        help="ours: fp32, bf16, fp32-compile, bf16-compile")
+                        help="ours: [MODEL:]PRECISION[-compile], e.g. fp32, bf16-compile, "
+                        "imap:bf16 (MODEL: marflow, imap, itrans or a preset; default --model)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--sample-batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=7)
@@ -190,8 +205,8 @@ def main() -> None:
     parser.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     for v in args.variants:
-        if v.partition("-")[0] not in ("fp32", "bf16") or v.partition("-")[2] not in ("",
-                                                                                       "compile"):
+        _, precision, compiled = _parse_variant(v, args.model)
+        if precision not in ("fp32", "bf16") or compiled not in ("", "compile"):
             parser.error(f"unknown variant {v!r}")
 
     import torch

@@ -80,3 +80,33 @@ def test_no_graph_break(name: str, overrides: dict) -> None:
         sample = torch._dynamo.explain(model.generate_from_noise)(2, 0.7, noise)
     assert (train.graph_count, train.graph_break_count) == (1, 0), train.break_reasons
     assert (sample.graph_count, sample.graph_break_count) == (1, 0), sample.break_reasons
+
+
+def test_fit_with_compile_equals_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TrainConfig(compile=True)``: ``fit`` trains through ``compile_training`` (here with
+    the aot_eager backend, see the module docstring) to the eager run's losses."""
+    from attnflow_zoo.compilation import compile_training
+    from attnflow_zoo.training import TrainConfig, fit, loop
+
+    torch._dynamo.reset()
+    if not compile_available("aot_eager"):
+        pytest.skip("torch.compile backend aot_eager is unavailable here")
+    compiled = []
+
+    def aot_eager(module: torch.nn.Module) -> torch.nn.Module:
+        compiled.append(module)
+        return compile_training(module, backend="aot_eager")
+
+    monkeypatch.setattr(loop, "compile_training", aot_eager)
+    images = torch.randint(0, 256, (12, 1, 4, 4), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    losses = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = az.create_model("marflow_tiny", **MICRO)
+        config = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, log_every=1,
+                             validation=0, max_shift=1, flip=False, compile=flag)
+        result = fit(model, images, config, device="cpu")
+        losses[flag] = [r["train_bpd"] for r in result.history if "train_bpd" in r]
+    assert len(compiled) == 1 and len(losses[True]) == 3
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-5)
