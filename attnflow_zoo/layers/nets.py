@@ -68,7 +68,9 @@ def _dsigmoid(s: Tensor, buf: Tensor) -> Tensor:
 # autocast), the gates, the cell state and every nonlinearity in float32 (float64 stays
 # float64); h is returned and kept for the backward in ``cdt``.
 # Static shapes, no host synchronisation, no data-dependent branch: a CUDA graph (e.g.
-# ``torch.compile(mode="reduce-overhead")`` or ``torch.cuda.graph``) can capture both.
+# ``torch.compile(mode="reduce-overhead")`` or ``torch.cuda.graph``) can capture both. That is
+# what the code guarantees; a capture on a GPU has not been run yet (benchmarks/gpu.sh's
+# ``bf16+graph`` row does it, and tests/test_step_sync.py checks the step for host syncs on CUDA).
 
 
 def _recurrence_forward(gx: Tensor, w_hh: Tensor, padding: list[int], dilation: list[int],

@@ -14,6 +14,10 @@ own rows, so N processes train exactly the model one process would train on the 
 batch (up to the order of floating-point sums). Gradients are averaged by DDP, metrics by
 all-reduce, and only rank 0 writes.
 
+Each step is ``step.TrainStep``: ``config.precision``'s autocast (``attnflow_zoo.precision``),
+optionally compiled (``config.compile``), and no host read: the non-finite guard and the loss
+window are read at logging and checkpoint steps only.
+
 A run folder (``out_dir``) is locked while a run writes it (``lock``), holds ``metrics.jsonl``,
 ``run.json``, TensorBoard events, ``step-N/`` checkpoints, ``best/`` (lowest validation bits/dim)
 and, at the end, ``curves.png`` and ``samples.png`` (``run``). SIGINT / SIGTERM finish the step,
