@@ -231,7 +231,7 @@ def run_lines(run: dict[str, Any], data_text: str, deviations: list[str] | None)
                if tc.get("augment") else "no augmentation")
         lines.append(f"Optimisation: Adamax lr {tc.get('lr')}, warm-up {tc.get('warmup_steps')} "
                      f"steps, {tc.get('schedule', 'constant')} schedule, {ema}; {aug}; "
-                     f"precision {tc.get('amp', 'none')}; seed {tc.get('seed')}.")
+                     f"precision {_precision(tc)}; seed {tc.get('seed')}.")
     hw = []
     if run.get("device"):
         hw.append(f"{run.get('world_size', 1)} × {run['device']}")
@@ -342,3 +342,11 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
         reference_results=spec.get("reference_results", []) if ds["name"] else [],
         ours=ours if spec.get("reference_results") else None, license=license,
         citation=spec.get("citation", ""))
+
+
+def _precision(train_config: dict[str, Any]) -> str:
+    """The run's precision; older runs recorded CUDA autocast as ``amp`` ("none" = fp32)."""
+    if "precision" in train_config:
+        return str(train_config["precision"])
+    amp = train_config.get("amp", "none")
+    return "fp32" if amp == "none" else str(amp)

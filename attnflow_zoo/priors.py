@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .core import diag_normal_logpdf, randn_like_on
 from .errors import ShapeError
 from .layers.nets import ConvLSTM, ZeroConv2d
+from .precision import full_precision, upcast
 
 
 class Prior(nn.Module):
@@ -27,6 +28,27 @@ class Prior(nn.Module):
         """log p(z | cond) in nats, shape (B,)."""
         mean, log_std = self.mean_and_log_std(z, cond)
         return diag_normal_logpdf(z, mean, log_std)
+
+    def draw_noise(self, num_samples: int, height: int, width: int,
+                   generator: torch.Generator | None = None) -> Tensor:  # pragma: no cover
+        """The N(0, 1) noise ``sample_from_noise`` turns into a sample (float32 at least)."""
+        raise NotImplementedError
+
+    def sample_from_noise(self, num_samples: int, height: int, width: int, cond: Tensor | None,
+                          temperature: float, noise: Tensor | None
+                          ) -> Tensor:  # pragma: no cover - interface
+        """The sample of ``noise`` (None: temperature 0, the mode chain), B×C×H×W.
+        Deterministic, static shapes: what ``torch.compile`` or a CUDA graph captures."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, height: int, width: int, cond: Tensor | None = None,
+               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """z ~ p(z | cond) with every standard deviation scaled by ``temperature``, B×C×H×W;
+        temperature 0 gives the mode chain (no noise is drawn)."""
+        noise = (None if temperature == 0
+                 else self.draw_noise(num_samples, height, width, generator))
+        return self.sample_from_noise(num_samples, height, width, cond, temperature, noise)
 
 
 class MARPrior(Prior):
@@ -99,7 +121,8 @@ class MARPrior(Prior):
         return self.in_cond(self.embed(cond))
 
     def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Teacher-forced (μ, log σ) of every channel given the channels before it; B×C×H×W."""
+        """Teacher-forced (μ, log σ) of every channel given the channels before it; B×C×H×W,
+        float32 under autocast (the convolutions run in the autocast dtype)."""
         b, c, h, w = z.shape
         if c != self.num_channels:
             raise ShapeError(f"prior expects {self.num_channels} channels, got {c}")
@@ -110,38 +133,51 @@ class MARPrior(Prior):
         if e is not None:
             x_seq = x_seq + e.unsqueeze(0)
         h_seq = self.lstm(x_seq)
-        out = self.out(h_seq.reshape(c * b, -1, h, w)).view(c, b, 2, h, w)
+        out = upcast(self.out(h_seq.reshape(c * b, -1, h, w))).view(c, b, 2, h, w)
         mean, log_std = out.unbind(2)
         return mean.transpose(0, 1), log_std.transpose(0, 1)
 
-    @torch.no_grad()
-    def sample(self, num_samples: int, height: int, width: int, cond: Tensor | None = None,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """z_c = μ_c + T·σ_c·ε_c channel by channel, B×C×H×W; T = 0 gives the mode chain.
+    def draw_noise(self, num_samples: int, height: int, width: int,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """ε of every channel, C×B×1×H×W: one draw per channel in channel order (the numbers
+        a per-step draw inside the sampling loop would get)."""
+        like = self.out.weight[:0]
+        like = like.to(upcast(like).dtype)
+        return torch.stack([randn_like_on((num_samples, 1, height, width), like, generator)
+                            for _ in range(self.num_channels)])
 
-        The sampled z_c (not the mean) feeds step c + 1, as in ancestral sampling.
+    @torch.no_grad()
+    def sample_from_noise(self, num_samples: int, height: int, width: int, cond: Tensor | None,
+                          temperature: float, noise: Tensor | None) -> Tensor:
+        """z_c = μ_c + T·σ_c·ε_c channel by channel, B×C×H×W; ``noise`` None (T = 0): the
+        mode chain z_c = μ_c.
+
+        The sampled z_c (not the mean) feeds step c + 1, as in ancestral sampling. The loop has
+        static shapes, preallocated state (``ConvLSTM.begin``), no random-number generation
+        and no host synchronisation: a CUDA graph can capture it.
         """
         ref = self.out.weight
+        c_len = self.num_channels
         e = self._cond_input(cond)
-        weights = self.lstm.fused_weights()
-        x = self.in_z.bias.view(1, -1, 1, 1).expand(num_samples, -1, height, width)
-        state = None
-        channels = []
-        for step in range(self.num_channels):
-            if step > 0:
-                x = self.in_z(channels[-1])
+        z = torch.empty(num_samples, c_len, height, width, dtype=upcast(ref[:0]).dtype,
+                        device=ref.device)
+        state = self.lstm.begin(z[:, :1].expand(-1, self.lstm.in_channels, -1, -1))
+        # Step 0's input is Conv_in(0) + e = b_in + e.
+        first = self.in_z.bias.view(1, -1, 1, 1).expand(num_samples, -1, height, width)
+        for step in range(c_len):
+            x = first if step == 0 else self.in_z(z[:, step - 1: step])
             if e is not None:
                 x = x + e
-            top, state = self.lstm.step(x, state, weights)
-            out = self.out(top)
-            mean, log_std = out[:, :1], out[:, 1:]
-            if temperature == 0:
-                z_c = mean
-            else:
-                eps = randn_like_on(tuple(mean.shape), ref, generator)
-                z_c = mean + temperature * torch.exp(log_std) * eps
-            channels.append(z_c)
-        return torch.cat(channels, 1)
+            state.input.copy_(x)
+            out = upcast(self.out(self.lstm.step(None, state)))
+            with full_precision(out):
+                mean, log_std = out[:, :1], out[:, 1:]
+                if noise is None:
+                    z[:, step: step + 1].copy_(mean)
+                else:
+                    z[:, step: step + 1].copy_(log_std).exp_().mul_(noise[step]).mul_(
+                        temperature).add_(mean)
+        return z
 
 
 class GaussianPrior(Prior):
@@ -170,7 +206,7 @@ class GaussianPrior(Prior):
             return (self.mean.expand(b, -1, h, w), self.log_std.expand(b, -1, h, w))
         if cond is None:
             raise ValueError("this prior is conditional: pass cond (the kept half z1)")
-        out = self.net(cond)
+        out = upcast(self.net(cond))
         return out[:, 0::2], out[:, 1::2]
 
     def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -179,12 +215,18 @@ class GaussianPrior(Prior):
             raise ShapeError(f"prior expects {self.num_channels} channels, got {z.shape[1]}")
         return self._params(z.shape[0], z.shape[2], z.shape[3], cond)
 
+    def draw_noise(self, num_samples: int, height: int, width: int,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """ε, B×C×H×W."""
+        like = self.net.conv.weight[:0] if self.cond_channels else self.mean[:0]
+        like = like.to(upcast(like).dtype)
+        return randn_like_on((num_samples, self.num_channels, height, width), like, generator)
+
     @torch.no_grad()
-    def sample(self, num_samples: int, height: int, width: int, cond: Tensor | None = None,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """z = μ + T·σ·ε, B×C×H×W; T = 0 gives the mean."""
+    def sample_from_noise(self, num_samples: int, height: int, width: int, cond: Tensor | None,
+                          temperature: float, noise: Tensor | None) -> Tensor:
+        """z = μ + T·σ·ε, B×C×H×W; ``noise`` None (T = 0) gives the mean."""
         mean, log_std = self._params(num_samples, height, width, cond)
-        if temperature == 0:
+        if noise is None:
             return mean.clone()
-        eps = randn_like_on(tuple(mean.shape), mean, generator)
-        return mean + temperature * torch.exp(log_std) * eps
+        return mean + temperature * torch.exp(log_std) * noise

@@ -31,11 +31,9 @@ from .registry import Recipe
 if TYPE_CHECKING:
     from .training.config import TrainConfig
 
-#: Recipe precision -> TrainConfig.amp.
-AMP = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 #: TrainConfig fields a recipe sets (compared when a run is checked against its recipe).
 RECIPE_SETTINGS = ("steps", "epochs", "batch_size", "lr", "warmup_steps", "schedule",
-                   "grad_clip", "ema_decay", "augment", "max_shift", "flip", "amp")
+                   "grad_clip", "ema_decay", "augment", "max_shift", "flip", "precision")
 
 
 def recipe_of(preset: str) -> Recipe:
@@ -97,7 +95,7 @@ def recipe_settings(recipe: Recipe) -> dict[str, Any]:
         "warmup_steps": warmup_steps(recipe.warmup_images, recipe.batch_size),
         "schedule": recipe.schedule, "grad_clip": recipe.grad_clip,
         "ema_decay": recipe.ema_decay, "augment": recipe.max_shift > 0 or recipe.flip is not False,
-        "max_shift": recipe.max_shift, "flip": recipe.flip, "amp": AMP[recipe.precision]}
+        "max_shift": recipe.max_shift, "flip": recipe.flip, "precision": recipe.precision}
 
 
 def config_from_recipe(recipe: Recipe, world_size: int = 1, **train_overrides: Any
@@ -241,7 +239,9 @@ def describe(recipe: Recipe) -> list[str]:
 
 def deviations(recipe: Recipe, run: dict[str, Any]) -> list[str]:
     """How a run (its ``run.json``) departs from ``recipe``: one phrase per setting."""
-    used = run.get("train_config") or {}
+    from .training.config import legacy_settings
+
+    used = legacy_settings(run.get("train_config") or {})
     out = []
     dataset = (run.get("dataset") or {})
     trained_on = dataset.get("name") or dataset.get("path")

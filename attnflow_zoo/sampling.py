@@ -9,10 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import data
 from ._io import atomic_path, check_writable
+from .compilation import compile_sampling
 from .core import resolve_device
 from .errors import ConfigError
 from .models.base import check_sampling
+from .precision import autocast_for, upcast
 from .progress import progress
 
 #: File types ``save_samples`` writes.
@@ -21,24 +24,42 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".npz")
 
 @torch.no_grad()
 def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed: int = 0,
-                 batch_size: int = 256, device: torch.device | str = "cpu") -> Tensor:
+                 batch_size: int = 256, device: torch.device | str = "cpu",
+                 precision: str = "fp32", compile: bool = False) -> Tensor:
     """uint8 samples, num_samples×C×H×W, on the CPU.
 
     The draws come from one ``torch.Generator`` seeded with ``seed`` on the model's device, so a
     (seed, batch_size, device) triple always gives the same images. ``temperature`` scales the
-    prior's standard deviation (Glow's T; T < 1 trades diversity for quality).
+    prior's standard deviation (Glow's T; T < 1 trades diversity for quality). ``precision``
+    ("fp32", "bf16", "fp16" on CUDA) is ``attnflow_zoo.precision``'s autocast; ``compile``
+    compiles the deterministic decoder (``compilation.compile_sampling``: the same noise, the
+    same images to float tolerance; a last partial batch compiles once more).
     """
     check_request(num_samples, temperature, batch_size)
     device = resolve_device(device)
+    autocast_for(device, precision)  # refuses an unknown precision before any work
     model = model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
+    generate = _generator(model, compile)
     out = []
     with progress("sample", total=num_samples) as advance:
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
-            out.append(model.sample(n, temperature=temperature, generator=gen).cpu())
+            with autocast_for(device, precision):
+                x = generate(n, temperature, gen)
+            out.append(data.quantize(upcast(x) + 0.5).cpu())
             advance(n)
     return torch.cat(out)
+
+
+def _generator(model: Any, compile: bool) -> Any:
+    """``generate(n, temperature, generator)`` of ``model``, compiled if asked and possible."""
+    if not compile:
+        return model.generate
+    if not hasattr(model, "generate_from_noise"):
+        raise ConfigError(f"--compile: {type(model).__name__} has no separable sampler "
+                          "(generate_from_noise); sample without --compile")
+    return compile_sampling(model)
 
 
 def check_request(num_samples: int, temperature: float, batch_size: int) -> None:

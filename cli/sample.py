@@ -34,6 +34,11 @@ def sample(
                                             rich_help_panel=OUTPUT)] = 256,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N or "
                                         "mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, bf16 (CPU and CUDA) or fp16 (CUDA): "
+                                           "autocast of the conditioners and prior "
+                                           "convolutions.")] = "fp32",
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the "
+                                          "sampler (first batch slower).")] = False,
 ) -> None:
     """Draw seeded samples at a temperature and save them as a PNG grid or an NPZ array.
 
@@ -44,6 +49,7 @@ def sample(
 
     from attnflow_zoo.errors import ConfigError
     from attnflow_zoo.factory import load_model
+    from attnflow_zoo.precision import autocast_for
     from attnflow_zoo.sampling import (
         check_output,
         check_request,
@@ -57,9 +63,11 @@ def sample(
     check_request(num_samples, temperature, batch_size)
     check_output(output)
     dev = resolve_device(device)
+    autocast_for(dev, precision)  # an unknown precision or fp16 off CUDA: refused before loading
     model = load_model(checkpoint if checkpoint is not None else repo)
     images = draw_samples(model, num_samples, temperature=temperature, seed=seed,
-                          batch_size=batch_size, device=dev)
+                          batch_size=batch_size, device=dev, precision=precision,
+                          compile=compile)
     path = save_samples(images, output, nrow=nrow)
     Console().print(f"wrote {images.shape[0]} samples ({'×'.join(map(str, images.shape[1:]))}, "
                     f"T={temperature}, seed={seed}) to {path}")

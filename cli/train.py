@@ -88,9 +88,15 @@ def train(
                                              "validation split, shuffling, augmentation and "
                                              "noise.",
                                              rich_help_panel=_RUN)] = None,
-    amp: Annotated[str | None, typer.Option(help="none, bf16 or fp16 autocast (CUDA only: "
-                                            "refused on other devices).",
-                                            rich_help_panel=_RUN)] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, bf16 (CPU and CUDA) or fp16 "
+                                                  "(CUDA): autocast of the conditioners and "
+                                                  "prior convolutions; logdets stay fp32.",
+                                                  rich_help_panel=_RUN)] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile "
+                                                 "the training step (first step slower).",
+                                                 rich_help_panel=_RUN)] = None,
+    amp: Annotated[str | None, typer.Option(hidden=True, help="Old name of --precision "
+                                            "(none = fp32).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.",
                                         rich_help_panel=_RUN)] = "auto",
 ) -> None:
@@ -116,7 +122,8 @@ def train(
              "warmup_steps": warmup_steps, "schedule": schedule, "grad_clip": grad_clip,
              "augment": augment, "flip": flip, "checkpoint_every": checkpoint_every,
              "log_every": log_every, "eval_every": eval_every,
-             "eval_batch_size": eval_batch_size, "seed": seed, "amp": amp,
+             "eval_batch_size": eval_batch_size, "seed": seed, "compile": compile,
+             "precision": precision if amp is None else {"none": "fp32"}.get(amp, amp),
              "validation": validation, "keep_checkpoints": keep_last}
     settings = {k: v for k, v in given.items() if v is not None}
     if ema_decay is not None:

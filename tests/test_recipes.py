@@ -87,7 +87,7 @@ def test_world_size_comes_from_torchrun(monkeypatch: pytest.MonkeyPatch) -> None
     ({"epochs": 3}, {"epochs": 3, "steps": None}),
     ({"warmup_steps": 5, "checkpoint_every": 7}, {"warmup_steps": 5, "checkpoint_every": 7}),
     ({"ema_decay": None, "max_shift": 0}, {"ema_decay": None, "max_shift": 0}),
-    ({"precision": "bf16"}, {"amp": "bf16"}),
+    ({"precision": "bf16"}, {"precision": "bf16"}),
 ])
 def test_overrides(overrides: dict, expected: dict) -> None:
     config = recipes.train_config("attnflow_imap_cifar10_mixlog", world_size=1, **overrides)

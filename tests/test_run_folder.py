@@ -242,7 +242,7 @@ def _bad(case: str, mnist_folder: Path, tmp_path: Path, ckpt: Path) -> tuple[lis
         "train_lr": (train + ["--lr", -1], "lr must be a positive number"),
         "train_warmup": (train + ["--warmup-steps", -5], "warmup_steps must be ≥ 0"),
         "train_batch_0": (train + ["--batch-size", 0], "batch_size must be positive"),
-        "train_amp_cpu": (train + ["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+        "train_amp_cpu": (train + ["--precision", "fp16"], "--precision fp16 needs a CUDA device"),
         "train_cuda": (train + ["--device", "cuda"], "CUDA"),
         "train_validation": (train + ["--validation", 1.5], "validation must be"),
         "train_override": (train + ["--override", "lr"], "--override only applies"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import attnflow_zoo as az
 from attnflow_zoo.core import resolve_device
 from attnflow_zoo.errors import ConfigError
 from attnflow_zoo.sampling import draw_samples, save_samples
@@ -65,3 +66,23 @@ def test_resolve_device() -> None:
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(ConfigError, match="unknown device"):
         resolve_device("tpu9")
+
+
+def test_bf16_sampling_on_cpu_close_to_fp32() -> None:
+    """``precision="bf16"`` samples on the CPU the same draws to bf16 rounding (a micro
+    MaR-Flow: its conditioners and conv-LSTM prior run in bf16); fp16 off CUDA is refused."""
+    torch.manual_seed(0)
+    model = az.create_model("marflow_tiny", image_size=4, in_channels=1, num_levels=2,
+                            num_steps=1, hidden_channels=4, prior_hidden_channels=4,
+                            prior_num_layers=2, prior_cond_hidden_channels=4,
+                            prior_embed_channels=2)
+    g = torch.Generator().manual_seed(0)
+    model.initialize_from_data(torch.randint(0, 256, (8, 1, 4, 4), generator=g,
+                                             dtype=torch.uint8), g)
+    fp32 = draw_samples(model, 6, temperature=0.7, seed=3, batch_size=4)
+    bf16 = draw_samples(model, 6, temperature=0.7, seed=3, batch_size=4, precision="bf16")
+    assert bf16.dtype == torch.uint8 and bf16.shape == fp32.shape == (6, 1, 4, 4)
+    diff = (bf16.int() - fp32.int()).abs()
+    assert diff.float().mean() < 0.5 and diff.max() <= 2
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        draw_samples(model, 2, precision="fp16")

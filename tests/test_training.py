@@ -179,7 +179,7 @@ def test_config_rejects_nonsense():
     with pytest.raises(ConfigError):
         TrainConfig()
     with pytest.raises(ConfigError):
-        TrainConfig(steps=10, amp="fp8")
+        TrainConfig(steps=10, precision="fp8")
     for seconds in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="max_seconds"):
             TrainConfig(steps=10, max_seconds=seconds)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core import InvertibleModule
+from ..precision import upcast
 from .nets import ZeroConv2d
 from .normalization import ActNormNoLogdet
 
@@ -52,7 +53,8 @@ class AffineCoupling(InvertibleModule):
         self.net = CouplingNet(self.num_a, 2 * num_b, hidden_channels)
 
     def _params(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.net(x_a)
+        # The conditioner may run in bf16 (autocast); shift, scale and logdet are float32.
+        h = upcast(self.net(x_a))
         shift, raw = h[:, 0::2], h[:, 1::2]
         return shift, raw + 2.0
 

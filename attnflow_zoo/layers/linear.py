@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core import InvertibleModule
+from ..precision import full_precision
 
 
 class InvConv1x1(InvertibleModule):
@@ -45,14 +46,17 @@ class InvConv1x1(InvertibleModule):
         return self.perm @ lower @ upper
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        w = self.weight()
-        z = F.conv2d(x, w.view(*w.shape, 1, 1))
+        with full_precision(x):  # data path and LU product in float32, also under autocast
+            w = self.weight()
+            z = F.conv2d(x, w.view(*w.shape, 1, 1))
         logdet = (self.log_s.sum() * (x.shape[2] * x.shape[3])).expand(x.shape[0])
         return z, logdet
 
     def inverse(self, z: Tensor) -> Tensor:
-        lower, upper = self._factors()
-        # W⁻¹ = U⁻¹ L⁻¹ Pᵀ, by triangular solves against the identity (exact, on device).
-        l_inv = torch.linalg.solve_triangular(lower, self.eye, upper=False, unitriangular=True)
-        w_inv = torch.linalg.solve_triangular(upper, l_inv @ self.perm.T, upper=True)
-        return F.conv2d(z, w_inv.view(*w_inv.shape, 1, 1))
+        with full_precision(z):
+            lower, upper = self._factors()
+            # W⁻¹ = U⁻¹ L⁻¹ Pᵀ, by triangular solves against the identity (exact, on device).
+            l_inv = torch.linalg.solve_triangular(lower, self.eye, upper=False,
+                                                  unitriangular=True)
+            w_inv = torch.linalg.solve_triangular(upper, l_inv @ self.perm.T, upper=True)
+            return F.conv2d(z, w_inv.view(*w_inv.shape, 1, 1))

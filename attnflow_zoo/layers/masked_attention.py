@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from ..core import InvertibleModule
 from ..errors import ConfigError, ShapeError
+from ..precision import full_precision, upcast
 from .reshape import patchify, unpatchify
 
 IMAP_MIXINGS = ("spatial", "channel")
@@ -160,7 +161,11 @@ class IMap(InvertibleModule):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         _check_shape(x, self.shape, "IMap")
-        a = self.gate(x * self.mask)
+        # The gate stays float32 under autocast: the inverse recomputes it from M ⊙ z / σ(s),
+        # equal to M ⊙ x only up to float32 rounding, which a bf16 gate would amplify to
+        # ~1e-3 round-trip errors. It is one small matmul; not worth bf16.
+        with full_precision(x):
+            a = self.gate(x * self.mask)
         z = x * self._gate_value(self._preactivation(a))
         logdet = (self.num_unmasked * F.logsigmoid(a + self.gate_bias).squeeze(1)).flatten(1).sum(1)
         logdet = logdet + (self.num_masked * F.logsigmoid(self.log_scale)).sum()
@@ -172,7 +177,8 @@ class IMap(InvertibleModule):
         _check_shape(z, self.shape, "IMap")
         # Masked part first: x_M = M ⊙ z / σ(s); the gate depends on x_M only.
         x_masked = z * self.mask / self._gate_value(self.log_scale).view(-1, 1, 1)
-        a = self.gate(x_masked)
+        with full_precision(z):
+            a = self.gate(x_masked)
         return z / self._gate_value(self._preactivation(a))
 
 
@@ -364,11 +370,14 @@ class ITrans(InvertibleModule):
         x_masked = x * self.mask
         q = patchify(self.query(x_masked), self.patch_size)
         k = patchify(self.key(x_masked), self.patch_size)
-        logits = q @ k.transpose(1, 2) * torch.exp(-self.log_temperature)
-        if self.form == "paper":
-            return torch.softmax(logits, dim=-1) + self.alpha * self.eye
-        mix = self.mix
-        return mix * torch.softmax(logits, dim=-1) + (1 - mix) * self.eye
+        # Q, K and their logits may run in bf16 (autocast); softmax and A are float32.
+        logits = upcast(q @ k.transpose(1, 2))
+        with full_precision(logits):
+            logits = logits * torch.exp(-self.log_temperature)
+            if self.form == "paper":
+                return torch.softmax(logits, dim=-1) + self.alpha * self.eye
+            mix = self.mix
+            return mix * torch.softmax(logits, dim=-1) + (1 - mix) * self.eye
 
     def _unmasked_index(self, batch: int) -> Tensor:
         return self.unmasked_index.expand(batch, -1, -1)
@@ -377,7 +386,8 @@ class ITrans(InvertibleModule):
         attn = self.attention(x)
         tokens = patchify(x, self.patch_size)
         index = self._unmasked_index(x.shape[0])
-        y2 = attn @ tokens.gather(2, index)
+        with full_precision(x):  # A·X₂ is the data path: float32 under autocast too
+            y2 = attn @ tokens.gather(2, index)
         z = unpatchify(tokens.scatter(2, index, y2), self.shape, self.patch_size)
         _, _, logdet_attn = factorize_attention(attn)
         return z, self.half_dim * logdet_attn

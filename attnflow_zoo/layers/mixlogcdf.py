@@ -23,6 +23,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from ..core import InvertibleModule
 from ..errors import ConfigError, ShapeError
+from ..precision import upcast
 
 HEAD_INITS = ("fixed", "port")
 
@@ -344,7 +345,8 @@ class MixLogCDFCoupling(InvertibleModule):
 
         a, b: B×C_a×H×W; log w (log-softmax over K), μ, log s (clamped ≥ −7): B×K×C_a×H×W.
         """
-        h = self.net(x_b).unflatten(1, (2 + 3 * self.num_components, self.num_a))
+        # The conditioner may run in bf16 (autocast); the mixture and its logdet are float32.
+        h = upcast(self.net(x_b)).unflatten(1, (2 + 3 * self.num_components, self.num_a))
         k = self.num_components
         a = self.rescale * torch.tanh(h[:, 0])
         log_w = F.log_softmax(h[:, 2 : 2 + k], 1)

@@ -295,14 +295,36 @@ class AttnFlow(FlowModel):
         """x = f⁻¹(z), z drawn level by level from the priors, deepest first; B×C×H×W.
 
         ``temperature`` scales every prior's standard deviation; 0 gives the mean chain.
+        The noise is drawn first (``draw_noise``), then turned into images by the
+        deterministic ``generate_from_noise`` (what ``torch.compile`` / a CUDA graph takes).
         """
+        noise = self.draw_noise(num_samples, temperature, generator)
+        return self.generate_from_noise(num_samples, temperature, noise)
+
+    def draw_noise(self, num_samples: int, temperature: float = 1.0,
+                   generator: torch.Generator | None = None) -> list[Tensor | None]:
+        """Each level's prior noise (level order), drawn deepest level first, the order of
+        ancestral sampling; None everywhere at temperature 0 (nothing is drawn)."""
+        noise: list[Tensor | None] = [None] * len(self.levels)
+        if temperature != 0:
+            for lvl in reversed(range(len(self.levels))):
+                _, height, width = self.latent_shapes[lvl]
+                noise[lvl] = self.priors[lvl].draw_noise(num_samples, height, width, generator)
+        return noise
+
+    @torch.no_grad()
+    def generate_from_noise(self, num_samples: int, temperature: float,
+                            noise: list[Tensor | None]) -> Tensor:
+        """The images of ``draw_noise``'s noise: deterministic, static shapes, no host sync."""
         last = len(self.levels) - 1
-        c, size, _ = self.latent_shapes[last]
-        h = self.priors[last].sample(num_samples, size, size, None, temperature, generator)
+        _, height, width = self.latent_shapes[last]
+        h = self.priors[last].sample_from_noise(num_samples, height, width, None, temperature,
+                                                noise[last])
         for lvl in reversed(range(len(self.levels))):
             if lvl < last:
-                _, size, _ = self.latent_shapes[lvl]
-                z2 = self.priors[lvl].sample(num_samples, size, size, h, temperature, generator)
+                _, height, width = self.latent_shapes[lvl]
+                z2 = self.priors[lvl].sample_from_noise(num_samples, height, width, h,
+                                                        temperature, noise[lvl])
                 h = merge_channels(h, z2)
             h = self.levels[lvl].inverse(h)
         return h

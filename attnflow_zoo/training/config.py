@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,12 @@ class TrainConfig:
         eval_seed: seed of the held-out evaluation's dequantisation noise.
         seed: seed of shuffling, augmentation and dequantisation noise.
         max_nonfinite: stop with ``TrainingError`` after this many consecutive non-finite steps.
-        amp: "none", "bf16" or "fp16" autocast (CUDA only; the log-density is summed in fp32).
+        precision: "fp32", "bf16" (CPU and CUDA) or "fp16" (CUDA, with a gradient scaler):
+            the autocast of ``attnflow_zoo.precision`` (conditioners and prior convolutions in
+            the low precision; logdets, log-densities and the data path in float32). Replaces
+            the CUDA-only ``amp`` of older runs ("none" = "fp32"; ``from_dict`` reads both).
+        compile: ``torch.compile`` the training step (``attnflow_zoo.compilation``; the same
+            model to float tolerance, so a resume may switch it freely).
         max_seconds: a time budget: the run ends after the step during which this many seconds
             of wall time have passed since this segment's first step (a resumed run gets the
             budget afresh), exactly like a run that reached its steps: final evaluation,
@@ -72,7 +78,8 @@ class TrainConfig:
     eval_seed: int = 0
     seed: int = 0
     max_nonfinite: int = 10
-    amp: str = "none"
+    precision: str = "fp32"
+    compile: bool = False
     max_seconds: float | None = None
 
     def __post_init__(self) -> None:
@@ -96,8 +103,9 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be positive (or None), got {self.grad_clip}")
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ConfigError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                              f"{self.precision!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.max_seconds is not None and not (math.isfinite(self.max_seconds)
@@ -113,6 +121,11 @@ class TrainConfig:
             return max(1, round(self.validation * num_images))
         return int(self.validation)
 
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> TrainConfig:
+        """The config of a ``to_dict`` of this or an older version (``legacy_settings``)."""
+        return cls(**legacy_settings(settings))
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-plain dict (``TrainConfig(**d)`` rebuilds them)."""
         return dataclasses.asdict(self)
@@ -122,18 +135,32 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+#: An older run's ``amp`` -> ``precision``.
+_AMP_TO_PRECISION = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def legacy_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Recorded settings in today's names: an older run's ``amp`` becomes ``precision``."""
+    out = dict(settings)
+    if "amp" in out:
+        amp = out.pop("amp")
+        out.setdefault("precision", _AMP_TO_PRECISION.get(amp, amp))
+    return out
+
+
 def check_device(config: TrainConfig, device: torch.device) -> None:
     """``ConfigError`` for settings the device cannot honour (never silently ignored)."""
-    if config.amp != "none" and device.type != "cuda":
-        raise ConfigError(f"--amp {config.amp} needs a CUDA device and this run is on "
-                          f"{device.type}; use --amp none (or --device cuda on a GPU machine)")
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--precision fp16 needs a CUDA device and this run is on "
+                          f"{device.type}; use --precision bf16 (or --device cuda on a GPU "
+                          "machine)")
 
 
 # --- what may change when a run is resumed ---------------------------------------------------
 #: Settings that change no weight of the run (logging and bookkeeping): free on resume.
 RESUME_FREE = frozenset({"steps", "epochs", "total_steps", "checkpoint_every",
                          "keep_checkpoints", "log_every", "eval_every", "max_nonfinite",
-                         "eval_limit", "max_seconds"})
+                         "eval_limit", "max_seconds", "compile"})
 #: Settings a resumed run can never change, and why.
 RESUME_LOCKED = {
     "batch_size": "step s trains on images s·B … (s+1)·B of its epoch's shuffle, so another "
@@ -153,8 +180,10 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], allow: Iterable
     Free keys (``RESUME_FREE``) may change, except the run's length where the learning-rate
     schedule depends on it (a cosine schedule, or a warm-up cut short by the length); locked keys
     (``RESUME_LOCKED``) never; any other change (the recipe: lr, schedule, EMA, augmentation,
-    amp, the data, …) is a ``ConfigError`` unless its key is in ``allow`` (``--override KEY``).
+    precision, the data, …) is a ``ConfigError`` unless its key is in ``allow``
+    (``--override KEY``). An older run's ``amp`` is compared as ``precision``.
     """
+    saved, current = legacy_settings(saved), legacy_settings(current)
     allow = set(allow)
     known = set(saved) | set(current)
     unknown = sorted(allow - known)

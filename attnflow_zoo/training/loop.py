@@ -19,6 +19,10 @@ that crosses it is the last, evaluated and checkpointed like the last of ``steps
 ``run.json`` says why the run finished (``stop_reason``). It is the wall time of one segment (a
 resume starts it afresh), decided together by all ranks.
 
+Each step is ``step.TrainStep``: ``config.precision``'s autocast (``attnflow_zoo.precision``),
+optionally compiled (``config.compile``), and no host read: the non-finite guard and the loss
+window are read at logging and checkpoint steps only.
+
 A run folder (``out_dir``) is locked while a run writes it (``lock``), holds ``metrics.jsonl``,
 ``run.json``, TensorBoard events, ``step-N/`` checkpoints, ``best/`` (lowest validation bits/dim)
 and, at the end, ``curves.png`` and ``samples.png`` (``run``). SIGINT / SIGTERM finish the step,
@@ -39,10 +43,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import checkpoint, data, metrics
+from .. import checkpoint, data
 from .._io import check_writable
+from ..compilation import compile_training
 from ..core import initialize_from_data, resolve_device
-from ..errors import CheckpointError, DataError, TrainingError
+from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from ..evaluation import evaluate_bpd
 from ..progress import note, progress
 from .config import TrainConfig, check_device, check_resume
@@ -53,6 +58,7 @@ from .optim import make_ema, make_scheduler
 from .record import device_name, versions
 from .run import RunFolder, check_fresh
 from .state import load_newest_intact, recorded_settings
+from .step import TrainStep
 
 #: Why a run finished (``run.json``'s ``stop_reason``): it reached its steps, or its time budget.
 STOP_STEPS = "steps"
@@ -206,10 +212,10 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         check_fresh(out)
     model.to(dev)
     model.train()
-    optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr)
-    use_amp = dev.type == "cuda" and config.amp != "none"
-    amp_dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_amp and config.amp == "fp16" else None
+    # capturable: Adamax keeps its step count on the GPU (no host read in the step).
+    optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr,
+                                   capturable=dev.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     num_dims = math.prod(model.input_shape)
 
     start_step = 0
@@ -259,6 +265,10 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
     if ctx.active:
         trainer = nn.parallel.DistributedDataParallel(
             trainer, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if config.compile:  # after the ActNorm init pass (``attnflow_zoo.compilation``)
+        trainer = compile_training(trainer)
+    train_step = TrainStep(trainer, list(model.parameters()), optimizer, config.precision,
+                           num_dims, config.grad_clip, scaler, lambda t: all_mean(t, ctx))
     scheduler = make_scheduler(optimizer, config, total_steps)
     history: list[dict[str, Any]] = []
     net = ema.module if ema is not None else model
@@ -291,9 +301,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         return value
 
     step = start_step
-    nonfinite = 0
-    window_loss = torch.zeros((), dtype=torch.float64, device=dev)
-    window_steps = 0
+    window_loss, window_steps = 0.0, 0
     window_start = time.perf_counter()
     window_pause = 0.0
     last_train = last_eval = last_val = None
@@ -317,68 +325,53 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
                 x_u8 = data.augment(x_u8, g, max_shift=config.max_shift, flip=config.flip)
             x = _local_rows(data.to_model_space(x_u8, g), ctx)
             scheduler.step_update(num_updates=step + 1)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                log_p = trainer(x, g)
-            bpd = metrics.bits_per_dim(log_p.float(), num_dims).mean()
-            optimizer.zero_grad(set_to_none=True)
-            (scaler.scale(bpd) if scaler is not None else bpd).backward()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), config.grad_clip if config.grad_clip else float("inf"))
+            # No host read in the step (``step.py``): the non-finite guard stays on the device
+            # and is read at logging / checkpoint steps.
+            _first_compiled_step(train_step, x, g, config.compile and step == start_step)
             signum = stop()
             over = budget is not None and time.monotonic() - began >= budget
-            flags = torch.tensor([float(signum or 0), float(over)], dtype=torch.float64,
-                                 device=dev)
-            # One host sync per step: loss, grad norm, the stop request and the time budget of
-            # every rank (any rank over the budget ends the run on all of them, at one step).
-            check = all_mean(torch.cat([torch.stack([bpd.detach().double(), grad_norm.double()]),
-                                        flags]), ctx)
-            loss_value, norm_value, stop_value, over_value = check.tolist()
-            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-            if not finite:
-                nonfinite += 1
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.update()
-                log({"step": step + 1, "event": "nonfinite", "train_bpd": loss_value,
-                     "grad_norm": norm_value, "consecutive": nonfinite})
-                if nonfinite >= config.max_nonfinite:
-                    raise TrainingError(
-                        f"{nonfinite} consecutive steps gave a non-finite loss or gradient "
-                        f"(last at step {step + 1}); lower --lr, set --grad-clip or use amp none. "
-                        "No checkpoint was written for them.")
-                # Skipped: the batch is consumed without an update and the run goes on.
-            else:
-                nonfinite = 0
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                if ema is not None:
-                    ema.update(model, step=step + 1)
-                window_loss += check[0]
-                window_steps += 1
+            stop_value, over_value = float(signum or 0), float(over)
+            if ctx.active:  # every rank stops at the same step: the one per-step read (DDP only)
+                flags = torch.tensor([stop_value, over_value], dtype=torch.float64, device=dev)
+                stop_value, over_value = all_mean(flags, ctx).tolist()
+            if ema is not None:
+                ema.update(model, step=step + 1)
             step += 1
             reason = STOP_STEPS if step == total_steps else STOP_TIME if over_value > 0 else None
             last = reason is not None
+            stopping = stop_value > 0 and not last
+            log_now = step % config.log_every == 0 or last
+            save_now = out is not None and (step % config.checkpoint_every == 0 or last
+                                            or stopping)
             fields: dict[str, str] = {}
-            if window_steps and (step % config.log_every == 0 or last):
+            guard = None
+            if log_now or save_now:
+                guard = train_step.read()
+                window_loss += guard["loss_sum"]
+                window_steps += guard["good"]
+                if guard["skipped"]:
+                    log({"step": step, "event": "nonfinite", "train_bpd": guard["last_loss"],
+                         "grad_norm": guard["grad_norm"], "skipped": guard["skipped"],
+                         "consecutive": guard["consecutive"]})
+                if guard["worst"] >= config.max_nonfinite:
+                    raise TrainingError(
+                        f"{guard['worst']} consecutive steps gave a non-finite loss or gradient "
+                        f"(found at step {step}); lower --lr, set --grad-clip or use "
+                        "--precision fp32. No weight was updated by them.")
+            if log_now and window_steps:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 elapsed = time.perf_counter() - window_start - window_pause
-                last_train = float(window_loss / window_steps)
+                last_train = window_loss / window_steps
                 ips = window_steps * config.batch_size / max(elapsed, 1e-9)
                 lr = optimizer.param_groups[0]["lr"]
                 log({"step": step, "train_bpd": last_train, "lr": lr,
-                     "grad_norm": norm_value, "images_per_s": ips,
+                     "grad_norm": guard["grad_norm"], "images_per_s": ips,
                      "num_images": window_steps * config.batch_size})
                 fields = {"bpd": f"{last_train:.4f}", "lr": f"{lr:.2e}", "img/s": f"{ips:.0f}"}
                 if budget is not None:
                     fields["left"] = _clock(max(0.0, budget - (time.monotonic() - began)))
-                window_loss.zero_()
-                window_steps = 0
+                window_loss, window_steps = 0.0, 0
                 window_start = time.perf_counter()
                 window_pause = 0.0
             advance(1, **fields)
@@ -393,11 +386,9 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
                 if last_eval is not None:
                     log({"step": step, "split": "test", "eval_bpd": last_eval,
                          "num_images": len(eval_data)})
-            stopping = stop_value > 0 and not last
             # A skipped step changes no weights: its checkpoint waits for the next good step
-            # (unless the run is stopping).
-            if out is not None and ((finite and step % config.checkpoint_every == 0)
-                                    or last or stopping):
+            # (unless the run is stopping or ending).
+            if save_now and (guard["consecutive"] == 0 or last or stopping):
                 status = "finished" if last else "interrupted" if stopping else "running"
                 checkpoint_path = folder.checkpoint(
                     step, model, ema.module if ema is not None else None, optimizer, scaler,
@@ -429,6 +420,20 @@ def _clock(seconds: float) -> str:
     """Seconds as h:mm:ss."""
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _first_compiled_step(train_step: TrainStep, x: Tensor, g: torch.Generator,
+                         first_compiled: bool) -> None:
+    """The step; the first step of a compiled run turns a compiler failure into one line."""
+    if not first_compiled:
+        train_step(x, g)
+        return
+    try:
+        train_step(x, g)
+    except torch._dynamo.exc.TorchDynamoException as err:
+        raise ConfigError(f"--compile could not compile this model's training step "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); train "
+                          "without --compile") from err
 
 
 class _no_stop:

@@ -1,0 +1,117 @@
+"""One training step that reads nothing back to the host: the non-finite guard on the device.
+
+Nothing in ``TrainStep.__call__`` reads a device value back — no ``.item()``, ``bool(tensor)``,
+``float(tensor)``, ``.tolist()`` or ``.cpu()`` — so on CUDA the host queues the next step while
+the device runs this one (tests/test_step_sync.py: no such call on CPU, and
+``torch.cuda.set_sync_debug_mode("error")`` on CUDA). The two exceptions are not the step's:
+fp16's ``GradScaler.step`` reads its inf flag (use bf16, which needs no scaler), and under
+DDP the caller exchanges the stop request of every rank each step.
+
+The guard: ``finite = isfinite(loss) & isfinite(grad_norm)`` stays a device tensor (the loss
+averaged over ranks, so every rank agrees). Gradients are zeroed where the step is not
+finite (no NaN reaches the optimizer state), the optimizer steps, and the weights are put back
+from a copy taken before the step with ``_foreach_lerp_(params, backup, skip)`` (weight 0
+keeps the update, 1 restores the copy; both exact). A skipped step therefore changes no weight;
+Adamax's moments decay as for a zero gradient and its step count advances (the one difference
+from a skip that reads the flag on the host). Counters of skipped and consecutive skipped steps
+and the loss sum of the logging window are device tensors that ``read`` fetches in one
+transfer at logging and checkpoint steps. The copy costs one set of weights in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import metrics
+from ..precision import autocast_for
+
+
+class TrainStep:
+    """forward + backward + clip + guarded optimizer step on one batch, sync-free.
+
+    Args:
+        log_density: ``(x, generator) -> log p(x)`` (B,), the model, its DDP wrapper or its
+            compiled version.
+        params: the trained parameters.
+        optimizer: their optimizer.
+        precision: "fp32", "bf16" or "fp16" (``attnflow_zoo.precision.autocast_for``).
+        num_dims: C·H·W, for bits/dim.
+        grad_clip: max global gradient norm, None for none (the norm is computed either way).
+        scaler: fp16's ``GradScaler`` (None otherwise).
+        reduce: averages a device tensor over ranks (identity off DDP).
+    """
+
+    def __init__(self, log_density: Callable[[Tensor, Any], Tensor], params: list[Tensor],
+                 optimizer: torch.optim.Optimizer, precision: str, num_dims: int,
+                 grad_clip: float | None = None, scaler: Any = None,
+                 reduce: Callable[[Tensor], Tensor] = lambda t: t) -> None:
+        self.log_density = log_density
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer = optimizer
+        self.precision = precision
+        self.num_dims = num_dims
+        self.max_norm = grad_clip if grad_clip else float("inf")
+        self.scaler = scaler
+        self.reduce = reduce
+        self.autocast_cache = True  # False while a CUDA graph captures the step
+        dev = self.params[0].device
+        self.device = dev
+        self.backup = [torch.empty_like(p) for p in self.params]
+        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        self.skipped, self.consecutive, self.worst, self.good = (zero.clone() for _ in range(4))
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.last = torch.zeros(2, dtype=torch.float64, device=dev)  # loss, grad norm
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One step on ``x`` (model space); returns the loss (bits/dim, averaged over ranks,
+        detached: a device tensor, read it only when logging)."""
+        with autocast_for(self.device, self.precision, cache_enabled=self.autocast_cache):
+            log_p = self.log_density(x, generator)
+        loss = metrics.bits_per_dim(log_p.float(), self.num_dims).mean()
+        self.optimizer.zero_grad(set_to_none=False)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        loss = self.reduce(loss.detach().double())
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        skip = ~finite
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.masked_fill_(skip, 0.0)
+            torch._foreach_copy_(self.backup, self.params)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            torch._foreach_lerp_(self.params, self.backup, skip.to(self.params[0].dtype))
+            self.skipped += skip
+            self.consecutive.add_(1).mul_(skip)
+            torch.maximum(self.worst, self.consecutive, out=self.worst)
+            self.good += finite
+            self.loss_sum += torch.where(finite, loss, 0.0)
+            self.last.copy_(torch.stack([loss, grad_norm.double()]))
+        return loss
+
+    def read(self) -> dict[str, float]:
+        """The window's counters in one transfer, then a new window: ``loss_sum`` (bits/dim
+        summed over its good steps), ``good``, ``skipped``, ``consecutive`` (non-finite steps
+        in a row at the end), ``worst`` (the longest such run in the window, carried over from
+        the last window), ``last_loss``, ``grad_norm`` (the last step's)."""
+        values = torch.cat([torch.stack([self.loss_sum, self.good.double(),
+                                         self.skipped.double(), self.consecutive.double(),
+                                         self.worst.double()]), self.last]).tolist()
+        loss_sum, good, skipped, consecutive, worst, last_loss, norm = values
+        self.loss_sum.zero_()
+        self.good.zero_()
+        self.skipped.zero_()
+        self.worst.copy_(self.consecutive)
+        return {"loss_sum": loss_sum, "good": int(good),
+                "skipped": int(skipped), "consecutive": int(consecutive), "worst": int(worst),
+                "last_loss": last_loss, "grad_norm": norm}
