@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint, registry
 from .hub import resolve_checkpoint
-from .models import attnflow, resflow, validator  # noqa: F401 - registers the zoo's presets
+from .models import attnflow, attnflow_presets, resflow, validator  # noqa: F401 - registers presets
 
 
 def list_models(pattern: str = "*") -> list[str]:

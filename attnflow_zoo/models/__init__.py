@@ -1,1 +1,2 @@
-"""One architecture per file, its presets at the bottom (``factory`` imports them all)."""
+"""One architecture per file, its presets at the bottom (``factory`` imports them all); the
+AttnFlow family's many presets are in ``attnflow_presets.py``."""

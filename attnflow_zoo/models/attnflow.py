@@ -25,12 +25,13 @@ from ..layers.mixlogcdf import MixLogCDFCoupling
 from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import GaussianPrior, MARPrior
-from ..registry import TINY_RECIPE, Recipe, register_model, register_preset
 from .base import FlowModel
+from .conditioning import ClassEmbedding, prior_condition
 
 #: Coupling layers by config name: (num_channels, config) -> layer.
 COUPLINGS: dict[str, Callable[[int, "AttnFlowConfig"], InvertibleModule]] = {
-    "affine": lambda c, cfg: AffineCoupling(c, cfg.hidden_channels),
+    "affine": lambda c, cfg: AffineCoupling(
+        c, cfg.hidden_channels, cfg.class_embed_channels if cfg.condition_couplings else 0),
     "mixlogcdf": lambda c, cfg: MixLogCDFCoupling(
         c, cfg.hidden_channels, cfg.mixlog_num_components, cfg.mixlog_num_blocks,
         cfg.mixlog_num_heads, cfg.mixlog_dropout),
@@ -74,6 +75,12 @@ class AttnFlowConfig:
         prior_output_init: "random" (mAR-SCF's default-initialised output conv of the mAR
             prior; learns 0.4 bits/dim faster early on) or "zero" (the prior starts as
             N(0, I)); a Decision, see ``MARPrior``.
+        num_classes: K > 0 makes the model class-conditional, p(x | y) with labels 0..K−1: a
+            learned class embedding (``class_embed_channels`` wide) conditions every prior
+            (see ``models.conditioning``); 0 (default) is unconditional.
+        class_embed_channels: E, the width of the class embedding.
+        condition_couplings: also feed the class embedding to every affine coupling's
+            conditioner (then the flow's logdet depends on y); needs num_classes > 0.
     """
 
     image_size: int = 32
@@ -97,6 +104,9 @@ class AttnFlowConfig:
     prior_cond_hidden_channels: int = 32
     prior_embed_channels: int = 4
     prior_output_init: str = "random"
+    num_classes: int = 0
+    class_embed_channels: int = 8
+    condition_couplings: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_levels is not None and not isinstance(self.attention_levels, tuple):
@@ -120,6 +130,11 @@ class AttnFlowConfig:
                               f"{self.imap_mixing!r}")
         if self.num_levels < 1 or self.num_steps < 1:
             raise ConfigError("num_levels and num_steps must be at least 1")
+        if self.num_classes < 0 or self.class_embed_channels < 1:
+            raise ConfigError("num_classes must be ≥ 0 and class_embed_channels ≥ 1")
+        if self.condition_couplings and (self.num_classes == 0 or self.coupling != "affine"):
+            raise ConfigError("condition_couplings needs num_classes > 0 and the affine "
+                              "coupling; set num_classes, or condition the priors only")
         if self.image_size % (2 ** self.num_levels):
             raise ConfigError(f"image_size {self.image_size} must be divisible by "
                               f"2**num_levels = {2 ** self.num_levels}; pad or resize the images")
@@ -190,6 +205,9 @@ class AttnFlow(FlowModel):
         self.levels = nn.ModuleList()
         self.priors = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
+        self.class_embedding = (ClassEmbedding(cfg.num_classes, cfg.class_embed_channels)
+                                if cfg.num_classes else None)
+        e = cfg.class_embed_channels if cfg.num_classes else 0
         for lvl in range(cfg.num_levels):
             c, size = 4 * c, size // 2
             steps = [flow_step(cfg, c, size, k % 2, cfg.uses_attention(lvl))
@@ -198,7 +216,7 @@ class AttnFlow(FlowModel):
             last = lvl == cfg.num_levels - 1
             c_keep = c if last else c - c // 2
             c_out = c if last else c // 2
-            self.priors.append(self._make_prior(c_out, 0 if last else c_keep, lvl))
+            self.priors.append(self._make_prior(c_out, (0 if last else c_keep) + e, lvl))
             self.latent_shapes.append((c_out, size, size))
             c = c_keep
 
@@ -213,30 +231,50 @@ class AttnFlow(FlowModel):
                         cfg.prior_output_init)
 
     # --- the flow ---------------------------------------------------------------------------
-    def encode(self, x: Tensor) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
-        """x -> per-level (z, cond) pairs (cond = the kept half z1, None at the last level) and
-        the flow's logdet (B,)."""
+    def class_context(self, y: Tensor | int | None, batch: int) -> Tensor | None:
+        """The class embedding e_y (B×E) of a class-conditional model, None otherwise."""
+        y = self.check_labels(y, batch)
+        return None if y is None else self.class_embedding(y)
+
+    def _flow_context(self, context: Tensor | None) -> Tensor | None:
+        return context if self.config.condition_couplings else None
+
+    def encode(self, x: Tensor, y: Tensor | int | None = None
+               ) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
+        """x -> per-level (z, cond) pairs (cond: what the level's prior is conditioned on, the
+        kept half z1 and, for a class-conditional model, the class embedding; None at the last
+        level of an unconditional model) and the flow's logdet (B,)."""
         if tuple(x.shape[1:]) != self.input_shape:
             raise ShapeError(f"expected input B×{'×'.join(map(str, self.input_shape))}, got "
                              f"{tuple(x.shape)}")
+        context = self.class_context(y, x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         pieces: list[tuple[Tensor, Tensor | None]] = []
         h = x
         for lvl, level in enumerate(self.levels):
-            h, ld = level(h)
+            h, ld = level(h, self._flow_context(context))
             logdet = logdet + ld
-            if lvl < len(self.levels) - 1:
-                z1, z2 = split_channels(h)
-                pieces.append((z2, z1))
-                h = z1
-            else:
-                pieces.append((h, None))
+            kept, z = split_channels(h) if lvl < len(self.levels) - 1 else (None, h)
+            pieces.append((z, prior_condition(kept, context, *h.shape[2:])))
+            h = kept
         return pieces, logdet
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B×C×H×W, in [−0.5, 0.5)) -> (z: B×D in the documented layout, logdet: (B,))."""
-        pieces, logdet = self.encode(x)
+    def forward(self, x: Tensor, y: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
+        """x (B×C×H×W, in [−0.5, 0.5)) -> (z: B×D in the documented layout, logdet: (B,));
+        ``y``: labels of a class-conditional model (needed when its couplings are conditioned)."""
+        pieces, logdet = self.encode(x, y)
         return torch.cat([z.flatten(1) for z, _ in pieces], 1), logdet
+
+    def encode_latents(self, x: Tensor, y: Tensor | int | None = None) -> list[Tensor]:
+        """x -> every latent of the flow, one tensor per level in level order
+        [z2_1, …, z2_{L−1}, z_L] (the factored-out halves, then the last level's output), of
+        shapes B×``latent_shapes[l]``; ``decode_latents`` inverts it. The flattened
+        concatenation is ``forward``'s z."""
+        return [z for z, _ in self.encode(x, y)[0]]
+
+    def decode_latents(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
+        """``encode_latents``' per-level latents -> x (B×C×H×W)."""
+        return self.decode(latents, y)
 
     def unflatten(self, z: Tensor) -> list[Tensor]:
         """Split a B×D latent into the per-level latents, B×C_l×H_l×W_l each."""
@@ -246,18 +284,23 @@ class AttnFlow(FlowModel):
         return [p.reshape(-1, *s) for p, s in
                 zip(torch.split(z, sizes, 1), self.latent_shapes, strict=True)]
 
-    def decode(self, latents: list[Tensor]) -> Tensor:
+    def decode(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
         """Per-level latents [z2_1, …, z2_{L−1}, z_L] -> x."""
+        if len(latents) != len(self.levels) or any(
+                tuple(z.shape[1:]) != s for z, s in zip(latents, self.latent_shapes, strict=False)):
+            raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
+                             f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
+        context = self._flow_context(self.class_context(y, latents[-1].shape[0]))
         h = latents[-1]
         for lvl in reversed(range(len(self.levels))):
             if lvl < len(self.levels) - 1:
                 h = merge_channels(h, latents[lvl])
-            h = self.levels[lvl].inverse(h)
+            h = self.levels[lvl].inverse(h, context)
         return h
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, y: Tensor | int | None = None) -> Tensor:
         """z (B×D, the layout of ``forward``) -> x (B×C×H×W)."""
-        return self.decode(self.unflatten(z))
+        return self.decode(self.unflatten(z), y)
 
     # --- density and sampling ---------------------------------------------------------------
     def log_prior(self, pieces: list[tuple[Tensor, Tensor | None]]) -> Tensor:
@@ -267,180 +310,35 @@ class AttnFlow(FlowModel):
             total = total + prior.log_prob(z, cond)
         return total
 
-    def log_density(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """log p(x) in nats, (B,), for x in [−0.5, 0.5)^D (exact: ``generator`` is unused)."""
-        pieces, logdet = self.encode(x)
+    def log_density(self, x: Tensor, y: Tensor | int | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:
+        """log p(x | y) in nats, (B,), for x in [−0.5, 0.5)^D (exact: ``generator`` is unused;
+        ``y`` only for a class-conditional model)."""
+        pieces, logdet = self.encode(x, y)
         return self.log_prior(pieces) + logdet
 
     @torch.no_grad()
     def generate(self, num_samples: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None,
+                 y: Tensor | int | None = None) -> Tensor:
         """x = f⁻¹(z), z drawn level by level from the priors, deepest first; B×C×H×W.
 
         ``temperature`` scales every prior's standard deviation; 0 gives the mean chain.
+        ``y``: the class of each sample (class-conditional models only).
         """
+        context = self.class_context(y, num_samples)
+        flow_context = self._flow_context(context)
         last = len(self.levels) - 1
         c, size, _ = self.latent_shapes[last]
-        h = self.priors[last].sample(num_samples, size, size, None, temperature, generator)
+        h = self.priors[last].sample(num_samples, size, size,
+                                     prior_condition(None, context, size, size), temperature,
+                                     generator)
         for lvl in reversed(range(len(self.levels))):
             if lvl < last:
                 _, size, _ = self.latent_shapes[lvl]
-                z2 = self.priors[lvl].sample(num_samples, size, size, h, temperature, generator)
+                z2 = self.priors[lvl].sample(num_samples, size, size,
+                                             prior_condition(h, context, size, size),
+                                             temperature, generator)
                 h = merge_channels(h, z2)
-            h = self.levels[lvl].inverse(h)
+            h = self.levels[lvl].inverse(h, flow_context)
         return h
-
-
-# --- presets ---------------------------------------------------------------------------------
-# Naming: ``{family}_{dataset}`` is the paper-scale model, ``{family}_{dataset}_small`` a
-# K = 8, C = 256 model for quick runs, ``{family}_tiny`` / ``{family}_*_tiny`` test sizes.
-# family: attnflow_imap, attnflow_itrans, marflow (the backbone without attention).
-# Paper scale: the AttnFlow paper does not state K and C; we use mAR-SCF's affine recipe
-# (L = 3, K = 32, C = 512 at 32×32; L = 4 at 64×64).
-_DATA_SHAPES = {
-    # dataset: (image_size, in_channels, num_levels, description); MNIST is padded to 32.
-    "cifar10": (32, 3, 3, "CIFAR-10 32×32"),
-    "svhn": (32, 3, 3, "SVHN cropped digits 32×32"),
-    "mnist": (32, 1, 3, "MNIST padded to 32×32 (1 channel)"),
-    "celeba": (64, 3, 4, "CelebA 64×64"),
-}
-_ATTENTIONS = {"imap": "AttnFlow-iMap", "itrans": "AttnFlow-iTrans",
-               "none": "MaR-Flow (no attention)"}
-_SIZES = {  # size: (K, C, coupling, description)
-    "paper": (32, 512, "affine", "paper scale: K=32, C=512, affine (mAR-SCF affine recipe)"),
-    "small": (8, 256, "affine", "small: K=8, C=256, affine"),
-    # The configuration AttnFlow's table states (L=3, K=2, C=256); its 3.247 bpd sits beside
-    # mAR-SCF's MixLogCDF 3.24, not the affine ≈ 3.33 (SPEC §3.1).
-    "mixlog": (2, 256, "mixlogcdf", "paper configuration: K=2, C=256, MixLogCDF couplings"),
-    "mixlog_small": (4, 96, "mixlogcdf", "K=4, C=96, MixLogCDF couplings"),
-}
-
-
-# Recipes (SPEC §3, §3.1): mAR-SCF's marscf_main.py, plus the zoo's decisions where it is silent.
-_EPOCHS = {"cifar10": 400, "svhn": 270, "mnist": 330, "celeba": 120}  # ≈ 20M images each
-_SHIFT = {"cifar10": 3, "svhn": 3, "mnist": 0, "celeba": 3}  # mAR-SCF: MNIST is only padded
-_MARSCF_SOURCE = ("mAR-SCF (visinf/mar-scf marscf_main.py): Adamax 8e-4, linear warm-up over "
-                  "10,000 images, batch 128 (affine) / 64 (MixLogCDF), CIFAR-10 shift <= 3 px + "
-                  "flip. Zoo decisions: EMA 0.999 (Flow++; mAR-SCF keeps none); 20M training "
-                  "images on every dataset (mAR-SCF's ~400 CIFAR-10 epochs), a quarter for "
-                  "_small presets; shift <= 3 px on SVHN and CelebA.")
-
-
-def _recipe(dataset: str, size: str) -> Recipe:
-    coupling = _SIZES[size][2]
-    small = size.endswith("small")
-    return Recipe(
-        name=f"marscf-{coupling}-{dataset}" + ("-small" if small else ""),
-        source=_MARSCF_SOURCE, dataset=dataset, lr=8e-4, warmup_images=10_000,
-        batch_size=128 if coupling == "affine" else 64,
-        epochs=_EPOCHS[dataset] // 4 if small else _EPOCHS[dataset],
-        max_shift=_SHIFT[dataset], ema_decay=0.999)
-
-
-def _preset(name: str, attention: str, dataset: str, size: str) -> None:
-    image_size, channels, levels, ddesc = _DATA_SHAPES[dataset]
-    k, hidden, coupling, sdesc = _SIZES[size]
-    register_preset(name, AttnFlow, AttnFlowConfig(
-        image_size=image_size, in_channels=channels, num_levels=levels, num_steps=k,
-        hidden_channels=hidden, attention=attention, coupling=coupling),
-        f"{_ATTENTIONS[attention]} on {ddesc}, L={levels}, {sdesc}.",
-        recipe=_recipe(dataset, size))
-
-
-_preset("attnflow_imap_cifar10", "imap", "cifar10", "paper")
-_preset("attnflow_imap_cifar10_small", "imap", "cifar10", "small")
-_preset("attnflow_imap_svhn", "imap", "svhn", "paper")
-_preset("attnflow_imap_svhn_small", "imap", "svhn", "small")
-_preset("attnflow_imap_mnist", "imap", "mnist", "paper")
-_preset("attnflow_imap_mnist_small", "imap", "mnist", "small")
-_preset("attnflow_imap_celeba", "imap", "celeba", "paper")
-_preset("attnflow_imap_celeba_small", "imap", "celeba", "small")
-_preset("attnflow_itrans_cifar10", "itrans", "cifar10", "paper")
-_preset("attnflow_itrans_cifar10_small", "itrans", "cifar10", "small")
-_preset("attnflow_itrans_svhn", "itrans", "svhn", "paper")
-_preset("attnflow_itrans_svhn_small", "itrans", "svhn", "small")
-_preset("attnflow_itrans_mnist", "itrans", "mnist", "paper")
-_preset("attnflow_itrans_mnist_small", "itrans", "mnist", "small")
-_preset("attnflow_itrans_celeba", "itrans", "celeba", "paper")
-_preset("attnflow_itrans_celeba_small", "itrans", "celeba", "small")
-_preset("marflow_cifar10", "none", "cifar10", "paper")
-_preset("marflow_cifar10_small", "none", "cifar10", "small")
-_preset("marflow_svhn", "none", "svhn", "paper")
-_preset("marflow_svhn_small", "none", "svhn", "small")
-_preset("marflow_mnist", "none", "mnist", "paper")
-_preset("marflow_mnist_small", "none", "mnist", "small")
-_preset("marflow_celeba", "none", "celeba", "paper")
-_preset("marflow_celeba_small", "none", "celeba", "small")
-_preset("attnflow_imap_cifar10_mixlog", "imap", "cifar10", "mixlog")
-_preset("attnflow_imap_cifar10_mixlog_small", "imap", "cifar10", "mixlog_small")
-_preset("attnflow_itrans_cifar10_mixlog", "itrans", "cifar10", "mixlog")
-_preset("attnflow_itrans_cifar10_mixlog_small", "itrans", "cifar10", "mixlog_small")
-_preset("marflow_cifar10_mixlog", "none", "cifar10", "mixlog")
-_preset("marflow_cifar10_mixlog_small", "none", "cifar10", "mixlog_small")
-_preset("attnflow_imap_svhn_mixlog", "imap", "svhn", "mixlog")
-_preset("attnflow_imap_svhn_mixlog_small", "imap", "svhn", "mixlog_small")
-_preset("attnflow_itrans_svhn_mixlog", "itrans", "svhn", "mixlog")
-_preset("attnflow_itrans_svhn_mixlog_small", "itrans", "svhn", "mixlog_small")
-_preset("marflow_svhn_mixlog", "none", "svhn", "mixlog")
-_preset("marflow_svhn_mixlog_small", "none", "svhn", "mixlog_small")
-_preset("attnflow_imap_celeba_mixlog_small", "imap", "celeba", "mixlog_small")
-_preset("attnflow_itrans_celeba_mixlog_small", "itrans", "celeba", "mixlog_small")
-_preset("marflow_celeba_mixlog_small", "none", "celeba", "mixlog_small")
-
-_TINY = dict(image_size=8, in_channels=3, num_levels=2, num_steps=2, hidden_channels=8,
-             prior_hidden_channels=8, prior_num_layers=2, prior_cond_hidden_channels=8,
-             prior_embed_channels=2)
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_imap_tiny() -> AttnFlowConfig:
-    """AttnFlow-iMap (spatial mixing), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="imap", imap_mixing="spatial")
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_imap_channel_tiny() -> AttnFlowConfig:
-    """AttnFlow-iMap (channel mixing), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="imap", imap_mixing="channel")
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_itrans_tiny() -> AttnFlowConfig:
-    """AttnFlow-iTrans (2×2 patches, level 1 only), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    # Level 2 is 2×2: a single 2×2 token, so iTrans is switched off there.
-    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=2,
-                          attention_levels=(True, False))
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_itrans_p1_tiny() -> AttnFlowConfig:
-    """AttnFlow-iTrans (1×1 patches), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=1)
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_itrans_paper_tiny() -> AttnFlowConfig:
-    """AttnFlow-iTrans in the published form A = softmax + αI (1×1 patches), tiny (tests)."""
-    return AttnFlowConfig(**_TINY, attention="itrans", itrans_patch_size=1, itrans_form="paper")
-
-
-_MIXLOG_TINY = dict(coupling="mixlogcdf", mixlog_num_components=3, mixlog_num_blocks=1,
-                    mixlog_num_heads=2)
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def attnflow_imap_mixlog_tiny() -> AttnFlowConfig:
-    """AttnFlow-iMap with MixLogCDF couplings, tiny: 3×8×8, L=2, K=2, C=8, K_mix=3 (tests)."""
-    return AttnFlowConfig(**_TINY, **_MIXLOG_TINY, attention="imap")
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def marflow_mixlog_tiny() -> AttnFlowConfig:
-    """MaR-Flow with MixLogCDF couplings, tiny: 3×8×8, L=2, K=2, C=8, K_mix=3 (tests)."""
-    return AttnFlowConfig(**_TINY, **_MIXLOG_TINY, attention="none")
-
-
-@register_model(AttnFlow, recipe=TINY_RECIPE)
-def marflow_tiny() -> AttnFlowConfig:
-    """MaR-Flow (no attention), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
-    return AttnFlowConfig(**_TINY, attention="none")
