@@ -40,6 +40,12 @@ LAYERS: dict[str, tuple[Callable[[int, int, int, int], nn.Module], tuple[int, in
     "imap_channel": (lambda c, h, w, p: IMap(c, h, w, p, "channel"), (4, 4, 4)),
     "imap_spatial_odd_c": (lambda c, h, w, p: IMap(c, h, w, p, "spatial"), (3, 3, 5)),
     "imap_channel_odd_c": (lambda c, h, w, p: IMap(c, h, w, p, "channel"), (3, 3, 5)),
+    "imap_spatial_normalized": (
+        lambda c, h, w, p: IMap(c, h, w, p, "spatial", init_logit=0.0, gate="normalized"),
+        (4, 4, 4)),
+    "imap_channel_normalized_odd_c": (
+        lambda c, h, w, p: IMap(c, h, w, p, "channel", init_logit=1.5, gate="normalized"),
+        (3, 3, 5)),
     "itrans_p1": (lambda c, h, w, p: ITrans(c, h, w, p, patch_size=1), (4, 4, 4)),
     "itrans_p2": (lambda c, h, w, p: ITrans(c, h, w, p, patch_size=2), (4, 4, 4)),
     "itrans_p2_odd_c": (lambda c, h, w, p: ITrans(c, h, w, p, patch_size=2), (3, 4, 6)),
@@ -159,13 +165,31 @@ def test_gradients_reach_every_parameter(name: str) -> None:
 
 @pytest.mark.parametrize("name", [n for n in LAYERS if n.startswith("imap")])
 def test_imap_starts_near_the_identity(name: str) -> None:
+    """Published gate: y = σ(4)·x = 0.982·x; normalized gate: y = x exactly, for any c."""
     make, shape = LAYERS[name]
     x = _input((2, *shape))
-    z, logdet = make(*shape, 0).double()(x)
-    sigma = torch.sigmoid(torch.tensor(4.0, dtype=x.dtype))  # y = σ(4)·x = 0.982·x
-    torch.testing.assert_close(z, x * sigma)
+    layer = make(*shape, 0).double()
+    z, logdet = layer(x)
+    sigma = 1.0 if "normalized" in name else torch.sigmoid(torch.tensor(4.0).double()).item()
+    torch.testing.assert_close(z, x * sigma, rtol=1e-15, atol=1e-15)
     expected = torch.full((2,), x[0].numel() * math.log(sigma), dtype=x.dtype)
-    torch.testing.assert_close(logdet, expected)
+    torch.testing.assert_close(logdet, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c", [0.0, 2.0, 4.0])
+def test_imap_normalized_gate_is_the_published_layer_times_a_constant(c: float) -> None:
+    """σ(·)/σ(c): the published layer's output divided by σ(c), its logdet minus D·log σ(c),
+    for the same (trained) parameters; d log(gate)/da = 1 − σ(c) at init."""
+    gen = torch.Generator().manual_seed(3)
+    published = IMap(4, 4, 4, 1, "spatial", init_logit=c).double()
+    normalized = IMap(4, 4, 4, 1, "spatial", init_logit=c, gate="normalized").double()
+    perturb_parameters(published, 0.5, gen)
+    normalized.load_state_dict(published.state_dict())
+    x = _input((3, 4, 4, 4), seed=2)
+    (zp, ldp), (zn, ldn) = published(x), normalized(x)
+    log_sc = math.log(torch.sigmoid(torch.tensor(c, dtype=torch.float64)).item())
+    torch.testing.assert_close(zn, zp / math.exp(log_sc))
+    torch.testing.assert_close(ldn, ldp - x[0].numel() * log_sc)
 
 
 @pytest.mark.parametrize("name", ["imap_spatial", "itrans_p2"])
@@ -186,6 +210,8 @@ def test_bad_configurations_are_config_errors() -> None:
         ITrans(4, 6, 6, patch_size=3)
     with pytest.raises(ConfigError, match="mixing"):
         IMap(4, 4, 4, mixing="pixel")
+    with pytest.raises(ConfigError, match="gate"):
+        IMap(4, 4, 4, gate="tanh")
     with pytest.raises(ConfigError, match="parity"):
         IMap(4, 4, 4, parity=-1)
 
@@ -226,8 +252,9 @@ def test_imap_jacobian_is_triangular_with_diagonal_blocks(name: str, parity: int
     jac = _jacobian(layer, x)
     masked, unmasked = _split(layer)
     c, h, w = LAYERS[name][1]
-    # y_M = σ(s_c)·x_M: the masked part is a fixed diagonal map of x_M alone.
-    scale = torch.sigmoid(layer.log_scale).view(-1, 1, 1).expand(c, h, w).reshape(-1)
+    # y_M = σ(s_c)·x_M (normalized gate: σ(s_c)/σ(c)·x_M): a fixed diagonal map of x_M alone.
+    scale = (torch.sigmoid(layer.log_scale) * math.exp(-layer.log_gate_offset)
+             ).view(-1, 1, 1).expand(c, h, w).reshape(-1)
     torch.testing.assert_close(jac[masked][:, masked], torch.diag(scale[masked]))
     assert (jac[masked][:, unmasked] == 0).all()
     # y_U = x_U ⊙ σ(a(x_M) + b): diagonal in x_U (nothing is taken from other unmasked values).
@@ -302,6 +329,8 @@ REALISTIC = [(12, 16, 16), (24, 8, 8), (48, 4, 4)]
 FLOAT32_LAYERS = {
     "imap_spatial": lambda c, h, w: IMap(c, h, w, 1, "spatial"),
     "imap_channel": lambda c, h, w: IMap(c, h, w, 1, "channel"),
+    "imap_spatial_normalized": lambda c, h, w: IMap(c, h, w, 1, "spatial", init_logit=0.0,
+                                                    gate="normalized"),
     "itrans_p1": lambda c, h, w: ITrans(c, h, w, 1, patch_size=1),
     "itrans_p2": lambda c, h, w: ITrans(c, h, w, 1, patch_size=2),
     "itrans_p4": lambda c, h, w: ITrans(c, h, w, 1, patch_size=4),

@@ -64,9 +64,14 @@ class AttnFlowConfig:
         attention: "imap", "itrans" or "none" (then the model is MaR-Flow).
         attention_levels: per-level on/off tuple of length L (None: attention on every level).
         imap_mixing: iMap's mixing axis, "spatial" (positions) or "channel" (SPEC §1.3).
+        imap_init_logit: c, iMap's initial s = b (SPEC §1.3 Decision): 4 starts every gate at
+            σ(4) = 0.98, near the identity; see ``IMap``.
+        imap_gate: "sigmoid" (published: y = x·σ(·)) or "normalized" (y = x·σ(·)/σ(c), the
+            identity at init for any c); a Decision, see ``IMap``.
         itrans_patch_size: iTrans token patch size P (1 or 2; must divide each level's H, W).
         itrans_form: "convex" (default; A = (1 − β)I + β·softmax, starts at the identity) or
             "paper" (A = softmax + αI exactly as published); see ``ITrans``.
+        itrans_init_mix: the convex iTrans's initial β, the softmax's weight in A (0.05).
         prior: "mar" (mAR conv-LSTM channel prior) or "gaussian" (Glow's diagonal prior).
         prior_hidden_channels: conv-LSTM width of the mAR prior (mAR-SCF: 32).
         prior_num_layers: conv-LSTM layers of the mAR prior (mAR-SCF: 3).
@@ -96,8 +101,11 @@ class AttnFlowConfig:
     attention: str = "imap"
     attention_levels: tuple[bool, ...] | None = None
     imap_mixing: str = "spatial"
+    imap_init_logit: float = 4.0
+    imap_gate: str = "sigmoid"
     itrans_patch_size: int = 2
     itrans_form: str = "convex"
+    itrans_init_mix: float = 0.05
     prior: str = "mar"
     prior_hidden_channels: int = 32
     prior_num_layers: int = 3
@@ -128,6 +136,15 @@ class AttnFlowConfig:
         if self.imap_mixing not in ("spatial", "channel"):
             raise ConfigError(f"imap_mixing must be 'spatial' or 'channel', got "
                               f"{self.imap_mixing!r}")
+        if not math.isfinite(self.imap_init_logit):
+            raise ConfigError(f"imap_init_logit must be a finite number, got "
+                              f"{self.imap_init_logit!r}")
+        if self.imap_gate not in ("sigmoid", "normalized"):
+            raise ConfigError(f"imap_gate must be 'sigmoid' or 'normalized', got "
+                              f"{self.imap_gate!r}")
+        if not 0 < self.itrans_init_mix < 0.5:
+            raise ConfigError(f"itrans_init_mix must be in (0, 0.5), got "
+                              f"{self.itrans_init_mix!r}")
         if self.num_levels < 1 or self.num_steps < 1:
             raise ConfigError("num_levels and num_steps must be at least 1")
         if self.num_classes < 0 or self.class_embed_channels < 1:
@@ -161,9 +178,10 @@ class AttnFlowConfig:
 def _attention_layer(cfg: AttnFlowConfig, channels: int, size: int, parity: int
                      ) -> InvertibleModule:
     if cfg.attention == "imap":
-        return IMap(channels, size, size, parity=parity, mixing=cfg.imap_mixing)
+        return IMap(channels, size, size, parity=parity, mixing=cfg.imap_mixing,
+                    init_logit=cfg.imap_init_logit, gate=cfg.imap_gate)
     return ITrans(channels, size, size, parity=parity, patch_size=cfg.itrans_patch_size,
-                  form=cfg.itrans_form)
+                  form=cfg.itrans_form, init_mix=cfg.itrans_init_mix)
 
 
 def flow_step(cfg: AttnFlowConfig, channels: int, size: int, parity: int,
