@@ -189,11 +189,11 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
         raise TrainingError(f"batch_size {config.batch_size} is not divisible by the "
                             f"{ctx.world_size} processes")
     k = getattr(model, "num_classes", 0)
-    train_labels = data.labels_for(k, train_labels, f"{dataset or 'the data'} (train)",
-                                   len(train_data))
+    named = info.get("dataset") or {}
+    source = dataset or named.get("name") or named.get("path") or "the data"
+    train_labels = data.labels_for(k, train_labels, f"{source} (train)", len(train_data))
     if eval_data is not None:
-        eval_labels = data.labels_for(k, eval_labels, f"{dataset or 'the data'} (held-out)",
-                                      len(eval_data))
+        eval_labels = data.labels_for(k, eval_labels, f"{source} (held-out)", len(eval_data))
     train_data, val_data = carve_validation(train_data, config)
     train_labels, val_labels = (None, None) if train_labels is None else \
         carve_validation(train_labels, config)
