@@ -78,14 +78,16 @@ def imagefolder_split(folder: Path, split: str):
     if split not in splits:
         raise DataError(f"{folder} has no split {split!r}; available: {', '.join(splits)}")
     files = top if top and not (folder / split).is_dir() else images_under(folder / split)
-    ds = datasets.Dataset.from_dict({"image": files}).cast_column("image", datasets.Image())
     every = [Path(f) for s in splits for f in images_under(folder / s)] if not top else []
     if every and all(len(f.relative_to(folder).parts) == 3 for f in every):
         names = sorted({f.parent.name for f in every})
         index = {name: i for i, name in enumerate(names)}
-        ds = ds.add_column("label", [index[Path(f).parent.name] for f in files])
-        ds = ds.cast_column("label", datasets.ClassLabel(names=names))
-    return ds
+        features = datasets.Features({"image": datasets.Image(),
+                                      "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict(
+            {"image": files, "label": [index[Path(f).parent.name] for f in files]},
+            features=features)
+    return datasets.Dataset.from_dict({"image": files}).cast_column("image", datasets.Image())
 
 
 def label_column(ds) -> str | None:

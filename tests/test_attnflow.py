@@ -18,8 +18,10 @@ from attnflow_zoo.testing import (
     perturb_parameters,
 )
 
+# Unconditional ones: the class-conditional tiny presets take labels (tests/test_conditional.py).
 TINY = [n for n in az.list_models("*_tiny")
-        if az.registry.get_entry(n).model_cls is az.AttnFlow]
+        if az.registry.get_entry(n).model_cls is az.AttnFlow
+        and not az.registry.preset_config(n).num_classes]
 
 
 def _create(name: str, **overrides: object) -> az.AttnFlow:
