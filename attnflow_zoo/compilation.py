@@ -60,16 +60,18 @@ def compile_log_density(model: nn.Module, *, mode: str | None = None, **options:
 
 def compile_sampling(model: nn.Module, *, mode: str | None = None, **options: Any
                      ) -> Callable[..., Tensor]:
-    """A ``generate(num_samples, temperature=1.0, generator=None)`` whose deterministic part
+    """A ``generate(num_samples, temperature=1.0, generator=None, y=None)`` whose deterministic part
     (``model.generate_from_noise``) is compiled; the noise is drawn eagerly with
     ``model.draw_noise`` (the same numbers as ``model.generate``)."""
     compiled = torch.compile(model.generate_from_noise, dynamic=False, fullgraph=True,
                              mode=mode, **options)
 
     def generate(num_samples: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, **_: Any) -> Tensor:
+                 generator: torch.Generator | None = None, y: Any = None) -> Tensor:
         noise = model.draw_noise(num_samples, temperature, generator)
         with torch.no_grad():
-            return compiled(num_samples, temperature, noise)
+            if y is None and not getattr(model, "num_classes", 0):
+                return compiled(num_samples, temperature, noise)
+            return compiled(num_samples, temperature, noise, model.class_context(y, num_samples))
 
     return generate

@@ -34,6 +34,24 @@ class InvertibleModule(nn.Module):
         raise NotImplementedError
 
 
+class ConditionalInvertibleModule(InvertibleModule):
+    """A bijection x -> z whose parameters depend on a context c held fixed (e.g. a class
+    embedding): ``forward(x, context) -> (z, logdet)``, ``inverse(z, context) -> x``.
+
+    For each c the map is a bijection and logdet is log|det ∂z/∂x| at that c (c is not a
+    variable of the Jacobian). ``context`` None means no context; a layer that needs one raises.
+    ``FlowSequential`` hands its context to the layers of this kind and only to them.
+    """
+
+    def forward(self, x: Tensor, context: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor, context: Tensor | None = None
+                ) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
 class DataDependentInit:
     """Mixin of modules whose parameters are set from the first batch they see (ActNorm).
 
@@ -117,8 +135,12 @@ def zero_logdet(x: Tensor) -> Tensor:
     return x.new_zeros(x.shape[0])
 
 
-class FlowSequential(InvertibleModule):
-    """Composition f_n ∘ … ∘ f_1; logdet = Σ_k logdet_k, inverse runs the layers in reverse."""
+class FlowSequential(ConditionalInvertibleModule):
+    """Composition f_n ∘ … ∘ f_1; logdet = Σ_k logdet_k, inverse runs the layers in reverse.
+
+    A ``context`` goes to the ``ConditionalInvertibleModule`` layers (nested sequences
+    included); the other layers never see it.
+    """
 
     def __init__(self, *layers: InvertibleModule | Iterable[InvertibleModule]) -> None:
         super().__init__()
@@ -136,16 +158,22 @@ class FlowSequential(InvertibleModule):
     def __len__(self) -> int:
         return len(self.layers)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logdet = zero_logdet(x)
         for layer in self.layers:
-            x, ld = layer(x)
+            if context is not None and isinstance(layer, ConditionalInvertibleModule):
+                x, ld = layer(x, context)
+            else:
+                x, ld = layer(x)
             logdet = logdet + ld
         return x, logdet
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         for layer in reversed(self.layers):
-            z = layer.inverse(z)
+            if context is not None and isinstance(layer, ConditionalInvertibleModule):
+                z = layer.inverse(z, context)
+            else:
+                z = layer.inverse(z)
         return z
 
 

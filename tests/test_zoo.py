@@ -1,6 +1,8 @@
 """Every ``*_tiny`` preset of the zoo, whatever its family: round trip, brute-force log-det,
 batch independence, gradients, save → load identical. New presets are covered by registering
-them (``list_models("*_tiny")``), not by editing a list here."""
+them (``list_models("*_tiny")``), not by editing a list here. Class-conditional presets get
+labels: a fixed class through ``_flow`` (the checks see one bijection x -> z at that y) and one
+label per image, every class in turn, in the density calls."""
 
 from __future__ import annotations
 
@@ -40,6 +42,28 @@ class _Bijection(nn.Module):
         return self.model.inverse(y)
 
 
+class _Labelled(nn.Module):
+    """A class-conditional model at one fixed class ``label``: the bijection x -> z of that
+    class, seen through the (z, logdet) interface of the checks."""
+
+    def __init__(self, model: nn.Module, label: int) -> None:
+        super().__init__()
+        self.model = model
+        self.label = label
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model(x, self.label)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return self.model.inverse(z, self.label)
+
+
+def _labels(model: nn.Module, b: int) -> Tensor | None:
+    """One label per image, every class in turn, for a class-conditional model; else None."""
+    k = getattr(model, "num_classes", 0)
+    return torch.arange(b) % k if k else None
+
+
 def _ready(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
     """The tiny preset, data-initialised (ActNorm) on random images, every parameter moved off
     its (often degenerate, zero) init, in eval mode."""
@@ -49,7 +73,7 @@ def _ready(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.M
     g = torch.Generator().manual_seed(seed + 100)
     if isinstance(model, FlowModel):
         x_u8 = torch.randint(0, 256, (8, *model.input_shape), generator=g, dtype=torch.uint8)
-        model.initialize_from_data(x_u8, g)
+        model.initialize_from_data(x_u8, g, _labels(model, 8))
     perturb_parameters(model, 0.05, torch.Generator().manual_seed(seed + 1))
     return model.to(dtype).eval()
 
@@ -63,7 +87,9 @@ def _inputs(model: nn.Module, b: int, dtype: torch.dtype, seed: int = 0) -> Tens
 
 
 def _flow(model: nn.Module) -> nn.Module:
-    return model if isinstance(model, FlowModel) else _Bijection(model)
+    if not isinstance(model, FlowModel):
+        return _Bijection(model)
+    return _Labelled(model, model.num_classes - 1) if model.num_classes else model
 
 
 def test_every_family_has_tiny_presets() -> None:
@@ -84,7 +110,7 @@ def test_round_trip(name: str) -> None:
 def test_logdet_matches_brute_force(name: str) -> None:
     """The model's forward logdet (the flow alone, no prior) = log|det ∂z/∂x| per sample."""
     model = _ready(name)
-    check_logdet(model, _inputs(model, 2, torch.float64, seed=5), rtol=1e-8, atol=1e-8)
+    check_logdet(_flow(model), _inputs(model, 2, torch.float64, seed=5), rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -94,13 +120,15 @@ def test_batch_independence(name: str) -> None:
     if isinstance(model, FlowModel):
         g = torch.Generator().manual_seed(0)
         x_u8 = torch.randint(0, 256, (5, *model.input_shape), generator=g, dtype=torch.uint8)
-        logp = model.log_prob(x_u8, generator=g)
+        logp = model.log_prob(x_u8, _labels(model, 5), generator=g)
         assert logp.shape == (5,) and logp.dtype == torch.float64 and torch.isfinite(logp).all()
         x = _inputs(model, 4, torch.float64, seed=3)
-        logp = model.log_density(x)
+        y = _labels(model, 4)
+        logp = model.log_density(x, y)
         assert logp.shape == (4,) and torch.isfinite(logp).all()
         for i in range(4):
-            torch.testing.assert_close(model.log_density(x[i: i + 1]), logp[i: i + 1],
+            yi = None if y is None else y[i: i + 1]
+            torch.testing.assert_close(model.log_density(x[i: i + 1], yi), logp[i: i + 1],
                                        rtol=1e-10, atol=1e-10)
 
 
@@ -109,7 +137,8 @@ def test_gradients_reach_every_parameter(name: str) -> None:
     model = _ready(name, torch.float32)
     x = _inputs(model, 3, torch.float32)
     if isinstance(model, FlowModel):
-        check_gradients(model, x, nll=lambda m, v: -m.log_density(v).mean())
+        y = _labels(model, 3)
+        check_gradients(model, x, nll=lambda m, v: -m.log_density(v, y).mean())
     else:
         check_gradients(model, x, nll=lambda m, v: m(v).pow(2).mean())
 
@@ -127,10 +156,14 @@ def test_save_load_identical(name: str, tmp_path: Path) -> None:
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     if isinstance(model, FlowModel):
         g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        y = _labels(model, 3)
         with torch.no_grad():
-            assert torch.equal(model.log_density(x, g1), loaded.log_density(x, g2))
+            assert torch.equal(model.log_density(x, y, generator=g1),
+                               loaded.log_density(x, y, generator=g2))
         g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
-        assert torch.equal(model.sample(2, generator=g1), loaded.sample(2, generator=g2))
+        y = _labels(model, 2)
+        assert torch.equal(model.sample(2, generator=g1, y=y),
+                           loaded.sample(2, generator=g2, y=y))
 
 
 @pytest.mark.parametrize("name", TINY)

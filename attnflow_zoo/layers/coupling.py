@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core import InvertibleModule
+from ..core import ConditionalInvertibleModule
 from ..precision import upcast
 from .nets import ZeroConv2d
 from .normalization import ActNormNoLogdet
@@ -31,10 +31,12 @@ class CouplingNet(nn.Sequential):
             nn.init.normal_(m.weight, std=0.05)
 
 
-class AffineCoupling(InvertibleModule):
-    """z_a = x_a,  z_b = x_b ⊙ σ(raw + 2) + shift,  (shift, raw) = NN(x_a) interleaved.
+class AffineCoupling(ConditionalInvertibleModule):
+    """z_a = x_a,  z_b = x_b ⊙ σ(raw + 2) + shift,  (shift, raw) = NN([x_a, c]) interleaved.
 
-    x_a is the first C − C//2 channels, x_b the last C//2. logdet = Σ log σ(raw + 2).
+    x_a is the first C − C//2 channels, x_b the last C//2; c is an optional context vector
+    (``context_channels`` > 0, e.g. a class embedding), B×E, broadcast over H×W and concatenated
+    to x_a as extra input channels of NN. logdet = Σ log σ(raw + 2) (a function of x_a and c).
     The last conv of NN is zero-initialised, so at init z_b = σ(2)·x_b (near the identity).
     Source: Mahajan et al., "Normalizing Flows with Multi-Scale Autoregressive Priors",
     CVPR 2020 (code visinf/mar-scf), after Glow's affine coupling.
@@ -42,30 +44,42 @@ class AffineCoupling(InvertibleModule):
     Args:
         num_channels: C (≥ 2).
         hidden_channels: width of the conditioner.
+        context_channels: E of the context vector; 0 (default) for an unconditional coupling.
     """
 
-    def __init__(self, num_channels: int, hidden_channels: int = 256) -> None:
+    def __init__(self, num_channels: int, hidden_channels: int = 256,
+                 context_channels: int = 0) -> None:
         super().__init__()
         if num_channels < 2:
             raise ValueError("AffineCoupling needs at least 2 channels")
         self.num_a = num_channels - num_channels // 2
+        self.context_channels = context_channels
         num_b = num_channels // 2
-        self.net = CouplingNet(self.num_a, 2 * num_b, hidden_channels)
+        self.net = CouplingNet(self.num_a + context_channels, 2 * num_b, hidden_channels)
 
-    def _params(self, x_a: Tensor) -> tuple[Tensor, Tensor]:
+    def _params(self, x_a: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.context_channels:
+            if context is None or context.shape != (x_a.shape[0], self.context_channels):
+                got = None if context is None else tuple(context.shape)
+                raise ValueError(f"this coupling is conditional: pass a context of shape "
+                                 f"B×{self.context_channels}, got {got}")
+            maps = context[:, :, None, None].expand(-1, -1, *x_a.shape[2:])
+            x_a = torch.cat([x_a, maps.to(x_a.dtype)], 1)
+        elif context is not None:
+            raise ValueError("this coupling takes no context (context_channels = 0)")
         # The conditioner may run in bf16 (autocast); shift, scale and logdet are float32.
         h = upcast(self.net(x_a))
         shift, raw = h[:, 0::2], h[:, 1::2]
         return shift, raw + 2.0
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.num_a], x[:, self.num_a :]
-        shift, pre = self._params(x_a)
+        shift, pre = self._params(x_a, context)
         z_b = x_b * torch.sigmoid(pre) + shift
         logdet = F.logsigmoid(pre).flatten(1).sum(1)
         return torch.cat([x_a, z_b], 1), logdet
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         z_a, z_b = z[:, : self.num_a], z[:, self.num_a :]
-        shift, pre = self._params(z_a)
+        shift, pre = self._params(z_a, context)
         return torch.cat([z_a, (z_b - shift) / torch.sigmoid(pre)], 1)

@@ -26,10 +26,12 @@ from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import GaussianPrior, MARPrior
 from .base import FlowModel
+from .conditioning import ClassEmbedding, prior_condition
 
 #: Coupling layers by config name: (num_channels, config) -> layer.
 COUPLINGS: dict[str, Callable[[int, "AttnFlowConfig"], InvertibleModule]] = {
-    "affine": lambda c, cfg: AffineCoupling(c, cfg.hidden_channels),
+    "affine": lambda c, cfg: AffineCoupling(
+        c, cfg.hidden_channels, cfg.class_embed_channels if cfg.condition_couplings else 0),
     "mixlogcdf": lambda c, cfg: MixLogCDFCoupling(
         c, cfg.hidden_channels, cfg.mixlog_num_components, cfg.mixlog_num_blocks,
         cfg.mixlog_num_heads, cfg.mixlog_dropout),
@@ -78,6 +80,12 @@ class AttnFlowConfig:
         prior_output_init: "random" (mAR-SCF's default-initialised output conv of the mAR
             prior; learns 0.4 bits/dim faster early on) or "zero" (the prior starts as
             N(0, I)); a Decision, see ``MARPrior``.
+        num_classes: K > 0 makes the model class-conditional, p(x | y) with labels 0..K−1: a
+            learned class embedding (``class_embed_channels`` wide) conditions every prior
+            (see ``models.conditioning``); 0 (default) is unconditional.
+        class_embed_channels: E, the width of the class embedding.
+        condition_couplings: also feed the class embedding to every affine coupling's
+            conditioner (then the flow's logdet depends on y); needs num_classes > 0.
     """
 
     image_size: int = 32
@@ -104,6 +112,9 @@ class AttnFlowConfig:
     prior_cond_hidden_channels: int = 32
     prior_embed_channels: int = 4
     prior_output_init: str = "random"
+    num_classes: int = 0
+    class_embed_channels: int = 8
+    condition_couplings: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_levels is not None and not isinstance(self.attention_levels, tuple):
@@ -136,6 +147,11 @@ class AttnFlowConfig:
                               f"{self.itrans_init_mix!r}")
         if self.num_levels < 1 or self.num_steps < 1:
             raise ConfigError("num_levels and num_steps must be at least 1")
+        if self.num_classes < 0 or self.class_embed_channels < 1:
+            raise ConfigError("num_classes must be ≥ 0 and class_embed_channels ≥ 1")
+        if self.condition_couplings and (self.num_classes == 0 or self.coupling != "affine"):
+            raise ConfigError("condition_couplings needs num_classes > 0 and the affine "
+                              "coupling; set num_classes, or condition the priors only")
         if self.image_size % (2 ** self.num_levels):
             raise ConfigError(f"image_size {self.image_size} must be divisible by "
                               f"2**num_levels = {2 ** self.num_levels}; pad or resize the images")
@@ -207,6 +223,9 @@ class AttnFlow(FlowModel):
         self.levels = nn.ModuleList()
         self.priors = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
+        self.class_embedding = (ClassEmbedding(cfg.num_classes, cfg.class_embed_channels)
+                                if cfg.num_classes else None)
+        e = cfg.class_embed_channels if cfg.num_classes else 0
         for lvl in range(cfg.num_levels):
             c, size = 4 * c, size // 2
             steps = [flow_step(cfg, c, size, k % 2, cfg.uses_attention(lvl))
@@ -215,7 +234,7 @@ class AttnFlow(FlowModel):
             last = lvl == cfg.num_levels - 1
             c_keep = c if last else c - c // 2
             c_out = c if last else c // 2
-            self.priors.append(self._make_prior(c_out, 0 if last else c_keep, lvl))
+            self.priors.append(self._make_prior(c_out, (0 if last else c_keep) + e, lvl))
             self.latent_shapes.append((c_out, size, size))
             c = c_keep
 
@@ -230,30 +249,50 @@ class AttnFlow(FlowModel):
                         cfg.prior_output_init)
 
     # --- the flow ---------------------------------------------------------------------------
-    def encode(self, x: Tensor) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
-        """x -> per-level (z, cond) pairs (cond = the kept half z1, None at the last level) and
-        the flow's logdet (B,)."""
+    def class_context(self, y: Tensor | int | None, batch: int) -> Tensor | None:
+        """The class embedding e_y (B×E) of a class-conditional model, None otherwise."""
+        y = self.check_labels(y, batch)
+        return None if y is None else self.class_embedding(y)
+
+    def _flow_context(self, context: Tensor | None) -> Tensor | None:
+        return context if self.config.condition_couplings else None
+
+    def encode(self, x: Tensor, y: Tensor | int | None = None
+               ) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
+        """x -> per-level (z, cond) pairs (cond: what the level's prior is conditioned on, the
+        kept half z1 and, for a class-conditional model, the class embedding; None at the last
+        level of an unconditional model) and the flow's logdet (B,)."""
         if tuple(x.shape[1:]) != self.input_shape:
             raise ShapeError(f"expected input B×{'×'.join(map(str, self.input_shape))}, got "
                              f"{tuple(x.shape)}")
+        context = self.class_context(y, x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         pieces: list[tuple[Tensor, Tensor | None]] = []
         h = x
         for lvl, level in enumerate(self.levels):
-            h, ld = level(h)
+            h, ld = level(h, self._flow_context(context))
             logdet = logdet + ld
-            if lvl < len(self.levels) - 1:
-                z1, z2 = split_channels(h)
-                pieces.append((z2, z1))
-                h = z1
-            else:
-                pieces.append((h, None))
+            kept, z = split_channels(h) if lvl < len(self.levels) - 1 else (None, h)
+            pieces.append((z, prior_condition(kept, context, *h.shape[2:])))
+            h = kept
         return pieces, logdet
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B×C×H×W, in [−0.5, 0.5)) -> (z: B×D in the documented layout, logdet: (B,))."""
-        pieces, logdet = self.encode(x)
+    def forward(self, x: Tensor, y: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
+        """x (B×C×H×W, in [−0.5, 0.5)) -> (z: B×D in the documented layout, logdet: (B,));
+        ``y``: labels of a class-conditional model (needed when its couplings are conditioned)."""
+        pieces, logdet = self.encode(x, y)
         return torch.cat([z.flatten(1) for z, _ in pieces], 1), logdet
+
+    def encode_latents(self, x: Tensor, y: Tensor | int | None = None) -> list[Tensor]:
+        """x -> every latent of the flow, one tensor per level in level order
+        [z2_1, …, z2_{L−1}, z_L] (the factored-out halves, then the last level's output), of
+        shapes B×``latent_shapes[l]``; ``decode_latents`` inverts it. The flattened
+        concatenation is ``forward``'s z."""
+        return [z for z, _ in self.encode(x, y)[0]]
+
+    def decode_latents(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
+        """``encode_latents``' per-level latents -> x (B×C×H×W)."""
+        return self.decode(latents, y)
 
     def unflatten(self, z: Tensor) -> list[Tensor]:
         """Split a B×D latent into the per-level latents, B×C_l×H_l×W_l each."""
@@ -263,18 +302,23 @@ class AttnFlow(FlowModel):
         return [p.reshape(-1, *s) for p, s in
                 zip(torch.split(z, sizes, 1), self.latent_shapes, strict=True)]
 
-    def decode(self, latents: list[Tensor]) -> Tensor:
+    def decode(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
         """Per-level latents [z2_1, …, z2_{L−1}, z_L] -> x."""
+        if len(latents) != len(self.levels) or any(
+                tuple(z.shape[1:]) != s for z, s in zip(latents, self.latent_shapes, strict=False)):
+            raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
+                             f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
+        context = self._flow_context(self.class_context(y, latents[-1].shape[0]))
         h = latents[-1]
         for lvl in reversed(range(len(self.levels))):
             if lvl < len(self.levels) - 1:
                 h = merge_channels(h, latents[lvl])
-            h = self.levels[lvl].inverse(h)
+            h = self.levels[lvl].inverse(h, context)
         return h
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, y: Tensor | int | None = None) -> Tensor:
         """z (B×D, the layout of ``forward``) -> x (B×C×H×W)."""
-        return self.decode(self.unflatten(z))
+        return self.decode(self.unflatten(z), y)
 
     # --- density and sampling ---------------------------------------------------------------
     def log_prior(self, pieces: list[tuple[Tensor, Tensor | None]]) -> Tensor:
@@ -284,22 +328,27 @@ class AttnFlow(FlowModel):
             total = total + prior.log_prob(z, cond)
         return total
 
-    def log_density(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """log p(x) in nats, (B,), for x in [−0.5, 0.5)^D (exact: ``generator`` is unused)."""
-        pieces, logdet = self.encode(x)
+    def log_density(self, x: Tensor, y: Tensor | int | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:
+        """log p(x | y) in nats, (B,), for x in [−0.5, 0.5)^D (exact: ``generator`` is unused;
+        ``y`` only for a class-conditional model)."""
+        pieces, logdet = self.encode(x, y)
         return self.log_prior(pieces) + logdet
 
     @torch.no_grad()
     def generate(self, num_samples: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None,
+                 y: Tensor | int | None = None) -> Tensor:
         """x = f⁻¹(z), z drawn level by level from the priors, deepest first; B×C×H×W.
 
         ``temperature`` scales every prior's standard deviation; 0 gives the mean chain.
-        The noise is drawn first (``draw_noise``), then turned into images by the
-        deterministic ``generate_from_noise`` (what ``torch.compile`` / a CUDA graph takes).
+        ``y``: the class of each sample (class-conditional models only). The noise is drawn
+        first (``draw_noise``), then turned into images by the deterministic
+        ``generate_from_noise`` (what ``torch.compile`` / a CUDA graph takes).
         """
         noise = self.draw_noise(num_samples, temperature, generator)
-        return self.generate_from_noise(num_samples, temperature, noise)
+        return self.generate_from_noise(num_samples, temperature, noise,
+                                        self.class_context(y, num_samples))
 
     def draw_noise(self, num_samples: int, temperature: float = 1.0,
                    generator: torch.Generator | None = None) -> list[Tensor | None]:
@@ -314,17 +363,21 @@ class AttnFlow(FlowModel):
 
     @torch.no_grad()
     def generate_from_noise(self, num_samples: int, temperature: float,
-                            noise: list[Tensor | None]) -> Tensor:
-        """The images of ``draw_noise``'s noise: deterministic, static shapes, no host sync."""
+                            noise: list[Tensor | None], context: Tensor | None = None) -> Tensor:
+        """The images of ``draw_noise``'s noise: deterministic, static shapes, no host sync;
+        ``context``: the class embedding (``class_context``) of a class-conditional model."""
+        flow_context = self._flow_context(context)
         last = len(self.levels) - 1
         _, height, width = self.latent_shapes[last]
-        h = self.priors[last].sample_from_noise(num_samples, height, width, None, temperature,
-                                                noise[last])
+        h = self.priors[last].sample_from_noise(
+            num_samples, height, width, prior_condition(None, context, height, width),
+            temperature, noise[last])
         for lvl in reversed(range(len(self.levels))):
             if lvl < last:
                 _, height, width = self.latent_shapes[lvl]
-                z2 = self.priors[lvl].sample_from_noise(num_samples, height, width, h,
-                                                        temperature, noise[lvl])
+                z2 = self.priors[lvl].sample_from_noise(
+                    num_samples, height, width, prior_condition(h, context, height, width),
+                    temperature, noise[lvl])
                 h = merge_channels(h, z2)
-            h = self.levels[lvl].inverse(h)
+            h = self.levels[lvl].inverse(h, flow_context)
         return h

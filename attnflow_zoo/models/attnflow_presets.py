@@ -8,7 +8,8 @@ from .attnflow import AttnFlow, AttnFlowConfig
 # --- presets ---------------------------------------------------------------------------------
 # Naming: ``{family}_{dataset}`` is the paper-scale model, ``{family}_{dataset}_small`` a
 # K = 8, C = 256 model for quick runs, ``{family}_tiny`` / ``{family}_*_tiny`` test sizes.
-# family: attnflow_imap, attnflow_itrans, marflow (the backbone without attention).
+# family: attnflow_imap, attnflow_itrans, marflow (the backbone without attention);
+# ``{family}_cond_{dataset}`` are class-conditional (the dataset's classes condition the priors).
 # Paper scale: the AttnFlow paper does not state K and C; we use mAR-SCF's affine recipe
 # (L = 3, K = 32, C = 512 at 32×32; L = 4 at 64×64).
 _DATA_SHAPES = {
@@ -51,13 +52,20 @@ def _recipe(dataset: str, size: str) -> Recipe:
         max_shift=_SHIFT[dataset], ema_decay=0.999)
 
 
-def _preset(name: str, attention: str, dataset: str, size: str) -> None:
+#: Classes of the datasets conditional presets exist for (their ``label`` columns).
+_NUM_CLASSES = {"cifar10": 10, "svhn": 10, "mnist": 10}
+
+
+def _preset(name: str, attention: str, dataset: str, size: str, conditional: bool = False
+            ) -> None:
     image_size, channels, levels, ddesc = _DATA_SHAPES[dataset]
     k, hidden, coupling, sdesc = _SIZES[size]
+    classes = _NUM_CLASSES[dataset] if conditional else 0
+    what = f"class-conditional ({classes} classes) " if conditional else ""
     register_preset(name, AttnFlow, AttnFlowConfig(
         image_size=image_size, in_channels=channels, num_levels=levels, num_steps=k,
-        hidden_channels=hidden, attention=attention, coupling=coupling),
-        f"{_ATTENTIONS[attention]} on {ddesc}, L={levels}, {sdesc}.",
+        hidden_channels=hidden, attention=attention, coupling=coupling, num_classes=classes),
+        f"{what}{_ATTENTIONS[attention]} on {ddesc}, L={levels}, {sdesc}.",
         recipe=_recipe(dataset, size))
 
 
@@ -67,6 +75,12 @@ _preset("attnflow_imap_svhn", "imap", "svhn", "paper")
 _preset("attnflow_imap_svhn_small", "imap", "svhn", "small")
 _preset("attnflow_imap_mnist", "imap", "mnist", "paper")
 _preset("attnflow_imap_mnist_small", "imap", "mnist", "small")
+_preset("attnflow_imap_cond_cifar10", "imap", "cifar10", "paper", conditional=True)
+_preset("attnflow_imap_cond_cifar10_small", "imap", "cifar10", "small", conditional=True)
+_preset("attnflow_imap_cond_svhn", "imap", "svhn", "paper", conditional=True)
+_preset("attnflow_imap_cond_svhn_small", "imap", "svhn", "small", conditional=True)
+_preset("attnflow_imap_cond_mnist", "imap", "mnist", "paper", conditional=True)
+_preset("attnflow_imap_cond_mnist_small", "imap", "mnist", "small", conditional=True)
 _preset("attnflow_imap_celeba", "imap", "celeba", "paper")
 _preset("attnflow_imap_celeba_small", "imap", "celeba", "small")
 _preset("attnflow_itrans_cifar10", "itrans", "cifar10", "paper")
@@ -177,3 +191,19 @@ def marflow_mixlog_tiny() -> AttnFlowConfig:
 def marflow_tiny() -> AttnFlowConfig:
     """MaR-Flow (no attention), tiny: 3×8×8, L=2, K=2, C=8 (tests)."""
     return AttnFlowConfig(**_TINY, attention="none")
+
+
+_COND_TINY = dict(num_classes=3, class_embed_channels=4)
+
+
+@register_model(AttnFlow, recipe=TINY_RECIPE)
+def attnflow_imap_cond_tiny() -> AttnFlowConfig:
+    """Class-conditional AttnFlow-iMap (3 classes, mAR priors conditioned), tiny (tests)."""
+    return AttnFlowConfig(**_TINY, **_COND_TINY, attention="imap")
+
+
+@register_model(AttnFlow, recipe=TINY_RECIPE)
+def attnflow_itrans_cond_couplings_tiny() -> AttnFlowConfig:
+    """Class-conditional AttnFlow-iTrans, couplings and Gaussian priors conditioned, tiny."""
+    return AttnFlowConfig(**_TINY, **_COND_TINY, attention="itrans", itrans_patch_size=1,
+                          prior="gaussian", condition_couplings=True)

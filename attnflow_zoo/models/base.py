@@ -11,6 +11,7 @@ from .. import data, metrics
 from ..core import initialize_from_data
 from ..errors import ConfigError, ShapeError
 from ..hub import ZooHubMixin
+from .conditioning import balanced_labels
 
 
 def image_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -34,9 +35,15 @@ class FlowModel(nn.Module, ZooHubMixin):
 
     - ``forward(x) -> (z, logdet)`` and ``inverse(z) -> x`` over the whole model, with the
       factored-out latents kept in ``z`` so that ``inverse(forward(x)[0]) == x``;
-    - ``log_density(x, generator=None) -> (B,)``: log p(x) in nats for x in the model's input
-      space (``generator`` feeds stochastic log-determinant estimators, if the model has any);
-    - ``generate(num_samples, temperature, generator) -> x`` in the model's input space.
+    - ``log_density(x, y=None, generator=None) -> (B,)``: log p(x | y) in nats for x in the
+      model's input space (``generator`` feeds stochastic log-determinant estimators, if the
+      model has any);
+    - ``generate(num_samples, temperature, generator, y=None) -> x`` in the model's input space.
+
+    Labels ``y``: a class-conditional model (``config.num_classes`` = K > 0) takes the class of
+    each image, a (B,) integer tensor in 0..K−1 (or one int for the whole batch), in every call
+    that computes a density or draws a sample; an unconditional model takes none
+    (``check_labels``). Pass ``generator`` by keyword.
     """
 
     config: object
@@ -52,12 +59,14 @@ class FlowModel(nn.Module, ZooHubMixin):
     def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def log_density(self, x: Tensor, generator: torch.Generator | None = None
+    def log_density(self, x: Tensor, y: Tensor | int | None = None,
+                    generator: torch.Generator | None = None
                     ) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
     def generate(self, num_samples: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:  # pragma: no cover
+                 generator: torch.Generator | None = None,
+                 y: Tensor | int | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------
@@ -66,6 +75,46 @@ class FlowModel(nn.Module, ZooHubMixin):
         """(C, H, W) of the images the model takes."""
         h, w = image_hw(self.config.image_size)  # type: ignore[attr-defined]
         return (self.config.in_channels, h, w)  # type: ignore[attr-defined]
+
+    @property
+    def num_classes(self) -> int:
+        """K of a class-conditional model (labels 0..K−1); 0 for an unconditional one."""
+        return int(getattr(self.config, "num_classes", 0) or 0)
+
+    def check_labels(self, y: Tensor | int | None, batch: int) -> Tensor | None:
+        """The labels of a batch of ``batch`` images as a (B,) int64 tensor on the model's
+        device; None for an unconditional model. An int labels the whole batch.
+
+        ``ConfigError`` for labels given to an unconditional model or missing for a conditional
+        one; ``ShapeError`` for labels of another shape, a non-integer dtype or (CPU labels)
+        outside 0..K−1. Labels already on an accelerator are not range-checked here (that would
+        wait for the device); ``fit`` checks a dataset's labels once, on the CPU.
+        """
+        if isinstance(y, torch.Generator):
+            raise TypeError("the second positional argument is the labels y: pass the "
+                            "generator by keyword (generator=g)")
+        k = self.num_classes
+        if k == 0:
+            if y is not None:
+                raise ConfigError("this model is unconditional (num_classes = 0): call it "
+                                  "without labels, or build a class-conditional model "
+                                  "(num_classes > 0)")
+            return None
+        if y is None:
+            raise ConfigError(f"this model is class-conditional ({k} classes): pass the labels "
+                              f"y, a (B,) tensor of integers in 0..{k - 1} (or one int)")
+        y = torch.as_tensor(y)
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise ShapeError(f"labels must be integers in 0..{k - 1}, got dtype {y.dtype}")
+        if y.dim() == 0:
+            y = y.expand(batch)
+        if tuple(y.shape) != (batch,):
+            raise ShapeError(f"expected one label per image, shape ({batch},), got "
+                             f"{tuple(y.shape)}")
+        if y.device.type == "cpu" and batch and not bool(((y >= 0) & (y < k)).all()):
+            raise ShapeError(f"labels must lie in 0..{k - 1} (the model's {k} classes), got "
+                             f"{int(y.min())}..{int(y.max())}")
+        return y.to(self.device, torch.long)
 
     @property
     def device(self) -> torch.device:
@@ -98,32 +147,45 @@ class FlowModel(nn.Module, ZooHubMixin):
         self.check_images(x_u8)
         return data.to_model_space(x_u8.to(self.device), generator, self.dtype)
 
-    def initialize_from_data(self, x_u8: Tensor, generator: torch.Generator | None = None) -> int:
-        """The explicit data-dependent initialisation pass (ActNorm) on a batch of uint8 images;
-        returns how many modules it initialised (0 for a model already initialised or loaded).
-        ``fit`` runs it on the first training batch."""
+    def initialize_from_data(self, x_u8: Tensor, generator: torch.Generator | None = None,
+                             y: Tensor | int | None = None) -> int:
+        """The explicit data-dependent initialisation pass (ActNorm) on a batch of uint8 images
+        (and their labels, for a class-conditional model); returns how many modules it
+        initialised (0 for a model already initialised or loaded). ``fit`` runs it on the first
+        training batch."""
         was_training = self.training
         self.train()
         try:
             x = self.to_model_space(x_u8, generator)
-            return initialize_from_data(self, lambda: self.log_density(x, generator))
+            return initialize_from_data(self, lambda: self.log_density(x, y, generator=generator))
         finally:
             self.train(was_training)
 
-    def log_prob(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """log p(x̃) in nats, (B,), of the uniformly dequantised x̃ ∈ [0, 1)^D of uint8 images."""
-        return self.log_density(self.to_model_space(x_u8, generator), generator)
+    def log_prob(self, x_u8: Tensor, y: Tensor | int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """log p(x̃ | y) in nats, (B,), of the uniformly dequantised x̃ ∈ [0, 1)^D of uint8
+        images (y: the labels of a class-conditional model, else None)."""
+        return self.log_density(self.to_model_space(x_u8, generator), y, generator=generator)
 
-    def bits_per_dim(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def bits_per_dim(self, x_u8: Tensor, y: Tensor | int | None = None,
+                     generator: torch.Generator | None = None) -> Tensor:
         """Bits/dim per image, (B,); single-sample dequantisation estimate (SPEC §4)."""
-        return metrics.bits_per_dim(self.log_prob(x_u8, generator), math.prod(self.input_shape))
+        return metrics.bits_per_dim(self.log_prob(x_u8, y, generator=generator),
+                                    math.prod(self.input_shape))
 
     @torch.no_grad()
     def sample(self, num_samples: int, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> Tensor:
-        """Draw uint8 images, B×C×H×W; ``temperature`` scales the prior's standard deviation."""
+               generator: torch.Generator | None = None,
+               y: Tensor | int | None = None) -> Tensor:
+        """Draw uint8 images, B×C×H×W; ``temperature`` scales the prior's standard deviation.
+
+        ``y``: the class of each sample for a class-conditional model ((B,) or one int); None
+        draws every class in turn (y_i = i mod K). An unconditional model takes no labels.
+        """
         check_sampling(num_samples, temperature)
-        x = self.generate(num_samples, temperature=temperature, generator=generator)
+        if y is None and self.num_classes:
+            y = balanced_labels(num_samples, self.num_classes)
+        x = self.generate(num_samples, temperature=temperature, generator=generator, y=y)
         return data.quantize(x + 0.5)
 
 

@@ -193,16 +193,21 @@ class ResFlow(FlowModel):
                 h = self.squeeze.inverse(h)
         return self.squeeze.inverse(h)
 
-    def log_density(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def log_density(self, x: Tensor, y: Tensor | int | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:
         """log p(x) = log N(z; μ, σ²) + log det(∂z/∂x), (B,) nats. ``generator`` draws the
-        log-determinant estimators' probes and term counts (None: the global RNG)."""
+        log-determinant estimators' probes and term counts (None: the global RNG); the model is
+        unconditional (``y`` must be None)."""
+        self.check_labels(y, x.shape[0])
         z, logdet = self._run(x, with_logdet=True, generator=generator)
         return diag_normal_logpdf(z, self.prior_mean, self.prior_log_std) + logdet
 
     @torch.no_grad()
     def generate(self, num_samples: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """x = f⁻¹(μ + T·σ·ε), ε ~ N(0, I)."""
+                 generator: torch.Generator | None = None,
+                 y: Tensor | int | None = None) -> Tensor:
+        """x = f⁻¹(μ + T·σ·ε), ε ~ N(0, I) (unconditional: ``y`` must be None)."""
+        self.check_labels(y, num_samples)
         eps = randn_like_on((num_samples, self.prior_mean.numel()), self.prior_mean, generator)
         z = self.prior_mean + temperature * torch.exp(self.prior_log_std) * eps
         return self.inverse(z)

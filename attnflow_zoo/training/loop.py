@@ -47,8 +47,9 @@ from .. import checkpoint, data
 from .._io import check_writable
 from ..compilation import compile_training
 from ..core import initialize_from_data, resolve_device
-from ..errors import CheckpointError, ConfigError, DataError, TrainingError
+from ..errors import CheckpointError, DataError, TrainingError
 from ..evaluation import evaluate_bpd
+from ..labels import labels_for
 from ..progress import note, progress
 from .config import TrainConfig, check_device, check_resume
 from .datasets import carve_validation, data_record, run_settings
@@ -58,7 +59,7 @@ from .optim import make_ema, make_scheduler
 from .record import device_name, versions
 from .run import RunFolder, check_fresh
 from .state import load_newest_intact, recorded_settings
-from .step import TrainStep
+from .step import LogDensity, TrainStep
 
 #: Why a run finished (``run.json``'s ``stop_reason``): it reached its steps, or its time budget.
 STOP_STEPS = "steps"
@@ -82,17 +83,6 @@ class FitResult:
     stop_reason: str | None = None
 
 
-class _LogDensity(nn.Module):
-    """Wraps a FlowModel so DDP sees the training computation as its ``forward``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return self.model.log_density(x, generator)
-
-
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed * 1_000_003 + step)
@@ -105,17 +95,21 @@ def _epoch_permutation(num_images: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(num_images, generator=g)
 
 
-def _batch(images: Tensor, step: int, config: TrainConfig, steps_per_epoch: int,
-           dev: torch.device) -> Tensor:
-    """The global batch of ``step`` (uint8, on ``dev``): every rank draws the same one."""
+def _batch(images: Tensor, labels: Tensor | None, step: int, config: TrainConfig,
+           steps_per_epoch: int, dev: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The global batch of ``step`` (uint8, on ``dev``) and its labels (None without): every
+    rank draws the same one."""
     epoch, index = divmod(step, steps_per_epoch)
     perm = _epoch_permutation(len(images), config.seed, epoch)
     chosen = perm[index * config.batch_size:(index + 1) * config.batch_size]
-    return images[chosen].to(dev, non_blocking=True)
+    return (images[chosen].to(dev, non_blocking=True),
+            None if labels is None else labels[chosen].to(dev, non_blocking=True))
 
 
-def _local_rows(x: Tensor, ctx: DistContext) -> Tensor:
-    """This rank's share of a global batch."""
+def _local_rows(x: Tensor | None, ctx: DistContext) -> Tensor | None:
+    """This rank's share of a global batch (None stays None)."""
+    if x is None:
+        return None
     local = x.shape[0] // ctx.world_size
     return x[ctx.rank * local:(ctx.rank + 1) * local]
 
@@ -132,7 +126,8 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
         resume: bool = False, device: str | torch.device | None = None,
         show_progress: bool | None = None,
         on_log: Callable[[dict[str, Any]], None] | None = None,
-        allow_changes: Iterable[str] = (), run_info: dict[str, Any] | None = None) -> FitResult:
+        allow_changes: Iterable[str] = (), run_info: dict[str, Any] | None = None,
+        train_labels: Tensor | None = None, eval_labels: Tensor | None = None) -> FitResult:
     """Train ``model`` (a FlowModel) by maximum likelihood: minimise the mean bits/dim of the
     dequantised, augmented training batches.
 
@@ -150,6 +145,9 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
         on_log: called with every metrics record (rank 0).
         allow_changes: settings a resume may change (``check_resume``; ``--override KEY``).
         run_info: entries for ``run.json`` (``preset``, ``dataset`` {name, path, limit, …}).
+        train_labels, eval_labels: the class labels of ``train_data`` / ``eval_data`` ((N,)
+            integers), needed by a class-conditional model (``num_classes`` > 0) and unused
+            otherwise; a dataset given by name brings its own.
 
     Returns:
         ``FitResult`` with the final step, the last checkpoint and the last metrics.
@@ -166,8 +164,8 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
         shape = model.input_shape  # type: ignore[attr-defined]
         split = data.heldout_split(dataset)
         if eval_data is None and split is not None:
-            eval_data = data.load_for_shape(dataset, split, shape)
-        train_data = data.load_for_shape(dataset, "train", shape)
+            eval_data, eval_labels = data.load_labelled(dataset, split, shape)
+        train_data, train_labels = data.load_labelled(dataset, "train", shape)
         info.setdefault("dataset", data_record(dataset, None, split, None))
     if config.flip is None:
         config = config.replace(flip=data.default_flip(dataset))
@@ -177,7 +175,15 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     if config.batch_size % ctx.world_size:
         raise TrainingError(f"batch_size {config.batch_size} is not divisible by the "
                             f"{ctx.world_size} processes")
+    k = getattr(model, "num_classes", 0)
+    named = info.get("dataset") or {}
+    source = dataset or named.get("name") or named.get("path") or "the data"
+    train_labels = labels_for(k, train_labels, f"{source} (train)", len(train_data))
+    if eval_data is not None:
+        eval_labels = labels_for(k, eval_labels, f"{source} (held-out)", len(eval_data))
     train_data, val_data = carve_validation(train_data, config)
+    train_labels, val_labels = (None, None) if train_labels is None else \
+        carve_validation(train_labels, config)
     steps_per_epoch = len(train_data) // config.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_data)} training images are fewer than one batch of "
@@ -193,8 +199,9 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     try:
         folder.lock()
         barrier(ctx)
-        return _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, folder,
-                           resume, total_steps, steps_per_epoch, settings, allow_changes, info,
+        return _fit_locked(model, (train_data, train_labels), (val_data, val_labels),
+                           (eval_data, eval_labels), config, ctx, dev, out, folder, resume,
+                           total_steps, steps_per_epoch, settings, allow_changes, info,
                            show_progress, on_log)
     except TrainingInterrupted:
         raise
@@ -208,6 +215,9 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
 def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, folder, resume,
                 total_steps, steps_per_epoch, settings, allow_changes, info, show_progress,
                 on_log) -> FitResult:
+    # Each of train_data, val_data, eval_data is (images, labels or None).
+    (train_data, train_labels), (val_data, val_labels), (eval_data, eval_labels) = \
+        train_data, val_data, eval_data
     if out is not None and not resume:
         check_fresh(out)
     model.to(dev)
@@ -241,9 +251,9 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         # the weights. Each rank sees its rows of the global batch; ActNorm averages the
         # statistics over ranks, which makes them the global batch's.
         g = _step_generator(config.seed, 0, dev)
-        x = _local_rows(data.to_model_space(
-            _batch(train_data, 0, config, steps_per_epoch, dev), g), ctx)
-        initialize_from_data(model, lambda: model.log_density(x, g))
+        x_u8, y = _batch(train_data, train_labels, 0, config, steps_per_epoch, dev)
+        x, y = _local_rows(data.to_model_space(x_u8, g), ctx), _local_rows(y, ctx)
+        initialize_from_data(model, lambda: model.log_density(x, y, generator=g))
         if config.ema_decay is not None:
             ema = make_ema(model, config)
     if start_step >= total_steps:
@@ -261,7 +271,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             "recipe": info.get("recipe")}
     folder.start(start_step, base, previous)
 
-    trainer: nn.Module = _LogDensity(model)
+    trainer: nn.Module = LogDensity(model)
     if ctx.active:
         trainer = nn.parallel.DistributedDataParallel(
             trainer, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -281,16 +291,17 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         if on_log is not None:
             on_log(record)
 
-    def score(images: Tensor | None, of: nn.Module) -> float | None:
+    def score(images: Tensor | None, of: nn.Module, labels: Tensor | None) -> float | None:
         if images is None:
             return None
         g = torch.Generator(device=dev).manual_seed(config.eval_seed)
-        return evaluate_bpd(of, images, config.eval_batch_size, g, show_progress=False)
+        return evaluate_bpd(of, images, config.eval_batch_size, g, show_progress=False,
+                            labels=labels)
 
     def evaluate(step: int) -> float | None:
         value = None
         if ctx.is_main:
-            value = score(val_data, net)
+            value = score(val_data, net, val_labels)
             if value is not None:
                 log({"step": step, "split": "validation", "val_bpd": value,
                      "num_images": len(val_data)})
@@ -319,15 +330,16 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
                      show=show_progress, start=start_step, every=config.log_every) as advance:
         began = time.monotonic()
         while reason is None:
-            x_u8 = _batch(train_data, step, config, steps_per_epoch, dev)
+            x_u8, y = _batch(train_data, train_labels, step, config, steps_per_epoch, dev)
             g = _step_generator(config.seed, step + 1, dev)
             if config.augment:
                 x_u8 = data.augment(x_u8, g, max_shift=config.max_shift, flip=config.flip)
-            x = _local_rows(data.to_model_space(x_u8, g), ctx)
+            x, y = _local_rows(data.to_model_space(x_u8, g), ctx), _local_rows(y, ctx)
             scheduler.step_update(num_updates=step + 1)
             # No host read in the step (``step.py``): the non-finite guard stays on the device
             # and is read at logging / checkpoint steps.
-            _first_compiled_step(train_step, x, g, config.compile and step == start_step)
+            train_step.first(x, g, y) if config.compile and step == start_step else \
+                train_step(x, g, y)
             signum = stop()
             over = budget is not None and time.monotonic() - began >= budget
             stop_value, over_value = float(signum or 0), float(over)
@@ -382,7 +394,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             if last or (config.eval_every is not None and step % config.eval_every == 0):
                 last_val = evaluate(step)
             if last and ctx.is_main:
-                last_eval = score(eval_data, net)
+                last_eval = score(eval_data, net, eval_labels)
                 if last_eval is not None:
                     log({"step": step, "split": "test", "eval_bpd": last_eval,
                          "num_images": len(eval_data)})
@@ -403,7 +415,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
                                           checkpoint_path or out)  # type: ignore[arg-type]
     if ctx.is_main:
         folder.score_best_on_test(net, step, lambda twin: None if eval_data is None
-                                  else (score(eval_data, twin), len(eval_data)))
+                                  else (score(eval_data, twin, eval_labels), len(eval_data)))
         folder.finish(net, dev, _title(info, model), "finished")
     return FitResult(step, checkpoint_path, last_eval, last_train, history, last_val,
                      folder.best, reason)
@@ -420,20 +432,6 @@ def _clock(seconds: float) -> str:
     """Seconds as h:mm:ss."""
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _first_compiled_step(train_step: TrainStep, x: Tensor, g: torch.Generator,
-                         first_compiled: bool) -> None:
-    """The step; the first step of a compiled run turns a compiler failure into one line."""
-    if not first_compiled:
-        train_step(x, g)
-        return
-    try:
-        train_step(x, g)
-    except torch._dynamo.exc.TorchDynamoException as err:
-        raise ConfigError(f"--compile could not compile this model's training step "
-                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); train "
-                          "without --compile") from err
 
 
 class _no_stop:

@@ -27,15 +27,30 @@ import torch
 from torch import Tensor, nn
 
 from .. import metrics
+from ..errors import ConfigError
 from ..precision import autocast_for
+
+
+class LogDensity(nn.Module):
+    """A FlowModel's training objective as a module's ``forward`` (what DDP and
+    ``torch.compile`` wrap): ``(x, y, generator=g) -> model.log_density(x, y, generator=g)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, y: Tensor | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        return self.model.log_density(x, y, generator=generator)
 
 
 class TrainStep:
     """forward + backward + clip + guarded optimizer step on one batch, sync-free.
 
     Args:
-        log_density: ``(x, generator) -> log p(x)`` (B,), the model, its DDP wrapper or its
-            compiled version.
+        log_density: ``(x, y, generator=g) -> log p(x | y)`` (B,) — ``FlowModel.log_density``
+            (y None for an unconditional model), the loop's DDP-wrapped objective, or a
+            compiled version of either.
         params: the trained parameters.
         optimizer: their optimizer.
         precision: "fp32", "bf16" or "fp16" (``attnflow_zoo.precision.autocast_for``).
@@ -45,7 +60,7 @@ class TrainStep:
         reduce: averages a device tensor over ranks (identity off DDP).
     """
 
-    def __init__(self, log_density: Callable[[Tensor, Any], Tensor], params: list[Tensor],
+    def __init__(self, log_density: Callable[..., Tensor], params: list[Tensor],
                  optimizer: torch.optim.Optimizer, precision: str, num_dims: int,
                  grad_clip: float | None = None, scaler: Any = None,
                  reduce: Callable[[Tensor], Tensor] = lambda t: t) -> None:
@@ -66,11 +81,13 @@ class TrainStep:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         self.last = torch.zeros(2, dtype=torch.float64, device=dev)  # loss, grad norm
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """One step on ``x`` (model space); returns the loss (bits/dim, averaged over ranks,
-        detached: a device tensor, read it only when logging)."""
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None,
+                 y: Tensor | None = None) -> Tensor:
+        """One step on ``x`` (model space) with labels ``y`` (class-conditional models only);
+        returns the loss (bits/dim, averaged over ranks, detached: a device tensor, read it
+        only when logging)."""
         with autocast_for(self.device, self.precision, cache_enabled=self.autocast_cache):
-            log_p = self.log_density(x, generator)
+            log_p = self.log_density(x, y, generator=generator)
         loss = metrics.bits_per_dim(log_p.float(), self.num_dims).mean()
         self.optimizer.zero_grad(set_to_none=False)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -98,6 +115,17 @@ class TrainStep:
             self.loss_sum += torch.where(finite, loss, 0.0)
             self.last.copy_(torch.stack([loss, grad_norm.double()]))
         return loss
+
+    def first(self, x: Tensor, generator: torch.Generator | None = None,
+              y: Tensor | None = None) -> Tensor:
+        """The first step of a compiled run: a compiler failure becomes one line
+        (``ConfigError``) that says to train without ``--compile``."""
+        try:
+            return self(x, generator, y)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            raise ConfigError(f"--compile could not compile this model's training step "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                              "train without --compile") from err
 
     def read(self) -> dict[str, float]:
         """The window's counters in one transfer, then a new window: ``loss_sum`` (bits/dim
