@@ -7,6 +7,8 @@ through the flow when z = z2 is factored out), and offer ``log_prob``, ``mean_an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -27,6 +29,20 @@ class Prior(nn.Module):
         """log p(z | cond) in nats, shape (B,)."""
         mean, log_std = self.mean_and_log_std(z, cond)
         return diag_normal_logpdf(z, mean, log_std)
+
+    def whiten(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """ε = (z − μ)/σ with the teacher-forced (μ, σ) of ``mean_and_log_std``, B×C×H×W.
+
+        For an autoregressive prior μ_c, σ_c depend on z_{<c} only, so ε is the noise that
+        ``unwhiten`` (and ``sample`` at T = 1) turns back into z.
+        """
+        mean, log_std = self.mean_and_log_std(z, cond)
+        return (z - mean) * torch.exp(-log_std)
+
+    def unwhiten(self, eps: Tensor, cond: Tensor | None = None
+                 ) -> Tensor:  # pragma: no cover - interface
+        """z = μ + σ·ε, the inverse of ``whiten``, B×C×H×W."""
+        raise NotImplementedError
 
 
 class MARPrior(Prior):
@@ -122,11 +138,28 @@ class MARPrior(Prior):
         The sampled z_c (not the mean) feeds step c + 1, as in ancestral sampling.
         """
         ref = self.out.weight
+
+        def noise(step: int, mean: Tensor) -> Tensor | None:
+            return None if temperature == 0 else randn_like_on(tuple(mean.shape), ref, generator)
+
+        return self._chain(num_samples, height, width, cond, noise, temperature)
+
+    def unwhiten(self, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+        """z_c = μ_c(z_{<c}, cond) + σ_c·ε_c channel by channel (the recurrence of ``sample``
+        with the given noise ε, B×C×H×W); the inverse of ``whiten``."""
+        b, c, h, w = eps.shape
+        if c != self.num_channels:
+            raise ShapeError(f"prior expects {self.num_channels} channels, got {c}")
+        return self._chain(b, h, w, cond, lambda step, mean: eps[:, step:step + 1])
+
+    def _chain(self, batch: int, height: int, width: int, cond: Tensor | None,
+               noise: Callable[[int, Tensor], Tensor | None], temperature: float = 1.0) -> Tensor:
+        """z_c = μ_c + T·σ_c·noise(c, μ_c) for c = 1..C (noise None: z_c = μ_c)."""
         e = self._cond_input(cond)
         weights = self.lstm.fused_weights()
-        x = self.in_z.bias.view(1, -1, 1, 1).expand(num_samples, -1, height, width)
+        x = self.in_z.bias.view(1, -1, 1, 1).expand(batch, -1, height, width)
         state = None
-        channels = []
+        channels: list[Tensor] = []
         for step in range(self.num_channels):
             if step > 0:
                 x = self.in_z(channels[-1])
@@ -135,12 +168,8 @@ class MARPrior(Prior):
             top, state = self.lstm.step(x, state, weights)
             out = self.out(top)
             mean, log_std = out[:, :1], out[:, 1:]
-            if temperature == 0:
-                z_c = mean
-            else:
-                eps = randn_like_on(tuple(mean.shape), ref, generator)
-                z_c = mean + temperature * torch.exp(log_std) * eps
-            channels.append(z_c)
+            eps = noise(step, mean)
+            channels.append(mean if eps is None else mean + temperature * torch.exp(log_std) * eps)
         return torch.cat(channels, 1)
 
 
@@ -188,3 +217,10 @@ class GaussianPrior(Prior):
             return mean.clone()
         eps = randn_like_on(tuple(mean.shape), mean, generator)
         return mean + temperature * torch.exp(log_std) * eps
+
+    def unwhiten(self, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+        """z = μ(cond) + σ(cond)·ε, B×C×H×W; the inverse of ``whiten``."""
+        if eps.shape[1] != self.num_channels:
+            raise ShapeError(f"prior expects {self.num_channels} channels, got {eps.shape[1]}")
+        mean, log_std = self._params(eps.shape[0], eps.shape[2], eps.shape[3], cond)
+        return mean + torch.exp(log_std) * eps
