@@ -72,7 +72,7 @@ class _LogDensity(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return self.model.log_density(x, generator)
+        return self.model.log_density(x, generator=generator)
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -245,7 +245,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         g = _step_generator(config.seed, 0, dev)
         x = _local_rows(data.to_model_space(
             _batch(train_data, 0, config, steps_per_epoch, dev), g), ctx)
-        initialize_from_data(model, lambda: model.log_density(x, g))
+        initialize_from_data(model, lambda: model.log_density(x, generator=g))
         if config.ema_decay is not None:
             ema = _make_ema(model, config)
     if start_step >= total_steps:
