@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import data
+from .core import resolve_device
 from .errors import ConfigError
+from .images import read_image
+from .sampling import check_output, save_samples
 
 #: What a model must offer for these tools.
 LATENT_METHODS = ("encode_latents", "decode_latents", "latent_priors", "unwhiten_latents")
@@ -108,8 +112,7 @@ def interpolate(model: Any, x_a_u8: Tensor, x_b_u8: Tensor, steps: int,
         steps: images on the path, ≥ 2 (the two ends included).
         y: the class of both images (a class-conditional model only).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ConfigError(f"--steps must be an integer ≥ 2 (the two ends included), got {steps!r}")
+    check_steps(steps)
     check_supported(model)
     ends = torch.cat([x.reshape(1, *x.shape[-3:]) for x in (x_a_u8, x_b_u8)])
     labels = None if y is None else torch.as_tensor(y).reshape(-1).expand(2)
@@ -118,6 +121,13 @@ def interpolate(model: Any, x_a_u8: Tensor, x_b_u8: Tensor, steps: int,
     path_labels = None if labels is None else labels[:1].expand(steps)
     latents = unwhiten(model, unflatten(model, path), path_labels)
     return quantize(model.decode_latents(latents, path_labels))
+
+
+def check_steps(steps: int) -> None:
+    """``ConfigError`` unless ``steps`` is an integer ≥ 2."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ConfigError(f"the number of steps must be an integer ≥ 2 (the two ends included), "
+                          f"got {steps!r}")
 
 
 @dataclass(frozen=True)
@@ -150,3 +160,35 @@ def reconstruct(model: Any, x_u8: Tensor, y: Tensor | int | None = None) -> Reco
 def quantize(x: Tensor) -> Tensor:
     """Model-space x -> uint8 images on the CPU (``data.quantize`` of x + ½)."""
     return data.quantize(x + 0.5).cpu()
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def reconstruct_files(model: Any, paths: list[str | Path], output: str | Path,
+                      device: str | torch.device = "auto") -> dict[str, Any]:
+    """``reconstruct`` image files (fitted to the model by ``images.read_image``) and write a PNG
+    with the inputs in the first row and their reconstructions in the second. Returns
+    {"path", "num_images", "max_error", "num_changed"}."""
+    check_supported(model)
+    if not paths:
+        raise ConfigError("give at least one image (--image PATH)")
+    check_output(output)
+    images = torch.stack([read_image(p, model.input_shape) for p in paths])
+    model = model.to(resolve_device(device)).eval()
+    result = reconstruct(model, images)
+    path = save_samples(torch.cat([images, result.images]), output, nrow=len(paths))
+    return {"path": str(path), "num_images": len(paths), "max_error": result.max_error,
+            "num_changed": result.num_changed}
+
+
+def interpolate_files(model: Any, path_a: str | Path, path_b: str | Path, steps: int,
+                      output: str | Path, device: str | torch.device = "auto") -> dict[str, Any]:
+    """``interpolate`` between two image files and write the path as a one-row PNG strip.
+    Returns {"path", "steps"}."""
+    check_supported(model)
+    check_output(output)
+    check_steps(steps)
+    a, b = (read_image(p, model.input_shape) for p in (path_a, path_b))
+    model = model.to(resolve_device(device)).eval()
+    path = save_samples(interpolate(model, a, b, steps), output, nrow=steps)
+    return {"path": str(path), "steps": steps}

@@ -14,7 +14,19 @@ from typing import Annotated
 
 import typer
 
-from . import card, evaluate, models, push, reproduce, sample, train, validate
+from . import (
+    card,
+    evaluate,
+    inspect,
+    interpolate,
+    models,
+    push,
+    reconstruct,
+    reproduce,
+    sample,
+    train,
+    validate,
+)
 
 app = typer.Typer(
     name="attnflow",
@@ -54,6 +66,9 @@ app.command("push")(push.push)
 app.command("validate")(validate.validate)
 app.command("card")(card.card)
 app.command("reproduce")(reproduce.reproduce)
+app.command("reconstruct")(reconstruct.reconstruct)
+app.command("interpolate")(interpolate.interpolate)
+app.command("inspect")(inspect.inspect)
 
 
 def _fail(message: str, code: int) -> None:
