@@ -17,7 +17,7 @@ import typer
 from . import (
     card,
     evaluate,
-    inspect,
+    inspection,
     interpolate,
     models,
     push,
@@ -68,7 +68,7 @@ app.command("card")(card.card)
 app.command("reproduce")(reproduce.reproduce)
 app.command("reconstruct")(reconstruct.reconstruct)
 app.command("interpolate")(interpolate.interpolate)
-app.command("inspect")(inspect.inspect)
+app.command("inspect")(inspection.inspect)
 
 
 def _fail(message: str, code: int) -> None:

@@ -46,10 +46,10 @@ def inspect(
     """Draw, per level, each attention layer's map on an image, and where its bits/dim go.
 
     iMap: the gate σ(a + b) per position; iTrans: the token attention softmax (rows = query
-    tokens) and the chosen token's row over the image; residual attention: its position-by-
-    position weights and the chosen position's map. bits_per_dim.png splits the image's
-    bits/dim by level (the flows mix pixels, so per-pixel −log p is not defined): per level,
-    the prior's bits per latent dimension at each position; the flow's −log|det| as a number.
+    tokens) and the chosen token's row over the image; residual attention: its weights between
+    positions and the chosen position's map. bits_per_dim.png splits the image's bits/dim by
+    level (the flows mix pixels, so per-pixel −log p is not defined): per level, the prior's
+    bits per latent dimension at each position; the flow's −log|det| as one number.
     """
     from rich.console import Console
 
