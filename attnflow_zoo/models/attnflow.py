@@ -324,6 +324,12 @@ class AttnFlow(FlowModel):
         self._descend(from_noise, eps[-1].shape[0], y)
         return [latents[lvl] for lvl in range(len(self.levels))]
 
+    def _check_latents(self, latents: list[Tensor]) -> None:
+        if len(latents) != len(self.levels) or any(
+                tuple(z.shape[1:]) != s for z, s in zip(latents, self.latent_shapes, strict=False)):
+            raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
+                             f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
+
     def _descend(self, latent_at: Callable[[int, Tensor | None], Tensor], batch: int,
                  y: Tensor | int | None) -> Tensor:
         """x = f⁻¹ run deepest level first, level l's latent being ``latent_at(l, cond_l)``
@@ -347,7 +353,10 @@ class AttnFlow(FlowModel):
 
     def decode(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
         """Per-level latents [z2_1, …, z2_{L−1}, z_L] -> x."""
-        self._check_latents(latents)
+        if len(latents) != len(self.levels) or any(
+                tuple(z.shape[1:]) != s for z, s in zip(latents, self.latent_shapes, strict=False)):
+            raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
+                             f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
         context = self._flow_context(self.class_context(y, latents[-1].shape[0]))
         h = latents[-1]
         for lvl in reversed(range(len(self.levels))):
@@ -355,12 +364,6 @@ class AttnFlow(FlowModel):
                 h = merge_channels(h, latents[lvl])
             h = self.levels[lvl].inverse(h, context)
         return h
-
-    def _check_latents(self, latents: list[Tensor]) -> None:
-        if len(latents) != len(self.levels) or any(
-                tuple(z.shape[1:]) != s for z, s in zip(latents, self.latent_shapes, strict=False)):
-            raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
-                             f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
 
     def inverse(self, z: Tensor, y: Tensor | int | None = None) -> Tensor:
         """z (B×D, the layout of ``forward``) -> x (B×C×H×W)."""
