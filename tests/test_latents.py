@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,3 +234,30 @@ def test_inspect_image_writes_the_figures(gen, tmp_path):
     assert names == ["attention_level1.png", "bits_per_dim.png"]
     with pytest.raises(ConfigError, match="outside the model's 8×8 image"):
         inspection.inspect_image(model, x_u8[0], tmp_path, position=(8, 0))
+
+
+@pytest.mark.parametrize(("mode", "size", "shape"), [
+    ("RGB", 20, (1, 16, 16)),  # colour to grey, centre-cropped and resized
+    ("L", 8, (3, 16, 16)),  # grey to RGB by repetition, zero-padded
+    ("L", 16, (1, 16, 16)),  # as it is
+])
+def test_read_image_fits_a_file_to_the_model(mode, size, shape, tmp_path):
+    from PIL import Image
+
+    from attnflow_zoo.errors import DataError
+    from attnflow_zoo.images import read_image
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (size, size, 3) if mode == "RGB" else (size, size),
+                         dtype=np.uint8)
+    Image.fromarray(array, mode).save(tmp_path / "x.png")
+    x = read_image(tmp_path / "x.png", shape)
+    assert x.shape == shape and x.dtype == torch.uint8
+    if size == 16 and shape[0] == 1:
+        assert np.array_equal(x[0].numpy(), array)
+    if size == 8:
+        assert torch.equal(x[0], x[2]) and x[0, :4].sum() == 0  # repeated; 4 rows of padding
+        assert np.array_equal(x[0, 4:12, 4:12].numpy(), array)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="cannot read"):
+        read_image(tmp_path / "bad.png", shape)
