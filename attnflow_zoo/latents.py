@@ -99,12 +99,27 @@ def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
     return wa * a + wb * b
 
 
+@dataclass(frozen=True)
+class Interpolation:
+    """What ``interpolate`` gives.
+
+    Attributes:
+        images: uint8 ``steps``×C×H×W (on the CPU), image i at t = i/(steps − 1).
+        num_nonfinite: images whose decoding overflowed (non-finite values, quantised to 0): a
+            flow's inverse can blow up away from the data it was trained on (e.g. the sigmoid
+            coupling divides by σ(·), which tends to 0 there); the ends never do.
+    """
+
+    images: Tensor
+    num_nonfinite: int
+
+
 @torch.no_grad()
 def interpolate(model: Any, x_a_u8: Tensor, x_b_u8: Tensor, steps: int,
-                y: Tensor | int | None = None) -> Tensor:
-    """uint8 images along the spherical path between two images' whitened latents,
-    ``steps``×C×H×W: image i decodes slerp(ε_a, ε_b, i/(steps − 1)) (ε: all levels'
-    whitened latents as one vector). The ends reproduce the inputs.
+                y: Tensor | int | None = None) -> Interpolation:
+    """Images along the spherical path between two images' whitened latents: image i decodes
+    slerp(ε_a, ε_b, i/(steps − 1)) (ε: all levels' whitened latents as one vector). The ends
+    reproduce the inputs.
 
     Args:
         model: a multi-scale zoo model (``check_supported``).
@@ -120,7 +135,8 @@ def interpolate(model: Any, x_a_u8: Tensor, x_b_u8: Tensor, steps: int,
     path = torch.cat([slerp(eps[:1], eps[1:], i / (steps - 1)) for i in range(steps)])
     path_labels = None if labels is None else labels[:1].expand(steps)
     latents = unwhiten(model, unflatten(model, path), path_labels)
-    return quantize(model.decode_latents(latents, path_labels))
+    x = model.decode_latents(latents, path_labels)
+    return Interpolation(quantize(x), int((~torch.isfinite(x)).flatten(1).any(1).sum()))
 
 
 def check_steps(steps: int) -> None:
@@ -184,11 +200,12 @@ def reconstruct_files(model: Any, paths: list[str | Path], output: str | Path,
 def interpolate_files(model: Any, path_a: str | Path, path_b: str | Path, steps: int,
                       output: str | Path, device: str | torch.device = "auto") -> dict[str, Any]:
     """``interpolate`` between two image files and write the path as a one-row PNG strip.
-    Returns {"path", "steps"}."""
+    Returns {"path", "steps", "num_nonfinite"}."""
     check_supported(model)
     check_output(output)
     check_steps(steps)
     a, b = (read_image(p, model.input_shape) for p in (path_a, path_b))
     model = model.to(resolve_device(device)).eval()
-    path = save_samples(interpolate(model, a, b, steps), output, nrow=steps)
-    return {"path": str(path), "steps": steps}
+    result = interpolate(model, a, b, steps)
+    path = save_samples(result.images, output, nrow=steps)
+    return {"path": str(path), "steps": steps, "num_nonfinite": result.num_nonfinite}

@@ -42,4 +42,9 @@ def interpolate(
     check_steps(steps)
     model = load_model(checkpoint if checkpoint is not None else repo)
     result = interpolate_files(model, a, b, steps, output, device=device)
-    Console().print(f"wrote {result['steps']} images from {a} to {b} to {result['path']}")
+    console = Console()
+    console.print(f"wrote {result['steps']} images from {a} to {b} to {result['path']}")
+    if result["num_nonfinite"]:
+        console.print(f"warning: {result['num_nonfinite']} of them decoded to non-finite values "
+                      "(drawn black): the model's inverse overflows between these images, "
+                      "which happens away from the data a short training run has seen")

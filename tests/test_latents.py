@@ -113,7 +113,9 @@ def test_slerp():
 
 def test_interpolation_ends_are_the_inputs(gen):
     model, x_u8, _ = _model("attnflow_imap_tiny", gen)
-    path = latents.interpolate(model, x_u8[0], x_u8[1], 5)
+    result = latents.interpolate(model, x_u8[0], x_u8[1], 5)
+    path = result.images
+    assert result.num_nonfinite == 0
     assert path.shape == (5, *model.input_shape) and path.dtype == torch.uint8
     assert torch.equal(path[0], x_u8[0]) and torch.equal(path[-1], x_u8[1])
     assert not torch.equal(path[2], x_u8[0]) and not torch.equal(path[2], x_u8[1])
