@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._io import atomic_path
 from .errors import DataError, OutputError, ShapeError
-from .folders import fingerprint, image_column, imagefolder_split, local_splits
+from .folders import fingerprint, image_column, imagefolder_split, label_column, local_splits
 from .images import decode as _decode
 from .images import resize_note
 from .progress import note
@@ -69,6 +69,8 @@ class DatasetSpec:
         embedded: for a dataset that ships inside the package (``attnflow_zoo/assets``), its
             file; it is read offline, then decoded and cached like every other dataset.
         splits: the split names; ``heldout``: the one held-out bits/dim is reported on.
+        labels, num_classes: whether the dataset has class labels (its ``label`` column), and
+            how many classes.
         flip: whether horizontal flips are a valid augmentation (False for digits).
         name, shape_text, splits_text: what a model card shows.
         license_file, license_summary: the terms (``dataset_license/``).
@@ -86,6 +88,8 @@ class DatasetSpec:
     heldout: str = "test"
     flip: bool = True
     embedded: str | None = None
+    labels: bool = True
+    num_classes: int = 10
 
 
 #: The one dataset table of the zoo.
@@ -116,7 +120,8 @@ DATASETS: dict[str, DatasetSpec] = {
         "3x218x178 aligned (32x32: center crop 178, resize)",
         "official train / valid / test (162,770 / 19,867 / 19,962)", "celeba.md",
         "Non-commercial research use only, under the CelebA dataset release agreement; the "
-        "images show real people and are not the property of CUHK. Cite Liu et al. (2015)."),
+        "images show real people and are not the property of CUHK. Cite Liu et al. (2015).",
+        labels=False, num_classes=0),
 }
 
 
@@ -153,7 +158,7 @@ def card_info(dataset: str | None) -> dict[str, str | None] | None:
             "license_file": spec.license_file, "license_summary": spec.license_summary}
 
 
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"  # 2: the class labels are cached with the images
 #: How ``limit`` picks images (recorded in run.json): the same subset for every command, so
 #: ``train --limit`` / ``--eval-limit`` and ``evaluate --limit`` see the same images.
 LIMIT_RULE = "a random subset drawn with seed 0 (kept in dataset order)"
@@ -206,15 +211,16 @@ def load_images(dataset: str | Path, split: str = "train", *, image_size: int | 
     safetensors written atomically (temporary file + rename). What was done to images of another
     size than ``image_size`` is said in one line on stderr (never silently).
     """
-    images, said = _load_images(dataset, split, image_size, limit, cache_dir)
+    images, _, said = _load_images(dataset, split, image_size, limit, cache_dir)
     if said:
         note(said)
     return images
 
 
 def _load_images(dataset: str | Path, split: str, image_size: int | None, limit: int | None,
-                 cache_dir: str | Path | None) -> tuple[Tensor, str]:
-    """``load_images`` and the line saying how the images were resized ("" if they were not)."""
+                 cache_dir: str | Path | None) -> tuple[Tensor, Tensor | None, str]:
+    """``load_images``, the split's class labels ((N,) int64, None without a label column or
+    class folders) and the line saying how the images were resized ("" if they were not)."""
     source, spec = _resolve(dataset)
     if spec is not None and split not in spec.splits:
         raise DataError(f"{dataset} has no split {split!r}; available: {', '.join(spec.splits)}")
@@ -227,13 +233,14 @@ def _load_images(dataset: str | Path, split: str, image_size: int | None, limit:
     path = root / f"{key}.safetensors"
     if path.is_file():
         try:
-            images = load_file(str(path))["images"]
+            tensors = load_file(str(path))
             with safe_open(str(path), framework="pt") as f:
                 resized = (f.metadata() or {}).get("resized")
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, never trusted
             path.unlink(missing_ok=True)
         else:
-            return images, f"{Path(str(source)).name}/{split}: {resized}" if resized else ""
+            return (tensors["images"], tensors.get("labels"),
+                    f"{Path(str(source)).name}/{split}: {resized}" if resized else "")
     ds = _load_split(source, spec, split, cache_dir)
     keep = limit_indices(len(ds), limit)
     if keep is not None:
@@ -241,10 +248,15 @@ def _load_images(dataset: str | Path, split: str, image_size: int | None, limit:
     column = spec.column if spec is not None else image_column(ds, source)
     name = spec.repo_id if spec is not None else str(source)
     images, sizes = _decode(ds, column, image_size, f"decode {Path(name).name}/{split}")
+    labels = None
+    if spec is None or spec.labels:
+        found = label_column(ds)
+        labels = None if found is None else torch.tensor(list(ds[found]), dtype=torch.int64)
     resized = resize_note(sizes, image_size)
-    _save_atomic(path, images, {"dataset": name, "split": split, "format": _FORMAT_VERSION,
-                                "resized": resized})
-    return images, f"{Path(str(source)).name}/{split}: {resized}" if resized else ""
+    _save_atomic(path, {"images": images} | ({} if labels is None else {"labels": labels}),
+                 {"dataset": name, "split": split, "format": _FORMAT_VERSION,
+                  "resized": resized})
+    return images, labels, f"{Path(str(source)).name}/{split}: {resized}" if resized else ""
 
 
 def _resolve(dataset: str | Path) -> tuple[str | Path, DatasetSpec | None]:
@@ -326,10 +338,11 @@ def _embedded_split(name: str, split: str):
         "image", datasets.Image())
 
 
-def _save_atomic(path: Path, images: Tensor, metadata: dict[str, str]) -> None:
+def _save_atomic(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     try:
         with atomic_path(path) as tmp:
-            save_file({"images": images.contiguous()}, str(tmp), metadata=metadata)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata=metadata)
     except OutputError as err:
         # The cache is an optimisation: a read-only cache dir must not stop training.
         import warnings
@@ -341,8 +354,17 @@ def load_for_shape(dataset: str | Path, split: str, shape: tuple[int, int, int],
                    limit: int | None = None) -> Tensor:
     """``load_images`` at a model's (C, H, W): square images are cropped/resized/padded to H;
     ``DataError`` (saying what to change) if the result is not C×H×W."""
+    return load_labelled(dataset, split, shape, limit=limit)[0]
+
+
+def load_labelled(dataset: str | Path, split: str, shape: tuple[int, int, int], *,
+                  limit: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """``load_for_shape`` and the images' class labels, (N,) int64 in dataset order: a Hub
+    dataset's ``label`` column (or its first ``ClassLabel`` column), a local imagefolder's class
+    folders (``root/{split}/{class}/*.png``, classes numbered in sorted name order over all
+    splits); None for a dataset without labels (CelebA, a flat folder)."""
     c, h, w = shape
-    images, said = _load_images(dataset, split, h if h == w else None, limit, None)
+    images, labels, said = _load_images(dataset, split, h if h == w else None, limit, None)
     if tuple(images.shape[1:]) != (c, h, w):
         got = "×".join(map(str, images.shape[1:]))
         raise DataError(f"{dataset} ({split}) gives images of {got} but the model takes "
@@ -350,7 +372,56 @@ def load_for_shape(dataset: str | Path, split: str, shape: tuple[int, int, int],
                         "the data")
     if said:
         note(said)
-    return images
+    return images, labels
+
+
+def num_classes(labels: Tensor | None) -> int:
+    """K of a dataset's labels (max + 1; 0 without labels), for ``--conditional``."""
+    return 0 if labels is None or labels.numel() == 0 else int(labels.max()) + 1
+
+
+def count_classes(dataset: str | Path) -> int:
+    """K of a dataset's class labels without decoding its images (0 if it has none): the
+    table's for a named dataset, else the train split's ``ClassLabel`` size or max label + 1
+    (what ``attnflow train --conditional`` sets ``num_classes`` to)."""
+    source, spec = _resolve(dataset)
+    if spec is not None:
+        return spec.num_classes if spec.labels else 0
+    ds = _load_split(source, None, "train", None)
+    column = label_column(ds)
+    if column is None:
+        return 0
+    feature = ds.features[column]
+    return int(getattr(feature, "num_classes", 0)) or num_classes(
+        torch.tensor(list(ds[column]), dtype=torch.int64))
+
+
+def labels_for(num_classes: int, labels: Tensor | None, where: str,
+               num_images: int | None = None) -> Tensor | None:
+    """The labels a model with ``num_classes`` = K trains on or is scored with: None for an
+    unconditional model (K = 0: a dataset's labels are not used); for a class-conditional one,
+    ``labels`` as (N,) int64, after a ``DataError`` saying what to do if there are none or one
+    lies outside 0..K−1 or their count is not ``num_images``. ``where`` names the data in the
+    message."""
+    if not num_classes:
+        return None
+    if labels is None:
+        raise DataError(f"the model is class-conditional but {where} has no labels (no `label` "
+                        "column or class folders root/{split}/{class}/); train an unconditional "
+                        "model (no --conditional, a preset without _cond_) or use labelled data")
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+        raise DataError(f"the labels of {where} must be one integer per image, got "
+                        f"{labels.dtype} of shape {tuple(labels.shape)}")
+    if num_images is not None and len(labels) != num_images:
+        raise DataError(f"{where} has {len(labels)} labels for {num_images} images; pass one "
+                        "label per image")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(f"{where} has labels {int(labels.min())}..{int(labels.max())} but the "
+                        f"model has {num_classes} classes (0..{num_classes - 1}); train with "
+                        "--conditional (it sets the number of classes from the data) or relabel "
+                        "the data")
+    return labels.to(torch.int64)
 
 
 # --- augmentation ---------------------------------------------------------------------------

@@ -30,14 +30,15 @@ from .progress import progress
 
 @torch.no_grad()
 def evaluate_bpd(model: nn.Module, images_u8: Tensor, batch_size: int = 256,
-                 generator: torch.Generator | None = None, show_progress: bool | None = None
-                 ) -> float:
+                 generator: torch.Generator | None = None, show_progress: bool | None = None,
+                 labels: Tensor | None = None) -> float:
     """Mean per-image bits/dim of ``images_u8`` (N×C×H×W uint8), single-sample dequantisation.
 
     bpd = (1/N) Σ_i model.bits_per_dim(x_i) (SPEC §4). The noise is drawn batch after batch from
     ``generator`` (on the model's device if given on CPU it is used there and moved), so the same
     seed and batch size give the same number — ``fit`` logs with ``eval_seed`` /
-    ``eval_batch_size`` and ``attnflow evaluate`` uses the same defaults.
+    ``eval_batch_size`` and ``attnflow evaluate`` uses the same defaults. ``labels``: the
+    images' classes, (N,), for a class-conditional model (bits/dim of x given its class).
     """
     was_training = model.training
     model.eval()
@@ -46,7 +47,8 @@ def evaluate_bpd(model: nn.Module, images_u8: Tensor, batch_size: int = 256,
         with progress("evaluate", total=len(images_u8), show=show_progress) as advance:
             for start in range(0, len(images_u8), batch_size):
                 batch = images_u8[start:start + batch_size]
-                bpd = model.bits_per_dim(batch, generator=generator)
+                y = None if labels is None else labels[start:start + batch_size]
+                bpd = model.bits_per_dim(batch, y, generator=generator)
                 total += bpd.double().sum().cpu()
                 advance(len(batch), bpd=f"{total.item() / (start + len(batch)):.4f}")
     finally:
@@ -147,9 +149,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
     if split is None:
         raise DataError(f"{dataset} has no held-out split (test, valid or validation); "
                              "pass --split")
-    images = data.load_for_shape(dataset, split, model.input_shape, limit=limit)
+    images, labels = data.load_labelled(dataset, split, model.input_shape, limit=limit)
+    labels = data.labels_for(model.num_classes, labels, f"{dataset} ({split})")
     g = torch.Generator(device=dev).manual_seed(seed)
-    bpd = evaluate_bpd(model, images, batch_size, g, show_progress=show_progress)
+    bpd = evaluate_bpd(model, images, batch_size, g, show_progress=show_progress,
+                       labels=labels)
     result: dict[str, Any] = {
         "format": results.FORMAT, "dataset": dataset_label(dataset), "split": split,
         "step": checkpoint_step(directory), "bpd": bpd, "bpd_estimator": "single-sample",

@@ -52,7 +52,10 @@ def fingerprint(folder: Path) -> str:
 
 def imagefolder_split(folder: Path, split: str):
     """An imagefolder split (``root/{split}/[label/]*.png``; images at the top level are the
-    single split ``train``) as a ``datasets.Dataset`` with an ``Image`` column.
+    single split ``train``) as a ``datasets.Dataset`` with an ``Image`` column, and a
+    ``ClassLabel`` column ``label`` when every image of every split sits in a class folder
+    ``root/{split}/{class}/`` (classes numbered in sorted name order over all splits, so a class
+    has the same number in every split, as ``datasets``' imagefolder numbers them).
 
     Files are listed here rather than by ``load_dataset("imagefolder")``, whose data-file
     resolution takes seconds per call on thousands of files; decoding is still ``datasets``'.
@@ -75,7 +78,29 @@ def imagefolder_split(folder: Path, split: str):
     if split not in splits:
         raise DataError(f"{folder} has no split {split!r}; available: {', '.join(splits)}")
     files = top if top and not (folder / split).is_dir() else images_under(folder / split)
-    return datasets.Dataset.from_dict({"image": files}).cast_column("image", datasets.Image())
+    ds = datasets.Dataset.from_dict({"image": files}).cast_column("image", datasets.Image())
+    every = [Path(f) for s in splits for f in images_under(folder / s)] if not top else []
+    if every and all(len(f.relative_to(folder).parts) == 3 for f in every):
+        names = sorted({f.parent.name for f in every})
+        index = {name: i for i, name in enumerate(names)}
+        ds = ds.add_column("label", [index[Path(f).parent.name] for f in files])
+        ds = ds.cast_column("label", datasets.ClassLabel(names=names))
+    return ds
+
+
+def label_column(ds) -> str | None:
+    """The class-label column of a dataset: its first ``ClassLabel`` feature, else an integer
+    column named ``label`` or ``labels``; None if it has neither."""
+    import datasets
+
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            return name
+    for name in ("label", "labels"):
+        feature = ds.features.get(name)
+        if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+            return name
+    return None
 
 
 def image_column(ds, source: str | Path) -> str:

@@ -21,14 +21,19 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".npz")
 
 @torch.no_grad()
 def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed: int = 0,
-                 batch_size: int = 256, device: torch.device | str = "cpu") -> Tensor:
+                 batch_size: int = 256, device: torch.device | str = "cpu",
+                 labels: Tensor | None = None) -> Tensor:
     """uint8 samples, num_samples×C×H×W, on the CPU.
 
     The draws come from one ``torch.Generator`` seeded with ``seed`` on the model's device, so a
     (seed, batch_size, device) triple always gives the same images. ``temperature`` scales the
-    prior's standard deviation (Glow's T; T < 1 trades diversity for quality).
+    prior's standard deviation (Glow's T; T < 1 trades diversity for quality). ``labels``: the
+    class of each sample, (num_samples,), for a class-conditional model (None: every class in
+    turn, ``FlowModel.sample``'s default; see ``class_labels``).
     """
     check_request(num_samples, temperature, batch_size)
+    if labels is not None and tuple(labels.shape) != (num_samples,):
+        raise ConfigError(f"expected {num_samples} labels, got {tuple(labels.shape)}")
     device = resolve_device(device)
     model = model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -36,9 +41,37 @@ def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed
     with progress("sample", total=num_samples) as advance:
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
-            out.append(model.sample(n, temperature=temperature, generator=gen).cpu())
+            y = None if labels is None else labels[start:start + n]
+            out.append(model.sample(n, temperature=temperature, generator=gen, y=y).cpu())
             advance(n)
     return torch.cat(out)
+
+
+def class_labels(model: Any, which: str | int | None, num_samples: int
+                 ) -> tuple[Tensor | None, int | None]:
+    """(labels, images per grid row) of ``attnflow sample --class``: None draws what the model
+    draws by default; an int k draws ``num_samples`` images of class k; ``"all"`` draws every
+    class, ⌈num_samples / K⌉ images each, class after class, so that a grid of that many images
+    per row has one row per class. ``ConfigError`` (saying what to do) for a class the model
+    does not have or a class given to an unconditional model."""
+    k = int(getattr(model, "num_classes", 0) or 0)
+    if which is None:
+        return None, None
+    if k == 0:
+        raise ConfigError("this model is unconditional (num_classes = 0): drop --class, or "
+                          "sample a class-conditional checkpoint (trained with --conditional)")
+    if str(which).strip().lower() == "all":
+        per = max(1, math.ceil(num_samples / k))
+        return torch.arange(k).repeat_interleave(per), per
+    try:
+        label = int(str(which))
+    except ValueError:
+        raise ConfigError(f"--class takes a class number 0..{k - 1} or 'all', got "
+                          f"{which!r}") from None
+    if not 0 <= label < k:
+        raise ConfigError(f"class {label} is not one of the model's {k} classes; pass "
+                          f"--class 0..{k - 1} or --class all")
+    return torch.full((num_samples,), label, dtype=torch.int64), None
 
 
 def check_request(num_samples: int, temperature: float, batch_size: int) -> None:

@@ -68,7 +68,7 @@ def _worker(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
 
     def train_step() -> None:
-        loss = model.bits_per_dim(x_u8, g).mean()
+        loss = model.bits_per_dim(x_u8, generator=g).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

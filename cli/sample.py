@@ -20,6 +20,10 @@ def sample(
     num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="How many images "
                                              "(≥ 1).",
                                              rich_help_panel=OUTPUT)] = 64,
+    label: Annotated[str | None, typer.Option(
+        "--class", metavar="K|all", help="Class-conditional models: draw class K, or 'all' "
+        "(⌈n / classes⌉ images per class, one grid row per class). Default: every class in "
+        "turn.", rich_help_panel=OUTPUT)] = None,
     temperature: Annotated[float, typer.Option(help="Prior standard-deviation scale T (> 0, "
                                                "finite; 1 is the model's distribution).",
                                                rich_help_panel=OUTPUT)] = 1.0,
@@ -47,6 +51,7 @@ def sample(
     from attnflow_zoo.sampling import (
         check_output,
         check_request,
+        class_labels,
         draw_samples,
         resolve_device,
         save_samples,
@@ -58,8 +63,12 @@ def sample(
     check_output(output)
     dev = resolve_device(device)
     model = load_model(checkpoint if checkpoint is not None else repo)
+    labels, per_class = class_labels(model, label, num_samples)
+    if labels is not None:
+        num_samples = len(labels)
     images = draw_samples(model, num_samples, temperature=temperature, seed=seed,
-                          batch_size=batch_size, device=dev)
-    path = save_samples(images, output, nrow=nrow)
+                          batch_size=batch_size, device=dev, labels=labels)
+    path = save_samples(images, output, nrow=nrow or per_class)
     Console().print(f"wrote {images.shape[0]} samples ({'×'.join(map(str, images.shape[1:]))}, "
-                    f"T={temperature}, seed={seed}) to {path}")
+                    f"T={temperature}, seed={seed}"
+                    + (f", class {label}" if label is not None else "") + f") to {path}")

@@ -21,6 +21,11 @@ def train(
                                          rich_help_panel=_DATA)],
     attn: Annotated[str | None, typer.Option(help="Override the preset's attention: imap, "
                                              "itrans or none.", rich_help_panel=_MODEL)] = None,
+    conditional: Annotated[bool, typer.Option("--conditional", help="Make the model "
+                                              "class-conditional on the "
+                                              "dataset's labels (its `label` column or class "
+                                              "folders); `_cond_` presets are already.",
+                                              rich_help_panel=_MODEL)] = False,
     image_size: Annotated[int | None, typer.Option(help="Override the model's image size (the "
                                                    "data is cropped/resized/padded to it).",
                                                    rich_help_panel=_MODEL)] = None,
@@ -126,7 +131,8 @@ def train(
     try:
         result = train_preset(model, dataset, config, out_dir=out, resume=resume,
                               overrides=overrides, limit=limit, eval_limit=eval_limit,
-                              device=device, allow_changes=override or ())
+                              device=device, allow_changes=override or (),
+                              conditional=conditional)
     except TrainingInterrupted as err:
         typer.echo(str(err), err=True)
         typer.echo(f"resume with: {_resume_command()}", err=True)

@@ -53,12 +53,14 @@ class ToyFlow(FlowModel):
     def inverse(self, z: Tensor) -> Tensor:
         return self.flow.inverse(z)
 
-    def log_density(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def log_density(self, x: Tensor, y: Tensor | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:
+        self.check_labels(y, x.shape[0])
         z, logdet = self.flow(x)
         return diag_normal_logpdf(z) + logdet
 
     def generate(self, num_samples: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, y: Tensor | None = None) -> Tensor:
         c, h, w = self.input_shape
         z = torch.randn(num_samples, c * 4, h // 2, w // 2, generator=generator,
                         device=generator.device if generator is not None else self.device)

@@ -104,7 +104,8 @@ def test_bits_per_dim_at_init_is_analytic(name: str, overrides: dict,
     lower = upper * math.exp(2 * cfg.num_steps * cfg.num_levels * log_s2)
     assert (got <= bpd(upper * sq) + 1e-9).all() and (got >= bpd(lower * sq) - 1e-9).all()
     # The same numbers through the public uint8 path.
-    torch.testing.assert_close(model.bits_per_dim(x_u8, torch.Generator().manual_seed(1)), got)
+    torch.testing.assert_close(
+        model.bits_per_dim(x_u8, generator=torch.Generator().manual_seed(1)), got)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -242,7 +243,8 @@ def test_training_lowers_heldout_bits_per_dim(attention: str, one_thread: None,
     def heldout() -> float:
         model.eval()
         with torch.no_grad():
-            return model.bits_per_dim(test, torch.Generator().manual_seed(1)).mean().item()
+            g_eval = torch.Generator().manual_seed(1)
+            return model.bits_per_dim(test, generator=g_eval).mean().item()
 
     model.initialize_from_data(train[:256], g)  # ActNorm's data-dependent init
     before = heldout()
@@ -250,7 +252,7 @@ def test_training_lowers_heldout_bits_per_dim(attention: str, one_thread: None,
     model.train()
     for _ in range(80):
         idx = torch.randint(0, len(train), (32,), generator=g)
-        loss = model.bits_per_dim(train[idx], g).mean()
+        loss = model.bits_per_dim(train[idx], generator=g).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -26,7 +26,7 @@ class _UniformModel(FlowModel):
     def forward(self, x):
         return self.flow(x)
 
-    def log_density(self, x, generator=None):
+    def log_density(self, x, y=None, generator=None):
         inside = ((x >= -0.5) & (x < 0.5)).flatten(1).all(1)
         return torch.where(inside, 0.0, -math.inf).to(x.dtype)
 
@@ -34,7 +34,7 @@ class _UniformModel(FlowModel):
 class _GaussianModel(_UniformModel):
     """Identity flow with a N(0, I) density on x̃ = x + 0.5."""
 
-    def log_density(self, x, generator=None):
+    def log_density(self, x, y=None, generator=None):
         return diag_normal_logpdf(x + 0.5)
 
 

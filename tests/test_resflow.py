@@ -74,7 +74,7 @@ def test_estimators_draw_from_the_generator_not_the_global_rng(logdet: str) -> N
     for global_seed in (1, 2):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(global_seed)
-            values.append(model.log_density(x, torch.Generator().manual_seed(7)).detach())
+            values.append(model.log_density(x, generator=torch.Generator().manual_seed(7)).detach())
     assert torch.equal(values[0], values[1])
-    other = model.log_density(x, torch.Generator().manual_seed(8)).detach()
+    other = model.log_density(x, generator=torch.Generator().manual_seed(8)).detach()
     assert not torch.equal(values[0], other)  # the probes do come from the generator

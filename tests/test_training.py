@@ -133,7 +133,7 @@ class _PoisonedGlow(ToyFlow):
 
     poison_from = 3
 
-    def log_density(self, x, generator=None):
+    def log_density(self, x, y=None, generator=None):
         calls = getattr(self, "_calls", 0)
         self._calls = calls + 1
         out = super().log_density(x)

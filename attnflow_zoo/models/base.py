@@ -90,6 +90,9 @@ class FlowModel(nn.Module, ZooHubMixin):
         outside 0..K−1. Labels already on an accelerator are not range-checked here (that would
         wait for the device); ``fit`` checks a dataset's labels once, on the CPU.
         """
+        if isinstance(y, torch.Generator):
+            raise TypeError("the second positional argument is the labels y: pass the "
+                            "generator by keyword (generator=g)")
         k = self.num_classes
         if k == 0:
             if y is not None:

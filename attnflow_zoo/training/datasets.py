@@ -17,7 +17,8 @@ from .config import TrainConfig
 
 def carve_validation(images: Tensor, config: TrainConfig) -> tuple[Tensor, Tensor | None]:
     """(train, validation): ``config.validation_count`` images drawn out of ``images`` with a
-    generator seeded by ``config.seed`` (both keep the dataset's order)."""
+    generator seeded by ``config.seed`` (both keep the dataset's order). The carving depends on
+    the number of rows only, so the images' labels are carved alike by a second call."""
     num_val = config.validation_count(len(images))
     if num_val == 0:
         return images, None
@@ -45,3 +46,4 @@ def run_settings(config: TrainConfig, info: dict[str, Any]) -> dict[str, Any]:
     ds = info.get("dataset") or {}
     return {**config.to_dict(), "dataset": ds.get("name") or ds.get("path"),
             "limit": ds.get("limit"), "eval_limit": ds.get("eval_limit")}
+

@@ -71,8 +71,9 @@ class _LogDensity(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return self.model.log_density(x, generator=generator)
+    def forward(self, x: Tensor, y: Tensor | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        return self.model.log_density(x, y, generator=generator)
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -87,17 +88,21 @@ def _epoch_permutation(num_images: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(num_images, generator=g)
 
 
-def _batch(images: Tensor, step: int, config: TrainConfig, steps_per_epoch: int,
-           dev: torch.device) -> Tensor:
-    """The global batch of ``step`` (uint8, on ``dev``): every rank draws the same one."""
+def _batch(images: Tensor, labels: Tensor | None, step: int, config: TrainConfig,
+           steps_per_epoch: int, dev: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The global batch of ``step`` (uint8, on ``dev``) and its labels (None without): every
+    rank draws the same one."""
     epoch, index = divmod(step, steps_per_epoch)
     perm = _epoch_permutation(len(images), config.seed, epoch)
     chosen = perm[index * config.batch_size:(index + 1) * config.batch_size]
-    return images[chosen].to(dev, non_blocking=True)
+    return (images[chosen].to(dev, non_blocking=True),
+            None if labels is None else labels[chosen].to(dev, non_blocking=True))
 
 
-def _local_rows(x: Tensor, ctx: DistContext) -> Tensor:
-    """This rank's share of a global batch."""
+def _local_rows(x: Tensor | None, ctx: DistContext) -> Tensor | None:
+    """This rank's share of a global batch (None stays None)."""
+    if x is None:
+        return None
     local = x.shape[0] // ctx.world_size
     return x[ctx.rank * local:(ctx.rank + 1) * local]
 
@@ -134,7 +139,8 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
         resume: bool = False, device: str | torch.device | None = None,
         show_progress: bool | None = None,
         on_log: Callable[[dict[str, Any]], None] | None = None,
-        allow_changes: Iterable[str] = (), run_info: dict[str, Any] | None = None) -> FitResult:
+        allow_changes: Iterable[str] = (), run_info: dict[str, Any] | None = None,
+        train_labels: Tensor | None = None, eval_labels: Tensor | None = None) -> FitResult:
     """Train ``model`` (a FlowModel) by maximum likelihood: minimise the mean bits/dim of the
     dequantised, augmented training batches.
 
@@ -152,6 +158,9 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
         on_log: called with every metrics record (rank 0).
         allow_changes: settings a resume may change (``check_resume``; ``--override KEY``).
         run_info: entries for ``run.json`` (``preset``, ``dataset`` {name, path, limit, …}).
+        train_labels, eval_labels: the class labels of ``train_data`` / ``eval_data`` ((N,)
+            integers), needed by a class-conditional model (``num_classes`` > 0) and unused
+            otherwise; a dataset given by name brings its own.
 
     Returns:
         ``FitResult`` with the final step, the last checkpoint and the last metrics.
@@ -168,8 +177,8 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
         shape = model.input_shape  # type: ignore[attr-defined]
         split = data.heldout_split(dataset)
         if eval_data is None and split is not None:
-            eval_data = data.load_for_shape(dataset, split, shape)
-        train_data = data.load_for_shape(dataset, "train", shape)
+            eval_data, eval_labels = data.load_labelled(dataset, split, shape)
+        train_data, train_labels = data.load_labelled(dataset, "train", shape)
         info.setdefault("dataset", data_record(dataset, None, split, None))
     if config.flip is None:
         config = config.replace(flip=data.default_flip(dataset))
@@ -179,7 +188,15 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     if config.batch_size % ctx.world_size:
         raise TrainingError(f"batch_size {config.batch_size} is not divisible by the "
                             f"{ctx.world_size} processes")
+    k = getattr(model, "num_classes", 0)
+    train_labels = data.labels_for(k, train_labels, f"{dataset or 'the data'} (train)",
+                                   len(train_data))
+    if eval_data is not None:
+        eval_labels = data.labels_for(k, eval_labels, f"{dataset or 'the data'} (held-out)",
+                                      len(eval_data))
     train_data, val_data = carve_validation(train_data, config)
+    train_labels, val_labels = (None, None) if train_labels is None else \
+        carve_validation(train_labels, config)
     steps_per_epoch = len(train_data) // config.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_data)} training images are fewer than one batch of "
@@ -195,8 +212,9 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     try:
         folder.lock()
         barrier(ctx)
-        return _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, folder,
-                           resume, total_steps, steps_per_epoch, settings, allow_changes, info,
+        return _fit_locked(model, (train_data, train_labels), (val_data, val_labels),
+                           (eval_data, eval_labels), config, ctx, dev, out, folder, resume,
+                           total_steps, steps_per_epoch, settings, allow_changes, info,
                            show_progress, on_log)
     except TrainingInterrupted:
         raise
@@ -210,6 +228,9 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
 def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, folder, resume,
                 total_steps, steps_per_epoch, settings, allow_changes, info, show_progress,
                 on_log) -> FitResult:
+    # Each of train_data, val_data, eval_data is (images, labels or None).
+    (train_data, train_labels), (val_data, val_labels), (eval_data, eval_labels) = \
+        train_data, val_data, eval_data
     if out is not None and not resume:
         check_fresh(out)
     model.to(dev)
@@ -243,9 +264,9 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         # the weights. Each rank sees its rows of the global batch; ActNorm averages the
         # statistics over ranks, which makes them the global batch's.
         g = _step_generator(config.seed, 0, dev)
-        x = _local_rows(data.to_model_space(
-            _batch(train_data, 0, config, steps_per_epoch, dev), g), ctx)
-        initialize_from_data(model, lambda: model.log_density(x, generator=g))
+        x_u8, y = _batch(train_data, train_labels, 0, config, steps_per_epoch, dev)
+        x, y = _local_rows(data.to_model_space(x_u8, g), ctx), _local_rows(y, ctx)
+        initialize_from_data(model, lambda: model.log_density(x, y, generator=g))
         if config.ema_decay is not None:
             ema = _make_ema(model, config)
     if start_step >= total_steps:
@@ -279,16 +300,17 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         if on_log is not None:
             on_log(record)
 
-    def score(images: Tensor | None, of: nn.Module) -> float | None:
+    def score(images: Tensor | None, of: nn.Module, labels: Tensor | None) -> float | None:
         if images is None:
             return None
         g = torch.Generator(device=dev).manual_seed(config.eval_seed)
-        return evaluate_bpd(of, images, config.eval_batch_size, g, show_progress=False)
+        return evaluate_bpd(of, images, config.eval_batch_size, g, show_progress=False,
+                            labels=labels)
 
     def evaluate(step: int) -> float | None:
         value = None
         if ctx.is_main:
-            value = score(val_data, net)
+            value = score(val_data, net, val_labels)
             if value is not None:
                 log({"step": step, "split": "validation", "val_bpd": value,
                      "num_images": len(val_data)})
@@ -312,14 +334,14 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             progress("train", total=total_steps, show=show_progress, start=start_step,
                      every=config.log_every) as advance:
         while step < total_steps:
-            x_u8 = _batch(train_data, step, config, steps_per_epoch, dev)
+            x_u8, y = _batch(train_data, train_labels, step, config, steps_per_epoch, dev)
             g = _step_generator(config.seed, step + 1, dev)
             if config.augment:
                 x_u8 = data.augment(x_u8, g, max_shift=config.max_shift, flip=config.flip)
-            x = _local_rows(data.to_model_space(x_u8, g), ctx)
+            x, y = _local_rows(data.to_model_space(x_u8, g), ctx), _local_rows(y, ctx)
             scheduler.step_update(num_updates=step + 1)
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                log_p = trainer(x, g)
+                log_p = trainer(x, y, g)
             bpd = metrics.bits_per_dim(log_p.float(), num_dims).mean()
             optimizer.zero_grad(set_to_none=True)
             (scaler.scale(bpd) if scaler is not None else bpd).backward()
@@ -380,7 +402,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
                                        and step % config.eval_every == 0):
                 last_val = evaluate(step)
             if step == total_steps and ctx.is_main:
-                last_eval = score(eval_data, net)
+                last_eval = score(eval_data, net, eval_labels)
                 if last_eval is not None:
                     log({"step": step, "split": "test", "eval_bpd": last_eval,
                          "num_images": len(eval_data)})
@@ -404,7 +426,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
                                           checkpoint_path or out)  # type: ignore[arg-type]
     if ctx.is_main:
         folder.score_best_on_test(net, step, lambda twin: None if eval_data is None
-                                  else (score(eval_data, twin), len(eval_data)))
+                                  else (score(eval_data, twin, eval_labels), len(eval_data)))
         folder.finish(net, dev, _title(info, model), "finished")
     return FitResult(step, checkpoint_path, last_eval, last_train, history, last_val,
                      folder.best)

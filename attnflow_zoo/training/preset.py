@@ -13,7 +13,7 @@ import torch
 from .. import checkpoint, data, registry
 from .._io import check_writable
 from ..core import resolve_device
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..factory import create_model
 from .config import TrainConfig, check_device, check_resume
 from .datasets import data_record, run_settings
@@ -35,15 +35,17 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
                  out_dir: str | os.PathLike[str], resume: bool = False,
                  overrides: dict[str, Any] | None = None, limit: int | None = None,
                  eval_limit: int | None = None, device: str = "auto",
-                 show_progress: bool | None = None, allow_changes: Iterable[str] = ()
-                 ) -> FitResult:
+                 show_progress: bool | None = None, allow_changes: Iterable[str] = (),
+                 conditional: bool = False) -> FitResult:
     """Build preset ``model_name`` (config ``overrides``; initial weights seeded by
     ``config.seed``), load ``dataset`` at its image size (``limit`` / ``eval_limit``: seeded
     random subsets, ``data.LIMIT_RULE``) and ``fit`` it into ``out_dir``.
 
     Every check (device, preset, output folder, resume compatibility, data, image size) runs
     before anything is written to ``out_dir``. ``allow_changes``: the settings a resume may
-    change (``--override KEY``).
+    change (``--override KEY``). ``conditional``: make the model class-conditional on the
+    dataset's labels (``num_classes`` = the dataset's number of classes; a ``_cond_`` preset is
+    conditional already). A class-conditional model trains on the dataset's labels.
     """
     allow_changes = tuple(allow_changes)
     if allow_changes and not resume:
@@ -53,6 +55,13 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
     check_device(config, dev)
     out = Path(out_dir)
     check_writable(out, is_dir=True)
+    overrides = dict(overrides or {})
+    if conditional and not overrides.get("num_classes"):
+        overrides["num_classes"] = data.count_classes(dataset)
+        if not overrides["num_classes"]:
+            raise DataError(f"{dataset} has no class labels (no `label` column or class folders "
+                            "root/{split}/{class}/), so --conditional cannot train on it; drop "
+                            "--conditional or use a labelled dataset")
     model = build_seeded(model_name, config.seed, overrides)
     if config.flip is None:
         config = config.replace(flip=data.default_flip(dataset))
@@ -67,10 +76,12 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
     else:
         check_fresh(out)
     shape = model.input_shape
-    train = data.load_for_shape(dataset, "train", shape, limit=limit)
-    heldout = data.load_for_shape(dataset, split, shape, limit=eval_limit) if split else None
+    train, train_labels = data.load_labelled(dataset, "train", shape, limit=limit)
+    heldout, heldout_labels = data.load_labelled(dataset, split, shape, limit=eval_limit) \
+        if split else (None, None)
     return fit(model, train, config, eval_data=heldout, out_dir=out, resume=resume, device=dev,
-               show_progress=show_progress, allow_changes=allow_changes, run_info=info)
+               show_progress=show_progress, allow_changes=allow_changes, run_info=info,
+               train_labels=train_labels, eval_labels=heldout_labels)
 
 
 def _precheck_resume(out: Path, model: Any, config: TrainConfig, info: dict[str, Any],

