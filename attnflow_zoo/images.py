@@ -3,6 +3,8 @@ or zero padding) and a sentence saying what was done to them (``data`` calls it)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -91,3 +93,27 @@ def resize_note(sizes: set[tuple[int, int]], image_size: int | None) -> str:
     more = f" (and {len(sizes) - 3} more sizes)" if len(sizes) > 3 else ""
     return (f"images of {'; '.join(done)}{more} to fit the model; pass --image-size to train "
             "at another size")
+
+
+def read_image(path: str | Path, shape: tuple[int, int, int]) -> Tensor:
+    """One image file -> uint8 C×H×W at a model's (C, H, W) (square H = W): centre-cropped and
+    resized or zero-padded to H as the datasets are; grey to C = 3 by repeating the channel,
+    colour to C = 1 by PIL's luma ("L")."""
+    c, h, w = shape
+    if h != w or c not in (1, 3):
+        raise DataError(f"cannot fit an image file to {c}×{h}×{w}; models take square grey or "
+                        "RGB images")
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            a = _to_array(_fit(img.convert("L") if c == 1 and img.mode not in
+                               ("I;16", "I;16B", "I;16L", "I", "1", "L", "LA") else img, h))
+    except FileNotFoundError as err:
+        raise DataError(f"no image file {path}; check the path") from err
+    except (OSError, SyntaxError) as err:  # PIL's errors for unreadable files
+        raise DataError(f"cannot read {path} as an image ({err}); give a PNG or JPEG") from err
+    if a.shape[:2] != (h, w):
+        a = _pad(a, h)
+    x = torch.from_numpy(np.array(a.transpose(2, 0, 1) if a.ndim == 3 else a[None]))
+    return x.expand(c, h, w).clone() if x.shape[0] != c else x

@@ -50,6 +50,20 @@ class Prior(nn.Module):
                  else self.draw_noise(num_samples, height, width, generator))
         return self.sample_from_noise(num_samples, height, width, cond, temperature, noise)
 
+    def whiten(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """ε = (z − μ)/σ with the teacher-forced (μ, σ) of ``mean_and_log_std``, B×C×H×W.
+
+        For an autoregressive prior μ_c, σ_c depend on z_{<c} only, so ε is the noise that
+        ``unwhiten`` (and ``sample`` at T = 1) turns back into z.
+        """
+        mean, log_std = self.mean_and_log_std(z, cond)
+        return (z - mean) * torch.exp(-log_std)
+
+    def unwhiten(self, eps: Tensor, cond: Tensor | None = None
+                 ) -> Tensor:  # pragma: no cover - interface
+        """z = μ + σ·ε, the inverse of ``whiten``, B×C×H×W."""
+        raise NotImplementedError
+
 
 class MARPrior(Prior):
     """mAR-SCF channel-autoregressive prior p(z | z1) = Π_c N(z_c; μ_c, σ_c²).
@@ -179,6 +193,14 @@ class MARPrior(Prior):
                         temperature).add_(mean)
         return z
 
+    def unwhiten(self, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+        """z_c = μ_c(z_{<c}, cond) + σ_c·ε_c channel by channel (``sample_from_noise`` at T = 1
+        with the given noise ε, B×C×H×W); the inverse of ``whiten``."""
+        b, c, h, w = eps.shape
+        if c != self.num_channels:
+            raise ShapeError(f"prior expects {self.num_channels} channels, got {c}")
+        return self.sample_from_noise(b, h, w, cond, 1.0, eps.transpose(0, 1).unsqueeze(2))
+
 
 class GaussianPrior(Prior):
     """Diagonal Gaussian p(z | z1) = N(z; μ(z1), diag σ(z1)²) (Glow's split prior).
@@ -230,3 +252,10 @@ class GaussianPrior(Prior):
         if noise is None:
             return mean.clone()
         return mean + temperature * torch.exp(log_std) * noise
+
+    def unwhiten(self, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+        """z = μ(cond) + σ(cond)·ε, B×C×H×W; the inverse of ``whiten``."""
+        if eps.shape[1] != self.num_channels:
+            raise ShapeError(f"prior expects {self.num_channels} channels, got {eps.shape[1]}")
+        mean, log_std = self._params(eps.shape[0], eps.shape[2], eps.shape[3], cond)
+        return mean + torch.exp(log_std) * eps

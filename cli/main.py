@@ -14,7 +14,20 @@ from typing import Annotated
 
 import typer
 
-from . import card, evaluate, models, push, quickstart, reproduce, sample, train, validate
+from . import (
+    card,
+    evaluate,
+    inspection,
+    interpolate,
+    models,
+    push,
+    quickstart,
+    reconstruct,
+    reproduce,
+    sample,
+    train,
+    validate,
+)
 
 app = typer.Typer(
     name="attnflow",
@@ -55,6 +68,9 @@ app.command("push")(push.push)
 app.command("validate")(validate.validate)
 app.command("card")(card.card)
 app.command("reproduce")(reproduce.reproduce)
+app.command("reconstruct")(reconstruct.reconstruct)
+app.command("interpolate")(interpolate.interpolate)
+app.command("inspect")(inspection.inspect)
 
 
 def _fail(message: str, code: int) -> None:

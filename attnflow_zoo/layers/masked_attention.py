@@ -159,6 +159,13 @@ class IMap(InvertibleModule):
             return torch.sigmoid(pre)
         return torch.exp(F.logsigmoid(pre) - self.log_gate_offset)
 
+    def gate_map(self, x: Tensor) -> Tensor:
+        """The gate on the unmasked entries at every position, σ(a_p + b) (σ(a_p + b)/σ(c) for
+        the normalized gate), B×1×H×W, for the input x: what the layer multiplies x_U by
+        (for pictures of the attention; ``forward`` computes the same values)."""
+        _check_shape(x, self.shape, "IMap")
+        return self._gate_value(self.gate(x * self.mask) + self.gate_bias)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         _check_shape(x, self.shape, "IMap")
         # The gate stays float32 under autocast: the inverse recomputes it from M ⊙ z / σ(s),
@@ -363,21 +370,27 @@ class ITrans(InvertibleModule):
             return 1 / (2 + F.softplus(self.alpha_raw))
         return 0.5 * torch.sigmoid(self.mix_logit)
 
-    def attention(self, x: Tensor) -> Tensor:
-        """A (paper: softmax(Q Kᵀ/τ) + αI; convex: (1 − β)I + β·softmax(Q Kᵀ/τ)), B×N_t×N_t,
-        from the masked entries of x only."""
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """S = softmax(Q Kᵀ/τ), B×N_t×N_t (rows = query tokens, each row sums to 1; tokens in
+        row-major order of the (H/P)×(W/P) patch grid), from the masked entries of x only."""
         _check_shape(x, self.shape, "ITrans")
         x_masked = x * self.mask
         q = patchify(self.query(x_masked), self.patch_size)
         k = patchify(self.key(x_masked), self.patch_size)
-        # Q, K and their logits may run in bf16 (autocast); softmax and A are float32.
+        # Q, K and their logits may run in bf16 (autocast); the softmax is float32.
         logits = upcast(q @ k.transpose(1, 2))
         with full_precision(logits):
-            logits = logits * torch.exp(-self.log_temperature)
+            return torch.softmax(logits * torch.exp(-self.log_temperature), dim=-1)
+
+    def attention(self, x: Tensor) -> Tensor:
+        """A (paper: S + αI; convex: (1 − β)I + β·S, S = ``attention_weights(x)``),
+        B×N_t×N_t, from the masked entries of x only; float32 under autocast."""
+        weights = self.attention_weights(x)
+        with full_precision(weights):
             if self.form == "paper":
-                return torch.softmax(logits, dim=-1) + self.alpha * self.eye
+                return weights + self.alpha * self.eye
             mix = self.mix
-            return mix * torch.softmax(logits, dim=-1) + (1 - mix) * self.eye
+            return mix * weights + (1 - mix) * self.eye
 
     def _unmasked_index(self, batch: int) -> Tensor:
         return self.unmasked_index.expand(batch, -1, -1)

@@ -109,22 +109,7 @@ class ResidualAttention(ResidualLayer):
                              f"got {tuple(x.shape)}")
         weights = self._weights()
         certified = self.lipschitz == "certified"
-        tokens = x.flatten(2)  # B×C×N
-        if certified:
-            tokens = torch.tanh(tokens) / math.sqrt(self.channels)
-        if self.kind == "gaussian":
-            logits = tokens.transpose(1, 2) @ tokens  # l[i, j] = s_i · s_j
-        else:
-            q = self.query(tokens, weights["query"])
-            k = self.key(tokens, weights["key"])
-            if self.kind == "concat":
-                inner = q.shape[1]
-                w = weights["concat"].reshape(-1)
-                a = torch.einsum("c,bcn->bn", w[:inner], q)
-                b = torch.einsum("c,bcn->bn", w[inner:], k)
-                logits = a.unsqueeze(2) + b.unsqueeze(1)
-            else:
-                logits = q.transpose(1, 2) @ k
+        tokens, logits = self._logits(x, weights)
         values = self.value(tokens if certified else x.flatten(2), weights["value"])
         if self.kind in ("gaussian", "embedded"):
             attn = torch.softmax(logits, dim=1)  # = E / Σ_i E for E = exp(l)
@@ -142,6 +127,38 @@ class ResidualAttention(ResidualLayer):
             bound = self.lipschitz_bound(weights)
             out = out * torch.clamp(self.certified_coeff / bound.clamp_min(1e-12), max=1.0)
         return out.reshape(x.shape)
+
+    def _logits(self, x: Tensor, weights: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(tokens B×C×N — tanh(x)/√C when certified —, logits l B×N×N)."""
+        tokens = x.flatten(2)  # B×C×N
+        if self.lipschitz == "certified":
+            tokens = torch.tanh(tokens) / math.sqrt(self.channels)
+        if self.kind == "gaussian":
+            return tokens, tokens.transpose(1, 2) @ tokens  # l[i, j] = s_i · s_j
+        q = self.query(tokens, weights["query"])
+        k = self.key(tokens, weights["key"])
+        if self.kind == "concat":
+            inner = q.shape[1]
+            w = weights["concat"].reshape(-1)
+            a = torch.einsum("c,bcn->bn", w[:inner], q)
+            b = torch.einsum("c,bcn->bn", w[inner:], k)
+            return tokens, a.unsqueeze(2) + b.unsqueeze(1)
+        return tokens, q.transpose(1, 2) @ k
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """P[i, j] = E[i, j] / Σ_i' E[i', j], B×N×N over the N = H·W positions (row-major):
+        column j is the distribution over source positions i that output position j averages
+        the values over (o[:, j] = c · Σ_i v_i P[i, j], c = 2/3), for the input x. For the
+        faithful dot / concat energies ELU(l) can be negative, so a column sums to 1 but may
+        hold negative weights."""
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ShapeError(f"ResidualAttention({self.channels}) expects B×{self.channels}×H×W, "
+                             f"got {tuple(x.shape)}")
+        _, logits = self._logits(x, self._weights())
+        if self.kind in ("gaussian", "embedded"):
+            return torch.softmax(logits, dim=1)
+        energy = F.elu(logits) + 1.0 if self.lipschitz == "certified" else F.elu(logits)
+        return energy / energy.sum(dim=1, keepdim=True)
 
     # --- certification -----------------------------------------------------------------------
     def lipschitz_bound(self, weights: dict[str, Tensor] | None = None) -> Tensor:

@@ -294,6 +294,55 @@ class AttnFlow(FlowModel):
         """``encode_latents``' per-level latents -> x (B×C×H×W)."""
         return self.decode(latents, y)
 
+    def latent_priors(self, latents: list[Tensor], y: Tensor | int | None = None
+                      ) -> list[tuple[Tensor, Tensor]]:
+        """Per level, the prior's teacher-forced (μ_l, log σ_l) of ``encode_latents``' latents,
+        each B×``latent_shapes[l]``: level l's prior sees the kept half rebuilt from the coarser
+        levels' latents (and e_y), the mAR prior also z_l's earlier channels."""
+        self._check_latents(latents)
+        params: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def teacher_forced(lvl: int, cond: Tensor | None) -> Tensor:
+            params[lvl] = self.priors[lvl].mean_and_log_std(latents[lvl], cond)
+            return latents[lvl]
+
+        self._descend(teacher_forced, latents[-1].shape[0], y)
+        return [params[lvl] for lvl in range(len(self.levels))]
+
+    def unwhiten_latents(self, eps: list[Tensor], y: Tensor | int | None = None
+                         ) -> list[Tensor]:
+        """Whitened latents ε_l (``attnflow_zoo.latents.whiten``) -> the latents z_l, deepest
+        level first: z_l = μ_l + σ_l·ε_l, with μ_l, σ_l from the kept half that the deeper
+        levels decode to (and, for the mAR prior, channel by channel: ``MARPrior.unwhiten``)."""
+        self._check_latents(eps)
+        latents: dict[int, Tensor] = {}
+
+        def from_noise(lvl: int, cond: Tensor | None) -> Tensor:
+            latents[lvl] = self.priors[lvl].unwhiten(eps[lvl], cond)
+            return latents[lvl]
+
+        self._descend(from_noise, eps[-1].shape[0], y)
+        return [latents[lvl] for lvl in range(len(self.levels))]
+
+    def _check_latents(self, latents: list[Tensor]) -> None:
+        if len(latents) != len(self.levels) or any(
+                tuple(z.shape[1:]) != s for z, s in zip(latents, self.latent_shapes, strict=False)):
+            raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
+                             f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
+
+    def _descend(self, latent_at: Callable[[int, Tensor | None], Tensor], batch: int,
+                 y: Tensor | int | None) -> Tensor:
+        """x = f⁻¹ run deepest level first, level l's latent being ``latent_at(l, cond_l)``
+        (cond_l: what level l's prior is conditioned on, as in ``encode``)."""
+        context = self.class_context(y, batch)
+        flow_context = self._flow_context(context)
+        h: Tensor | None = None
+        for lvl in reversed(range(len(self.levels))):
+            _, height, width = self.latent_shapes[lvl]
+            z = latent_at(lvl, prior_condition(h, context, height, width))
+            h = self.levels[lvl].inverse(z if h is None else merge_channels(h, z), flow_context)
+        return h
+
     def unflatten(self, z: Tensor) -> list[Tensor]:
         """Split a B×D latent into the per-level latents, B×C_l×H_l×W_l each."""
         sizes = [math.prod(s) for s in self.latent_shapes]

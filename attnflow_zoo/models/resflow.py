@@ -193,6 +193,49 @@ class ResFlow(FlowModel):
                 h = self.squeeze.inverse(h)
         return self.squeeze.inverse(h)
 
+    # --- per-level latents (``attnflow_zoo.latents``) -----------------------------------------
+    def encode_latents(self, x: Tensor, y: Tensor | int | None = None) -> list[Tensor]:
+        """x -> every latent, one tensor per scale in scale order (the factored-out halves,
+        then the last activation), of shapes B×``latent_shapes[s]``; their flattened
+        concatenation is ``forward``'s z. Unconditional (``y`` must be None)."""
+        self.check_labels(y, x.shape[0])
+        return self._unflatten(self.latent(x))
+
+    def decode_latents(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
+        """``encode_latents``' latents -> x by the fixed-point inverses (so the round trip is
+        exact to ``inverse_tol``, not to float rounding)."""
+        self._unflatten_check(latents)
+        self.check_labels(y, latents[0].shape[0])
+        return self.inverse(torch.cat([z.flatten(1) for z in latents], 1))
+
+    def latent_priors(self, latents: list[Tensor], y: Tensor | int | None = None
+                      ) -> list[tuple[Tensor, Tensor]]:
+        """Per scale, the prior's (μ_s, log σ_s), B×``latent_shapes[s]`` each (the learned
+        diagonal Gaussian: the same for every image and independent of the other scales)."""
+        self._unflatten_check(latents)
+        b = latents[0].shape[0]
+        means = self._unflatten(self.prior_mean.expand(b, -1))
+        log_stds = self._unflatten(self.prior_log_std.expand(b, -1))
+        return list(zip(means, log_stds, strict=True))
+
+    def unwhiten_latents(self, eps: list[Tensor], y: Tensor | int | None = None
+                         ) -> list[Tensor]:
+        """Whitened latents ε_s -> z_s = μ_s + σ_s·ε_s."""
+        return [m + torch.exp(ls) * e for (m, ls), e in
+                zip(self.latent_priors(eps, y), eps, strict=True)]
+
+    def _unflatten(self, z: Tensor) -> list[Tensor]:
+        sizes = [math.prod(s) for s in self.latent_shapes]
+        return [p.reshape(-1, *s) for p, s in
+                zip(torch.split(z, sizes, 1), self.latent_shapes, strict=True)]
+
+    def _unflatten_check(self, latents: list[Tensor]) -> None:
+        if len(latents) != len(self.latent_shapes) or any(
+                tuple(z.shape[1:]) != s for z, s in zip(latents, self.latent_shapes, strict=False)):
+            raise ShapeError(f"expected {len(self.latent_shapes)} latents of shapes B×C×H×W with "
+                             f"(C, H, W) = {self.latent_shapes}, got "
+                             f"{[tuple(z.shape) for z in latents]}")
+
     def log_density(self, x: Tensor, y: Tensor | int | None = None,
                     generator: torch.Generator | None = None) -> Tensor:
         """log p(x) = log N(z; μ, σ²) + log det(∂z/∂x), (B,) nats. ``generator`` draws the
