@@ -250,7 +250,10 @@ def test_training_lowers_heldout_bits_per_dim(attention: str, one_thread: None,
 
     model.initialize_from_data(train[:256], g)  # ActNorm's data-dependent init
     before = heldout()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    # lr 3e-3 sat at the edge of stability here: a float32 rounding change in the conv-LSTM's
+    # backward (same gradients to 1e-4, same losses for 40 steps) moved MaR-Flow's final
+    # held-out bpd from 5.41 to 6.71. 2e-3 learns as much and does not hinge on rounding.
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
     for _ in range(80):
         idx = torch.randint(0, len(train), (32,), generator=g)
