@@ -59,34 +59,40 @@ def test_logdet_matches_brute_force(name: str, channels: int) -> None:
 
 @pytest.mark.parametrize("name,overrides", [
     ("marflow_tiny", {}), ("marflow_tiny", {"prior": "gaussian"}),
-    ("attnflow_imap_tiny", {}), ("attnflow_imap_channel_tiny", {})])
+    ("attnflow_imap_tiny", {}), ("attnflow_imap_channel_tiny", {}),
+    ("attnflow_imap_tiny", {"imap_gate": "sigmoid", "imap_init_logit": 4.0}),
+    ("attnflow_imap_channel_tiny", {"imap_gate": "sigmoid", "imap_init_logit": 2.0})])
 def test_bits_per_dim_at_init_is_analytic(name: str, overrides: dict,
                                           gen: torch.Generator) -> None:
     """At construction (eval mode, ActNorm not yet data-initialised) the model is linear:
     ActNorm = id, InvConv1x1 = a rotation (|det| = 1), coupling z_b = σ(2)·x_b (zero-init
-    shift net), iMap y = σ(4)·x (zero mixing weights, s = b = 4: SPEC §1.3), prior = N(0, I)
-    (zero-init heads; the mAR prior's with prior_output_init="zero"). With n_l = C_l·H_l·W_l
-    at level l (after the squeeze), hence
+    shift net), iMap y = g·x (zero mixing weights, s = b = c: SPEC §1.3; g = σ(c) with the
+    published gate, g = 1 with the normalized one), prior = N(0, I) (zero-init heads; the mAR
+    prior's with prior_output_init="zero"). With n_l = C_l·H_l·W_l at level l (after the
+    squeeze), hence
 
-        log p(x) = −D/2·ln 2π − ½‖z‖² + Σ_l K·[(C_l//2)·H_l·W_l·ln σ(2) + a_l·n_l·ln σ(4)],
+        log p(x) = −D/2·ln 2π − ½‖z‖² + Σ_l K·[(C_l//2)·H_l·W_l·ln σ(2) + a_l·n_l·ln g],
 
     (a_l = 1 if level l has attention) and, since each step rotates, shrinks half the channels by
-    σ(2) and (with iMap) all of them by σ(4): σ(2)^{KL}·r ≤ ‖z‖/‖x‖ ≤ r, r = σ(4)^{K·Σa_l}.
+    σ(2) and (with iMap) all of them by g: σ(2)^{KL}·r ≤ ‖z‖/‖x‖ ≤ r, r = g^{K·Σa_l}.
     At x = 0 it is exact; on images bpd lies between the two bounds."""
     model = _create(name, prior_output_init="zero", **overrides).double().eval()
     cfg = model.config
     for module in model.modules():  # the iMap init this derivation assumes
         if type(module).__name__ == "IMap":
             assert torch.all(module.weight == 0)
-            assert torch.all(module.log_scale == 4.0) and float(module.gate_bias.detach()) == 4.0
+            assert torch.all(module.log_scale == cfg.imap_init_logit)
+            assert float(module.gate_bias.detach()) == cfg.imap_init_logit
     d = math.prod(model.input_shape)
-    log_s2, log_s4 = (math.log(1 / (1 + math.exp(-v))) for v in (2.0, 4.0))
+    log_s2, log_g = (math.log(1 / (1 + math.exp(-v))) for v in (2.0, cfg.imap_init_logit))
+    if cfg.imap_gate == "normalized":  # σ(·)/σ(c): exactly the identity at init
+        log_g = 0.0
     c, side, logdet, num_attn = cfg.in_channels, cfg.image_size, 0.0, 0
     for lvl in range(cfg.num_levels):
         c, side = 4 * c, side // 2
         logdet += cfg.num_steps * (c // 2) * side * side * log_s2
         if cfg.uses_attention(lvl):
-            logdet += cfg.num_steps * c * side * side * log_s4
+            logdet += cfg.num_steps * c * side * side * log_g
             num_attn += cfg.num_steps
         if lvl < cfg.num_levels - 1:
             c = c - c // 2
@@ -102,7 +108,7 @@ def test_bits_per_dim_at_init_is_analytic(name: str, overrides: dict,
     x = az.data.dequantize(x_u8, torch.Generator().manual_seed(1), torch.float64) - 0.5
     got = metrics.bits_per_dim(model.log_density(x), d)
     sq = x.flatten(1).pow(2).sum(1)
-    upper = math.exp(2 * num_attn * log_s4)
+    upper = math.exp(2 * num_attn * log_g)
     lower = upper * math.exp(2 * cfg.num_steps * cfg.num_levels * log_s2)
     assert (got <= bpd(upper * sq) + 1e-9).all() and (got >= bpd(lower * sq) - 1e-9).all()
     # The same numbers through the public uint8 path.
