@@ -28,8 +28,8 @@ class TrainStep(_LoopStep):
                  precision: str = "fp32", log_density: Callable[[Tensor], Tensor] | None = None,
                  grad_clip: float | None = None) -> None:
         fn = log_density or model.log_density
-        super().__init__(lambda x, _y, generator=None: fn(x), list(model.parameters()), optimizer, precision,
-                         math.prod(model.input_shape), grad_clip)
+        super().__init__(lambda x, _y, generator=None: fn(x), list(model.parameters()),
+                         optimizer, precision, math.prod(model.input_shape), grad_clip)
         self.model = model
 
 def make_sampler(model: nn.Module, precision: str = "fp32",
