@@ -94,7 +94,9 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def config_from_dict(config_cls: type, data: dict[str, Any], where: str | Path) -> Any:
-    """Build ``config_cls`` from JSON; unknown keys are an error (never silently dropped)."""
+    """Build ``config_cls`` from JSON; unknown keys are an error (never silently dropped), a
+    missing key takes ``config_cls.LEGACY_DEFAULTS[key]`` if there is one, else its default
+    (with a warning either way)."""
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -107,9 +109,15 @@ def config_from_dict(config_cls: type, data: dict[str, Any], where: str | Path) 
     if no_default:
         raise CheckpointError(f"{where} lacks required config key(s) {', '.join(no_default)} "
                               f"of {config_cls.__name__}")
+    legacy = {k: v for k, v in getattr(config_cls, "LEGACY_DEFAULTS", {}).items()
+              if k in missing}
     if missing:
-        warnings.warn(f"{where} lacks config key(s) {', '.join(missing)}; using the defaults",
-                      stacklevel=3)
+        # A key added later: its value for older checkpoints is the config class's
+        # LEGACY_DEFAULTS entry (what the absence meant when they were written), else the default.
+        warnings.warn(f"{where} lacks config key(s) {', '.join(missing)}; using "
+                      + ", ".join(f"{k}={legacy[k]!r}" if k in legacy else f"{k}=default"
+                                  for k in missing), stacklevel=3)
+        data = {**legacy, **data}
     try:
         hints = typing.get_type_hints(config_cls)
     except Exception:  # noqa: BLE001 - unresolvable annotations: values are used as they are

@@ -170,3 +170,28 @@ def test_training_folder_stands_for_its_latest_checkpoint(tmp_path) -> None:
     (tmp_path / "run" / "latest").write_text("step-0000099\n")
     with pytest.raises(CheckpointError, match="does not exist"):
         az.load_model(tmp_path / "run")
+
+
+def test_older_config_without_the_gate_keys_loads_the_gate_it_was_trained_with(tmp_path):
+    """A config.json from before ``imap_gate`` / ``imap_init_logit`` existed meant the published
+    σ gate at c = 4; it loads as that (AttnFlowConfig.LEGACY_DEFAULTS), not as today's default
+    normalized gate, so the loaded model computes what was saved."""
+    import json
+    import warnings
+
+    import attnflow_zoo as az
+
+    torch.manual_seed(0)
+    old = az.create_model("attnflow_imap_tiny", imap_gate="sigmoid", imap_init_logit=4.0).eval()
+    old.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    payload = json.loads(cfg_path.read_text())
+    del payload["config"]["imap_gate"], payload["config"]["imap_init_logit"]
+    cfg_path.write_text(json.dumps(payload))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = az.load_model(tmp_path).eval()
+    assert any("imap_gate='sigmoid'" in str(w.message) for w in caught)
+    assert loaded.config.imap_gate == "sigmoid" and loaded.config.imap_init_logit == 4.0
+    x = torch.rand(2, *old.input_shape, generator=torch.Generator().manual_seed(1)) - 0.5
+    torch.testing.assert_close(loaded(x)[0], old(x)[0], rtol=0, atol=0)

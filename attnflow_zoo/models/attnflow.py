@@ -12,6 +12,7 @@ mAR prior. See SPEC §1 and §3.
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -107,6 +108,9 @@ class AttnFlowConfig:
     imap_mixing: str = "spatial"
     imap_init_logit: float = 0.0
     imap_gate: str = "normalized"
+    #: What a config.json written before a key existed meant by its absence (the checkpoint's
+    #: function, not today's default): the published σ gate at c = 4 before the normalized one.
+    LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {"imap_gate": "sigmoid", "imap_init_logit": 4.0}
     itrans_patch_size: int = 2
     itrans_form: str = "convex"
     itrans_init_mix: float = 0.05
