@@ -31,7 +31,8 @@ from . import (
 
 app = typer.Typer(
     name="attnflow",
-    help="Normalizing flows with invertible attention: train, evaluate, sample, validate, push.",
+    help="Normalizing flows with invertible attention: quickstart, train, evaluate, sample, "
+         "inspect their latents and attention, validate, push.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -56,7 +57,7 @@ def _root(
                                           help="Print the attnflow_zoo version and exit.")
                        ] = False,
 ) -> None:
-    """Normalizing flows with invertible attention: train, evaluate, sample, validate, push."""
+    """Normalizing flows with invertible attention: quickstart, train, evaluate, sample, push."""
 
 
 app.command("quickstart")(quickstart.quickstart)
