@@ -16,6 +16,7 @@ from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config, read_run_record,
 from .errors import CheckpointError
 from .factory import list_models, load_model
 from .modelcard import render_card
+from .online import offline_mode
 
 PLACEHOLDER_REPO = "<user>/<repo>"
 CARD_NAME = "README.md"
@@ -99,14 +100,6 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def hub_offline() -> bool:
-    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE``)."""
-    from huggingface_hub import constants
-
-    check = getattr(constants, "is_offline_mode", None)
-    return bool(check()) if callable(check) else bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -150,7 +143,7 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
     if dry_run:
         return str(atomic_write_text(Path(card_out) if card_out is not None
                                      else directory / CARD_NAME, text))
-    if hub_offline():
+    if offline_mode():
         raise CheckpointError(f"cannot push to {repo_id!r}: the Hub is offline (HF_HUB_OFFLINE "
                               "is set); unset it, or use --dry-run to write the card locally")
     from huggingface_hub import CommitOperationAdd, HfApi, constants
