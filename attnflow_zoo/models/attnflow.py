@@ -314,7 +314,7 @@ class AttnFlow(FlowModel):
             params[lvl] = self.priors[lvl].mean_and_log_std(latents[lvl], cond)
             return latents[lvl]
 
-        self._descend(teacher_forced, latents[-1].shape[0], y)
+        self._descend(teacher_forced, self.class_context(y, latents[-1].shape[0]))
         return [params[lvl] for lvl in range(len(self.levels))]
 
     def unwhiten_latents(self, eps: list[Tensor], y: Tensor | int | None = None
@@ -329,7 +329,7 @@ class AttnFlow(FlowModel):
             latents[lvl] = self.priors[lvl].unwhiten(eps[lvl], cond)
             return latents[lvl]
 
-        self._descend(from_noise, eps[-1].shape[0], y)
+        self._descend(from_noise, self.class_context(y, eps[-1].shape[0]))
         return [latents[lvl] for lvl in range(len(self.levels))]
 
     def _check_latents(self, latents: list[Tensor]) -> None:
@@ -338,11 +338,12 @@ class AttnFlow(FlowModel):
             raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
                              f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
 
-    def _descend(self, latent_at: Callable[[int, Tensor | None], Tensor], batch: int,
-                 y: Tensor | int | None) -> Tensor:
+    def _descend(self, latent_at: Callable[[int, Tensor | None], Tensor],
+                 context: Tensor | None) -> Tensor:
         """x = f⁻¹ run deepest level first, level l's latent being ``latent_at(l, cond_l)``
-        (cond_l: what level l's prior is conditioned on, as in ``encode``)."""
-        context = self.class_context(y, batch)
+        (cond_l: what level l's prior is conditioned on, as in ``encode``; ``context``: the
+        class embedding of a class-conditional model). The one descent of decoding, sampling,
+        teacher-forced prior parameters and unwhitening."""
         flow_context = self._flow_context(context)
         h: Tensor | None = None
         for lvl in reversed(range(len(self.levels))):
@@ -361,17 +362,9 @@ class AttnFlow(FlowModel):
 
     def decode(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
         """Per-level latents [z2_1, …, z2_{L−1}, z_L] -> x."""
-        if len(latents) != len(self.levels) or any(
-                tuple(z.shape[1:]) != s for z, s in zip(latents, self.latent_shapes, strict=False)):
-            raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
-                             f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
-        context = self._flow_context(self.class_context(y, latents[-1].shape[0]))
-        h = latents[-1]
-        for lvl in reversed(range(len(self.levels))):
-            if lvl < len(self.levels) - 1:
-                h = merge_channels(h, latents[lvl])
-            h = self.levels[lvl].inverse(h, context)
-        return h
+        self._check_latents(latents)
+        return self._descend(lambda lvl, _cond: latents[lvl],
+                             self.class_context(y, latents[-1].shape[0]))
 
     def inverse(self, z: Tensor, y: Tensor | int | None = None) -> Tensor:
         """z (B×D, the layout of ``forward``) -> x (B×C×H×W)."""
@@ -423,18 +416,9 @@ class AttnFlow(FlowModel):
                             noise: list[Tensor | None], context: Tensor | None = None) -> Tensor:
         """The images of ``draw_noise``'s noise: deterministic, static shapes, no host sync;
         ``context``: the class embedding (``class_context``) of a class-conditional model."""
-        flow_context = self._flow_context(context)
-        last = len(self.levels) - 1
-        _, height, width = self.latent_shapes[last]
-        h = self.priors[last].sample_from_noise(
-            num_samples, height, width, prior_condition(None, context, height, width),
-            temperature, noise[last])
-        for lvl in reversed(range(len(self.levels))):
-            if lvl < last:
-                _, height, width = self.latent_shapes[lvl]
-                z2 = self.priors[lvl].sample_from_noise(
-                    num_samples, height, width, prior_condition(h, context, height, width),
-                    temperature, noise[lvl])
-                h = merge_channels(h, z2)
-            h = self.levels[lvl].inverse(h, flow_context)
-        return h
+        def sampled(lvl: int, cond: Tensor | None) -> Tensor:
+            _, height, width = self.latent_shapes[lvl]
+            return self.priors[lvl].sample_from_noise(num_samples, height, width, cond,
+                                                      temperature, noise[lvl])
+
+        return self._descend(sampled, context)
