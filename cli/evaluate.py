@@ -8,12 +8,13 @@ from typing import Annotated
 
 import typer
 
+from .source import CheckpointOption, RepoOption, checkpoint_source
+
 
 def evaluate(
     dataset: Annotated[str, typer.Option(help="cifar10, svhn, mnist, celeba or a local folder.")],
-    checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint folder or a `train --out` "
-                                                    "folder (its latest checkpoint).")] = None,
-    repo: Annotated[str | None, typer.Option(help="A Hub repo id, e.g. user/attnflow-x.")] = None,
+    checkpoint: CheckpointOption = None,
+    repo: RepoOption = None,
     split: Annotated[str, typer.Option(help="The split to score.")] = "test",
     batch_size: Annotated[int, typer.Option(help="Batch size (part of the noise stream: "
                                             "use train's --eval-batch-size to reproduce its log)."
@@ -39,8 +40,7 @@ def evaluate(
     from attnflow_zoo.evaluation import evaluate_checkpoint
     from attnflow_zoo.sampling import check_request
 
-    if (checkpoint is None) == (repo is None):
-        raise ConfigError("give exactly one of --checkpoint DIR or --repo ID")
+    source = checkpoint_source(checkpoint, repo)
     for name, value in (("--batch-size", batch_size), ("--limit", limit)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value}")
@@ -50,7 +50,6 @@ def evaluate(
         check_request(num_samples, temperature, batch_size)
         resolve_inception_weights(inception_weights)  # missing FID weights are said before any work
     resolve_device(device)  # a device the machine lacks is refused before any work
-    source = checkpoint if checkpoint is not None else repo
     result = evaluate_checkpoint(source, dataset, split, batch_size=batch_size, seed=seed,
                                  limit=limit, device=device, fid=fid, num_samples=num_samples,
                                  temperature=temperature, inception_weights=inception_weights)

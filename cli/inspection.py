@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-SOURCE = "Checkpoint"
+from .source import CheckpointOption, RepoOption, checkpoint_source
 
 
 def _position(text: str | None) -> tuple[int, int] | None:
@@ -26,11 +26,8 @@ def _position(text: str | None) -> tuple[int, int] | None:
 def inspect(
     image: Annotated[Path, typer.Option(help="The image file (PNG, JPEG); fitted to the "
                                         "model's size.")],
-    checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint folder or a `train "
-                                                    "--out` folder (its latest checkpoint).",
-                                                    rich_help_panel=SOURCE)] = None,
-    repo: Annotated[str | None, typer.Option(help="A Hub repo id, e.g. user/attnflow-x.",
-                                             rich_help_panel=SOURCE)] = None,
+    checkpoint: CheckpointOption = None,
+    repo: RepoOption = None,
     position: Annotated[str | None, typer.Option(help="ROW,COL: the pixel whose attention row "
                                                  "(iTrans) or map (residual attention) is "
                                                  "drawn over the image (default: the centre).")
@@ -53,14 +50,12 @@ def inspect(
     """
     from rich.console import Console
 
-    from attnflow_zoo.errors import ConfigError
     from attnflow_zoo.factory import load_model
     from attnflow_zoo.inspection import inspect_file
 
-    if (checkpoint is None) == (repo is None):
-        raise ConfigError("give exactly one of --checkpoint DIR or --repo ID")
+    source = checkpoint_source(checkpoint, repo)
     pos = _position(position)
-    model = load_model(checkpoint if checkpoint is not None else repo)
+    model = load_model(source)
     result = inspect_file(model, image, out, position=pos, seed=seed, device=device)
     levels = ", ".join(f"{v:+.3f}" for v in result["levels"])
     Console().print(f"{result['bits_per_dim']:.4f} bits/dim = levels ({levels}) + flow "

@@ -7,17 +7,14 @@ from typing import Annotated
 
 import typer
 
-SOURCE = "Checkpoint"
+from .source import CheckpointOption, RepoOption, checkpoint_source
 
 
 def interpolate(
     a: Annotated[Path, typer.Option("--a", help="The first image file (the strip's left end).")],
     b: Annotated[Path, typer.Option("--b", help="The second image file (the right end).")],
-    checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint folder or a `train "
-                                                    "--out` folder (its latest checkpoint).",
-                                                    rich_help_panel=SOURCE)] = None,
-    repo: Annotated[str | None, typer.Option(help="A Hub repo id, e.g. user/attnflow-x.",
-                                             rich_help_panel=SOURCE)] = None,
+    checkpoint: CheckpointOption = None,
+    repo: RepoOption = None,
     steps: Annotated[int, typer.Option(help="Images on the path, the two ends included (≥ 2).")
                      ] = 8,
     output: Annotated[Path, typer.Option("-o", "--output", help="The PNG strip to write.")
@@ -33,14 +30,12 @@ def interpolate(
     """
     from rich.console import Console
 
-    from attnflow_zoo.errors import ConfigError
     from attnflow_zoo.factory import load_model
     from attnflow_zoo.latents import check_steps, interpolate_files
 
-    if (checkpoint is None) == (repo is None):
-        raise ConfigError("give exactly one of --checkpoint DIR or --repo ID")
+    source = checkpoint_source(checkpoint, repo)
     check_steps(steps)
-    model = load_model(checkpoint if checkpoint is not None else repo)
+    model = load_model(source)
     result = interpolate_files(model, a, b, steps, output, device=device)
     console = Console()
     console.print(f"wrote {result['steps']} images from {a} to {b} to {result['path']}")

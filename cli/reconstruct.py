@@ -7,17 +7,14 @@ from typing import Annotated
 
 import typer
 
-SOURCE = "Checkpoint"
+from .source import CheckpointOption, RepoOption, checkpoint_source
 
 
 def reconstruct(
     image: Annotated[list[Path], typer.Option("--image", help="An image file (PNG, JPEG); "
                                               "repeat for more. Fitted to the model's size.")],
-    checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint folder or a `train "
-                                                    "--out` folder (its latest checkpoint).",
-                                                    rich_help_panel=SOURCE)] = None,
-    repo: Annotated[str | None, typer.Option(help="A Hub repo id, e.g. user/attnflow-x.",
-                                             rich_help_panel=SOURCE)] = None,
+    checkpoint: CheckpointOption = None,
+    repo: RepoOption = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG: inputs in the first row, "
                                          "reconstructions in the second.")
                       ] = Path("reconstruction.png"),
@@ -31,13 +28,11 @@ def reconstruct(
     """
     from rich.console import Console
 
-    from attnflow_zoo.errors import ConfigError
     from attnflow_zoo.factory import load_model
     from attnflow_zoo.latents import reconstruct_files
 
-    if (checkpoint is None) == (repo is None):
-        raise ConfigError("give exactly one of --checkpoint DIR or --repo ID")
-    model = load_model(checkpoint if checkpoint is not None else repo)
+    source = checkpoint_source(checkpoint, repo)
+    model = load_model(source)
     result = reconstruct_files(model, image, output, device=device)
     Console().print(f"{result['num_images']} images: max error {result['max_error']:.3e}, "
                     f"{result['num_changed']} of the 8-bit values changed; wrote "

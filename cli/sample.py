@@ -7,16 +7,14 @@ from typing import Annotated
 
 import typer
 
-SOURCE = "Checkpoint"
+from .source import CheckpointOption, RepoOption, checkpoint_source
+
 OUTPUT = "Output"
 
 
 def sample(
-    repo: Annotated[str | None, typer.Option("--repo", help="Hub repo id, e.g. user/name.",
-                                             rich_help_panel=SOURCE)] = None,
-    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Local checkpoint "
-                                                    "directory (config.json + model.safetensors).",
-                                                    rich_help_panel=SOURCE)] = None,
+    repo: RepoOption = None,
+    checkpoint: CheckpointOption = None,
     num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="How many images "
                                              "(≥ 1).",
                                              rich_help_panel=OUTPUT)] = 64,
@@ -51,7 +49,6 @@ def sample(
     """
     from rich.console import Console
 
-    from attnflow_zoo.errors import ConfigError
     from attnflow_zoo.factory import load_model
     from attnflow_zoo.precision import autocast_for
     from attnflow_zoo.sampling import (
@@ -63,13 +60,12 @@ def sample(
         save_samples,
     )
 
-    if (repo is None) == (checkpoint is None):
-        raise ConfigError("give exactly one of --repo ID or --checkpoint DIR")
+    source = checkpoint_source(checkpoint, repo)
     check_request(num_samples, temperature, batch_size)
     check_output(output)
     dev = resolve_device(device)
     autocast_for(dev, precision)  # an unknown precision or fp16 off CUDA: refused before loading
-    model = load_model(checkpoint if checkpoint is not None else repo)
+    model = load_model(source)
     labels, per_class = class_labels(model, label, num_samples)
     if labels is not None:
         num_samples = len(labels)
