@@ -1,4 +1,5 @@
-"""Data: datasets -> uint8 tensors (decoded once), augmentation, and 8-bit <-> continuous.
+"""Data: datasets -> uint8 tensors (decoded once), and 8-bit <-> continuous (augmentation is
+``augment.py``).
 
 ``dequantize`` is the one place of the uniform-dequantisation rule that ``metrics.bits_per_dim``
 assumes: x̃ = (x_u8 + u) / 256 with u ~ U(0, 1)^D, so x̃ ∈ [0, 1)^D.
@@ -53,6 +54,20 @@ def to_model_space(x_u8: Tensor, generator: torch.Generator | None = None,
     density of x̃ and ``metrics.bits_per_dim`` applies unchanged.
     """
     return dequantize(x_u8, generator, dtype) - 0.5
+
+
+def bin_centres(x_u8: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``to_model_space`` without the noise: x = (x_u8 + ½)/256 − ½, the centres of the 8-bit
+    bins (deterministic; any x within ½/256 of it maps back to x_u8 by ``from_model_space``)."""
+    if x_u8.dtype != torch.uint8:
+        raise ShapeError(f"expected uint8 images (0..255), got {x_u8.dtype}")
+    return (x_u8.to(dtype) + 0.5) / 256.0 - 0.5
+
+
+def from_model_space(x: Tensor) -> Tensor:
+    """uint8 images of model-space x (the inverse of ``to_model_space`` up to the noise):
+    ``quantize(x + ½)``."""
+    return quantize(x + 0.5)
 
 
 def quantize(x: Tensor) -> Tensor:
@@ -415,29 +430,3 @@ def count_classes(dataset: str | Path) -> int:
     feature = ds.features[column]
     return int(getattr(feature, "num_classes", 0)) or num_classes(
         torch.tensor(list(ds[column]), dtype=torch.int64))
-
-
-# --- augmentation ---------------------------------------------------------------------------
-
-def augment(x: Tensor, generator: torch.Generator | None = None, *, max_shift: int = 3,
-            flip: bool = True) -> Tensor:
-    """Random translation with edge padding and horizontal flip, per image, on x's device.
-
-    y[b, c, i, j] = x[b, c, clamp(i − dy_b), clamp(j' − dx_b)] with dy_b, dx_b ~ U{−s..s}
-    (s = ``max_shift``) and j' = W−1−j with probability ½ when ``flip`` (mAR-SCF's CIFAR-10
-    recipe: shift ≤ 3 px + flip; use ``flip=False`` for digits). Works for any dtype (uint8
-    included), B×C×H×W; never writes into ``x``.
-    """
-    b, _, h, w = x.shape
-    gen_device = generator.device if generator is not None else x.device
-    shifts = torch.randint(-max_shift, max_shift + 1, (2, b), generator=generator,
-                           device=gen_device).to(x.device)
-    rows = (torch.arange(h, device=x.device)[None] - shifts[0][:, None]).clamp(0, h - 1)
-    cols = (torch.arange(w, device=x.device)[None] - shifts[1][:, None]).clamp(0, w - 1)
-    if flip:
-        flips = (torch.rand(b, generator=generator, device=gen_device) < 0.5).to(x.device)
-        cols = torch.where(flips[:, None], cols.flip(1), cols)
-    idx = torch.arange(b, device=x.device)[:, None, None]
-    # Advanced indexing puts the indexed dims first: (B, H, W, C) -> back to B×C×H×W.
-    return x.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2) \
-        .contiguous()

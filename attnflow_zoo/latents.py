@@ -52,7 +52,7 @@ def centred(model: Any, x_u8: Tensor) -> Tensor:
     (``data.to_model_space`` without the noise), on its device and in its dtype. Deterministic,
     and any x within ½/256 of it quantises back to x_u8."""
     model.check_images(x_u8)
-    return (x_u8.to(model.device, model.dtype) + 0.5) / 256.0 - 0.5
+    return data.bin_centres(x_u8.to(model.device), model.dtype)
 
 
 def whiten(model: Any, latents: list[Tensor], y: Tensor | int | None = None) -> list[Tensor]:
@@ -175,7 +175,7 @@ def reconstruct(model: Any, x_u8: Tensor, y: Tensor | int | None = None) -> Reco
 
 def quantize(x: Tensor) -> Tensor:
     """Model-space x -> uint8 images on the CPU (``data.quantize`` of x + ½)."""
-    return data.quantize(x + 0.5).cpu()
+    return data.from_model_space(x).cpu()
 
 
 # --- files -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DATASETS, card_info
+from .progress import clock
 from .results import check_metrics, refuse_pipeline_fid
 
 FAMILIES = ("attnflow", "marflow", "validator", "resflow")
@@ -203,11 +204,6 @@ def _metric_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d} (h:mm:ss)"
-
-
 def run_lines(run: dict[str, Any], data_text: str, deviations: list[str] | None) -> list[str]:
     """What a run record says, as sentences for the card."""
     tc = run.get("train_config") or {}
@@ -236,7 +232,7 @@ def run_lines(run: dict[str, Any], data_text: str, deviations: list[str] | None)
     if run.get("device"):
         hw.append(f"{run.get('world_size', 1)} × {run['device']}")
     if run.get("wall_seconds") is not None:
-        hw.append(f"wall time {_duration(float(run['wall_seconds']))}")
+        hw.append(f"wall time {clock(float(run['wall_seconds']))} (h:mm:ss)")
     if run.get("started"):
         hw.append(f"started {run['started']}")
     versions = [f"{k} {run[k]}" for k in ("torch", "attnflow_zoo") if run.get(k)]

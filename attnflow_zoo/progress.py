@@ -40,7 +40,8 @@ def note(message: str) -> None:
         print(f"{_stamp()} {message}", file=sys.stderr, flush=True)
 
 
-def _eta(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """Seconds as h:mm:ss (whole seconds), the one way the zoo prints a duration."""
     return str(timedelta(seconds=round(seconds)))
 
 
@@ -120,7 +121,7 @@ def _lines(description: str, total: int | None, start: int, every: int | None,
         parts += [f"{k}={v}" for k, v in latest.items()]
         done = count - start
         if total and done > 0 and count < total:
-            parts.append(f"ETA {_eta((now - began) / done * (total - count))}")
+            parts.append(f"ETA {clock((now - began) / done * (total - count))}")
         print("  ".join(parts), file=sys.stderr, flush=True)
 
     yield advance

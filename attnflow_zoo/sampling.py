@@ -15,6 +15,7 @@ from .compilation import compile_sampling
 from .core import resolve_device
 from .errors import ConfigError
 from .models.base import check_sampling
+from .models.conditioning import balanced_labels
 from .precision import autocast_for, upcast
 from .progress import progress
 
@@ -51,12 +52,12 @@ def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
             y = None if labels is None else labels[start:start + n].to(device)
-            if y is None and getattr(model, "num_classes", 0):  # FlowModel.sample's default:
-                y = torch.arange(n, device=device) % model.num_classes  # every class in turn
+            if y is None and getattr(model, "num_classes", 0):  # FlowModel.sample's default
+                y = balanced_labels(n, model.num_classes).to(device)
             with autocast_for(device, precision):
                 x = generate(n, temperature, gen, y=y) if y is not None else \
                     generate(n, temperature, gen)
-            out.append(data.quantize(upcast(x) + 0.5).cpu())
+            out.append(data.from_model_space(upcast(x)).cpu())
             advance(n)
     return torch.cat(out)
 

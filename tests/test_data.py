@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from attnflow_zoo import data
+from attnflow_zoo.augment import augment
 from attnflow_zoo.errors import DataError
 
 
@@ -208,7 +209,7 @@ def test_bad_folders(tmp_path, make):
 def test_augment_shifts_with_edge_padding_and_flips(gen):
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).reshape(2, 3, 8, 8).to(torch.uint8)
     x_before = x.clone()
-    y = data.augment(x, gen, max_shift=3, flip=True)
+    y = augment(x, gen, max_shift=3, flip=True)
     assert y.shape == x.shape and y.dtype == x.dtype and torch.equal(x, x_before)
     # Brute force: each output equals one of the 7·7·2 shifted/flipped candidates.
     for b in range(2):
@@ -221,28 +222,28 @@ def test_augment_shifts_with_edge_padding_and_flips(gen):
                 candidates += [shifted, shifted.flip(-1)]
         assert any(torch.equal(y[b], c) for c in candidates)
     # ... and it really augments: over a batch, most images move (an identity would pass above).
-    many = data.augment(x.repeat(32, 1, 1, 1), gen, max_shift=3, flip=True)
+    many = augment(x.repeat(32, 1, 1, 1), gen, max_shift=3, flip=True)
     moved = sum(not torch.equal(many[b], x[b % 2]) for b in range(64))
     assert moved > 32
     # Same generator state -> same output; no flip means never mirrored.
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(data.augment(x, g1), data.augment(x, g2))
+    assert torch.equal(augment(x, g1), augment(x, g2))
 
 
 def test_augment_without_flip_is_a_pure_shift(gen):
     x = torch.rand(64, 1, 6, 6, generator=gen)
-    y = data.augment(x, gen, max_shift=2, flip=False)
+    y = augment(x, gen, max_shift=2, flip=False)
     # Without flip, column order is non-decreasing in the source (a clamp of j − dx).
     ramp = torch.arange(6.0).expand(64, 1, 6, 6)
-    z = data.augment(ramp, torch.Generator().manual_seed(1), max_shift=2, flip=False)
+    z = augment(ramp, torch.Generator().manual_seed(1), max_shift=2, flip=False)
     assert (z.diff(dim=-1) >= 0).all()
     assert not torch.equal(z, ramp), "no image was shifted"
     # Rows are shifted too: a ramp along H stays non-decreasing and moves in some images.
     ramp_rows = torch.arange(6.0).view(6, 1).expand(64, 1, 6, 6)
-    zr = data.augment(ramp_rows, torch.Generator().manual_seed(2), max_shift=2, flip=False)
+    zr = augment(ramp_rows, torch.Generator().manual_seed(2), max_shift=2, flip=False)
     assert (zr.diff(dim=-2) >= 0).all() and not torch.equal(zr, ramp_rows)
     assert y.shape == x.shape
-    zero = data.augment(x, gen, max_shift=0, flip=False)
+    zero = augment(x, gen, max_shift=0, flip=False)
     assert torch.equal(zero, x)
 
 

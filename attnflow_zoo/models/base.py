@@ -186,7 +186,7 @@ class FlowModel(nn.Module, ZooHubMixin):
         if y is None and self.num_classes:
             y = balanced_labels(num_samples, self.num_classes)
         x = self.generate(num_samples, temperature=temperature, generator=generator, y=y)
-        return data.quantize(x + 0.5)
+        return data.from_model_space(x)
 
 
 def check_sampling(num_samples: int, temperature: float) -> None:

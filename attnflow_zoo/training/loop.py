@@ -45,12 +45,13 @@ from torch import Tensor, nn
 
 from .. import checkpoint, data
 from .._io import check_writable
+from ..augment import augment
 from ..compilation import compile_training
 from ..core import initialize_from_data, resolve_device
 from ..errors import CheckpointError, DataError, TrainingError
 from ..evaluation import evaluate_bpd
 from ..labels import labels_for
-from ..progress import note, progress
+from ..progress import clock, note, progress
 from .config import TrainConfig, check_device, check_resume
 from .datasets import carve_validation, data_record, run_settings
 from .distributed import DistContext, all_mean, barrier, init_distributed
@@ -321,7 +322,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         last_val = evaluate(0)
     budget = config.max_seconds
     if budget is not None and ctx.is_main:
-        note(f"time budget: {_clock(budget)} of wall time for this segment (training stops after "
+        note(f"time budget: {clock(budget)} of wall time for this segment (training stops after "
              "the step that crosses it, then evaluates and writes its checkpoint)")
     reason = None
     # With a time budget the end is whichever comes first: no step count to show an ETA for.
@@ -333,7 +334,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             x_u8, y = _batch(train_data, train_labels, step, config, steps_per_epoch, dev)
             g = _step_generator(config.seed, step + 1, dev)
             if config.augment:
-                x_u8 = data.augment(x_u8, g, max_shift=config.max_shift, flip=config.flip)
+                x_u8 = augment(x_u8, g, max_shift=config.max_shift, flip=config.flip)
             x, y = _local_rows(data.to_model_space(x_u8, g), ctx), _local_rows(y, ctx)
             scheduler.step_update(num_updates=step + 1)
             # No host read in the step (``step.py``): the non-finite guard stays on the device
@@ -382,14 +383,14 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
                      "num_images": window_steps * config.batch_size})
                 fields = {"bpd": f"{last_train:.4f}", "lr": f"{lr:.2e}", "img/s": f"{ips:.0f}"}
                 if budget is not None:
-                    fields["left"] = _clock(max(0.0, budget - (time.monotonic() - began)))
+                    fields["left"] = clock(max(0.0, budget - (time.monotonic() - began)))
                 window_loss, window_steps = 0.0, 0
                 window_start = time.perf_counter()
                 window_pause = 0.0
             advance(1, **fields)
             pause_start = time.perf_counter()
             if last and reason == STOP_TIME and ctx.is_main:
-                note(f"time budget of {_clock(budget)} reached at step {step}: evaluating and "
+                note(f"time budget of {clock(budget)} reached at step {step}: evaluating and "
                      "writing the final checkpoint")
             if last or (config.eval_every is not None and step % config.eval_every == 0):
                 last_val = evaluate(step)
@@ -426,12 +427,6 @@ def _title(info: dict[str, Any], model: nn.Module) -> str:
     where = ds.get("name") or (f"{Path(ds['path']).name} (local folder)" if ds.get("path")
                                else "in-memory data")
     return f"{info.get('preset') or type(model).__name__} on {where}"
-
-
-def _clock(seconds: float) -> str:
-    """Seconds as h:mm:ss."""
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class _no_stop:
