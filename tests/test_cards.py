@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from attnflow_cli.main import main
+from _cli import run_cli as _cli
 
 from attnflow_zoo.checkpoint import write_run_record
 from attnflow_zoo.errors import ConfigError
@@ -31,21 +31,6 @@ RUN = {"preset": "attnflow_imap_cifar10_mixlog", "recipe": "marscf-mixlogcdf-cif
                    "heldout_split": "test", "num_heldout": 10000, "image_shape": [3, 32, 32]},
        "world_size": 8, "device": "NVIDIA H200", "wall_seconds": 3725.0, "step": 312500,
        "samples_seen": 20_000_000, "torch": "2.5.1", "attnflow_zoo": "0.1.0"}
-
-
-def _cli(args: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["attnflow", *map(str, args)]
-    try:
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _card(**kw) -> tuple[dict, str]:

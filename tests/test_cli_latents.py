@@ -5,13 +5,12 @@ The PNGs are read back: their sizes and the pixels the commands promise."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from attnflow_cli.main import main
+from _cli import run_cli as run
 from PIL import Image
 
 import attnflow_zoo as az
@@ -20,25 +19,6 @@ from attnflow_zoo.images import read_image
 
 SIZE = 16  # the checkpoints' image size: 28×28 digits resized to 16×16
 CELL = SIZE + 2  # save_image's grid: 2 px padding around every image
-
-
-def run(args: list[object]) -> tuple[int, str, str]:
-    """The console script's main() in-process: (exit status, stdout, stderr)."""
-    import io
-    from contextlib import redirect_stderr, redirect_stdout
-
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.argv
-    sys.argv = ["attnflow", *map(str, args)]
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

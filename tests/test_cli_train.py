@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from attnflow_cli.main import main
+from _cli import run_cli as run
 
 from attnflow_zoo import registry
 
@@ -37,21 +37,6 @@ def _preset(monkeypatch):
     entry = registry.ModelEntry(PRESET, ToyFlow, ToyFlowConfig(hidden_channels=16),
                                 "Small Glow on 8×8 grey images (tests only)")
     monkeypatch.setitem(registry._PRESETS, PRESET, entry)
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run the console script's main() in-process: (exit status, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["attnflow", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _train_args(folder, out, *extra, preset: str = "marflow_tiny") -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import run_cli as _run
 from PIL import Image
 from torch import Tensor, nn
 
@@ -248,25 +249,6 @@ def test_fit_trains_on_the_labels() -> None:
 
 
 # --- the CLI -------------------------------------------------------------------------------
-
-def _run(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """The console script's main() in-process: (exit status, stdout, stderr)."""
-    import sys
-
-    from attnflow_cli.main import main
-
-    old = sys.argv
-    sys.argv = ["attnflow", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 def _train(folder: Path, out: Path, *extra: object) -> list[object]:
     return ["train", "--model", "marflow_tiny", "--dataset", folder, "--out", out,
