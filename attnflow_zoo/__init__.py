@@ -7,11 +7,13 @@ of the package (``attnflow_zoo.layers``) never loads the Hub client, checkpoints
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+import importlib.util
+from typing import Any
 
 __version__ = "0.1.0"
 
-#: Public name -> the module that defines it.
+#: The public names, listed once: name -> the module that defines it. Every submodule is
+#: reachable too (``az.latents`` imports ``attnflow_zoo.evaluation.latents`` on first use).
 _EXPORTS = {
     "AttnFlowError": "errors", "CheckpointError": "errors", "ConfigError": "errors",
     "DataError": "errors", "OutputError": "errors", "ShapeError": "errors",
@@ -25,77 +27,31 @@ _EXPORTS = {
     "register_model": "registry",
     "create_model": "factory", "load_model": "factory", "list_models": "factory",
     "describe_models": "factory",
-    "load_images": "data",
-    "bits_per_dim": "metrics",
+    "load_images": "data.datasets",
+    "bits_per_dim": "metrics", "evaluate_bpd": "metrics",
     "TrainConfig": "training", "fit": "training",
-    "evaluate_bpd": "evaluation",
 }
-_SUBMODULES = {"core", "data", "errors", "evaluation", "factory", "layers", "metrics", "models",
-               "priors", "registry", "sampling", "testing", "training", "validation",
-               "checkpoint", "hub", "modelcard", "publish", "progress", "logdet_estimators"}
+#: Subpackages whose modules are also reachable by their short name (``az.sampling``).
+_GROUPS = ("data", "evaluation", "publishing", "workflows", "training", "models", "layers")
 
-__all__ = [
-    "AttnFlow",
-    "AttnFlowConfig",
-    "AttnFlowError",
-    "CheckpointError",
-    "ConfigError",
-    "DataError",
-    "FlowModel",
-    "FlowSequential",
-    "InvertibilityValidator",
-    "InvertibilityValidatorConfig",
-    "InvertibleModule",
-    "OutputError",
-    "ResFlow",
-    "ResFlowConfig",
-    "ShapeError",
-    "TrainConfig",
-    "TrainingError",
-    "bits_per_dim",
-    "create_model",
-    "describe_models",
-    "evaluate_bpd",
-    "fit",
-    "list_models",
-    "load_images",
-    "load_model",
-    "register_model",
-]
+__all__ = list(_EXPORTS)
+
+
+def _submodule(name: str) -> Any:
+    for prefix in ("", *(f"{group}." for group in _GROUPS)):
+        if importlib.util.find_spec(f"{__name__}.{prefix}{name}") is not None:
+            return importlib.import_module(f".{prefix}{name}", __name__)
+    return None
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    elif name.startswith("_") or (value := _submodule(name)) is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)
-
-
-if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .core import FlowSequential, InvertibleModule
-    from .data import load_images
-    from .errors import (
-        AttnFlowError,
-        CheckpointError,
-        ConfigError,
-        DataError,
-        OutputError,
-        ShapeError,
-        TrainingError,
-    )
-    from .evaluation import evaluate_bpd
-    from .factory import create_model, describe_models, list_models, load_model
-    from .metrics import bits_per_dim
-    from .models.attnflow import AttnFlow, AttnFlowConfig
-    from .models.base import FlowModel
-    from .models.resflow import ResFlow, ResFlowConfig
-    from .models.validator import InvertibilityValidator, InvertibilityValidatorConfig
-    from .registry import register_model
-    from .training import TrainConfig, fit
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -52,12 +52,19 @@ class ZooHubMixin(
                                     getattr(self, "zoo_preset", None))
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
-        """The zoo's card (``cards/``) for this model, written by ``save_pretrained``."""
-        from .modelcard import render_card
+        """A short stub card for ``save_pretrained``: the architecture and preset, nothing it
+        cannot know. The zoo's full card (``publishing.modelcard``: data, recipe, metrics) is
+        rendered from a checkpoint and its run record by the publishing layer."""
+        from huggingface_hub import ModelCard
 
-        return render_card(architecture=type(self).__name__, config=self.config,  # type: ignore
-                           preset=getattr(self, "zoo_preset", None),
-                           repo_id=kwargs.get("repo_id", "<user>/<repo>"))
+        preset = getattr(self, "zoo_preset", None)
+        name = type(self).__name__
+        return ModelCard(
+            "---\nlibrary_name: attnflow_zoo\ntags:\n- normalizing-flows\n- attnflow_zoo\n---\n\n"
+            f"# {preset or name}\n\nAn `attnflow_zoo` `{name}` checkpoint"
+            f"{f' (preset `{preset}`)' if preset else ''}: `config.json` and `model.safetensors`. "
+            "Load it with `attnflow_zoo.load_model(path_or_repo_id)`. Its full model card "
+            "(data, recipe, metrics) is written by `attnflow card` or `attnflow push`.\n")
 
     @classmethod
     def config_type(cls) -> type:

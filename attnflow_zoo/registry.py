@@ -28,7 +28,7 @@ SCHEDULES = ("constant", "cosine")
 class Recipe:
     """How a zoo entry is trained and scored: plain data next to its architecture.
 
-    ``attnflow_zoo.recipes.train_config`` turns a recipe into a ``TrainConfig``: the batch is the
+    ``training.recipes.train_config`` turns a recipe into a ``TrainConfig``: the batch is the
     GLOBAL batch (all processes together, kept under torchrun), the lr is used as it is at that
     batch (never rescaled), and the warm-up, stated in images as the papers count it, becomes
     ceil(warmup_images / batch_size) optimizer steps.

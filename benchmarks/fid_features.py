@@ -1,4 +1,4 @@
-"""FID features: torch-fidelity's Inception (``metrics.load_inception``) against the hand port it
+"""FID features: torch-fidelity's Inception (``fid.load_inception``) against the hand port it
 replaced (``attnflow_zoo/inception.py`` at ``--old-rev``, read from git), with the SAME random
 weights in both, on the SAME images.
 
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnflow_zoo import metrics
+from attnflow_zoo.evaluation import fid
 
 REPO = Path(__file__).resolve().parent.parent
 # main just before torch-fidelity replaced the port
@@ -67,11 +67,11 @@ def load_old_port(rev: str):
 
 def build_pair(old_port, seed: int):
     """(old, new) extractors with the same random weights."""
-    state = metrics.random_inception_state(torch.Generator().manual_seed(seed))
+    state = fid.random_inception_state(torch.Generator().manual_seed(seed))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "random-inception.pth"
         torch.save(state, path)
-        new = metrics.load_inception(path, random_init=True)
+        new = fid.load_inception(path, random_init=True)
     net = old_port.fid_inception_v3()
     net.load_state_dict(state, strict=True)  # the same names and shapes: nothing to map
     old = old_port.InceptionFeatures(net, "random (old port)")

@@ -18,7 +18,7 @@ Conventions (checked against ``marscf_main.MarScfFlow.normal_flow``): mar-scf's 
 x = x_u8/255 − 0.5 (``ToTensor`` + ``Normalize(0.5, 1)``), dequantised *inside* the model as
 x + u/256 with the global RNG, and its nll adds −D·ln 256 to the objective before dividing by
 D·ln 2. Here we bypass ``normal_flow`` and call its ``FlowNet`` directly on x̃ − 0.5 with
-x̃ = (x_u8 + u)/256 (the zoo's ``data.dequantize``), so ``peer_log_density`` is log p(x̃) in
+x̃ = (x_u8 + u)/256 (the zoo's ``quantize.dequantize``), so ``peer_log_density`` is log p(x̃) in
 nats of exactly the zoo's input, and bits/dim follows from the zoo's one rule
 bpd = (−log p(x̃) + D ln 256)/(D ln 2). ``peer_native_bits_per_dim`` reproduces mar-scf's own
 scoring for comparison (its x_u8/255 range costs log2(256/255) ≈ 0.0056 bits/dim).
@@ -148,10 +148,10 @@ def peer_log_density(model: nn.Module, x: Tensor) -> Tensor:
 def peer_bits_per_dim(model: nn.Module, x_u8: Tensor,
                       generator: torch.Generator | None = None) -> Tensor:
     """Bits/dim per image, (B,), by the zoo's rule (one uniform-dequantisation sample drawn
-    with ``generator`` through ``attnflow_zoo.data.dequantize``)."""
-    from attnflow_zoo import data
+    with ``generator`` through ``attnflow_zoo.data.quantize.dequantize``)."""
+    from attnflow_zoo.data import quantize
 
-    x = data.dequantize(x_u8.to(_device(model)), generator=generator) - 0.5
+    x = quantize.dequantize(x_u8.to(_device(model)), generator=generator) - 0.5
     d = x[0].numel()
     return (-peer_log_density(model, x) + d * math.log(256.0)) / (d * math.log(2.0))
 
@@ -172,9 +172,9 @@ def peer_sample(model: nn.Module, num_samples: int, seed: int | None = None) -> 
 
     mar-scf draws its noise from the global torch RNG; with ``seed`` that happens inside a
     forked RNG seeded with it. Outputs are mapped x ↦ floor(256·(x + 0.5)) clamped to 0..255
-    (the zoo's ``data.quantize``).
+    (the zoo's ``quantize.quantize``).
     """
-    from attnflow_zoo import data
+    from attnflow_zoo.data import quantize
 
     device = _device(model)
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -182,7 +182,7 @@ def peer_sample(model: nn.Module, num_samples: int, seed: int | None = None) -> 
         if seed is not None:
             torch.manual_seed(seed)
         x = model(None, None, reverse=True, eps_std=1.0)
-    return data.quantize(x + 0.5)
+    return quantize.quantize(x + 0.5)
 
 
 # --- diagnostic: the same function in the zoo's parameterisation ----------------------------

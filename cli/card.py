@@ -24,8 +24,8 @@ def card(
     """Render the model card from the checkpoint's run record, its recipe and --metrics."""
     from rich.console import Console
 
-    from attnflow_zoo.publish import write_card
-    from attnflow_zoo.results import load_metrics
+    from attnflow_zoo.evaluation.results import load_metrics
+    from attnflow_zoo.publishing.publish import write_card
 
     metrics_dict = load_metrics(metrics) if metrics is not None else None
     path = write_card(checkpoint, output, repo, metrics=metrics_dict, preset=preset)

@@ -37,15 +37,15 @@ def evaluate(
 
     from attnflow_zoo.core import resolve_device
     from attnflow_zoo.errors import ConfigError
-    from attnflow_zoo.evaluation import evaluate_checkpoint
-    from attnflow_zoo.sampling import check_request
+    from attnflow_zoo.evaluation.sampling import check_request
+    from attnflow_zoo.evaluation.scores import evaluate_checkpoint
 
     source = checkpoint_source(checkpoint, repo)
     for name, value in (("--batch-size", batch_size), ("--limit", limit)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value}")
     if fid:
-        from attnflow_zoo.metrics import resolve_inception_weights
+        from attnflow_zoo.evaluation.fid import resolve_inception_weights
 
         check_request(num_samples, temperature, batch_size)
         resolve_inception_weights(inception_weights)  # missing FID weights are said before any work

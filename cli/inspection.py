@@ -50,8 +50,8 @@ def inspect(
     """
     from rich.console import Console
 
+    from attnflow_zoo.evaluation.inspection import inspect_file
     from attnflow_zoo.factory import load_model
-    from attnflow_zoo.inspection import inspect_file
 
     source = checkpoint_source(checkpoint, repo)
     pos = _position(position)

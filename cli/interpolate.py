@@ -30,8 +30,8 @@ def interpolate(
     """
     from rich.console import Console
 
+    from attnflow_zoo.evaluation.latents import check_steps, interpolate_files
     from attnflow_zoo.factory import load_model
-    from attnflow_zoo.latents import check_steps, interpolate_files
 
     source = checkpoint_source(checkpoint, repo)
     check_steps(steps)

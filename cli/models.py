@@ -17,8 +17,8 @@ def models(
     from rich.table import Table
 
     from attnflow_zoo.factory import describe_models
-    from attnflow_zoo.recipes import summary
     from attnflow_zoo.registry import get_entry
+    from attnflow_zoo.training.recipes import summary
 
     table = Table(title="attnflow zoo")
     table.add_column("name", no_wrap=True, style="bold")

@@ -33,8 +33,8 @@ def push(
     """
     from rich.console import Console
 
-    from attnflow_zoo.publish import push_checkpoint
-    from attnflow_zoo.results import load_metrics
+    from attnflow_zoo.evaluation.results import load_metrics
+    from attnflow_zoo.publishing.publish import push_checkpoint
 
     metrics_dict = load_metrics(metrics) if metrics is not None else None
     result = push_checkpoint(checkpoint, repo, metrics=metrics_dict, private=private,

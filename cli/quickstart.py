@@ -33,8 +33,8 @@ def quickstart(
     """
     from rich.console import Console
 
-    from attnflow_zoo import quickstart as qs
     from attnflow_zoo.training import TrainingInterrupted
+    from attnflow_zoo.workflows import quickstart as qs
 
     console = Console(highlight=False)
     folder = qs.run_folder(out, resume)

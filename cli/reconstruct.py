@@ -28,8 +28,8 @@ def reconstruct(
     """
     from rich.console import Console
 
+    from attnflow_zoo.evaluation.latents import reconstruct_files
     from attnflow_zoo.factory import load_model
-    from attnflow_zoo.latents import reconstruct_files
 
     source = checkpoint_source(checkpoint, repo)
     model = load_model(source)

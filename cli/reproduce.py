@@ -59,8 +59,8 @@ def reproduce(
     """
     from rich.console import Console
 
-    from attnflow_zoo.recipes import parse_assignments
-    from attnflow_zoo.reproduce import reproduce as run_reproduce
+    from attnflow_zoo.training.recipes import parse_assignments
+    from attnflow_zoo.workflows.reproduce import reproduce as run_reproduce
 
     console = Console()
     assigned = parse_assignments(settings or [])

@@ -49,9 +49,7 @@ def sample(
     """
     from rich.console import Console
 
-    from attnflow_zoo.factory import load_model
-    from attnflow_zoo.precision import autocast_for
-    from attnflow_zoo.sampling import (
+    from attnflow_zoo.evaluation.sampling import (
         check_output,
         check_request,
         class_labels,
@@ -59,6 +57,8 @@ def sample(
         resolve_device,
         save_samples,
     )
+    from attnflow_zoo.factory import load_model
+    from attnflow_zoo.precision import autocast_for
 
     source = checkpoint_source(checkpoint, repo)
     check_request(num_samples, temperature, batch_size)

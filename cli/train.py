@@ -118,8 +118,8 @@ def train(
     finish the step, write a checkpoint and print the resume command. Under
     `torchrun --nproc_per_node G` it trains on G GPUs.
     """
-    from attnflow_zoo.recipes import train_config
     from attnflow_zoo.training import TrainingInterrupted, train_preset
+    from attnflow_zoo.training.recipes import train_config
 
     overrides = {k: v for k, v in (("attention", attn), ("image_size", image_size),
                                    ("in_channels", in_channels)) if v is not None}

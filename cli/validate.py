@@ -37,7 +37,7 @@ def validate(
     from rich.console import Console
     from rich.table import Table
 
-    from attnflow_zoo.validation import validate as run
+    from attnflow_zoo.workflows.validation import validate as run
 
     result = run(attn, dataset, out, fullscale=fullscale, lipschitz=lipschitz, epochs=epochs,
                  limit=limit, batch_size=batch_size, seed=seed, device=device)

@@ -105,7 +105,7 @@ def test_bits_per_dim_at_init_is_analytic(name: str, overrides: dict,
     torch.testing.assert_close(metrics.bits_per_dim(model.log_density(zero), d),
                                bpd(torch.zeros(1, dtype=torch.float64)), rtol=1e-8, atol=0)
     x_u8 = torch.randint(0, 256, (4, *model.input_shape), generator=gen, dtype=torch.uint8)
-    x = az.data.dequantize(x_u8, torch.Generator().manual_seed(1), torch.float64) - 0.5
+    x = az.quantize.dequantize(x_u8, torch.Generator().manual_seed(1), torch.float64) - 0.5
     got = metrics.bits_per_dim(model.log_density(x), d)
     sq = x.flatten(1).pow(2).sum(1)
     upper = math.exp(2 * num_attn * log_g)
@@ -219,8 +219,8 @@ def mnist16(mnist_folder: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, test) uint8 N×1×16×16: the fixture's real 28×28 digits resized to 16×16."""
     cache = tmp_path_factory.mktemp("mnist_cache")
-    train = az.data.load_images(mnist_folder, "train", image_size=16, cache_dir=cache)
-    test = az.data.load_images(mnist_folder, "test", image_size=16, limit=300, cache_dir=cache)
+    train = az.load_images(mnist_folder, "train", image_size=16, cache_dir=cache)
+    test = az.load_images(mnist_folder, "test", image_size=16, limit=300, cache_dir=cache)
     return train, test
 
 

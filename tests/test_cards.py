@@ -17,9 +17,9 @@ from _cli import run_cli as _cli
 
 from attnflow_zoo.checkpoint import write_run_record
 from attnflow_zoo.errors import ConfigError
+from attnflow_zoo.evaluation.results import check_metrics, publishable
 from attnflow_zoo.factory import create_model
-from attnflow_zoo.modelcard import render_card
-from attnflow_zoo.results import check_metrics, publishable
+from attnflow_zoo.publishing.modelcard import render_card
 
 METRICS = {"format": 1, "dataset": "cifar10", "split": "test", "step": 100, "bpd": 3.5,
            "bpd_estimator": "single-sample", "bpd_num_images": 10000, "fid": 45.0,

@@ -14,8 +14,8 @@ from _cli import run_cli as run
 from PIL import Image
 
 import attnflow_zoo as az
-from attnflow_zoo import inspection, latents
-from attnflow_zoo.images import read_image
+from attnflow_zoo.data.images import read_image
+from attnflow_zoo.evaluation import inspection, latents
 
 SIZE = 16  # the checkpoints' image size: 28×28 digits resized to 16×16
 CELL = SIZE + 2  # save_image's grid: 2 px padding around every image

@@ -15,7 +15,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 import attnflow_zoo as az
-from attnflow_zoo import data, registry
+from attnflow_zoo import registry
+from attnflow_zoo.data import datasets
 from attnflow_zoo.errors import ConfigError, DataError, ShapeError
 from attnflow_zoo.testing import check_invertible, check_logdet, perturb_parameters
 from attnflow_zoo.training import fit
@@ -126,7 +127,7 @@ def test_density_integrates_to_one_for_every_class(name: str) -> None:
     box reaches ≈ ±5σ and the step is ≈ σ, where the midpoint rule's error is ~e^{−2π²} ≈ 3e-9;
     a missing or class-dependent normalising term (a prior's log σ, a logdet term) is off by
     far more than the tolerance. (No ActNorm data init here: on 8 uniform-noise images of one
-    pixel per channel it gives scales far from those of any image data.)"""
+    pixel per channel it gives scales far from those of any image datasets.)"""
     model = _model(name, data_init=False, image_size=2, in_channels=1, num_levels=1,
                    **_SMALL.get(name, {}))
     n = 10
@@ -195,13 +196,13 @@ def test_labels_come_with_the_images(mnist_folder: Path, tmp_path: Path,
     # class folder ("0" … "9").
     expected = torch.cat([all_labels[all_labels == k][400:] for k in range(10)])
     for _ in range(2):  # decoded, then read from the cache
-        images, labels = data.load_labelled(mnist_folder, "test", (1, 28, 28))
+        images, labels = datasets.load_labelled(mnist_folder, "test", (1, 28, 28))
         assert labels is not None and len(labels) == len(images) == 1000
         assert torch.equal(labels, expected)
-    images, labels = data.load_labelled("digits", "train", (1, 32, 32))
+    images, labels = datasets.load_labelled("digits", "train", (1, 32, 32))
     assert labels is not None and torch.equal(torch.bincount(labels), torch.full((10,), 400))
-    assert data.count_classes("digits") == data.count_classes(mnist_folder) == 10
-    assert data.count_classes("celeba") == 0
+    assert datasets.count_classes("digits") == datasets.count_classes(mnist_folder) == 10
+    assert datasets.count_classes("celeba") == 0
 
 
 def _flat_folder(root: Path, n: int = 40) -> Path:
@@ -221,7 +222,7 @@ def test_fit_refuses_labels_it_cannot_use(tmp_path: Path,
     folder = _flat_folder(tmp_path / "flat")
     model = az.create_model("attnflow_imap_cond_tiny", in_channels=1)
     config = TrainConfig(steps=1, batch_size=8, validation=0, augment=False)
-    assert data.count_classes(folder) == 0
+    assert datasets.count_classes(folder) == 0
     with pytest.raises(DataError, match="has no labels"):
         fit(model, folder, config, show_progress=False)
     images = torch.zeros(16, 1, 8, 8, dtype=torch.uint8)

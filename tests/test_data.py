@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from attnflow_zoo import data
-from attnflow_zoo.augment import augment
+from attnflow_zoo.data import datasets, quantize
+from attnflow_zoo.data.augment import augment
 from attnflow_zoo.errors import DataError
 
 
@@ -18,13 +18,13 @@ from attnflow_zoo.errors import DataError
 def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts real decodes (the real function still runs)."""
     calls: list[int] = []
-    real = data._decode
+    real = datasets._decode
 
     def counting(ds, *args, **kwargs):
         calls.append(len(ds))
         return real(ds, *args, **kwargs)
 
-    monkeypatch.setattr(data, "_decode", counting)
+    monkeypatch.setattr(datasets, "_decode", counting)
     return calls
 
 
@@ -34,7 +34,7 @@ def _reference(folder, split: str) -> np.ndarray:
 
 
 def test_native_size_shape_dtype_and_pixels(mnist_folder, tmp_path):
-    x = data.load_images(mnist_folder, "test", cache_dir=tmp_path)
+    x = datasets.load_images(mnist_folder, "test", cache_dir=tmp_path)
     assert x.dtype == torch.uint8 and x.shape == (1000, 1, 28, 28)
     # Same multiset of images as the PNGs on disk (the loader's order is the dataset's own).
     ref = _reference(mnist_folder, "test")
@@ -43,23 +43,25 @@ def test_native_size_shape_dtype_and_pixels(mnist_folder, tmp_path):
 
 
 def test_pad_to_32_keeps_the_digit(mnist_folder, tmp_path):
-    native = data.load_images(mnist_folder, "test", limit=50, cache_dir=tmp_path)
-    padded = data.load_images(mnist_folder, "test", image_size=32, limit=50, cache_dir=tmp_path)
+    native = datasets.load_images(mnist_folder, "test", limit=50, cache_dir=tmp_path)
+    padded = datasets.load_images(mnist_folder, "test", image_size=32, limit=50, cache_dir=tmp_path)
     assert padded.shape == (50, 1, 32, 32)
     assert torch.equal(padded[:, :, 2:30, 2:30], native)
     assert padded[:, :, :2].eq(0).all() and padded[:, :, :, 30:].eq(0).all()
 
 
 def test_resize_smaller_crops_and_resizes(mnist_folder, tmp_path):
-    x = data.load_images(mnist_folder, "test", image_size=14, limit=20, cache_dir=tmp_path)
+    x = datasets.load_images(mnist_folder, "test", image_size=14, limit=20, cache_dir=tmp_path)
     assert x.shape == (20, 1, 14, 14) and x.dtype == torch.uint8 and x.max() > 100
 
 
 def test_cache_is_written_once_and_read_back(mnist_folder, tmp_path, decode_calls):
-    first = data.load_images(mnist_folder, "train", image_size=32, limit=300, cache_dir=tmp_path)
+    first = datasets.load_images(mnist_folder, "train", image_size=32, limit=300,
+                                   cache_dir=tmp_path)
     files = list(tmp_path.glob("*.safetensors"))
     assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
-    second = data.load_images(mnist_folder, "train", image_size=32, limit=300, cache_dir=tmp_path)
+    second = datasets.load_images(mnist_folder, "train", image_size=32, limit=300,
+                                    cache_dir=tmp_path)
     assert decode_calls == [300]
     assert torch.equal(first, second)
     # What comes back is the file's content: overwrite it and the loader returns the new bytes.
@@ -67,28 +69,28 @@ def test_cache_is_written_once_and_read_back(mnist_folder, tmp_path, decode_call
 
     marker = torch.full_like(first, 7)
     save_file({"images": marker}, str(files[0]))
-    assert torch.equal(data.load_images(mnist_folder, "train", image_size=32, limit=300,
+    assert torch.equal(datasets.load_images(mnist_folder, "train", image_size=32, limit=300,
                                         cache_dir=tmp_path), marker)
     assert decode_calls == [300]
     # A different size / limit / split is another entry.
-    data.load_images(mnist_folder, "test", image_size=32, limit=300, cache_dir=tmp_path)
+    datasets.load_images(mnist_folder, "test", image_size=32, limit=300, cache_dir=tmp_path)
     assert decode_calls == [300, 300]
 
 
 def test_editing_the_folder_invalidates_the_cache(mnist_folder, tmp_path, decode_calls):
     folder = tmp_path / "copy"
     shutil.copytree(mnist_folder / "test", folder / "test")
-    a = data.load_images(folder, "test", cache_dir=tmp_path / "c")
+    a = datasets.load_images(folder, "test", cache_dir=tmp_path / "c")
     victim = sorted((folder / "test").rglob("*.png"))[0]
     Image.fromarray(np.full((28, 28), 255, np.uint8), mode="L").save(victim)
-    b = data.load_images(folder, "test", cache_dir=tmp_path / "c")
+    b = datasets.load_images(folder, "test", cache_dir=tmp_path / "c")
     assert len(decode_calls) == 2 and not torch.equal(a, b)
 
 
 def test_corrupt_cache_entry_is_rebuilt(mnist_folder, tmp_path, decode_calls):
-    a = data.load_images(mnist_folder, "test", limit=10, cache_dir=tmp_path)
+    a = datasets.load_images(mnist_folder, "test", limit=10, cache_dir=tmp_path)
     next(tmp_path.glob("*.safetensors")).write_bytes(b"not a safetensors file")
-    b = data.load_images(mnist_folder, "test", limit=10, cache_dir=tmp_path)
+    b = datasets.load_images(mnist_folder, "test", limit=10, cache_dir=tmp_path)
     assert torch.equal(a, b) and len(decode_calls) == 2
 
 
@@ -101,7 +103,7 @@ def test_mixed_modes_become_rgb(tmp_path):
     rgba[..., 0] = 200
     rgba[..., 3] = 255
     Image.fromarray(rgba, mode="RGBA").save(folder / "1.png")
-    x = data.load_images(tmp_path / "mixed", "train", cache_dir=tmp_path / "c")
+    x = datasets.load_images(tmp_path / "mixed", "train", cache_dir=tmp_path / "c")
     assert x.shape == (2, 3, 8, 8)
     greys = [i for i in range(2) if torch.equal(x[i, 0], x[i, 1])]
     assert len(greys) == 1 and torch.equal(x[greys[0], 0], torch.from_numpy(grey))
@@ -114,52 +116,52 @@ def test_rectangular_images_are_center_cropped(tmp_path):
     img = np.zeros((218, 178), np.uint8)
     img[20:198] = 255  # exactly the central 178 rows are white
     Image.fromarray(img, mode="L").save(folder / "0.png")
-    native = data.load_images(tmp_path / "faces", "train", cache_dir=tmp_path / "c")
+    native = datasets.load_images(tmp_path / "faces", "train", cache_dir=tmp_path / "c")
     assert native.shape == (1, 1, 218, 178)
-    x = data.load_images(tmp_path / "faces", "train", image_size=64, cache_dir=tmp_path / "c")
+    x = datasets.load_images(tmp_path / "faces", "train", image_size=64, cache_dir=tmp_path / "c")
     assert x.shape == (1, 1, 64, 64) and x.eq(255).all()
 
 
 def test_parquet_folder(mnist_folder, tmp_path):
-    import datasets
+    import datasets as hf_datasets
 
-    ref = data.load_images(mnist_folder, "test", cache_dir=tmp_path / "c")[:20]  # sorted files
+    ref = datasets.load_images(mnist_folder, "test", cache_dir=tmp_path / "c")[:20]  # sorted files
     files = sorted(str(p) for p in (mnist_folder / "test").rglob("*.png"))[:20]
-    ds = datasets.Dataset.from_dict({"label": list(range(20)), "picture": files})
-    ds = ds.cast_column("picture", datasets.Image())
+    ds = hf_datasets.Dataset.from_dict({"label": list(range(20)), "picture": files})
+    ds = ds.cast_column("picture", hf_datasets.Image())
     (tmp_path / "pq" / "data").mkdir(parents=True)
     ds.to_parquet(str(tmp_path / "pq" / "data" / "test-00000-of-00001.parquet"))
-    x = data.load_images(tmp_path / "pq", "test", cache_dir=tmp_path / "c")
+    x = datasets.load_images(tmp_path / "pq", "test", cache_dir=tmp_path / "c")
     assert x.shape == (20, 1, 28, 28)
     assert sorted(map(bytes, x.flatten(1).numpy())) == sorted(map(bytes, ref.flatten(1).numpy()))
     # Its test split is the held-out split (scored by train and evaluate), as for a folder tree.
     ds.to_parquet(str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"))
-    assert data.local_splits(tmp_path / "pq") == ["train", "test"]
-    assert data.heldout_split(tmp_path / "pq") == "test"
-    assert data.heldout_split(mnist_folder) == "test"
+    assert datasets.local_splits(tmp_path / "pq") == ["train", "test"]
+    assert datasets.heldout_split(tmp_path / "pq") == "test"
+    assert datasets.heldout_split(mnist_folder) == "test"
 
 
 def test_limit_is_a_seeded_random_subset_not_the_first_files(mnist_folder, tmp_path):
     """The folder lists files sorted by class: the first N would all be zeros."""
-    full = data.load_images(mnist_folder, "train", cache_dir=tmp_path)
-    a = data.load_images(mnist_folder, "train", limit=200, cache_dir=tmp_path)
-    b = data.load_images(mnist_folder, "train", limit=200, cache_dir=tmp_path / "other")
+    full = datasets.load_images(mnist_folder, "train", cache_dir=tmp_path)
+    a = datasets.load_images(mnist_folder, "train", limit=200, cache_dir=tmp_path)
+    b = datasets.load_images(mnist_folder, "train", limit=200, cache_dir=tmp_path / "other")
     assert torch.equal(a, b)  # the same subset every time (and in every command)
-    keep = data.limit_indices(len(full), 200)
+    keep = datasets.limit_indices(len(full), 200)
     assert torch.equal(a, full[keep]) and keep != list(range(200))
     # It spans the classes: the folder holds 400 images per class in order.
     assert len({i // 400 for i in keep}) == 10
 
 
 def test_resizing_is_said_not_silent(mnist_folder, tmp_path, capsys):
-    data.load_images(mnist_folder, "test", image_size=32, limit=10, cache_dir=tmp_path)
+    datasets.load_images(mnist_folder, "test", image_size=32, limit=10, cache_dir=tmp_path)
     first = capsys.readouterr().err
     assert "28×28 zero-padded to 32×32" in first and "--image-size" in first
-    data.load_images(mnist_folder, "test", image_size=32, limit=10, cache_dir=tmp_path)
+    datasets.load_images(mnist_folder, "test", image_size=32, limit=10, cache_dir=tmp_path)
     assert "zero-padded" in capsys.readouterr().err  # said again when read from the cache
-    data.load_images(mnist_folder, "test", image_size=14, limit=10, cache_dir=tmp_path)
+    datasets.load_images(mnist_folder, "test", image_size=14, limit=10, cache_dir=tmp_path)
     assert "28×28 resized (bilinear) to 14×14" in capsys.readouterr().err
-    data.load_images(mnist_folder, "test", limit=10, cache_dir=tmp_path)
+    datasets.load_images(mnist_folder, "test", limit=10, cache_dir=tmp_path)
     assert capsys.readouterr().err == ""
 
 
@@ -175,20 +177,20 @@ def test_float_images_are_refused():
         with pytest.raises(ShapeError, match="uint8"):
             model.bits_per_dim(bad)
         with pytest.raises(ShapeError, match="uint8"):
-            data.dequantize(bad)
+            quantize.dequantize(bad)
     assert model.bits_per_dim(x).shape == (2,)
 
 
 def test_split_errors_list_available_splits(mnist_folder, tmp_path):
     with pytest.raises(DataError, match="available: test, train"):
-        data.load_images(mnist_folder, "valid", cache_dir=tmp_path)
+        datasets.load_images(mnist_folder, "valid", cache_dir=tmp_path)
     with pytest.raises(DataError, match="available: train, valid, test"):
-        data.load_images("celeba", "validation", cache_dir=tmp_path)
+        datasets.load_images("celeba", "validation", cache_dir=tmp_path)
 
 
 def test_offline_hub_dataset_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match="internet.*local"):
-        data.load_images("mnist", "test", cache_dir=tmp_path)
+        datasets.load_images("mnist", "test", cache_dir=tmp_path)
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "file", "broken"])
@@ -202,7 +204,7 @@ def test_bad_folders(tmp_path, make):
         (target / "train" / "a").mkdir(parents=True)
         (target / "train" / "a" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(DataError):
-        data.load_images(target, "train", cache_dir=tmp_path / "c")
+        datasets.load_images(target, "train", cache_dir=tmp_path / "c")
     assert not list((tmp_path / "c").glob("*.safetensors")) if (tmp_path / "c").exists() else True
 
 
@@ -250,16 +252,16 @@ def test_augment_without_flip_is_a_pure_shift(gen):
 def test_embedded_digits_load_offline(tmp_path) -> None:
     """`digits` ships inside the package: 4,000 / 1,000 real digits, stratified, padded to 32
     like the zoo's MNIST presets, read through the same decode-and-cache path."""
-    from attnflow_zoo import data
+    from attnflow_zoo.data import datasets
 
-    train = data.load_images("digits", "train", image_size=32, cache_dir=tmp_path)
-    test = data.load_images("digits", "test", image_size=32, cache_dir=tmp_path)
+    train = datasets.load_images("digits", "train", image_size=32, cache_dir=tmp_path)
+    test = datasets.load_images("digits", "test", image_size=32, cache_dir=tmp_path)
     assert train.shape == (4000, 1, 32, 32) and test.shape == (1000, 1, 32, 32)
     assert train.dtype == torch.uint8 and int(train.max()) == 255
     assert train[:, :, :2].max() == 0 and train[:, :, -2:].max() == 0  # 28 -> 32 zero padding
-    assert data.heldout_split("digits") == "test" and not data.default_flip("digits")
+    assert datasets.heldout_split("digits") == "test" and not datasets.default_flip("digits")
     assert list(tmp_path.glob("digits_*.safetensors"))  # cached like every dataset
-    ds = data._embedded_split("digits.npz", "test")
+    ds = datasets._embedded_split("digits.npz", "test")
     assert sorted(set(ds["label"])) == list(range(10))
     assert all(n == 100 for n in torch.bincount(torch.tensor(ds["label"])).tolist())
-    assert data.card_info("digits")["hub_id"] is None
+    assert datasets.card_info("digits")["hub_id"] is None

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import attnflow_zoo as az
-from attnflow_zoo import inspection, latents, metrics
+from attnflow_zoo import metrics
 from attnflow_zoo.errors import ConfigError, ShapeError
+from attnflow_zoo.evaluation import inspection, latents
 from attnflow_zoo.layers.masked_attention import IMap, ITrans
 from attnflow_zoo.layers.residual_attention import KINDS, ResidualAttention
 from attnflow_zoo.priors import GaussianPrior, MARPrior
@@ -246,8 +247,8 @@ def test_inspect_image_writes_the_figures(gen, tmp_path):
 def test_read_image_fits_a_file_to_the_model(mode, size, shape, tmp_path):
     from PIL import Image
 
+    from attnflow_zoo.data.images import read_image
     from attnflow_zoo.errors import DataError
-    from attnflow_zoo.images import read_image
 
     rng = np.random.default_rng(0)
     array = rng.integers(0, 256, (size, size, 3) if mode == "RGB" else (size, size),

@@ -8,7 +8,7 @@ import torch
 
 from attnflow_zoo import FlowModel, FlowSequential, bits_per_dim
 from attnflow_zoo.core import diag_normal_logpdf
-from attnflow_zoo.data import dequantize, quantize
+from attnflow_zoo.data.quantize import dequantize, quantize
 from attnflow_zoo.testing import gaussian_bits_per_dim
 
 

@@ -25,7 +25,7 @@ from _hub_server import HubServer  # noqa: E402
 from _toy_flow import ToyFlow, ToyFlowConfig  # noqa: E402
 from attnflow_cli.main import main  # noqa: E402
 
-from attnflow_zoo.sampling import draw_samples  # noqa: E402
+from attnflow_zoo.evaluation.sampling import draw_samples  # noqa: E402
 
 # The CLI in a fresh interpreter, with the toy architecture importable (it is not a preset).
 CLI = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import _toy_flow; "
@@ -202,7 +202,7 @@ def test_cli_errors_are_one_line(ckpt: Path, tmp_path: Path, case: str,
 
 def _card_names() -> list[str]:
     from attnflow_zoo.factory import list_models
-    from attnflow_zoo.modelcard import resource_dir
+    from attnflow_zoo.publishing.modelcard import resource_dir
 
     files = {p.name[:-5] for p in resource_dir("cards").iterdir() if p.name.endswith(".json")}
     return sorted(files | set(list_models()))
@@ -213,7 +213,7 @@ def test_every_zoo_entry_renders_a_card(name: str) -> None:
     import yaml
 
     from attnflow_zoo.factory import list_models
-    from attnflow_zoo.modelcard import card_spec, read_resource, render_card
+    from attnflow_zoo.publishing.modelcard import card_spec, read_resource, render_card
     from attnflow_zoo.registry import get_entry
 
     if name in list_models():
@@ -275,7 +275,7 @@ def test_cards_and_licenses_ship_in_the_wheel(tmp_path: Path) -> None:
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
         "getattr(f, '__module__', '')]\n"
         "sys.path.insert(0, site)\n"
-        "import attnflow_zoo, attnflow_zoo.modelcard as mc\n"
+        "import attnflow_zoo, attnflow_zoo.publishing.modelcard as mc\n"
         "assert attnflow_zoo.__file__.startswith(site), attnflow_zoo.__file__\n"
         "assert str(mc.resource_dir('cards')).startswith(site)\n"
         "card = mc.render_card(architecture='AttnFlow', config={}, "

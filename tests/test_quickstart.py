@@ -15,7 +15,10 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 import attnflow_zoo as az
-from attnflow_zoo import checkpoint, data, quickstart, results
+from attnflow_zoo import checkpoint
+from attnflow_zoo.data import datasets
+from attnflow_zoo.evaluation import results
+from attnflow_zoo.workflows import quickstart
 
 
 def _fresh_env(home: Path) -> dict[str, str]:
@@ -88,7 +91,7 @@ def test_the_card_names_the_embedded_dataset_and_the_score(quick_run: tuple[Path
     cwd, stdout = quick_run
     run = cwd / quickstart.DEFAULT_OUT
     card = ModelCard.load(run / "README.md")
-    assert data.DATASETS["digits"].name in card.text  # "digits (5,000 MNIST digits embedded …)"
+    assert datasets.DATASETS["digits"].name in card.text  # "digits (5,000 MNIST digits embedded …)"
     (result,) = card.data.eval_results
     metrics = results.load_metrics(run / "metrics.json")
     assert result.metric_type == "bits_per_dim" and result.metric_value == metrics["bpd"]

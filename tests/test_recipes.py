@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from attnflow_zoo import recipes
 from attnflow_zoo.errors import ConfigError
 from attnflow_zoo.factory import list_models
 from attnflow_zoo.registry import get_entry
+from attnflow_zoo.training import recipes
 
 DENSITY = [n for n in list_models() if not n.startswith("validator")]
 MIXLOG = [n for n in list_models("*_mixlog*") if not n.endswith("_tiny")]

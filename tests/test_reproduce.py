@@ -127,7 +127,7 @@ def test_reproduce_resumes_an_interrupted_training(mnist_folder: Path, tmp_path:
     exactly the weights of an uninterrupted run."""
     from safetensors.torch import load_file
 
-    from attnflow_zoo.reproduce import STATE_NAME, reproduce
+    from attnflow_zoo.workflows.reproduce import STATE_NAME, reproduce
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     kwargs = dict(dataset=mnist_folder, overrides={"steps": 6, "checkpoint_every": 3},

@@ -13,7 +13,7 @@ from PIL import Image
 import attnflow_zoo as az
 from attnflow_zoo.core import resolve_device
 from attnflow_zoo.errors import ConfigError
-from attnflow_zoo.sampling import draw_samples, save_samples
+from attnflow_zoo.evaluation.sampling import draw_samples, save_samples
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _toy_flow import ToyFlow, ToyFlowConfig  # noqa: E402

@@ -14,10 +14,10 @@ import pytest
 import torch
 from _toy_flow import ToyFlow, ToyFlowConfig
 
-from attnflow_zoo.data import load_images
+from attnflow_zoo.data.datasets import load_images
 from attnflow_zoo.errors import CheckpointError, ConfigError, TrainingError
-from attnflow_zoo.evaluation import evaluate_bpd
 from attnflow_zoo.hub import resolve_checkpoint
+from attnflow_zoo.metrics import evaluate_bpd
 from attnflow_zoo.training import TrainConfig, fit
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import attnflow_zoo as az
-from attnflow_zoo.data import to_model_space
+from attnflow_zoo.data.quantize import to_model_space
 from attnflow_zoo.errors import ShapeError
 from attnflow_zoo.models.validator import InvertibilityValidator, InvertibilityValidatorConfig
-from attnflow_zoo.validation import run_validation
+from attnflow_zoo.workflows.validation import run_validation
 
 TINY = az.list_models("validator_*_tiny")
 

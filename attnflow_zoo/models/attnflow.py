@@ -319,7 +319,7 @@ class AttnFlow(FlowModel):
 
     def unwhiten_latents(self, eps: list[Tensor], y: Tensor | int | None = None
                          ) -> list[Tensor]:
-        """Whitened latents ε_l (``attnflow_zoo.latents.whiten``) -> the latents z_l, deepest
+        """Whitened latents ε_l (``evaluation.latents.whiten``) -> the latents z_l, deepest
         level first: z_l = μ_l + σ_l·ε_l, with μ_l, σ_l from the kept half that the deeper
         levels decode to (and, for the mAR prior, channel by channel: ``MARPrior.unwhiten``)."""
         self._check_latents(eps)

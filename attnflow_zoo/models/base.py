@@ -7,8 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .. import data, metrics
+from .. import metrics
 from ..core import initialize_from_data
+from ..data import quantize
 from ..errors import ConfigError, ShapeError
 from ..hub import ZooHubMixin
 from .conditioning import balanced_labels
@@ -26,7 +27,7 @@ class FlowModel(nn.Module, ZooHubMixin):
     """Base of every zoo density model: an 8-bit image model on the Hub.
 
     The model's input space is x = x̃ − 0.5 ∈ [−0.5, 0.5) where x̃ ∈ [0, 1)^D is the uniformly
-    dequantised image (``data.to_model_space``). The shift has a unit Jacobian, so the density
+    dequantised image (``quantize.to_model_space``). The shift has a unit Jacobian, so the density
     of x equals the density of x̃.
 
     Subclasses take one frozen config dataclass (annotate the ``config`` argument with its type
@@ -143,9 +144,9 @@ class FlowModel(nn.Module, ZooHubMixin):
 
     def to_model_space(self, x_u8: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """x = dequantize(x_u8) − 0.5 on the model's device and in its dtype (so a float64 model
-        gets float64 inputs); see ``data.to_model_space``."""
+        gets float64 inputs); see ``quantize.to_model_space``."""
         self.check_images(x_u8)
-        return data.to_model_space(x_u8.to(self.device), generator, self.dtype)
+        return quantize.to_model_space(x_u8.to(self.device), generator, self.dtype)
 
     def initialize_from_data(self, x_u8: Tensor, generator: torch.Generator | None = None,
                              y: Tensor | int | None = None) -> int:
@@ -186,7 +187,7 @@ class FlowModel(nn.Module, ZooHubMixin):
         if y is None and self.num_classes:
             y = balanced_labels(num_samples, self.num_classes)
         x = self.generate(num_samples, temperature=temperature, generator=generator, y=y)
-        return data.from_model_space(x)
+        return quantize.from_model_space(x)
 
 
 def check_sampling(num_samples: int, temperature: float) -> None:

@@ -193,7 +193,7 @@ class ResFlow(FlowModel):
                 h = self.squeeze.inverse(h)
         return self.squeeze.inverse(h)
 
-    # --- per-level latents (``attnflow_zoo.latents``) -----------------------------------------
+    # --- per-level latents (``evaluation.latents``) ----------------------------------------------
     def encode_latents(self, x: Tensor, y: Tensor | int | None = None) -> list[Tensor]:
         """x -> every latent, one tensor per scale in scale order (the factored-out halves,
         then the last activation), of shapes B×``latent_shapes[s]``; their flattened

@@ -2,7 +2,7 @@
 
 Model: squeeze(2) + ONE residual attention layer, y = s(x) + g(s(x)). It is trained to map
 images to a fixed random target (MSE), then the test images are recovered from their outputs
-by the fixed-point inverse (the experiment runner is ``attnflow_zoo.validation``). It is a check
+by the fixed-point inverse (the experiment runner is ``workflows.validation``). It is a check
 of the attention's invertibility, not a density model.
 """
 

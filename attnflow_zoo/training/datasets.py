@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import data
+from ..data import datasets
 from ..errors import DataError
 from .config import TrainConfig
 
@@ -34,11 +34,11 @@ def carve_validation(images: Tensor, config: TrainConfig) -> tuple[Tensor, Tenso
 def data_record(dataset: str | os.PathLike[str], limit: int | None, heldout: str | None,
                 eval_limit: int | None) -> dict[str, Any]:
     """The ``dataset`` entry of ``run.json`` for a named dataset or a local folder."""
-    named = data.dataset_spec(dataset) is not None
+    named = datasets.dataset_spec(dataset) is not None
     return {"name": str(dataset).lower() if named else None,
             "path": None if named else str(Path(dataset).expanduser().resolve()),
             "train_split": "train", "heldout_split": heldout, "limit": limit,
-            "eval_limit": eval_limit, "limit_rule": data.LIMIT_RULE}
+            "eval_limit": eval_limit, "limit_rule": datasets.LIMIT_RULE}
 
 
 def run_settings(config: TrainConfig, info: dict[str, Any]) -> dict[str, Any]:

@@ -43,14 +43,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import checkpoint, data
+from .. import checkpoint
 from .._io import check_writable
-from ..augment import augment
 from ..compilation import compile_training
 from ..core import initialize_from_data, resolve_device
+from ..data import datasets, quantize
+from ..data.augment import augment
+from ..data.labels import labels_for
 from ..errors import CheckpointError, DataError, TrainingError
-from ..evaluation import evaluate_bpd
-from ..labels import labels_for
+from ..metrics import evaluate_bpd
 from ..progress import clock, note, progress
 from .config import TrainConfig, check_device, check_resume
 from .datasets import carve_validation, data_record, run_settings
@@ -163,13 +164,13 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     dataset = train_data if isinstance(train_data, (str, os.PathLike)) else None
     if dataset is not None:
         shape = model.input_shape  # type: ignore[attr-defined]
-        split = data.heldout_split(dataset)
+        split = datasets.heldout_split(dataset)
         if eval_data is None and split is not None:
-            eval_data, eval_labels = data.load_labelled(dataset, split, shape)
-        train_data, train_labels = data.load_labelled(dataset, "train", shape)
+            eval_data, eval_labels = datasets.load_labelled(dataset, split, shape)
+        train_data, train_labels = datasets.load_labelled(dataset, "train", shape)
         info.setdefault("dataset", data_record(dataset, None, split, None))
     if config.flip is None:
-        config = config.replace(flip=data.default_flip(dataset))
+        config = config.replace(flip=datasets.default_flip(dataset))
     model.check_images(train_data[:1])  # type: ignore[attr-defined]
     if eval_data is not None:
         model.check_images(eval_data[:1])  # type: ignore[attr-defined]
@@ -253,7 +254,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         # statistics over ranks, which makes them the global batch's.
         g = _step_generator(config.seed, 0, dev)
         x_u8, y = _batch(train_data, train_labels, 0, config, steps_per_epoch, dev)
-        x, y = _local_rows(data.to_model_space(x_u8, g), ctx), _local_rows(y, ctx)
+        x, y = _local_rows(quantize.to_model_space(x_u8, g), ctx), _local_rows(y, ctx)
         initialize_from_data(model, lambda: model.log_density(x, y, generator=g))
         if config.ema_decay is not None:
             ema = make_ema(model, config)
@@ -335,7 +336,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             g = _step_generator(config.seed, step + 1, dev)
             if config.augment:
                 x_u8 = augment(x_u8, g, max_shift=config.max_shift, flip=config.flip)
-            x, y = _local_rows(data.to_model_space(x_u8, g), ctx), _local_rows(y, ctx)
+            x, y = _local_rows(quantize.to_model_space(x_u8, g), ctx), _local_rows(y, ctx)
             scheduler.step_update(num_updates=step + 1)
             # No host read in the step (``step.py``): the non-finite guard stays on the device
             # and is read at logging / checkpoint steps.

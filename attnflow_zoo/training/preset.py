@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint, data, registry
+from .. import checkpoint, registry
 from .._io import check_writable
 from ..core import resolve_device
+from ..data import datasets
 from ..errors import CheckpointError, ConfigError, DataError
 from ..factory import create_model
 from .config import TrainConfig, check_device, check_resume
@@ -39,7 +40,7 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
                  conditional: bool = False) -> FitResult:
     """Build preset ``model_name`` (config ``overrides``; initial weights seeded by
     ``config.seed``), load ``dataset`` at its image size (``limit`` / ``eval_limit``: seeded
-    random subsets, ``data.LIMIT_RULE``) and ``fit`` it into ``out_dir``.
+    random subsets, ``datasets.LIMIT_RULE``) and ``fit`` it into ``out_dir``.
 
     Every check (device, preset, output folder, resume compatibility, data, image size) runs
     before anything is written to ``out_dir``. ``allow_changes``: the settings a resume may
@@ -57,15 +58,15 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
     check_writable(out, is_dir=True)
     overrides = dict(overrides or {})
     if conditional and not overrides.get("num_classes"):
-        overrides["num_classes"] = data.count_classes(dataset)
+        overrides["num_classes"] = datasets.count_classes(dataset)
         if not overrides["num_classes"]:
             raise DataError(f"{dataset} has no class labels (no `label` column or class folders "
                             "root/{split}/{class}/), so --conditional cannot train on it; drop "
                             "--conditional or use a labelled dataset")
     model = build_seeded(model_name, config.seed, overrides)
     if config.flip is None:
-        config = config.replace(flip=data.default_flip(dataset))
-    split = data.heldout_split(dataset)
+        config = config.replace(flip=datasets.default_flip(dataset))
+    split = datasets.heldout_split(dataset)
     # The preset's recipe name where the registry has one (None otherwise).
     recipe = getattr(registry.get_entry(model_name), "recipe", None)
     info = {"preset": model_name, "recipe": getattr(recipe, "name", None),
@@ -76,8 +77,8 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
     else:
         check_fresh(out)
     shape = model.input_shape
-    train, train_labels = data.load_labelled(dataset, "train", shape, limit=limit)
-    heldout, heldout_labels = data.load_labelled(dataset, split, shape, limit=eval_limit) \
+    train, train_labels = datasets.load_labelled(dataset, "train", shape, limit=limit)
+    heldout, heldout_labels = datasets.load_labelled(dataset, split, shape, limit=eval_limit) \
         if split else (None, None)
     return fit(model, train, config, eval_data=heldout, out_dir=out, resume=resume, device=dev,
                show_progress=show_progress, allow_changes=allow_changes, run_info=info,

@@ -25,9 +25,9 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from .data import DATASETS, card_info
-from .progress import clock
-from .results import check_metrics, refuse_pipeline_fid
+from ..data.datasets import DATASETS, card_info
+from ..evaluation.results import check_metrics, refuse_pipeline_fid
+from ..progress import clock
 
 FAMILIES = ("attnflow", "marflow", "validator", "resflow")
 _PACKAGES = {"cards": "attnflow_zoo._cards", "dataset_license": "attnflow_zoo._licenses"}
@@ -272,7 +272,7 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
         config: the config dataclass (or its dict).
         preset: the zoo entry name, or None (the family default card is used).
         repo_id: where the card will live (shown in the usage snippet).
-        metrics: measured metrics in the schema of ``attnflow_zoo.results`` (what
+        metrics: measured metrics in the schema of ``evaluation.results`` (what
             ``attnflow evaluate --json`` prints); they go into ``model-index``. A FID of random
             Inception weights is refused (``ConfigError``).
         run: the checkpoint's run record (``checkpoint.read_run_record``), or None.

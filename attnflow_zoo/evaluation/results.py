@@ -39,7 +39,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 FORMAT = 1
 _NUMBER = (int, float)

@@ -1,6 +1,6 @@
 """Scoring models: held-out bits/dim of a model or a checkpoint, and the standard FID.
 
-Both return the one metrics schema (``attnflow_zoo.results``) that ``attnflow evaluate --json``
+Both return the one metrics schema (``evaluation.results``) that ``attnflow evaluate --json``
 prints and ``attnflow push --metrics`` / the model card read.
 
 The FID protocol (``standard_fid``), as the flow papers report it: ``num_samples`` = 50,000
@@ -17,51 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
-from . import checkpoint, data, results
-from .core import resolve_device
-from .errors import ConfigError, DataError
-from .factory import load_model
-from .hub import resolve_checkpoint
-from .labels import labels_for
-from .metrics import dataset_statistics, fid_from_model, load_inception
-from .progress import progress
-
-
-@torch.no_grad()
-def evaluate_bpd(model: nn.Module, images_u8: Tensor, batch_size: int = 256,
-                 generator: torch.Generator | None = None, show_progress: bool | None = None,
-                 labels: Tensor | None = None) -> float:
-    """Mean per-image bits/dim of ``images_u8`` (N×C×H×W uint8), single-sample dequantisation.
-
-    bpd = (1/N) Σ_i model.bits_per_dim(x_i) (SPEC §4). The noise is drawn batch after batch from
-    ``generator`` (on the model's device if given on CPU it is used there and moved), so the same
-    seed and batch size give the same number — ``fit`` logs with ``eval_seed`` /
-    ``eval_batch_size`` and ``attnflow evaluate`` uses the same defaults. ``labels``: the
-    images' classes, (N,), for a class-conditional model (bits/dim of x given its class).
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    try:
-        with progress("evaluate", total=len(images_u8), show=show_progress) as advance:
-            for start in range(0, len(images_u8), batch_size):
-                batch = images_u8[start:start + batch_size]
-                y = None if labels is None else labels[start:start + batch_size]
-                bpd = model.bits_per_dim(batch, y, generator=generator)
-                total += bpd.double().sum().cpu()
-                advance(len(batch), bpd=f"{total.item() / (start + len(batch)):.4f}")
-    finally:
-        model.train(was_training)
-    return float(total / len(images_u8))
+from .. import checkpoint
+from ..core import resolve_device
+from ..data import datasets
+from ..data.labels import labels_for
+from ..errors import DataError
+from ..factory import load_model
+from ..hub import resolve_checkpoint
+from ..metrics import evaluate_bpd
+from . import results
+from .fid import dataset_statistics, fid_from_model, load_inception
 
 
 def dataset_label(dataset: str | os.PathLike[str]) -> str:
     """How metrics name a dataset: its table key, or a local folder's absolute path."""
-    spec = data.dataset_spec(dataset)
+    spec = datasets.dataset_spec(dataset)
     return str(dataset).lower() if spec is not None else str(Path(dataset).expanduser().resolve())
 
 
@@ -142,17 +113,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
     """Held-out bits/dim of a checkpoint (``evaluate_bpd``, noise seeded ``seed``: the numbers
     ``fit`` logs with the same seed and batch size) and, with ``fid``, ``standard_fid``.
 
-    ``split`` defaults to the dataset's held-out split (``data.heldout_split``). Returns the
-    metrics schema of ``attnflow_zoo.results`` (what ``attnflow push --metrics`` takes).
+    ``split`` defaults to the dataset's held-out split (``datasets.heldout_split``). Returns the
+    metrics schema of ``evaluation.results`` (what ``attnflow push --metrics`` takes).
     """
     dev = resolve_device(device)
     directory = resolve_checkpoint(checkpoint)
     model = load_model(directory).to(dev)
-    split = split or data.heldout_split(dataset)
+    split = split or datasets.heldout_split(dataset)
     if split is None:
         raise DataError(f"{dataset} has no held-out split (test, valid or validation); "
                              "pass --split")
-    images, labels = data.load_labelled(dataset, split, model.input_shape, limit=limit)
+    images, labels = datasets.load_labelled(dataset, split, model.input_shape, limit=limit)
     labels = labels_for(model.num_classes, labels, f"{dataset} ({split})")
     g = torch.Generator(device=dev).manual_seed(seed)
     bpd = evaluate_bpd(model, images, batch_size, g, show_progress=show_progress,

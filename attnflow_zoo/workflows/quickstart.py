@@ -21,15 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoint, publish, recipes, results
-from ._io import atomic_write_text
-from .errors import ConfigError
-from .factory import load_model
+from .. import checkpoint
+from .._io import atomic_write_text
+from ..errors import ConfigError
+from ..evaluation import results
+from ..evaluation.sampling import draw_samples
+from ..factory import load_model
+from ..publishing import publish
+from ..training import recipes, train_preset
+from ..training.report import save_grid
+from ..training.run import holds_run
 from .reproduce import METRICS_NAME
-from .sampling import draw_samples
-from .training import train_preset
-from .training.report import save_grid
-from .training.run import holds_run
 
 #: The entry ``attnflow quickstart`` trains, on the data it trains on (embedded, offline).
 DEFAULT_PRESET = "attnflow_imap_digits"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def num_classes(labels: Tensor | None) -> int:

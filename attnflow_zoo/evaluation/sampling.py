@@ -9,15 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import data
-from ._io import atomic_path, check_writable
-from .compilation import compile_sampling
-from .core import resolve_device
-from .errors import ConfigError
-from .models.base import check_sampling
-from .models.conditioning import balanced_labels
-from .precision import autocast_for, upcast
-from .progress import progress
+from .._io import atomic_path, check_writable
+from ..compilation import compile_sampling
+from ..core import resolve_device
+from ..data import quantize
+from ..errors import ConfigError
+from ..models.base import check_sampling
+from ..models.conditioning import balanced_labels
+from ..precision import autocast_for, upcast
+from ..progress import progress
 
 #: File types ``save_samples`` writes.
 SUFFIXES = (".png", ".jpg", ".jpeg", ".npz")
@@ -57,7 +57,7 @@ def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed
             with autocast_for(device, precision):
                 x = generate(n, temperature, gen, y=y) if y is not None else \
                     generate(n, temperature, gen)
-            out.append(data.from_model_space(upcast(x)).cpu())
+            out.append(quantize.from_model_space(upcast(x)).cpu())
             advance(n)
     return torch.cat(out)
 

@@ -24,12 +24,13 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
-from . import data, factory, registry
-from .errors import ConfigError
-from .registry import Recipe
+from .. import factory, registry
+from ..data import datasets
+from ..errors import ConfigError
+from ..registry import Recipe
 
 if TYPE_CHECKING:
-    from .training.config import TrainConfig
+    from .config import TrainConfig
 
 #: TrainConfig fields a recipe sets (compared when a run is checked against its recipe).
 RECIPE_SETTINGS = ("steps", "epochs", "batch_size", "lr", "warmup_steps", "schedule",
@@ -49,7 +50,7 @@ def recipe_of(preset: str) -> Recipe:
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(recipe fields, TrainConfig-only fields) of ``overrides``; ``ConfigError`` naming the
     valid keys for any other."""
-    from .training.config import TrainConfig  # (importing training loads the training loop)
+    from .config import TrainConfig
 
     recipe_keys = registry.recipe_fields() - {"name", "source", "task", "dataset"}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -101,7 +102,7 @@ def recipe_settings(recipe: Recipe) -> dict[str, Any]:
 def config_from_recipe(recipe: Recipe, world_size: int = 1, **train_overrides: Any
                        ) -> TrainConfig:
     """The ``TrainConfig`` of a (density) recipe for ``world_size`` processes (module rule)."""
-    from .training.config import TrainConfig
+    from .config import TrainConfig
 
     if recipe.task != "density":
         raise ConfigError(f"recipe {recipe.name!r} is Zha et al.'s invertibility experiment: "
@@ -131,7 +132,7 @@ def train_config(preset: str, world_size: int | None = None, **overrides: Any) -
     """
     factory.list_models()  # the model modules register the presets on import
     if registry.get_entry(preset).recipe is None:  # e.g. a preset registered by user code
-        from .training.config import TrainConfig
+        from .config import TrainConfig
 
         return TrainConfig(**overrides)
     in_recipe, in_train = split_overrides(overrides)
@@ -172,7 +173,7 @@ def _flip_text(recipe: Recipe) -> str:
         return "flip" if recipe.flip else "no flip"
     if recipe.dataset is None:
         return "flip: data's rule"
-    return "flip" if data.default_flip(recipe.dataset) else "no flip"
+    return "flip" if datasets.default_flip(recipe.dataset) else "no flip"
 
 
 def _length(recipe: Recipe) -> str:
@@ -239,7 +240,7 @@ def describe(recipe: Recipe) -> list[str]:
 
 def deviations(recipe: Recipe, run: dict[str, Any]) -> list[str]:
     """How a run (its ``run.json``) departs from ``recipe``: one phrase per setting."""
-    from .training.config import legacy_settings
+    from .config import legacy_settings
 
     used = legacy_settings(run.get("train_config") or {})
     out = []

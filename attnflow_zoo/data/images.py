@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .errors import DataError
-from .progress import progress
+from ..errors import DataError
+from ..progress import progress
 
 
 def _to_array(img: Image.Image) -> np.ndarray:

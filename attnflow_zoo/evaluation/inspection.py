@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._io import atomic_path, check_writable
+from ..core import diag_normal_logpdf, resolve_device
+from ..data.images import read_image
+from ..errors import ConfigError
+from ..layers.masked_attention import IMap, ITrans
+from ..layers.residual_attention import ResidualAttention
 from . import latents as latent_tools
-from ._io import atomic_path, check_writable
-from .core import diag_normal_logpdf, resolve_device
-from .errors import ConfigError
-from .images import read_image
-from .layers.masked_attention import IMap, ITrans
-from .layers.residual_attention import ResidualAttention
 
 ATTENTION_LAYERS = (IMap, ITrans, ResidualAttention)
 

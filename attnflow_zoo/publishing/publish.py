@@ -10,13 +10,15 @@ from typing import Any
 
 import torch
 
-from . import data, recipes, registry
-from ._io import atomic_write_text
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config, read_run_record, resolve_local
-from .errors import CheckpointError
-from .factory import list_models, load_model
+from .. import registry
+from .._io import atomic_write_text
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config, read_run_record, resolve_local
+from ..data import quantize
+from ..errors import CheckpointError
+from ..factory import list_models, load_model
+from ..online import offline_mode
+from ..training import recipes
 from .modelcard import render_card
-from .online import offline_mode
 
 PLACEHOLDER_REPO = "<user>/<repo>"
 CARD_NAME = "README.md"
@@ -31,7 +33,7 @@ def check_round_trip(model: Any, num_images: int = 4, seed: int = 0) -> float:
                               "its round trip before pushing")
     gen = torch.Generator().manual_seed(seed)
     x_u8 = torch.randint(0, 256, (num_images, *shape), generator=gen, dtype=torch.uint8)
-    x = data.to_model_space(x_u8, gen).to(_device_of(model))
+    x = quantize.to_model_space(x_u8, gen).to(_device_of(model))
     with torch.no_grad():
         out = model(x)
         # Density models return (z, logdet); a bare bijection (the validator) returns z.
@@ -69,7 +71,7 @@ def build_card(checkpoint_dir: str | os.PathLike[str], repo_id: str = PLACEHOLDE
                left_out: list[str] | None = None) -> Any:
     """The model card (``huggingface_hub.ModelCard``) of a local checkpoint: its config.json, its
     run record (``run.json``, if training wrote one), its recipe and ``metrics`` (the schema of
-    ``attnflow_zoo.results``)."""
+    ``evaluation.results``)."""
     directory = resolve_local(checkpoint_dir)
     payload = read_config(directory)
     preset = preset or payload.get("preset")

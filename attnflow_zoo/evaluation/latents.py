@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import data
-from .core import resolve_device
-from .errors import ConfigError
-from .images import read_image
+from ..core import resolve_device
+from ..data import quantize as q8
+from ..data.images import read_image
+from ..errors import ConfigError
 from .sampling import check_output, save_samples
 
 #: What a model must offer for these tools.
@@ -49,10 +49,10 @@ def check_supported(model: Any) -> None:
 
 def centred(model: Any, x_u8: Tensor) -> Tensor:
     """x = (x_u8 + ½)/256 − ½: uint8 images at their bins' centres in the model's input space
-    (``data.to_model_space`` without the noise), on its device and in its dtype. Deterministic,
+    (``q8.to_model_space`` without the noise), on its device and in its dtype. Deterministic,
     and any x within ½/256 of it quantises back to x_u8."""
     model.check_images(x_u8)
-    return data.bin_centres(x_u8.to(model.device), model.dtype)
+    return q8.bin_centres(x_u8.to(model.device), model.dtype)
 
 
 def whiten(model: Any, latents: list[Tensor], y: Tensor | int | None = None) -> list[Tensor]:
@@ -174,8 +174,8 @@ def reconstruct(model: Any, x_u8: Tensor, y: Tensor | int | None = None) -> Reco
 
 
 def quantize(x: Tensor) -> Tensor:
-    """Model-space x -> uint8 images on the CPU (``data.quantize`` of x + ½)."""
-    return data.from_model_space(x).cpu()
+    """Model-space x -> uint8 images on the CPU (``data.quantize.from_model_space``)."""
+    return q8.from_model_space(x).cpu()
 
 
 # --- files -------------------------------------------------------------------------------------

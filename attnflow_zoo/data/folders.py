@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def local_splits(folder: Path) -> list[str]:

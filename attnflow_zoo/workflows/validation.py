@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import data
-from ._io import atomic_path, atomic_write_text, check_writable, make_dir
-from .core import resolve_device
-from .errors import ConfigError, DataError, ShapeError
-from .layers.residual import InverseNotConvergedWarning
-from .layers.residual_attention import KINDS
-from .models.base import image_hw
-from .models.validator import InvertibilityValidator, InvertibilityValidatorConfig
-from .progress import progress
+from .._io import atomic_path, atomic_write_text, check_writable, make_dir
+from ..core import resolve_device
+from ..data import datasets, quantize
+from ..errors import ConfigError, DataError, ShapeError
+from ..layers.residual import InverseNotConvergedWarning
+from ..layers.residual_attention import KINDS
+from ..models.base import image_hw
+from ..models.validator import InvertibilityValidator, InvertibilityValidatorConfig
+from ..progress import progress
 
 
 def _check_images(images: Tensor, name: str, config: InvertibilityValidatorConfig) -> None:
@@ -58,7 +58,7 @@ def run_validation(config: InvertibilityValidatorConfig, train_images_u8: Tensor
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one validator as in the paper, invert held-out images, report the figures.
 
-    Training: the first ``num_train`` train images, dequantised by ``data.to_model_space``
+    Training: the first ``num_train`` train images, dequantised by ``quantize.to_model_space``
     (fresh noise each epoch), shuffled, batches of ``batch_size`` (last partial batch dropped,
     as the original loader), MSE to ONE fixed N(0, I) target of the output's batch shape drawn
     once from ``generator``, Adam(lr). Evaluation: the first ``num_test`` test images are mapped
@@ -107,7 +107,7 @@ def run_validation(config: InvertibilityValidatorConfig, train_images_u8: Tensor
             order = torch.randperm(len(train), generator=generator)
             for b in range(num_batches):
                 idx = order[b * batch_size : (b + 1) * batch_size]
-                x = data.to_model_space(train[idx], generator).to(device)
+                x = quantize.to_model_space(train[idx], generator).to(device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x), target)
                 loss.backward()
@@ -117,7 +117,7 @@ def run_validation(config: InvertibilityValidatorConfig, train_images_u8: Tensor
             epoch_seconds.append(time.perf_counter() - start)
 
     model.eval()
-    x_test = data.to_model_space(test, generator)
+    x_test = quantize.to_model_space(test, generator)
     with torch.no_grad():
         outputs = [model(x_test[i : i + batch_size].to(device))
                    for i in range(0, len(test), batch_size)]
@@ -234,7 +234,7 @@ def validate(kind: str, dataset: str, out_dir: str | Path, *, fullscale: bool = 
              device: str | torch.device = "cpu") -> dict[str, Any]:
     """The experiment end to end on a named dataset or a local image folder (``attnflow
     validate``): load ``limit`` train and test images (seeded random subsets,
-    ``data.LIMIT_RULE``), ``run_validation``, write figures, grid and checkpoint to ``out_dir``.
+    ``datasets.LIMIT_RULE``), ``run_validation``, write figures, grid and checkpoint to ``out_dir``.
 
     CelebA is center-cropped to 178 and resized to 32×32 unless ``fullscale`` (218×178, batch 1,
     1 epoch by default). Defaults otherwise: 100 epochs, batch 64 (the paper).
@@ -249,8 +249,8 @@ def validate(kind: str, dataset: str, out_dir: str | Path, *, fullscale: bool = 
     if fullscale and dataset != "celeba":
         raise DataError("--fullscale is only defined for celeba (218×178 images)")
     image_size = None if fullscale else (32 if dataset == "celeba" else None)
-    train = data.load_images(dataset, "train", image_size=image_size, limit=limit)
-    test = data.load_images(dataset, "test", image_size=image_size, limit=limit)
+    train = datasets.load_images(dataset, "train", image_size=image_size, limit=limit)
+    test = datasets.load_images(dataset, "test", image_size=image_size, limit=limit)
     _, c, h, w = train.shape
     config = InvertibilityValidatorConfig(kind=kind, lipschitz=lipschitz, in_channels=c,
                                           image_size=h if h == w else (h, w))

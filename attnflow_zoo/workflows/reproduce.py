@@ -5,7 +5,7 @@ the inputs it ran on:
 
 1. ``train``: the entry's recipe (``recipes``) trained by ``training.train_preset`` into
    ``step-N/`` checkpoints; an interrupted run resumes from its newest checkpoint.
-2. ``evaluate``: held-out bits/dim and the standard FID (``evaluation.evaluate_checkpoint``)
+2. ``evaluate``: held-out bits/dim and the standard FID (``scores.evaluate_checkpoint``)
    into ``metrics.json`` (the schema of ``results``), the reference statistics kept in
    ``fid/reference-<split>.npz``.
 3. ``card``: ``README.md`` from the run record, ``metrics.json`` and the recipe, the papers'
@@ -30,11 +30,14 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, data, evaluation, publish, recipes, results
-from ._io import atomic_write_text
-from .errors import ConfigError
-from .factory import create_model
-from .training import TrainConfig, train_preset
+from .. import checkpoint
+from .._io import atomic_write_text
+from ..data import datasets
+from ..errors import ConfigError
+from ..evaluation import results, scores
+from ..factory import create_model
+from ..publishing import publish
+from ..training import TrainConfig, recipes, train_preset
 
 STATE_NAME = "reproduce.json"
 METRICS_NAME = "metrics.json"
@@ -117,7 +120,7 @@ def _total_steps(config: TrainConfig, dataset: Any, shape: tuple[int, ...],
                  limit: int | None) -> int:
     if config.steps is not None:
         return config.steps
-    num = len(data.load_for_shape(dataset, "train", shape, limit=limit))  # type: ignore[arg-type]
+    num = len(datasets.load_for_shape(dataset, "train", shape, limit=limit))  # type: ignore[arg-type]
     return config.epochs * (num // config.batch_size)  # type: ignore[operator]
 
 
@@ -171,7 +174,7 @@ def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
     shape = _input_shape(preset, model_overrides)
 
     # 1. train ------------------------------------------------------------------------------
-    train_inputs = {"preset": preset, "dataset": evaluation.dataset_label(dataset),
+    train_inputs = {"preset": preset, "dataset": scores.dataset_label(dataset),
                     "recipe": recipe.name, "train_config": config.to_dict(),
                     "model_overrides": model_overrides, "limit": limit, "eval_limit": eval_limit}
     previous = state.stages.get("train", {}).get("inputs")
@@ -190,7 +193,7 @@ def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
         result.skipped.append("train")
     else:
         total = _total_steps(config, dataset, shape, limit)
-        step = (evaluation.checkpoint_step(ckpt) or 0) if ckpt is not None else 0
+        step = (scores.checkpoint_step(ckpt) or 0) if ckpt is not None else 0
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         state.record("train", train_inputs, False, started=started)
         if step < total:
@@ -210,7 +213,7 @@ def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
 
     # 2. evaluate ---------------------------------------------------------------------------
     num_fid = recipe.fid_num_samples if fid_samples is None else fid_samples
-    split = recipe.eval_split if data.dataset_spec(dataset) else data.heldout_split(dataset)
+    split = recipe.eval_split if datasets.dataset_spec(dataset) else datasets.heldout_split(dataset)
     eval_inputs = {"checkpoint": ckpt.name, "split": split, "eval_limit": eval_limit,
                    "fid_samples": num_fid or 0, "fid_temperature": recipe.fid_temperature,
                    "fid_reference_split": recipe.fid_reference_split,
@@ -224,7 +227,7 @@ def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
         metrics = results.load_metrics(metrics_path)
     else:
         say(f"evaluate: {split} bits/dim" + (f" + FID of {num_fid} samples" if num_fid else ""))
-        metrics = evaluation.evaluate_checkpoint(
+        metrics = scores.evaluate_checkpoint(
             ckpt, dataset, split, limit=eval_limit, device=device, fid=bool(num_fid),
             num_samples=num_fid or 0, temperature=recipe.fid_temperature,
             fid_reference_split=recipe.fid_reference_split,

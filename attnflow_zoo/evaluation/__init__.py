@@ -1,0 +1,2 @@
+"""Evaluation: FID (``fid``), a checkpoint scored on a split (``scores``), sampling, latents
+and attention pictures."""
