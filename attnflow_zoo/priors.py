@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .core import diag_normal_logpdf, randn_like_on
+from .core import check_bound, diag_normal_logpdf, randn_like_on, soft_cap
 from .errors import ShapeError
 from .layers.nets import ConvLSTM, ZeroConv2d
 from .precision import full_precision, upcast
@@ -208,15 +208,25 @@ class GaussianPrior(Prior):
     With conditioning, (μ, log σ) = ZeroConv3×3(z1) interleaved; without, a learned per-channel
     (μ, log σ). Both start at N(0, I). Source: Kingma & Dhariwal, "Glow", NeurIPS 2018.
 
+    **Decision** (``log_std_bound`` c): Glow's conditional log σ is linear in z1, so sampling
+    z = μ + T·σ·ε amplifies ε by a factor that grows exponentially with z1. With c > 0, log σ
+    is soft-capped above (``core.soft_cap``: raw where raw ≤ 0, c·tanh(raw/c) above), so σ < e^c
+    for any z1; small σ (a contraction when sampling) is left as it is. None (the default of
+    this class) is Glow's prior.
+
     Args:
         num_channels: C of the modelled latent.
         cond_channels: channels of the conditioning z1; 0 for an unconditional prior.
+        log_std_bound: c, or None for an unbounded log σ.
     """
 
-    def __init__(self, num_channels: int, cond_channels: int = 0) -> None:
+    def __init__(self, num_channels: int, cond_channels: int = 0,
+                 log_std_bound: float | None = None) -> None:
         super().__init__()
+        check_bound("log_std_bound", log_std_bound)
         self.num_channels = num_channels
         self.cond_channels = cond_channels
+        self.log_std_bound = log_std_bound
         if cond_channels > 0:
             self.net = ZeroConv2d(cond_channels, 2 * num_channels)
         else:
@@ -225,11 +235,12 @@ class GaussianPrior(Prior):
 
     def _params(self, b: int, h: int, w: int, cond: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.cond_channels == 0:
-            return (self.mean.expand(b, -1, h, w), self.log_std.expand(b, -1, h, w))
+            log_std = soft_cap(self.log_std, self.log_std_bound)
+            return (self.mean.expand(b, -1, h, w), log_std.expand(b, -1, h, w))
         if cond is None:
             raise ValueError("this prior is conditional: pass cond (the kept half z1)")
         out = upcast(self.net(cond))
-        return out[:, 0::2], out[:, 1::2]
+        return out[:, 0::2], soft_cap(out[:, 1::2], self.log_std_bound)
 
     def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(μ, log σ), B×C×H×W."""

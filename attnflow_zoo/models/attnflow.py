@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import FlowSequential, InvertibleModule
+from ..core import FlowSequential, InvertibleModule, check_bound
 from ..errors import ConfigError, ShapeError
 from ..layers.coupling import AffineCoupling
 from ..layers.linear import InvConv1x1
@@ -32,7 +32,8 @@ from .conditioning import ClassEmbedding, prior_condition
 #: Coupling layers by config name: (num_channels, config) -> layer.
 COUPLINGS: dict[str, Callable[[int, "AttnFlowConfig"], InvertibleModule]] = {
     "affine": lambda c, cfg: AffineCoupling(
-        c, cfg.hidden_channels, cfg.class_embed_channels if cfg.condition_couplings else 0),
+        c, cfg.hidden_channels, cfg.class_embed_channels if cfg.condition_couplings else 0,
+        cfg.coupling_log_scale_bound),
     "mixlogcdf": lambda c, cfg: MixLogCDFCoupling(
         c, cfg.hidden_channels, cfg.mixlog_num_components, cfg.mixlog_num_blocks,
         cfg.mixlog_num_heads, cfg.mixlog_dropout),
@@ -73,6 +74,17 @@ class AttnFlowConfig:
             "sigmoid" (published: y = x·σ(·)); a Decision, see ``IMap``. Measured (issue 11,
             ``benchmarks/quality.py``, README "The zoo"): normalized, c = 0 learns faster than
             the published gate at c = 4, whose held-out curve equals MaR-Flow's.
+        coupling_log_scale_bound: c of the affine coupling's soft-clipped log-scale,
+            log s = −c·tanh(−log σ(raw + 2)/c) ∈ (−c, 0) (default 4: every coupling's inverse
+            amplifies by at most e^4 ≈ 55); None is mAR-SCF's unbounded s = σ(raw + 2), what
+            older checkpoints load as. A Decision, see ``AffineCoupling``.
+        imap_log_gate_bound: c_g of iMap's soft-clipped log-gates (default 4: each gate above
+            e^−4, times 1/σ(c) for the normalized gate); None is the published gate with no
+            floor, what older checkpoints load as. A Decision, see ``IMap``.
+        prior_log_std_bound: c of the Gaussian prior's log σ, soft-capped above (raw ≤ 0 as it
+            is, c·tanh(raw/c) above: σ < e^c; default 4); None is Glow's unbounded log σ, what
+            older checkpoints load as. The mAR prior needs none: its log σ is a conv of the
+            conv-LSTM's h ∈ (−1, 1), bounded by its weights. A Decision, see ``GaussianPrior``.
         itrans_patch_size: iTrans token patch size P (1 or 2; must divide each level's H, W).
         itrans_form: "convex" (default; A = (1 − β)I + β·softmax, starts at the identity) or
             "paper" (A = softmax + αI exactly as published); see ``ITrans``.
@@ -108,9 +120,15 @@ class AttnFlowConfig:
     imap_mixing: str = "spatial"
     imap_init_logit: float = 0.0
     imap_gate: str = "normalized"
+    coupling_log_scale_bound: float | None = 4.0
+    imap_log_gate_bound: float | None = 4.0
+    prior_log_std_bound: float | None = 4.0
     #: What a config.json written before a key existed meant by its absence (the checkpoint's
-    #: function, not today's default): the published σ gate at c = 4 before the normalized one.
-    LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {"imap_gate": "sigmoid", "imap_init_logit": 4.0}
+    #: function, not today's default): the published σ gate at c = 4 before the normalized one;
+    #: unbounded coupling scales, iMap gates and Gaussian-prior σ before the soft clips.
+    LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {
+        "imap_gate": "sigmoid", "imap_init_logit": 4.0, "coupling_log_scale_bound": None,
+        "imap_log_gate_bound": None, "prior_log_std_bound": None}
     itrans_patch_size: int = 2
     itrans_form: str = "convex"
     itrans_init_mix: float = 0.05
@@ -150,6 +168,8 @@ class AttnFlowConfig:
         if self.imap_gate not in ("sigmoid", "normalized"):
             raise ConfigError(f"imap_gate must be 'sigmoid' or 'normalized', got "
                               f"{self.imap_gate!r}")
+        for name in ("coupling_log_scale_bound", "imap_log_gate_bound", "prior_log_std_bound"):
+            check_bound(name, getattr(self, name))
         if not 0 < self.itrans_init_mix < 0.5:
             raise ConfigError(f"itrans_init_mix must be in (0, 0.5), got "
                               f"{self.itrans_init_mix!r}")
@@ -187,7 +207,8 @@ def _attention_layer(cfg: AttnFlowConfig, channels: int, size: int, parity: int
                      ) -> InvertibleModule:
     if cfg.attention == "imap":
         return IMap(channels, size, size, parity=parity, mixing=cfg.imap_mixing,
-                    init_logit=cfg.imap_init_logit, gate=cfg.imap_gate)
+                    init_logit=cfg.imap_init_logit, gate=cfg.imap_gate,
+                    log_gate_bound=cfg.imap_log_gate_bound)
     return ITrans(channels, size, size, parity=parity, patch_size=cfg.itrans_patch_size,
                   form=cfg.itrans_form, init_mix=cfg.itrans_init_mix)
 
@@ -249,7 +270,7 @@ class AttnFlow(FlowModel):
     def _make_prior(self, channels: int, cond_channels: int, level: int) -> nn.Module:
         cfg = self.config
         if cfg.prior == "gaussian":
-            return GaussianPrior(channels, cond_channels)
+            return GaussianPrior(channels, cond_channels, cfg.prior_log_std_bound)
         kernel, dilation = PRIOR_KERNELS[min(level, len(PRIOR_KERNELS) - 1)]
         return MARPrior(channels, cond_channels, cfg.prior_hidden_channels,
                         cfg.prior_num_layers, kernel, dilation,
