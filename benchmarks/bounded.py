@@ -117,8 +117,8 @@ def report(args: argparse.Namespace) -> None:
         rows[variant, int(seed)] = {"bpd": heldout_bpd(run), **counts(model)}
         print(run.name, rows[variant, int(seed)], flush=True)
     seeds = sorted({s for _, s in rows})
-    print(f"\n| seed | old bits/dim | new bits/dim | new − old | non-finite / out of range "
-          f"T=1 old → new | T=0.7 old → new | interpolate (112 frames) old → new |")
+    print("\n| seed | old bits/dim | new bits/dim | new − old | non-finite / out of range "
+          "T=1 old → new | T=0.7 old → new | interpolate (112 frames) old → new |")
     print("|---|---|---|---|---|---|---|")
     for s in seeds:
         o, n = rows.get(("old", s)), rows.get(("new", s))
