@@ -10,7 +10,8 @@ unbounded, what checkpoints from before load as), for each seed. Each run keeps 
 ``report`` reads the folders back: held-out bits/dim (the run's own score of the 1,000 held-out
 digits), and for each model 256 samples at T = 1.0 and 0.7 (``generate``, seed 0) and the
 interpolations between 14 pairs of held-out digits (8 frames each), counted before the uint8
-conversion: non-finite images, and finite images out of range (``data.count_unrepresentable``).
+conversion: non-finite images, and finite images out of range
+(``data.quantize.unrepresentable``).
 
     OMP_NUM_THREADS=1 python benchmarks/bounded.py train --seeds 0 1 2 3 --steps 900 \\
         --out /tmp/bounded --jobs 2
@@ -45,8 +46,8 @@ def overrides(variant: str) -> dict[str, object]:
 def train_one(variant: str, seed: int, steps: int, out: Path) -> None:
     import torch
 
-    from attnflow_zoo.recipes import train_config
     from attnflow_zoo.training import train_preset
+    from attnflow_zoo.training.recipes import train_config
 
     torch.set_num_threads(1)
     config = train_config(PRESET, steps=steps, seed=seed)
@@ -79,26 +80,26 @@ def heldout_bpd(run: Path) -> float:
 
 
 def counts(model, seed: int = 0) -> dict[str, tuple[int, int]]:  # noqa: ANN001
-    """{what: (non-finite, out of range)} for samples at T = 1.0, 0.7 and interpolations."""
+    """{what: (non-finite, out of range)} for samples at T = 1.0, 0.7 and interpolations, by
+    the library's rule (``data.quantize.checked_images``)."""
     import torch
 
-    from attnflow_zoo import data, latents
+    from attnflow_zoo.data import datasets, quantize
+    from attnflow_zoo.evaluation import latents
+
+    def count(x: torch.Tensor) -> tuple[int, int]:
+        checked = quantize.checked_images(x)
+        return checked.num_nonfinite, checked.num_out_of_range
 
     out: dict[str, tuple[int, int]] = {}
-    for t in (1.0, 0.7):
-        x = model.generate(256, temperature=t, generator=torch.Generator().manual_seed(seed))
-        out[f"T={t}"] = data.count_unrepresentable(x)
-    test = data.load_images("digits", "test", image_size=model.config.image_size)[:28]
-    frames = []
     with torch.no_grad():
-        for i in range(0, 28, 2):
-            ends = [latents.centred(model, test[j: j + 1]) for j in (i, i + 1)]
-            eps = latents.flatten(latents.whiten(
-                model, model.encode_latents(torch.cat(ends))))
-            path = torch.cat([latents.slerp(eps[:1], eps[1:], k / 7) for k in range(8)])
-            frames.append(model.decode_latents(latents.unwhiten(
-                model, latents.unflatten(model, path))))
-    out["interpolate"] = data.count_unrepresentable(torch.cat(frames))
+        for t in (1.0, 0.7):
+            out[f"T={t}"] = count(model.generate(
+                256, temperature=t, generator=torch.Generator().manual_seed(seed)))
+    test = datasets.load_images("digits", "test", image_size=model.config.image_size)[:28]
+    frames = [(r.num_nonfinite, r.num_out_of_range) for r in
+              (latents.interpolate(model, test[i], test[i + 1], 8) for i in range(0, 28, 2))]
+    out["interpolate"] = (sum(f[0] for f in frames), sum(f[1] for f in frames))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -41,11 +42,13 @@ def sample(
                                            "convolutions.")] = "fp32",
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the "
                                           "sampler (first batch slower).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Draw seeded samples at a temperature and save them as a PNG grid or an NPZ array.
 
     Every option (count, temperature, batch size, output path, device) is checked before the
-    model is loaded or any sample drawn.
+    model is loaded or any sample drawn. It reports how many images were non-finite or out of
+    range before the uint8 conversion; those are drawn marked (a checkerboard, a dotted frame).
     """
     from rich.console import Console
 
@@ -53,7 +56,7 @@ def sample(
         check_output,
         check_request,
         class_labels,
-        draw_samples,
+        draw_checked_samples,
         resolve_device,
         save_samples,
     )
@@ -69,10 +72,18 @@ def sample(
     labels, per_class = class_labels(model, label, num_samples)
     if labels is not None:
         num_samples = len(labels)
-    images = draw_samples(model, num_samples, temperature=temperature, seed=seed,
-                          batch_size=batch_size, device=dev, precision=precision,
-                          compile=compile, labels=labels)
+    drawn = draw_checked_samples(model, num_samples, temperature=temperature, seed=seed,
+                                 batch_size=batch_size, device=dev, precision=precision,
+                                 compile=compile, labels=labels)
+    images = drawn.images
     path = save_samples(images, output, nrow=nrow or per_class)
-    Console().print(f"wrote {images.shape[0]} samples ({'×'.join(map(str, images.shape[1:]))}, "
-                    f"T={temperature}, seed={seed}"
-                    + (f", class {label}" if label is not None else "") + f") to {path}")
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), "temperature": temperature, "seed": seed,
+                               "class": label, **drawn.counts()}))
+        return
+    console = Console()
+    console.print(f"wrote {images.shape[0]} samples ({'×'.join(map(str, images.shape[1:]))}, "
+                  f"T={temperature}, seed={seed}"
+                  + (f", class {label}" if label is not None else "") + f") to {path}")
+    flagged = drawn.num_nonfinite or drawn.num_out_of_range
+    console.print(("warning: " if flagged else "") + drawn.summary())

@@ -23,12 +23,21 @@ from ..progress import progress
 SUFFIXES = (".png", ".jpg", ".jpeg", ".npz")
 
 
+def draw_samples(model: Any, num_samples: int, **options: Any) -> Tensor:
+    """uint8 samples, num_samples×C×H×W, on the CPU: ``draw_checked_samples(...).images``
+    (the same keyword options)."""
+    return draw_checked_samples(model, num_samples, **options).images
+
+
 @torch.no_grad()
-def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed: int = 0,
-                 batch_size: int = 256, device: torch.device | str = "cpu",
-                 precision: str = "fp32", compile: bool = False,
-                 labels: Tensor | None = None) -> Tensor:
-    """uint8 samples, num_samples×C×H×W, on the CPU.
+def draw_checked_samples(model: Any, num_samples: int, *, temperature: float = 1.0,
+                         seed: int = 0, batch_size: int = 256,
+                         device: torch.device | str = "cpu", precision: str = "fp32",
+                         compile: bool = False, labels: Tensor | None = None
+                         ) -> quantize.CheckedImages:
+    """num_samples uint8 samples (C×H×W, on the CPU) and how many were non-finite or out of
+    range before the uint8 conversion (``data.quantize.checked_images``: such images are
+    counted and drawn marked, never as plain tiles).
 
     The draws come from one ``torch.Generator`` seeded with ``seed`` on the model's device, so a
     (seed, batch_size, device) triple always gives the same images. ``temperature`` scales the
@@ -57,9 +66,11 @@ def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed
             with autocast_for(device, precision):
                 x = generate(n, temperature, gen, y=y) if y is not None else \
                     generate(n, temperature, gen)
-            out.append(quantize.from_model_space(upcast(x)).cpu())
+            checked = quantize.checked_images(upcast(x))
+            out.append(quantize.CheckedImages(checked.images.cpu(), checked.num_nonfinite,
+                                              checked.num_out_of_range))
             advance(n)
-    return torch.cat(out)
+    return quantize.CheckedImages.concat(out)
 
 
 def _generator(model: Any, compile: bool) -> Any:

@@ -182,12 +182,15 @@ class FlowModel(nn.Module, ZooHubMixin):
 
         ``y``: the class of each sample for a class-conditional model ((B,) or one int); None
         draws every class in turn (y_i = i mod K). An unconditional model takes no labels.
+        A sample that was non-finite or out of range before the uint8 conversion is marked,
+        never a plain (black) tile (``data.quantize.checked_images``, which also counts them:
+        ``checked_images(model.generate(...))``).
         """
         check_sampling(num_samples, temperature)
         if y is None and self.num_classes:
             y = balanced_labels(num_samples, self.num_classes)
         x = self.generate(num_samples, temperature=temperature, generator=generator, y=y)
-        return quantize.from_model_space(x)
+        return quantize.checked_images(x).images
 
 
 def check_sampling(num_samples: int, temperature: float) -> None:
