@@ -39,29 +39,33 @@ from ..precision import compute_dtype, upcast
 class KVCache:
     """The keys and values of one pass through a block's layers, allocated once for T tokens.
 
-    ``keys[l]`` / ``values[l]``: B×H×T×d_h of layer l, written at token t by step t of the
-    inverse and read for tokens 0..t; nothing grows during the inverse. One cache serves every
-    block of a model in turn (they are written from token 0 again), so a sampler allocates one
-    per pass (two with guidance).
+    ``kv[l, 0]`` / ``kv[l, 1]``: the keys / values of layer l, B×H×T×d_h each, written at token
+    t by step t of the inverse (one copy for both) and read for tokens 0..t; nothing grows
+    during the inverse. One cache serves every block of a model in turn (each writes from
+    token 0 again), so a sampler allocates one per pass (two with guidance).
     """
 
     def __init__(self, num_layers: int, batch: int, num_heads: int, length: int,
                  head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (num_layers, batch, num_heads, length, head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.kv = torch.empty((num_layers, 2, batch, num_heads, length, head_dim),
+                              device=device, dtype=dtype)
 
     @property
     def length(self) -> int:
         """T, the number of tokens the cache holds."""
-        return self.keys.shape[3]
+        return self.kv.shape[4]
+
+    def like(self) -> KVCache:
+        """Another cache of the same shape, device and dtype."""
+        layers, _, batch, heads, length, head_dim = self.kv.shape
+        return KVCache(layers, batch, heads, length, head_dim, self.kv.device, self.kv.dtype)
 
     def matches(self, batch: int, block: TarFlowBlock, dtype: torch.dtype) -> bool:
         """Whether the cache fits ``block``'s inverse on a batch of ``batch`` in ``dtype``."""
         attn = block.layers[0].attention
-        return (tuple(self.keys.shape) == (len(block.layers), batch, attn.num_heads,
-                                           block.num_tokens, attn.head_dim)
-                and self.keys.dtype == dtype)
+        return (tuple(self.kv.shape) == (len(block.layers), 2, batch, attn.num_heads,
+                                         block.num_tokens, attn.head_dim)
+                and self.kv.dtype == dtype)
 
 
 @dataclass(frozen=True)
@@ -110,23 +114,30 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
-    def forward(self, h: Tensor, temperature: float = 1.0, cache: KVCache | None = None,
-                layer: int = 0, position: int = 0) -> Tensor:
-        """B×T×W -> B×T×W. With a ``cache``: h is the one token at ``position`` (B×1×W); its
-        key and value are written into layer ``layer`` of the cache and it attends to tokens
-        0..position there."""
+    def forward(self, h: Tensor, temperature: float = 1.0) -> Tensor:
+        """B×T×W -> B×T×W, every token at once (causal)."""
         b, t, width = h.shape
         q, k, v = self.heads(h)
-        scale = self.head_dim ** -0.5 / temperature
-        if cache is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        else:
-            end = position + t
-            cache.keys[layer, :, :, position:end] = k
-            cache.values[layer, :, :, position:end] = v
-            o = F.scaled_dot_product_attention(q, cache.keys[layer, :, :, :end],
-                                               cache.values[layer, :, :, :end], scale=scale)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           scale=self.head_dim ** -0.5 / temperature)
         return self.proj(o.transpose(1, 2).reshape(b, t, width))
+
+    def step(self, h: Tensor, cache: KVCache, layer: int, position: int,
+             temperature: float = 1.0) -> Tensor:
+        """One token B×W at ``position``: its key and value go into layer ``layer`` of the
+        cache (one copy), and it attends to tokens 0..position there. The same map as
+        ``forward`` at that token, with fewer operations per call (the inverse's inner loop)."""
+        b, width = h.shape
+        qkv = F.linear(F.layer_norm(h, (width,), self.norm.weight, self.norm.bias,
+                                    self.norm.eps), self.qkv.weight, self.qkv.bias)
+        qkv = qkv.view(b, 3, self.num_heads, self.head_dim)
+        kv = cache.kv[layer]
+        kv[:, :, :, position].copy_(qkv[:, 1:].transpose(0, 1))
+        end = position + 1
+        o = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[0, :, :, :end],
+                                           kv[1, :, :, :end],
+                                           scale=self.head_dim ** -0.5 / temperature)
+        return F.linear(o.view(b, width), self.proj.weight, self.proj.bias)
 
     def weights(self, h: Tensor, temperature: float = 1.0) -> Tensor:
         """The causal softmax weights of a B×T×W input, B×H×T×T (rows = queries)."""
@@ -147,7 +158,8 @@ class FeedForward(nn.Module):
         self.out = nn.Linear(expansion * width, width)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.out(F.gelu(self.hidden(self.norm(h))))
+        return F.linear(F.gelu(F.linear(self.norm(h), self.hidden.weight, self.hidden.bias)),
+                        self.out.weight, self.out.bias)
 
 
 class TransformerLayer(nn.Module):
@@ -158,9 +170,15 @@ class TransformerLayer(nn.Module):
         self.attention = CausalSelfAttention(width, head_dim)
         self.mlp = FeedForward(width, expansion)
 
-    def forward(self, h: Tensor, temperature: float = 1.0, cache: KVCache | None = None,
-                layer: int = 0, position: int = 0) -> Tensor:
-        h = h + self.attention(h, temperature, cache, layer, position)
+    def forward(self, h: Tensor, temperature: float = 1.0) -> Tensor:
+        """B×T×W -> B×T×W, every token at once."""
+        h = h + self.attention(h, temperature)
+        return h + self.mlp(h)
+
+    def step(self, h: Tensor, cache: KVCache, layer: int, position: int,
+             temperature: float = 1.0) -> Tensor:
+        """One token B×W (``CausalSelfAttention.step``)."""
+        h = h + self.attention.step(h, cache, layer, position, temperature)
         return h + self.mlp(h)
 
 
@@ -259,27 +277,32 @@ class TarFlowBlock(ConditionalInvertibleModule):
         guided = guidance is not None and guidance.weight != 0
         cache = self._cache_for(v, cache)
         guidance_cache = self._cache_for(v, guidance_cache) if guided else None
-        pos = self.positions()
+        inputs = self._step_inputs(context)
+        guided_inputs = self._step_inputs(guidance.context) if guided else None
         tokens = [v[:, 0]]
         for t in range(self.num_tokens - 1):
-            token = tokens[t][:, None]
-            a, b = self._step(token, pos[t:t + 1], t, context, cache)
+            a, b = self._step(tokens[t], inputs[t], t, cache)
             if guided:
-                a_u, b_u = self._step(token, pos[t:t + 1], t, guidance.context,
-                                      guidance_cache, guidance.attention_temperature)
+                a_u, b_u = self._step(tokens[t], guided_inputs[t], t, guidance_cache,
+                                      guidance.attention_temperature)
                 a, b = _mix(a, b, a_u, b_u, guidance.weight_at(t + 1, self.num_tokens))
-            tokens.append(v[:, t + 1] * torch.exp(a) + b)
+            tokens.append(torch.addcmul(b, v[:, t + 1], torch.exp(a)))
         return self.permute(torch.stack(tokens, 1))
 
-    def _step(self, token: Tensor, pos: Tensor, t: int, context: Tensor | None,
-              cache: KVCache, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-        """(a_{t+1}, b_{t+1}), B×d each, from token t (B×1×d, position embedding ``pos``) and
-        the cached tokens < t."""
-        h = self._embed(token, context, pos)
+    def _step_inputs(self, context: Tensor | None) -> Tensor:
+        """What each step adds to W_in u_t: the position embeddings (and the context), T×W
+        or T×B×W, computed once per inverse."""
+        pos = self.positions()
+        return pos if context is None else pos[:, None, :] + context[None]
+
+    def _step(self, token: Tensor, bias: Tensor, t: int, cache: KVCache,
+              temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        """(a_{t+1}, b_{t+1}), B×d each, from token t (B×d; ``bias``: its position (+ context)
+        embedding) and the cached tokens < t."""
+        h = F.linear(token, self.proj_in.weight, self.proj_in.bias) + bias
         for i, layer in enumerate(self.layers):
-            h = layer(h, temperature, cache, i, t)
-        a, b = self._scale_shift(h)
-        return a[:, 0], b[:, 0]
+            h = layer.step(h, cache, i, t, temperature)
+        return self._scale_shift(h)
 
     def _cache_for(self, v: Tensor, cache: KVCache | None) -> KVCache:
         dtype = compute_dtype(v)

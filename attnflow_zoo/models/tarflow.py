@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..core import diag_normal_logpdf, randn_like_on
 from ..errors import ConfigError, ShapeError
 from ..layers.reshape import patchify, unpatchify
-from ..layers.tarflow import Guidance, KVCache, TarFlowBlock
+from ..layers.tarflow import Guidance, TarFlowBlock
 from ..registry import Recipe, register_model
 from .base import FlowModel
 
@@ -184,7 +184,7 @@ class TarFlow(FlowModel):
         contexts = self.contexts(y, n)
         guides = self._guides(contexts, guidance, attention_temperature, annealed)
         cache = self.blocks[0].new_cache(n, tokens)
-        guided_cache = cache_like(cache) if any(g is not None for g in guides) else None
+        guided_cache = cache.like() if any(g is not None for g in guides) else None
         for block, context, guide in zip(reversed(self.blocks), reversed(contexts),
                                          reversed(guides), strict=True):
             tokens = block.inverse(tokens, context, guide, cache, guided_cache)
@@ -268,13 +268,6 @@ class TarFlow(FlowModel):
         if self.prior_log_std is not None:
             z = z * torch.exp(self.prior_log_std)
         return self.decode(z, y, guidance, attention_temperature, annealed)
-
-
-def cache_like(cache: KVCache) -> KVCache:
-    """A second cache of the same shape (the unguided pass of guidance)."""
-    _, batch, heads, length, head_dim = cache.keys.shape
-    return KVCache(cache.keys.shape[0], batch, heads, length, head_dim, cache.keys.device,
-                   cache.keys.dtype)
 
 
 # --- presets -----------------------------------------------------------------------------------
