@@ -26,7 +26,7 @@ from ..layers.mixlogcdf import MixLogCDFCoupling
 from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import GaussianPrior, MARPrior
-from .base import FlowModel
+from .base import FlowModel, check_noise_std
 from .conditioning import ClassEmbedding, prior_condition
 
 #: Coupling layers by config name: (num_channels, config) -> layer.
@@ -103,6 +103,8 @@ class AttnFlowConfig:
         class_embed_channels: E, the width of the class embedding.
         condition_couplings: also feed the class embedding to every affine coupling's
             conditioner (then the flow's logdet depends on y); needs num_classes > 0.
+        noise_std: σ of the Gaussian noise the checkpoint was trained with (``FlowModel``'s
+            ``noise_std``; 0: uniform dequantisation). Set by training.
     """
 
     image_size: int = 32
@@ -141,6 +143,7 @@ class AttnFlowConfig:
     num_classes: int = 0
     class_embed_channels: int = 8
     condition_couplings: bool = False
+    noise_std: float = 0.0
 
     def __post_init__(self) -> None:
         if self.attention_levels is not None and not isinstance(self.attention_levels, tuple):
@@ -150,6 +153,7 @@ class AttnFlowConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` on values the architecture cannot take."""
+        check_noise_std(self.noise_std)
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.coupling not in COUPLINGS:

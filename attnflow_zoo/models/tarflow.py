@@ -21,7 +21,7 @@ from ..errors import ConfigError, ShapeError
 from ..layers.reshape import patchify, unpatchify
 from ..layers.tarflow import Guidance, TarFlowBlock
 from ..registry import Recipe, register_model
-from .base import FlowModel
+from .base import FlowModel, check_noise_std
 
 PRIORS = ("standard", "learned")
 
@@ -91,8 +91,7 @@ class TarFlowConfig:
             raise ConfigError(f"data_scale must be a positive number, got {self.data_scale!r}")
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be ≥ 0, got {self.num_classes}")
-        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
-            raise ConfigError(f"noise_std must be a number ≥ 0, got {self.noise_std!r}")
+        check_noise_std(self.noise_std)
 
     @property
     def num_tokens(self) -> int:
