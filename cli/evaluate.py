@@ -59,5 +59,9 @@ def evaluate(
     console = Console()
     console.print(f"{dataset} {result['split']} ({result['bpd_num_images']} images): "
                   f"bits/dim {result['bpd']:.4f}")
+    if result.get("bpd_noise_std"):
+        console.print(f"(a sample-quality checkpoint trained with Gaussian noise σ = "
+                      f"{result['bpd_noise_std']:g}: this bits/dim is not a discrete-data "
+                      "bits/dim and is not comparable with likelihood checkpoints)")
     if "fid" in result:
         console.print(f"FID {result['fid']:.2f} ({result['fid_num_samples']} samples)")

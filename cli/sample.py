@@ -26,6 +26,21 @@ def sample(
     temperature: Annotated[float, typer.Option(help="Prior standard-deviation scale T (> 0, "
                                                "finite; 1 is the model's distribution).",
                                                rich_help_panel=OUTPUT)] = 1.0,
+    guidance: Annotated[float, typer.Option(help="Guidance weight w (0: none): classifier-free "
+                                            "for class-conditional models trained with label "
+                                            "dropout; attention-temperature guidance for an "
+                                            "unconditional TarFlow (with "
+                                            "--attention-temperature).",
+                                            rich_help_panel=OUTPUT)] = 0.0,
+    attention_temperature: Annotated[float | None, typer.Option(
+        help="TarFlow: the unguided pass divides its attention logits by this τ.",
+        rich_help_panel=OUTPUT)] = None,
+    annealed_guidance: Annotated[bool, typer.Option(
+        "--annealed-guidance", help="TarFlow: ramp the guidance weight linearly over the "
+        "tokens.", rich_help_panel=OUTPUT)] = False,
+    denoise: Annotated[bool, typer.Option("--denoise", help="One score-based denoising step "
+                                          "after sampling (checkpoints trained with Gaussian "
+                                          "noise).", rich_help_panel=OUTPUT)] = False,
     seed: Annotated[int, typer.Option(help="Seed of the sampling generator.",
                                       rich_help_panel=OUTPUT)] = 0,
     output: Annotated[Path, typer.Option("-o", "--output", help="grid.png (image grid) or "
@@ -72,18 +87,24 @@ def sample(
     labels, per_class = class_labels(model, label, num_samples)
     if labels is not None:
         num_samples = len(labels)
+    options = {k: v for k, v in (("attention_temperature", attention_temperature),
+                                 ("annealed", annealed_guidance or None)) if v is not None}
     drawn = draw_checked_samples(model, num_samples, temperature=temperature, seed=seed,
                                  batch_size=batch_size, device=dev, precision=precision,
-                                 compile=compile, labels=labels)
+                                 compile=compile, labels=labels, guidance=guidance,
+                                 denoise=denoise, options=options)
     images = drawn.images
     path = save_samples(images, output, nrow=nrow or per_class)
     if as_json:
         typer.echo(json.dumps({"path": str(path), "temperature": temperature, "seed": seed,
-                               "class": label, **drawn.counts()}))
+                               "class": label, "guidance": guidance, "denoise": denoise,
+                               **drawn.counts()}))
         return
     console = Console()
     console.print(f"wrote {images.shape[0]} samples ({'×'.join(map(str, images.shape[1:]))}, "
                   f"T={temperature}, seed={seed}"
-                  + (f", class {label}" if label is not None else "") + f") to {path}")
+                  + (f", class {label}" if label is not None else "")
+                  + (f", guidance {guidance:g}" if guidance else "")
+                  + (", denoised" if denoise else "") + f") to {path}")
     flagged = drawn.num_nonfinite or drawn.num_out_of_range
     console.print(("warning: " if flagged else "") + drawn.summary())

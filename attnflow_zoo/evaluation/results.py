@@ -16,6 +16,9 @@ bpd_estimator               ``single-sample`` or ``importance-weighted`` dequant
 bpd_num_importance_samples  K of an importance-weighted estimate
 bpd_num_images              images scored
 bpd_seed, bpd_batch_size    the dequantisation noise stream (seed, batch)
+bpd_noise_std               σ of the Gaussian noise the checkpoint was trained with (> 0: a
+                            sample-quality checkpoint, whose bpd is not a discrete-data
+                            bits/dim; absent or 0: a likelihood checkpoint)
 fid                         Fréchet Inception distance — needs ``fid_num_samples``,
                             ``fid_weights``
 fid_num_samples             model samples (50,000 for the standard FID)
@@ -48,6 +51,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "format": (int,), "dataset": (str,), "split": (str,), "step": (int, type(None)),
     "bpd": _NUMBER, "bpd_estimator": (str,), "bpd_num_importance_samples": (int,),
     "bpd_num_images": (int,), "bpd_seed": (int,), "bpd_batch_size": (int,),
+    "bpd_noise_std": _NUMBER,
     "fid": _NUMBER, "fid_num_samples": (int,), "fid_temperature": _NUMBER, "fid_seed": (int,),
     "fid_weights": (str,), "fid_reference": (str,), "fid_reference_split": (str,),
     "fid_reference_num_images": (int,), "fid_reference_statistics": (str,), "extra": (list,),

@@ -33,8 +33,9 @@ def draw_samples(model: Any, num_samples: int, **options: Any) -> Tensor:
 def draw_checked_samples(model: Any, num_samples: int, *, temperature: float = 1.0,
                          seed: int = 0, batch_size: int = 256,
                          device: torch.device | str = "cpu", precision: str = "fp32",
-                         compile: bool = False, labels: Tensor | None = None
-                         ) -> quantize.CheckedImages:
+                         compile: bool = False, labels: Tensor | None = None,
+                         guidance: float = 0.0, denoise: bool = False,
+                         options: dict[str, Any] | None = None) -> quantize.CheckedImages:
     """num_samples uint8 samples (C×H×W, on the CPU) and how many were non-finite or out of
     range before the uint8 conversion (``data.quantize.checked_images``: such images are
     counted and drawn marked, never as plain tiles).
@@ -46,7 +47,9 @@ def draw_checked_samples(model: Any, num_samples: int, *, temperature: float = 1
     compiles the deterministic decoder (``compilation.compile_sampling``: the same noise, the
     same images to float tolerance; a last partial batch compiles once more). ``labels``: the
     class of each sample, (num_samples,), for a class-conditional model (None: every class in
-    turn, ``FlowModel.sample``'s default; see ``class_labels``).
+    turn, ``FlowModel.sample``'s default; see ``class_labels``). ``guidance``, ``denoise`` and
+    the family's ``options`` are ``FlowModel.sample``'s (guidance w; one score-based denoising
+    step of a noise-trained checkpoint; e.g. TarFlow's ``attention_temperature``, ``annealed``).
     """
     check_request(num_samples, temperature, batch_size)
     if labels is not None and tuple(labels.shape) != (num_samples,):
@@ -55,6 +58,11 @@ def draw_checked_samples(model: Any, num_samples: int, *, temperature: float = 1
     autocast_for(device, precision)  # refuses an unknown precision before any work
     model = model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
+    extra = model.guidance_arguments(guidance, dict(options or {}))
+    if denoise:
+        model.denoising_std()  # refuses a likelihood checkpoint before any work
+    if extra and compile:
+        raise ConfigError("--compile samples without guidance; drop --compile or --guidance")
     generate = _generator(model, compile)
     out = []
     with progress("sample", total=num_samples) as advance:
@@ -64,8 +72,10 @@ def draw_checked_samples(model: Any, num_samples: int, *, temperature: float = 1
             if y is None and getattr(model, "num_classes", 0):  # FlowModel.sample's default
                 y = balanced_labels(n, model.num_classes).to(device)
             with autocast_for(device, precision):
-                x = generate(n, temperature, gen, y=y) if y is not None else \
-                    generate(n, temperature, gen)
+                x = generate(n, temperature, gen, y=y, **extra) if y is not None else \
+                    generate(n, temperature, gen, **extra)
+                if denoise:
+                    x = model.denoise(upcast(x), y)
             checked = quantize.checked_images(upcast(x))
             out.append(quantize.CheckedImages(checked.images.cpu(), checked.num_nonfinite,
                                               checked.num_out_of_range))

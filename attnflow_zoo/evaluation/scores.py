@@ -132,6 +132,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
         "format": results.FORMAT, "dataset": dataset_label(dataset), "split": split,
         "step": checkpoint_step(directory), "bpd": bpd, "bpd_estimator": "single-sample",
         "bpd_num_images": len(images), "bpd_seed": seed, "bpd_batch_size": batch_size}
+    if model.noise_std > 0:
+        result["bpd_noise_std"] = model.noise_std
     if fid:
         result.update(standard_fid(
             model, dataset, num_samples=num_samples, temperature=temperature,

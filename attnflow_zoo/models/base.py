@@ -238,17 +238,22 @@ class FlowModel(nn.Module, ZooHubMixin):
                               "without")
         return {"guidance": guidance, **options}
 
+    def denoising_std(self) -> float:
+        """σ of ``denoise``: the training noise; ``ConfigError`` for a likelihood checkpoint
+        (uniform dequantisation, σ = 0), which has no Gaussian noise to remove."""
+        if self.noise_std <= 0:
+            raise ConfigError("denoising needs a checkpoint trained with Gaussian noise "
+                              "(noise_std > 0); this one was trained with uniform "
+                              "dequantisation: sample it without denoising")
+        return self.noise_std
+
     def denoise(self, x: Tensor, y: Tensor | int | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
         """One score-based denoising step, x + σ²·∇ₓ log p(x | y) with σ = ``noise_std``
         (Tweedie's formula for x = x₀ + σε, ε ~ N(0, I): E[x₀ | x] = x + σ²∇ log p_σ(x); TarFlow,
         SPEC §6). Model space in and out, B×C×H×W; differentiates ``log_density`` once.
         ``ConfigError`` for a checkpoint trained without Gaussian noise (σ = 0)."""
-        sigma = self.noise_std
-        if sigma <= 0:
-            raise ConfigError("denoising needs a checkpoint trained with Gaussian noise "
-                              "(noise_std > 0); this one was trained with uniform "
-                              "dequantisation: sample it without denoising")
+        sigma = self.denoising_std()
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             log_p = self.log_density(x, y, generator=generator).sum()
