@@ -103,7 +103,7 @@ def test_attention_temperature_guidance() -> None:
 
 
 def test_latents_round_trip_and_whiten() -> None:
-    from attnflow_zoo import latents as latent_tools
+    from attnflow_zoo.evaluation import latents as latent_tools
 
     model = _model(prior="learned")
     x = _x(model, 2)
