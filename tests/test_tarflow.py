@@ -177,3 +177,26 @@ def test_denoise_and_sample_options_in_every_family(name: str, overrides: dict) 
     if name != "tarflow_tiny":
         with pytest.raises(ConfigError, match="guidance"):
             model.sample(2, generator=g, guidance=1.0)
+
+
+def test_class_conditional_guidance_and_label_dropout() -> None:
+    """A class-conditional TarFlow: the class changes the density; guidance mixes in the "no
+    class" row K's pass (and needs one); fit's label dropout sends ~10 % of labels to K."""
+    from attnflow_zoo.models.conditioning import training_labels
+
+    model = _model("tarflow_cond_tiny")
+    assert model.null_class == 3
+    x = _x(model, 4)
+    assert (model.log_density(x, 0) - model.log_density(x, 1)).abs().min() > 1e-9
+    plain = model.generate(2, generator=torch.Generator().manual_seed(0), y=1)
+    guided = model.generate(2, generator=torch.Generator().manual_seed(0), y=1, guidance=2.0)
+    assert (guided - plain).abs().max() > 1e-6
+    unguided = model.generate(2, generator=torch.Generator().manual_seed(0), y=1,
+                              guidance=0.0)
+    assert torch.equal(unguided, plain)
+    y = torch.zeros(4000, dtype=torch.long)
+    dropped = training_labels(model, y, torch.Generator().manual_seed(0))
+    assert set(dropped.tolist()) == {0, 3} and 0.08 < float((dropped == 3).float().mean()) < 0.12
+    no_null = _model("tarflow_cond_tiny", class_dropout=0.0)
+    with pytest.raises(ConfigError, match="label dropout"):
+        no_null.generate(2, y=1, guidance=2.0)

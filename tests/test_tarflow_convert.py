@@ -56,7 +56,7 @@ def _ml_tarflow_state(*, in_channels: int = 3, img_size: int = 8, patch_size: in
     return state
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"nvp": False},
+@pytest.mark.parametrize("kwargs", [{}, {"nvp": False}, {"num_classes": 3},
                                     {"in_channels": 1, "img_size": 8, "patch_size": 4}])
 def test_convert_round_trips_every_tensor(kwargs: dict, tmp_path: Path) -> None:
     state = _ml_tarflow_state(**kwargs)

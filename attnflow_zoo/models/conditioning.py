@@ -83,6 +83,18 @@ def guide(cond: Tensor | tuple[Tensor, ...], uncond: Tensor | tuple[Tensor, ...]
     return cond + weight * (cond - uncond)
 
 
+def training_labels(model: nn.Module, y: Tensor | None, generator: torch.Generator | None
+                    ) -> Tensor | None:
+    """The labels a class-conditional model trains on: ``y`` with each label dropped to the
+    model's null class (``model.null_class``) with probability ``model.config.class_dropout``
+    (``drop_labels``); ``y`` itself for a model without a null class or without labels. What
+    ``fit`` calls on every batch, outside the (compilable) step."""
+    null = getattr(model, "null_class", None)
+    if y is None or null is None:
+        return y
+    return drop_labels(y, float(model.config.class_dropout), null, generator)
+
+
 def prior_condition(kept: Tensor | None, context: Tensor | None, height: int, width: int
                     ) -> Tensor | None:
     """What a level's prior is conditioned on: [kept, E_y] along channels (E_y = the B×E

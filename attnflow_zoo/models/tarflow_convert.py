@@ -13,7 +13,9 @@ Names: ``blocks.k.attn_blocks.i.attention.*`` ↔ ``blocks.k.layers.i.attention.
 ``…mlp.main.0`` / ``main.2`` ↔ ``…mlp.hidden`` / ``mlp.out``, ``var`` (the prior's variance,
 ones in their default "nvp" mode) ↔ ``prior_log_std`` = ½ log var (the "learned" prior), and
 ``blocks.k.class_embed`` (K×1×W) ↔ ``class_embeddings.k.table.weight``, whose "no class" row K
-is ml-tarflow's unconditional embedding, the mean of the class rows. ``attn_mask`` (a causal
+is ml-tarflow's unconditional embedding, the mean of the class rows (a converted conditional
+model gets ``class_dropout`` = 0.1, ml-tarflow's ``drop_label`` in its README, so that it has
+that row and guides). ``attn_mask`` (a causal
 triangle) is checked and dropped.
 """
 
@@ -90,7 +92,8 @@ def config_from_state(state: dict[str, Tensor], in_channels: int = 3, head_dim: 
         num_blocks=num_blocks, layers_per_block=layers, head_dim=head_dim,
         expansion=hidden // width, affine=out_dim == 2 * token_dim,
         prior="learned" if learned else "standard", data_scale=2.0,
-        num_classes=0 if class_embed is None else class_embed.shape[0], noise_std=noise_std)
+        num_classes=0 if class_embed is None else class_embed.shape[0],
+        class_dropout=0.1, noise_std=noise_std)
 
 
 def from_ml_tarflow(state: dict[str, Tensor], config: TarFlowConfig) -> dict[str, Tensor]:
