@@ -85,3 +85,13 @@ def test_inspect_draws_every_block(trained: Path, tmp_path: Path) -> None:
     assert code == 0, err
     names = {p.name for p in (tmp_path / "insp").iterdir()}
     assert names == {"attention_block1.png", "attention_block2.png", "bits_per_dim.png"}
+
+
+def test_push_dry_run_of_a_class_conditional_checkpoint(tmp_path: Path) -> None:
+    """push checks the round trip before uploading; a class-conditional model gets labels."""
+    model = az.create_model("tarflow_cond_tiny")
+    model.save_pretrained(tmp_path / "ckpt")
+    code, out, err = run(["push", "--checkpoint", tmp_path / "ckpt", "--repo", "user/x",
+                          "--dry-run"])
+    assert code == 0, err
+    assert "passed every check" in out.replace("\n", " ")
