@@ -11,6 +11,20 @@ import typer
 from .source import CheckpointOption, RepoOption, checkpoint_source
 
 OUTPUT = "Output"
+GUIDE = "Guidance and denoising"
+GuidanceOption = Annotated[float, typer.Option(
+    help="Guidance weight w (0: none): classifier-free for class-conditional models trained "
+    "with label dropout; attention-temperature guidance for an unconditional TarFlow (with "
+    "--attention-temperature).", rich_help_panel=GUIDE)]
+AttentionTemperatureOption = Annotated[float | None, typer.Option(
+    help="TarFlow: the unguided pass divides its attention logits by this τ.",
+    rich_help_panel=GUIDE)]
+AnnealedOption = Annotated[bool, typer.Option(
+    "--annealed-guidance", help="TarFlow: ramp the guidance weight linearly over the tokens.",
+    rich_help_panel=GUIDE)]
+DenoiseOption = Annotated[bool, typer.Option(
+    "--denoise", help="One score-based denoising step after sampling (checkpoints trained "
+    "with Gaussian noise).", rich_help_panel=GUIDE)]
 
 
 def sample(
@@ -26,21 +40,10 @@ def sample(
     temperature: Annotated[float, typer.Option(help="Prior standard-deviation scale T (> 0, "
                                                "finite; 1 is the model's distribution).",
                                                rich_help_panel=OUTPUT)] = 1.0,
-    guidance: Annotated[float, typer.Option(help="Guidance weight w (0: none): classifier-free "
-                                            "for class-conditional models trained with label "
-                                            "dropout; attention-temperature guidance for an "
-                                            "unconditional TarFlow (with "
-                                            "--attention-temperature).",
-                                            rich_help_panel=OUTPUT)] = 0.0,
-    attention_temperature: Annotated[float | None, typer.Option(
-        help="TarFlow: the unguided pass divides its attention logits by this τ.",
-        rich_help_panel=OUTPUT)] = None,
-    annealed_guidance: Annotated[bool, typer.Option(
-        "--annealed-guidance", help="TarFlow: ramp the guidance weight linearly over the "
-        "tokens.", rich_help_panel=OUTPUT)] = False,
-    denoise: Annotated[bool, typer.Option("--denoise", help="One score-based denoising step "
-                                          "after sampling (checkpoints trained with Gaussian "
-                                          "noise).", rich_help_panel=OUTPUT)] = False,
+    guidance: GuidanceOption = 0.0,
+    attention_temperature: AttentionTemperatureOption = None,
+    annealed_guidance: AnnealedOption = False,
+    denoise: DenoiseOption = False,
     seed: Annotated[int, typer.Option(help="Seed of the sampling generator.",
                                       rich_help_panel=OUTPUT)] = 0,
     output: Annotated[Path, typer.Option("-o", "--output", help="grid.png (image grid) or "
