@@ -1,10 +1,12 @@
 """Progress of every long loop, on a terminal or not, and one-line notes.
 
 On a terminal (stderr is a TTY) a rich bar is shown on stderr. Off a terminal (``nohup``, Slurm,
-CI, ``| tee log``) plain timestamped lines go to stderr instead, flushed: one every ``every``
+CI, ``| tee log``) plain timestamped lines go to stderr instead, flushed: one after the first
+unit (so a log shows at once that the loop runs, and its first ETA), then one every ``every``
 units when the loop gives ``every`` (training: its log interval), else one at most every
-``interval`` seconds, each with the count, the loop's latest fields (bpd, lr, img/s, …) and the
-ETA. ``note`` prints one line either way (above a live bar), e.g. "resuming from step N".
+``interval`` seconds and one at the end, each with the count, the loop's latest fields (bpd,
+lr, img/s, …) and the ETA. ``note`` prints one line either way (above a live bar), e.g.
+"resuming from step N".
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def progress(description: str, total: int | None, show: bool | None = None, *, s
         show: True a rich bar, False nothing, None (default) a bar on a terminal and log lines
             otherwise.
         start: the count already done (a resumed run continues at ``start``/``total``).
-        every: off a terminal, a line whenever the count reaches a multiple of ``every`` (and
-            at ``total``); None: a line at most every ``interval`` seconds.
+        every: off a terminal, a line after the first unit, then whenever the count reaches a
+            multiple of ``every`` (and at ``total``); None: a line after the first unit, then at
+            most every ``interval`` seconds (and at ``total``).
     """
     if show is None and not enabled():
         yield from _lines(description, total, start, every, interval)
@@ -103,19 +106,20 @@ def _lines(description: str, total: int | None, start: int, every: int | None,
     count = start
     began = last = time.monotonic()
     latest: dict[str, object] = {}
+    printed = False
 
     def advance(n: int = 1, **fields: object) -> None:
-        nonlocal count, last
+        nonlocal count, last, printed
         latest.update(fields)
         before, count = count, count + n
         now = time.monotonic()
         if every is not None:
             due = n > 0 and (count // every > before // every or count == total)
         else:
-            due = n > 0 and now - last >= interval
-        if not due:
+            due = n > 0 and (now - last >= interval or count == total)
+        if not (due or (n > 0 and not printed)):
             return
-        last = now
+        last, printed = now, True
         where = f"{count}/{total} ({count / total:.0%})" if total else str(count)
         parts = [f"{_stamp()} {description} {where}"]
         parts += [f"{k}={v}" for k, v in latest.items()]

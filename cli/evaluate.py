@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .source import CheckpointOption, RepoOption, checkpoint_source
+from .threads import ThreadsOption
 
 
 def evaluate(
@@ -31,6 +32,7 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")
                       ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Score a checkpoint: test-split bits/dim (single-sample dequantisation), optionally FID."""
     from rich.console import Console
@@ -39,6 +41,7 @@ def evaluate(
     from attnflow_zoo.errors import ConfigError
     from attnflow_zoo.evaluation.sampling import check_request
     from attnflow_zoo.evaluation.scores import evaluate_checkpoint
+    from attnflow_zoo.resources import use_threads
 
     source = checkpoint_source(checkpoint, repo)
     for name, value in (("--batch-size", batch_size), ("--limit", limit)):
@@ -50,6 +53,7 @@ def evaluate(
         check_request(num_samples, temperature, batch_size)
         resolve_inception_weights(inception_weights)  # missing FID weights are said before any work
     resolve_device(device)  # a device the machine lacks is refused before any work
+    use_threads(threads)
     result = evaluate_checkpoint(source, dataset, split, batch_size=batch_size, seed=seed,
                                  limit=limit, device=device, fid=fid, num_samples=num_samples,
                                  temperature=temperature, inception_weights=inception_weights)

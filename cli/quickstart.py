@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from .threads import ThreadsOption
+
 
 def quickstart(
     model: Annotated[str, typer.Option(help="Zoo preset to train (1×32×32 images).")
@@ -24,6 +26,7 @@ def quickstart(
                                       "noise.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")
                       ] = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a small AttnFlow on 5,000 digits that ship with attnflow_zoo (no download), score
     it on 1,000 held-out digits against the uniform baseline (8 bits/dim), and write its
@@ -33,6 +36,9 @@ def quickstart(
     """
     from rich.console import Console
 
+    from attnflow_zoo.resources import use_threads
+
+    use_threads(threads)  # first: the line that says it is the run's first
     from attnflow_zoo.training import TrainingInterrupted
     from attnflow_zoo.workflows import quickstart as qs
 
@@ -44,7 +50,8 @@ def quickstart(
     except TrainingInterrupted as err:
         typer.echo(str(err), err=True)
         again = ["attnflow", "quickstart", "--model", model, "--minutes", f"{minutes:g}",
-                 "--out", str(folder), "--seed", str(seed), "--device", device, "--resume"]
+                 "--out", str(folder), "--seed", str(seed), "--device", device, "--resume",
+                 *(["--threads", str(threads)] if threads else [])]
         typer.echo(f"resume with: {shlex.join(again)}", err=True)
         raise typer.Exit(err.exit_code) from None
     why = "its time budget" if result.stop_reason == "max_seconds" else "its recipe's steps"

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .threads import ThreadsOption
+
 _RUN = "Run"
 _EVAL = "Evaluation"
 
@@ -48,6 +50,7 @@ def reproduce(
                                           rich_help_panel=_RUN)] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.",
                                         rich_help_panel=_RUN)] = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a zoo entry with its recipe, measure test bits/dim and FID-50k, write the model card
     with the measured numbers beside the paper's, and push it if --repo is given.
@@ -59,6 +62,7 @@ def reproduce(
     """
     from rich.console import Console
 
+    from attnflow_zoo.resources import use_threads
     from attnflow_zoo.training.recipes import parse_assignments
     from attnflow_zoo.workflows.reproduce import reproduce as run_reproduce
 
@@ -66,6 +70,7 @@ def reproduce(
     assigned = parse_assignments(settings or [])
     model = {k.removeprefix("model."): v for k, v in assigned.items() if k.startswith("model.")}
     recipe = {k: v for k, v in assigned.items() if not k.startswith("model.")}
+    use_threads(threads)
     result = run_reproduce(name, dataset=dataset, out_dir=out, repo_id=repo, overrides=recipe,
                            model_overrides=model, fid_samples=fid_samples,
                            fid_reference_limit=fid_reference_limit, limit=limit,

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .threads import ThreadsOption
+
 _MODEL = "Model"
 _DATA = "Data"
 _OPTIM = "Optimisation"
@@ -110,6 +112,7 @@ def train(
                                             "(none = fp32).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.",
                                         rich_help_panel=_RUN)] = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a zoo preset by maximum likelihood with its recipe (optimizer, warm-up, EMA, noise).
 
@@ -124,6 +127,7 @@ def train(
     finish the step, write a checkpoint and print the resume command. Under
     `torchrun --nproc_per_node G` it trains on G GPUs.
     """
+    from attnflow_zoo.resources import use_threads
     from attnflow_zoo.training import TrainingInterrupted, train_preset
     from attnflow_zoo.training.recipes import train_config
 
@@ -142,6 +146,7 @@ def train(
         settings["ema_decay"] = ema_decay or None  # 0 disables the EMA
     config = train_config(model, **settings)
     out = out if out is not None else Path("runs") / model
+    use_threads(threads)
     try:
         result = train_preset(model, dataset, config, out_dir=out, resume=resume,
                               overrides=overrides, limit=limit, eval_limit=eval_limit,

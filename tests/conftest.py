@@ -7,11 +7,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+# Under pytest-xdist every worker takes one core; two threads each would oversubscribe 2 cores.
+# Set before torch starts, and the CLI's thread choice keeps it (attnflow_zoo.resources).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Under pytest-xdist every worker takes one core; two threads each would oversubscribe 2 cores.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ PACKAGE = ROOT / "attnflow_zoo"
 CLI = ROOT / "cli"
 
 #: The floor of the house: these import only each other (and torch / the standard library).
-GROUND = ("errors", "_io", "progress", "precision", "compilation", "online", "core", "layers",
-          "logdet_estimators", "priors")
+GROUND = ("errors", "_io", "progress", "precision", "compilation", "online", "resources",
+          "core", "layers", "logdet_estimators", "priors")
 
 
 def _module_name(path: Path) -> str:

@@ -56,6 +56,7 @@ from ..errors import CheckpointError, DataError, TrainingError
 from ..metrics import evaluate_bpd
 from ..models.conditioning import training_labels
 from ..progress import clock, note, progress
+from ..resources import rebalance
 from .config import TrainConfig, check_device, check_resume
 from .datasets import carve_validation, data_record, model_input, run_settings
 from .distributed import DistContext, all_mean, barrier, init_distributed
@@ -365,6 +366,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             fields: dict[str, str] = {}
             guard = None
             if log_now or save_now:
+                rebalance()  # a measured thread count follows the machine's other work
                 guard = train_step.read()
                 window_loss += guard["loss_sum"]
                 window_steps += guard["good"]
