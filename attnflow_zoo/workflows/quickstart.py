@@ -28,7 +28,7 @@ from ..evaluation import results
 from ..evaluation.sampling import draw_samples
 from ..factory import load_model
 from ..publishing import publish
-from ..training import recipes, train_preset
+from ..training import TrainConfig, recipes, train_preset
 from ..training.report import save_grid
 from ..training.run import holds_run
 from .reproduce import METRICS_NAME
@@ -111,8 +111,7 @@ def quickstart(preset: str = DEFAULT_PRESET, *, minutes: float = DEFAULT_MINUTES
     config = recipes.train_config(preset, seed=seed, max_seconds=60.0 * minutes,
                                   log_every=LOG_EVERY)
     say(f"training {preset} on {DATASET} (embedded, offline) for up to {minutes:g} min "
-        f"of wall time, at most {config.steps:,} steps of {config.batch_size} images, "
-        f"into {out}")
+        f"of wall time, at most {_length(config)} of {config.batch_size} images, into {out}")
     fit = train_preset(preset, DATASET, config, out_dir=out, resume=resume, device=device,
                        show_progress=show_progress)
     if fit.checkpoint is None or fit.eval_bpd is None:  # another rank of a torchrun job
@@ -136,6 +135,14 @@ def quickstart(preset: str = DEFAULT_PRESET, *, minutes: float = DEFAULT_MINUTES
         heldout_bpd=fit.eval_bpd, num_heldout=num_heldout, metrics=metrics_path,
         seconds=time.monotonic() - began, samples=out / "samples.png", samples_t=samples_t,
         curves=out / "curves.png", card=card, next_commands=next_commands(out, preset))
+
+
+def _length(config: TrainConfig) -> str:
+    """The recipe's length in its own unit: steps, or epochs for an epoch recipe (the steps
+    of an epoch are known only once the data is loaded)."""
+    if config.steps is not None:
+        return f"{config.steps:,} steps"
+    return f"{config.epochs:,} epoch{'s' if config.epochs != 1 else ''} of batches"
 
 
 def next_commands(run_dir: Path, preset: str = DEFAULT_PRESET) -> list[tuple[str, str]]:
