@@ -194,3 +194,85 @@ def test_models_lists_recipes_and_weights(capsys: pytest.CaptureFixture[str]) ->
     code, out, err = _cli(["models", "attnflow_imap_cifar10_mixlog", "--no-params"], capsys)
     assert code == 0, err
     assert "adamax" in out and "b64" in out and "none" in out
+
+
+# --- cards that cannot lie (issue 23, item 6) -----------------------------------------------
+_BPD = {"dataset": "digits", "split": "test", "bpd": 3.0, "bpd_estimator": "single-sample",
+        "bpd_num_images": 100}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--preset", "attnflow_foo"], "unknown model 'attnflow_foo'"),
+    (["--preset", "marflow_cifar10"], "built from zoo entry 'attnflow_imap_tiny'; a card for "
+                                      "'marflow_cifar10' would describe another model"),
+    (["--repo", "not a repo!!"], "'not a repo!!' is not a valid Hub repo id"),
+    (["--metrics", json.dumps({**_BPD, "bpd": -5})], "metrics bpd = -5 is impossible"),
+    (["--metrics", json.dumps({**_BPD, "fid": -1.0, "fid_num_samples": 100,
+                               "fid_weights": "w"})], "metrics fid = -1.0 is impossible"),
+    (["--metrics", json.dumps({**_BPD, "bpd_num_images": 0})], "bpd_num_images = 0 is imposs"),
+    (["--metrics", json.dumps({**_BPD, "step": 7})], "the metrics score step 7, but this "
+                                                     "checkpoint is step 40"),
+])
+def test_a_card_that_would_lie_is_one_line_and_nothing_is_written(
+        digits_checkpoint: Path, tmp_path: Path, args: list[str], message: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "card.md"
+    repo = [] if "--repo" in args else ["--repo", "user/d"]
+    stub = (digits_checkpoint / "README.md").read_text()  # save_pretrained's
+    for command in (["card", "-o", out], ["push", "--dry-run", "-o", out], ["card"]):
+        code, _, err = _cli([*command, "--checkpoint", digits_checkpoint, *repo, *args], capsys)
+        assert code == 1 and err.count("\n") == 1 and message in err, (command, err)
+        assert not out.exists() and (digits_checkpoint / "README.md").read_text() == stub
+
+
+def test_a_stated_preset_must_be_the_checkpoints_config(tmp_path: Path, gen: torch.Generator
+                                                        ) -> None:
+    """A checkpoint that records no preset takes a stated one only if it is that model."""
+    from attnflow_zoo.models.attnflow import AttnFlow
+    from attnflow_zoo.publishing.publish import build_card
+
+    tiny = create_model("attnflow_imap_tiny")
+    AttnFlow(tiny.config).save_pretrained(tmp_path / "ckpt")  # no zoo_preset: none recorded
+    card = build_card(tmp_path / "ckpt", preset="attnflow_imap_tiny")
+    assert "attnflow_imap_tiny" in card.text
+    with pytest.raises(ConfigError, match="the checkpoint is not zoo entry 'marflow_tiny': "
+                                          "attention='imap' \\(the entry: 'none'\\)"):
+        build_card(tmp_path / "ckpt", preset="marflow_tiny")
+
+
+def test_without_metrics_the_card_shows_the_runs_own_metrics_json(
+        digits_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = digits_checkpoint.parent
+    (run / "metrics.json").write_text(json.dumps({**_BPD, "step": 40, "bpd": 2.75}))
+    for command in (["card"], ["push", "--repo", "user/d", "--dry-run"]):
+        code, _, err = _cli([*command, "--checkpoint", run], capsys)
+        assert code == 0, err
+        header = yaml.safe_load((digits_checkpoint / "README.md").read_text().split("---")[1])
+        assert _results(header)["bits_per_dim"]["metrics"][0]["value"] == 2.75
+    # Metrics of another step of the run describe other weights: left off, and said so.
+    (run / "metrics.json").write_text(json.dumps({**_BPD, "step": 30, "bpd": 2.75}))
+    code, _, err = _cli(["card", "--checkpoint", run], capsys)
+    assert code == 0, err
+    text = (digits_checkpoint / "README.md").read_text()
+    assert "model-index" not in text.split("---")[1]
+    assert "scores step 30, not this checkpoint's step 40" in text
+
+
+def test_training_checkpoints_carry_no_card_that_denies_their_run_json(tmp_path: Path) -> None:
+    from attnflow_zoo.training import train_preset
+    from attnflow_zoo.training.recipes import train_config
+
+    out = tmp_path / "run"
+    config = train_config("attnflow_imap_tiny", steps=2, batch_size=8, validation=0,
+                          eval_every=None)
+    train_preset("attnflow_imap_tiny", "digits", config, out_dir=out,
+                 overrides={"in_channels": 1}, limit=16, eval_limit=8, show_progress=False)
+    for folder in (out / "step-0000002", out / "best"):
+        if (folder / "README.md").exists():
+            text = (folder / "README.md").read_text()
+            assert (folder / "run.json").exists() and "no `run.json`" not in text, folder
+    code, _, err = _cli(["card", "--checkpoint", out])
+    assert code == 0, err
+    text = (out / "step-0000002" / "README.md").read_text()
+    assert "was not recorded" not in text and "2 steps of the 2 planned" not in text
+    assert "Length: 2 steps of a global batch of 8" in text

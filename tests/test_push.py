@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -289,3 +290,73 @@ def test_cards_and_licenses_ship_in_the_wheel(tmp_path: Path) -> None:
                          text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("# CelebA")
+
+
+# --- the round trip is checked on what the model is for (issue 23, item 2) ----------------------
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two steps of the tiny AttnFlow on the embedded digits: a run folder with a run record."""
+    from attnflow_zoo.training import train_preset
+    from attnflow_zoo.training.recipes import train_config
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    config = train_config(E2E_PRESET, steps=2, batch_size=8, validation=0, eval_every=None)
+    train_preset(E2E_PRESET, "digits", config, out_dir=out, overrides={"in_channels": 1},
+                 limit=32, eval_limit=8, show_progress=False)
+    return out
+
+
+def test_push_checks_the_round_trip_on_the_training_data(trained_run: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    from attnflow_zoo import checkpoint
+    from attnflow_zoo.data import datasets
+    from attnflow_zoo.factory import load_model
+    from attnflow_zoo.publishing import publish
+
+    code, err = _cli(["push", "--checkpoint", str(trained_run), "--repo", "user/x", "--dry-run",
+                      "-o", str(tmp_path / "card.md")], capsys)
+    assert code == 0, err
+    line = next((x for x in err.splitlines() if "round trip" in x), err)
+    assert line.endswith("on 8 train images of digits, its training data"), line
+    assert float(line.split("= ")[1].split(" on")[0]) <= 1 / 512
+    model = load_model(trained_run)
+    images, labels, what = publish.round_trip_inputs(
+        model, checkpoint.read_run_record(checkpoint.resolve_local(trained_run)))
+    assert labels is None  # an unconditional model
+    # The run's training split (seeded subset), not noise: what the model is meant to invert.
+    expected = datasets.load_for_shape("digits", "train", model.input_shape, limit=8)
+    assert torch.equal(images, expected) and what == "8 train images of digits, its training data"
+
+
+def test_without_its_data_the_check_uses_the_models_own_samples(zoo_ckpt: Path) -> None:
+    from attnflow_zoo.factory import load_model
+    from attnflow_zoo.publishing import publish
+
+    model = load_model(zoo_ckpt)  # save_pretrained: no run record, so no data to name
+    images, _, what = publish.round_trip_inputs(model, None)
+    assert what == "8 of its own samples at temperature 0.7"
+    drawn = model.sample(8, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(images, drawn)
+    moved = publish.round_trip_inputs(model, {"dataset": {"path": "/no/such/folder"}})
+    assert moved[2] == what  # a training folder that is gone: the samples again
+    assert publish.check_round_trip(model, images, what=what) <= 1 / 512
+
+
+def test_a_model_that_does_not_invert_is_refused_with_the_numbers(
+        tmp_path: Path, gen: torch.Generator, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _model(zoo=False)
+    _save(model, tmp_path / "init", gen)
+    with torch.no_grad():
+        # x + 1e6 in float32 keeps steps of 1/16: every pixel's round trip is off by far more
+        # than a grey level (the flow's later scales multiply it).
+        model.flow.layers[1].bias.fill_(1e6)
+    model.eval().save_pretrained(tmp_path / "broken")
+    code, err = _cli(["push", "--checkpoint", str(tmp_path / "broken"), "--repo", "user/x",
+                      "--dry-run", "-o", str(tmp_path / "card.md")], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    numbers = re.search(r"round trip inverse\(forward\(x\)\) is off by up to ([\d.e-]+) \(more "
+                        r"than 1/512\) on 8 of 8 of its own samples at temperature 0\.7 "
+                        r"\(median ([\d.e-]+)\)", err)
+    assert numbers and float(numbers[1]) >= float(numbers[2]) > 1 / 512, err
+    assert not (tmp_path / "card.md").exists()

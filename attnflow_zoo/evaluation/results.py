@@ -45,6 +45,9 @@ from typing import Any
 from ..errors import ConfigError
 
 FORMAT = 1
+#: Where a run keeps its metrics (``attnflow quickstart`` / ``reproduce``); ``push`` and
+#: ``card`` read it when no metrics are given.
+METRICS_NAME = "metrics.json"
 _NUMBER = (int, float)
 #: key -> accepted JSON types.
 FIELDS: dict[str, tuple[type, ...]] = {
@@ -57,6 +60,17 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "fid_reference_num_images": (int,), "fid_reference_statistics": (str,), "extra": (list,),
 }
 BPD_ESTIMATORS = ("single-sample", "importance-weighted")
+#: key -> (lowest, highest) possible value (None: unbounded on that side). Bits/dim of 8-bit
+#: data is ≥ 0 (−log₂ of a probability; the dequantised estimate bounds it from above), a
+#: distance ≥ 0, an accuracy in [0, 1]; counts are ≥ 1 (a FID's covariance needs 2 images).
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "bpd": (0, None), "fid": (0, None), "accuracy": (0, 1), "step": (0, None),
+    "bpd_num_importance_samples": (1, None), "bpd_num_images": (1, None),
+    "bpd_batch_size": (1, None), "fid_num_samples": (2, None),
+    "fid_reference_num_images": (2, None),
+}
+#: Keys whose value must be > 0.
+POSITIVE = ("fid_temperature",)
 
 
 def check_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -87,13 +101,31 @@ def check_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             if key not in metrics:
                 raise ConfigError(f"metrics give fid without {key}; the card must state the "
                                   "FID protocol")
+    _check_values(metrics)
+    return metrics
+
+
+def _check_values(metrics: dict[str, Any]) -> None:
+    """``ConfigError`` for a value no measurement can give: non-finite, out of ``RANGES``,
+    not ``POSITIVE``, an ``extra`` entry without name and value."""
     for key in ("bpd", "fid"):
         if key in metrics and not math.isfinite(metrics[key]):
             raise ConfigError(f"metrics {key} must be a finite number, got {metrics[key]!r}")
     for extra in metrics.get("extra", []):
         if not isinstance(extra, dict) or not {"name", "value"} <= set(extra):
             raise ConfigError("each metrics `extra` entry needs a name and a value")
-    return metrics
+    for key, value in metrics.items():
+        if value is None or (key not in RANGES and key not in POSITIVE):
+            continue
+        low, high = RANGES.get(key, (None, None))
+        if key in POSITIVE and value <= 0:
+            rule = "> 0"
+        elif (low is not None and value < low) or (high is not None and value > high):
+            rule = f"≥ {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+        else:
+            continue
+        raise ConfigError(f"metrics {key} = {value!r} is impossible (it must be {rule}); these "
+                          "are not measured numbers")
 
 
 def is_real_fid(metrics: dict[str, Any]) -> bool:

@@ -9,46 +9,106 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .. import registry
 from .._io import atomic_write_text
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config, read_run_record, resolve_local
-from ..data import quantize
-from ..errors import CheckpointError
+from ..checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    config_to_dict,
+    read_config,
+    read_run_record,
+    resolve_local,
+)
+from ..data import datasets, quantize
+from ..errors import AttnFlowError, CheckpointError, ConfigError
+from ..evaluation import results
+from ..evaluation.scores import checkpoint_step
 from ..factory import list_models, load_model
 from ..online import offline_mode
+from ..progress import note
 from ..training import recipes
 from .modelcard import render_card
 
 PLACEHOLDER_REPO = "<user>/<repo>"
 CARD_NAME = "README.md"
+#: Images the pre-push round trip checks, and the temperature of the model's own samples that
+#: stand in for its training data when that is not at hand.
+ROUND_TRIP_IMAGES = 8
+ROUND_TRIP_TEMPERATURE = 0.7
 
 
-def check_round_trip(model: Any, num_images: int = 4, seed: int = 0) -> float:
-    """Max |inverse(forward(x)) − x| on a few dequantised random images (labelled every class
-    in turn for a class-conditional model); raises
-    ``CheckpointError`` above half a quantisation step (1/512), where samples would change."""
+def round_trip_inputs(model: Any, run: dict[str, Any] | None,
+                      num_images: int = ROUND_TRIP_IMAGES, seed: int = 0
+                      ) -> tuple[Tensor, Tensor | None, str]:
+    """(uint8 images the model is meant for, their labels for a class-conditional model, what
+    they are): ``num_images`` of its training split when its run record names data that loads
+    here (a seeded subset, ``datasets.LIMIT_RULE``), else its own samples at
+    ``ROUND_TRIP_TEMPERATURE`` (seeded; every class in turn), else (a model that cannot
+    sample) uniform random images."""
+    shape = tuple(model.input_shape)
+    k = int(getattr(model, "num_classes", 0) or 0)
+    turns = torch.arange(num_images) % k if k else None  # every class in turn
+    data = (run or {}).get("dataset") or {}
+    source = data.get("name") or data.get("path")
+    if source:
+        split = data.get("train_split") or "train"
+        try:
+            images, labels = datasets.load_labelled(source, split, shape, limit=num_images)
+        except AttnFlowError:  # not at hand here (offline and not cached, a moved folder)
+            pass
+        else:
+            return (images, labels if k else None,
+                    f"{len(images)} {split} images of {source}, its training data")
+    gen = torch.Generator(device=_device_of(model)).manual_seed(seed)
+    if callable(getattr(model, "sample", None)):
+        with torch.no_grad():
+            images = model.sample(num_images, temperature=ROUND_TRIP_TEMPERATURE, generator=gen,
+                                  **({"y": turns} if k else {}))
+        return images.cpu(), turns, (f"{num_images} of its own samples at temperature "
+                                     f"{ROUND_TRIP_TEMPERATURE:g}")
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (num_images, *shape), generator=gen, dtype=torch.uint8),
+            turns, f"{num_images} random images")
+
+
+def check_round_trip(model: Any, images_u8: Tensor | None = None, labels: Tensor | None = None,
+                     *, what: str = "the images", seed: int = 0) -> float:
+    """Max |inverse(forward(x)) − x| over dequantised ``images_u8`` (default: 4 uniform random
+    images) and, for a class-conditional model, their ``labels`` (default: every class in
+    turn); ``CheckpointError`` with the numbers above half a quantisation step (1/512), where
+    samples would change, or for a non-finite log-determinant. ``what`` names the images in
+    the message."""
     shape = getattr(model, "input_shape", None)
     if shape is None:
         raise CheckpointError(f"{type(model).__name__} has no input_shape; cannot check "
                               "its round trip before pushing")
     gen = torch.Generator().manual_seed(seed)
-    x_u8 = torch.randint(0, 256, (num_images, *shape), generator=gen, dtype=torch.uint8)
-    x = quantize.to_model_space(x_u8, gen).to(_device_of(model))
+    if images_u8 is None:
+        images_u8 = torch.randint(0, 256, (4, *shape), generator=gen, dtype=torch.uint8)
+    x = quantize.to_model_space(images_u8, gen).to(_device_of(model))
     k = int(getattr(model, "num_classes", 0) or 0)
-    labels = (torch.arange(num_images) % k,) if k else ()  # a class-conditional model's
+    if k and labels is None:
+        labels = torch.arange(len(images_u8)) % k
+    given = (labels.to(x.device),) if k else ()  # a class-conditional model's
     with torch.no_grad():
-        out = model(x, *labels)
+        out = model(x, *given)
         # Density models return (z, logdet); a bare bijection (the validator) returns z.
         z, logdet = out if isinstance(out, tuple) else (out, None)
-        x_rec = model.inverse(z, *labels)
+        x_rec = model.inverse(z, *given)
     if logdet is not None and not torch.isfinite(logdet).all():
-        raise CheckpointError("the checkpoint gives a non-finite log-determinant; "
-                              "refusing to push it")
-    err = (x_rec - x).abs().max().item()
+        bad = int((~torch.isfinite(logdet)).sum())
+        raise CheckpointError(f"the checkpoint gives a non-finite log-determinant on {bad} of "
+                              f"{what}; refusing to push it")
+    per_image = (x_rec - x).abs().flatten(1).amax(1).nan_to_num(nan=float("inf"))
+    err = float(per_image.max())
     if not err <= 1 / 512:
-        raise CheckpointError(f"the checkpoint's round trip inverse(forward(x)) is off by {err:.3g}"
-                              " (more than 1/512); refusing to push a model that does not invert")
+        off = int((per_image > 1 / 512).sum())
+        raise CheckpointError(
+            f"the checkpoint's round trip inverse(forward(x)) is off by up to {err:.3g} (more "
+            f"than 1/512) on {off} of {what} (median {float(per_image.median()):.3g}); refusing "
+            "to push a model that does not invert")
     return err
 
 
@@ -69,19 +129,82 @@ def recipe_for_card(preset: str | None, run: dict[str, Any] | None) -> dict[str,
             "deviations": recipes.deviations(recipe, run) if run else []}
 
 
+def card_preset(preset: str | None, payload: dict[str, Any]) -> str | None:
+    """The zoo entry a card describes: the checkpoint's own (``config.json``'s ``preset``), or
+    ``preset`` when it is a zoo entry that agrees with the checkpoint. ``ConfigError`` for an
+    unknown entry, or one that names another entry than the checkpoint's or (for a checkpoint
+    without one) another architecture or config."""
+    recorded = payload.get("preset")
+    if preset is None or preset == recorded:
+        return recorded
+    list_models()  # the model modules register the presets on import
+    entry = registry.get_entry(preset)  # an unknown name: ConfigError with close matches
+    if recorded is not None:
+        raise ConfigError(f"the checkpoint was built from zoo entry {recorded!r}; a card for "
+                          f"{preset!r} would describe another model (leave preset out to use "
+                          "the checkpoint's own)")
+    if entry.model_cls.__name__ != payload["architecture"]:
+        raise ConfigError(f"zoo entry {preset!r} is a {entry.model_cls.__name__}, the checkpoint "
+                          f"a {payload['architecture']}; its card would describe another model")
+    ours, theirs = payload["config"], config_to_dict(entry.config)
+    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if diff:
+        detail = ", ".join(f"{k}={ours.get(k)!r} (the entry: {theirs.get(k)!r})"
+                           for k in diff[:3])
+        raise ConfigError(f"the checkpoint is not zoo entry {preset!r}: {detail}"
+                          + (f" and {len(diff) - 3} more" if len(diff) > 3 else ""))
+    return preset
+
+
+def card_metrics(directory: Path, metrics: dict[str, Any] | None
+                 ) -> tuple[dict[str, Any], list[str]]:
+    """(the metrics a card of checkpoint ``directory`` shows, notes on what was left off).
+
+    Given ``metrics`` are checked (``results.check_metrics``) and must score this checkpoint:
+    a ``step`` other than the checkpoint's is a ``ConfigError``. Without them, the run's own
+    ``metrics.json`` (beside the checkpoint or in its run folder) is used when it scores this
+    checkpoint's step, and left off with a note when it scores another.
+    """
+    step = checkpoint_step(directory)
+    if metrics is not None:
+        results.check_metrics(metrics)
+        if metrics.get("step") is not None and step is not None and metrics["step"] != step:
+            raise ConfigError(f"the metrics score step {metrics['step']}, but this checkpoint "
+                              f"is step {step}; score this checkpoint (evaluate it as JSON) "
+                              "or leave the metrics out")
+        return metrics, []
+    for folder in (directory, directory.parent):
+        path = folder / results.METRICS_NAME
+        if path.is_file():
+            found = results.load_metrics(path)
+            if found.get("step") is not None and step is not None and found["step"] != step:
+                return {}, [f"{path} scores step {found['step']}, not this checkpoint's step "
+                            f"{step}; its numbers are not shown"]
+            return results.publishable(found)
+    return {}, []
+
+
 def build_card(checkpoint_dir: str | os.PathLike[str], repo_id: str = PLACEHOLDER_REPO, *,
                metrics: dict[str, Any] | None = None, preset: str | None = None,
                left_out: list[str] | None = None) -> Any:
     """The model card (``huggingface_hub.ModelCard``) of a local checkpoint: its config.json, its
     run record (``run.json``, if training wrote one), its recipe and ``metrics`` (the schema of
-    ``evaluation.results``)."""
+    ``evaluation.results``; default: the run's own ``metrics.json``, ``card_metrics``).
+
+    What the card states must hold for the checkpoint: ``repo_id`` must be a valid repo id,
+    ``preset`` a zoo entry that agrees with it (``card_preset``), ``metrics`` possible and of
+    its step; anything else is a ``ConfigError`` / ``CheckpointError``.
+    """
+    if repo_id != PLACEHOLDER_REPO:
+        check_repo_id(repo_id)
     directory = resolve_local(checkpoint_dir)
     payload = read_config(directory)
-    preset = preset or payload.get("preset")
+    preset = card_preset(preset, payload)
+    shown, notes = card_metrics(directory, metrics)
     run = read_run_record(directory)
     return render_card(architecture=payload["architecture"], config=payload["config"],
-                       preset=preset, repo_id=repo_id, metrics=metrics, run=run,
-                       recipe=recipe_for_card(preset, run), left_out=left_out)
+                       preset=preset, repo_id=repo_id, metrics=shown, run=run,
+                       recipe=recipe_for_card(preset, run), left_out=[*(left_out or []), *notes])
 
 
 def write_card(checkpoint_dir: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
@@ -130,9 +253,10 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
                     dry_run: bool = False, card_out: str | os.PathLike[str] | None = None) -> str:
     """Check a local checkpoint and upload exactly config.json, model.safetensors, README.md.
 
-    The checkpoint is loaded strictly, its round trip is checked (``check_round_trip``), the model
-    card is rendered (``build_card``, with ``metrics``) unless ``card`` gives its text, and the
-    three files go to ``repo_id`` in one commit. Returns the commit URL.
+    The checkpoint is loaded strictly, its round trip is checked on the images it is meant for
+    (``round_trip_inputs``, ``check_round_trip``), the model card is rendered (``build_card``,
+    with ``metrics``) unless ``card`` gives its text, and the three files go to ``repo_id`` in
+    one commit. Returns the commit URL.
 
     ``dry_run``: every check, and the card written to ``card_out`` (default: the checkpoint's
     README.md); nothing is sent. Returns the card's path. Offline (``HF_HUB_OFFLINE``) or an
@@ -141,16 +265,20 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
     check_repo_id(repo_id)
     directory = resolve_local(os.fspath(checkpoint_dir))
     model = load_model(directory)
-    check_round_trip(model)
     payload = read_config(directory)
     text = card if card is not None else str(build_card(directory, repo_id, metrics=metrics,
                                                         preset=preset))
-    if dry_run:
-        return str(atomic_write_text(Path(card_out) if card_out is not None
-                                     else directory / CARD_NAME, text))
-    if offline_mode():
+    if not dry_run and offline_mode():
         raise CheckpointError(f"cannot push to {repo_id!r}: the Hub is offline (HF_HUB_OFFLINE "
                               "is set); unset it, or use --dry-run to write the card locally")
+    images, labels, what = round_trip_inputs(model, read_run_record(directory))
+    checked = f"round trip: max |inverse(forward(x)) − x| = " \
+              f"{check_round_trip(model, images, labels, what=what):.2g} on {what}"
+    if dry_run:
+        written = atomic_write_text(Path(card_out) if card_out is not None
+                                    else directory / CARD_NAME, text)
+        note(checked)
+        return str(written)
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -173,4 +301,5 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
         raise CheckpointError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to "
                               f"push {repo_id!r} ({_first_line(err)}); nothing was uploaded — "
                               "check the network or HF_ENDPOINT, or use --dry-run") from err
+    note(checked)
     return str(info.commit_url)

@@ -40,7 +40,7 @@ from ..publishing import publish
 from ..training import TrainConfig, recipes, train_preset
 
 STATE_NAME = "reproduce.json"
-METRICS_NAME = "metrics.json"
+METRICS_NAME = results.METRICS_NAME
 STAGES = ("train", "evaluate", "card", "push")
 
 
