@@ -11,6 +11,7 @@ import torch
 import attnflow_zoo as az
 from attnflow_zoo.data.quantize import to_model_space
 from attnflow_zoo.errors import ShapeError
+from attnflow_zoo.layers.residual import InverseNotConvergedWarning
 from attnflow_zoo.models.validator import InvertibilityValidator, InvertibilityValidatorConfig
 from attnflow_zoo.workflows.validation import run_validation
 
@@ -116,3 +117,59 @@ def test_cli_validate_end_to_end(mnist_folder, tmp_path) -> None:
     assert (out / "reconstructions.png").exists()
     assert (out / "checkpoint" / "model.safetensors").exists()
     assert "PSNR" in result.output
+
+
+# --- the same seed, the same figures; a diverged inverse says so (issue 23, item 4) ----------
+_TIMES = ("seconds", "seconds_per_epoch", "seconds_per_step")
+
+
+def _without_times(result: dict) -> dict:
+    out = {k: v for k, v in result.items() if k not in _TIMES}
+    for key in ("inverse", "inverse_main"):
+        entries = out[key] if key == "inverse" else {"main": out[key]}
+        for entry in entries.values():
+            entry.pop("seconds")
+    return out
+
+
+def test_the_same_seed_gives_the_same_figures(digits: torch.Tensor) -> None:
+    """Every random number (initial weights, spectral-norm vectors, target, order, noise,
+    power iteration) comes from the generator: two runs with one seed agree exactly."""
+    cfg = InvertibilityValidatorConfig(kind="dot", lipschitz="faithful", in_channels=1,
+                                       image_size=28)
+
+    def once(seed: int) -> dict:
+        return _without_times(run_validation(
+            cfg, digits[:128], digits[4000:4064], epochs=1, batch_size=64,
+            inverse_iterations=(10,), generator=torch.Generator().manual_seed(seed)))
+
+    first = once(1)
+    assert once(1) == first
+    assert once(3)["final_train_loss"] != first["final_train_loss"]  # the seed matters
+
+
+def test_a_diverged_inverse_is_reported_as_diverged(digits: torch.Tensor) -> None:
+    """The published (unconstrained) dot attention after one epoch: at this seed the fixed
+    point iteration runs away (its residual grows to ~1e4); no PSNR is reported for it."""
+    cfg = InvertibilityValidatorConfig(kind="dot", lipschitz="faithful", in_channels=1,
+                                       image_size=28)
+    with pytest.warns(InverseNotConvergedWarning, match="diverged"):
+        result = run_validation(cfg, digits[:200], digits[4000:4200], epochs=1, batch_size=64,
+                                generator=torch.Generator().manual_seed(2))
+    assert result["verdict"] == "diverged"
+    for entry in result["inverse"].values():
+        assert entry["verdict"] == "diverged" and entry["psnr_db"] is None
+        assert entry["mse"] is None and entry["max_residual"] > 1
+
+
+def test_inverse_verdicts() -> None:
+    from attnflow_zoo.workflows.validation import inverse_verdict
+
+    tol = 1e-6
+    assert inverse_verdict(torch.tensor([1e-7, 5e-7]), None, tol) == "converged"
+    assert inverse_verdict(torch.tensor([1e-3, 1e-7]), None, tol) == "not converged"
+    assert inverse_verdict(torch.tensor([1e-4]), torch.tensor([1e-3]), tol) == "not converged"
+    assert inverse_verdict(torch.tensor([2e-3]), torch.tensor([1e-3]), tol) == "diverged"
+    assert inverse_verdict(torch.tensor([float("nan")]), None, tol) == "diverged"
+    assert inverse_verdict(torch.tensor([float("inf")]), None, tol) == "diverged"
+    assert inverse_verdict(torch.tensor([3.0]), None, tol) == "diverged"
