@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .source import CheckpointOption, RepoOption, checkpoint_source
+from .threads import ThreadsOption
 
 OUTPUT = "Output"
 GUIDE = "Guidance and denoising"
@@ -61,6 +62,7 @@ def sample(
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the "
                                           "sampler (first batch slower).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Draw seeded samples at a temperature and save them as a PNG grid or an NPZ array.
 
@@ -68,46 +70,39 @@ def sample(
     model is loaded or any sample drawn. It reports how many images were non-finite or out of
     range before the uint8 conversion; those are drawn marked (a checkerboard, a dotted frame).
     """
-    from rich.console import Console
-
-    from attnflow_zoo.evaluation.sampling import (
-        check_output,
-        check_request,
-        class_labels,
-        draw_checked_samples,
-        resolve_device,
-        save_samples,
-    )
+    from attnflow_zoo.evaluation import sampling
     from attnflow_zoo.factory import load_model
     from attnflow_zoo.precision import autocast_for
+    from attnflow_zoo.resources import use_threads
 
     source = checkpoint_source(checkpoint, repo)
-    check_request(num_samples, temperature, batch_size)
-    check_output(output)
-    dev = resolve_device(device)
+    sampling.check_request(num_samples, temperature, batch_size)
+    sampling.check_output(output)
+    dev = sampling.resolve_device(device)
     autocast_for(dev, precision)  # an unknown precision or fp16 off CUDA: refused before loading
     model = load_model(source)
-    labels, per_class = class_labels(model, label, num_samples)
+    labels, per_class = sampling.class_labels(model, label, num_samples)
     if labels is not None:
         num_samples = len(labels)
+    sampling.check_size(num_samples, model.input_shape, output, nrow or per_class)
+    use_threads(threads)
     options = {k: v for k, v in (("attention_temperature", attention_temperature),
                                  ("annealed", annealed_guidance or None)) if v is not None}
-    drawn = draw_checked_samples(model, num_samples, temperature=temperature, seed=seed,
-                                 batch_size=batch_size, device=dev, precision=precision,
-                                 compile=compile, labels=labels, guidance=guidance,
-                                 denoise=denoise, options=options)
-    images = drawn.images
-    path = save_samples(images, output, nrow=nrow or per_class)
+    drawn = sampling.draw_checked_samples(
+        model, num_samples, temperature=temperature, seed=seed, batch_size=batch_size,
+        device=dev, precision=precision, compile=compile, labels=labels, guidance=guidance,
+        denoise=denoise, options=options)
+    path = sampling.save_samples(drawn.images, output, nrow=nrow or per_class)
     if as_json:
         typer.echo(json.dumps({"path": str(path), "temperature": temperature, "seed": seed,
                                "class": label, "guidance": guidance, "denoise": denoise,
                                **drawn.counts()}))
         return
-    console = Console()
-    console.print(f"wrote {images.shape[0]} samples ({'×'.join(map(str, images.shape[1:]))}, "
-                  f"T={temperature}, seed={seed}"
-                  + (f", class {label}" if label is not None else "")
-                  + (f", guidance {guidance:g}" if guidance else "")
-                  + (", denoised" if denoise else "") + f") to {path}")
+    shape = drawn.images.shape
+    typer.echo(f"wrote {shape[0]} samples ({'×'.join(map(str, shape[1:]))}, "
+               f"T={temperature}, seed={seed}"
+               + (f", class {label}" if label is not None else "")
+               + (f", guidance {guidance:g}" if guidance else "")
+               + (", denoised" if denoise else "") + f") to {path}")
     flagged = drawn.num_nonfinite or drawn.num_out_of_range
-    console.print(("warning: " if flagged else "") + drawn.summary())
+    typer.echo(("warning: " if flagged else "") + drawn.summary())

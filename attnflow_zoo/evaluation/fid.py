@@ -286,20 +286,54 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
+def _feature_batches(images_u8: Tensor | Iterable[Tensor], extractor: Any, batch_size: int,
+                     total: int | None) -> Iterator[np.ndarray]:
+    """float64 features of uint8 images (a tensor N×C×H×W, or an iterable of batches), batch
+    by batch, with progress."""
+    if isinstance(images_u8, Tensor):
+        total, images_u8 = images_u8.shape[0], images_u8.split(batch_size)
+    with progress("FID features", total=total) as advance:
+        for batch in images_u8:
+            yield extractor(batch).double().cpu().numpy()
+            advance(batch.shape[0])
+
+
 def image_features(images_u8: Tensor | Iterable[Tensor], extractor: Any,
                    batch_size: int = 200, total: int | None = None) -> np.ndarray:
     """N×2048 features of uint8 images (a tensor N×C×H×W, or an iterable of batches)."""
-    if isinstance(images_u8, Tensor):
-        total = images_u8.shape[0]
-        batches: Iterable[Tensor] = images_u8.split(batch_size)
-    else:
-        batches = images_u8
-    out = []
-    with progress("FID features", total=total) as advance:
-        for batch in batches:
-            out.append(extractor(batch).double().cpu().numpy())
-            advance(batch.shape[0])
-    return np.concatenate(out)
+    return np.concatenate(list(_feature_batches(images_u8, extractor, batch_size, total)))
+
+
+class _Moments:
+    """Running mean and scatter matrix of N×D feature batches (Chan, Golub & LeVeque's pairwise
+    update): ``feature_statistics`` of all of them in O(D²) memory, to float64 rounding."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.scatter = 0, np.float64(0.0), np.float64(0.0)
+
+    def add(self, f: np.ndarray) -> None:
+        """Merge a batch: mean += δ·n_b/n, S += S_b + δδᵀ·n_a·n_b/n, δ = mean_b − mean."""
+        n_b, mean_b = f.shape[0], f.mean(0)
+        n, delta = self.n + n_b, mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.scatter = self.scatter + (f - mean_b).T @ (f - mean_b) \
+            + np.outer(delta, delta) * (self.n * n_b / n)
+        self.n = n
+
+    def statistics(self, weights_id: str) -> FIDStats:
+        if self.n < 2:
+            raise DataError(f"FID statistics need at least 2 feature vectors, got {self.n}")
+        return FIDStats(self.mean, self.scatter / (self.n - 1), self.n, weights_id)
+
+
+def streaming_statistics(images_u8: Tensor | Iterable[Tensor], extractor: Any,
+                         batch_size: int = 200, total: int | None = None) -> FIDStats:
+    """``feature_statistics(image_features(...))`` in constant memory: each batch's features
+    are folded into running statistics (``_Moments``) and dropped."""
+    moments = _Moments()
+    for features in _feature_batches(images_u8, extractor, batch_size, total):
+        moments.add(features)
+    return moments.statistics(extractor.weights_id)
 
 
 def image_statistics(images_u8: Tensor | Iterable[Tensor], extractor: Any,
@@ -312,8 +346,7 @@ def image_statistics(images_u8: Tensor | Iterable[Tensor], extractor: Any,
         stats = FIDStats.load(cache)
         if stats.weights_id == extractor.weights_id:
             return stats
-    stats = feature_statistics(image_features(images_u8, extractor, batch_size),
-                               extractor.weights_id)
+    stats = streaming_statistics(images_u8, extractor, batch_size)
     if cache is not None:
         stats.save(cache)
     return stats
@@ -377,8 +410,7 @@ def fid_from_images(images_u8: Tensor | Iterable[Tensor], reference_stats: FIDSt
     if reference_stats.weights_id not in ("unknown", extractor.weights_id):
         raise DataError(f"reference statistics were computed with {reference_stats.weights_id}, "
                         f"the extractor uses {extractor.weights_id}; recompute them")
-    stats = feature_statistics(image_features(images_u8, extractor, batch_size),
-                               extractor.weights_id)
+    stats = streaming_statistics(images_u8, extractor, batch_size)
     fid = frechet_distance(stats.mu, stats.sigma, reference_stats.mu, reference_stats.sigma)
     return FIDResult(fid, stats.num_images, None, extractor.weights_id, reference)
 
@@ -411,7 +443,6 @@ def fid_from_model(model: Any, reference_stats: FIDStats, num_samples: int = 50_
     if reference_stats.weights_id not in ("unknown", extractor.weights_id):
         raise DataError(f"reference statistics were computed with {reference_stats.weights_id}, "
                         f"the extractor uses {extractor.weights_id}; recompute them")
-    feats = image_features(batches(), extractor, batch_size, total=num_samples)
-    stats = feature_statistics(feats, extractor.weights_id)
+    stats = streaming_statistics(batches(), extractor, batch_size, total=num_samples)
     fid = frechet_distance(stats.mu, stats.sigma, reference_stats.mu, reference_stats.sigma)
     return FIDResult(fid, num_samples, temperature, extractor.weights_id, reference)

@@ -34,10 +34,13 @@ from ..core import resolve_device
 from ..data import quantize as q8
 from ..data.images import read_image
 from ..errors import ConfigError
-from .sampling import check_output, save_samples
+from ..progress import progress
+from .sampling import check_output, check_size, save_samples
 
 #: What a model must offer for these tools.
 LATENT_METHODS = ("encode_latents", "decode_latents", "latent_priors", "unwhiten_latents")
+#: Images ``interpolate`` decodes at once.
+BATCH = 64
 
 
 def check_supported(model: Any) -> None:
@@ -135,10 +138,18 @@ def interpolate(model: Any, x_a_u8: Tensor, x_b_u8: Tensor, steps: int,
     ends = torch.cat([x.reshape(1, *x.shape[-3:]) for x in (x_a_u8, x_b_u8)])
     labels = None if y is None else torch.as_tensor(y).reshape(-1).expand(2)
     eps = flatten(whiten(model, model.encode_latents(centred(model, ends), labels), labels))
-    path = torch.cat([slerp(eps[:1], eps[1:], i / (steps - 1)) for i in range(steps)])
-    path_labels = None if labels is None else labels[:1].expand(steps)
-    latents = unwhiten(model, unflatten(model, path), path_labels)
-    checked = _checked(model.decode_latents(latents, path_labels))
+    parts = []
+    # In batches of BATCH images: memory bounded by a batch (and the uint8 images), progress,
+    # and a Ctrl-C that stops between batches.
+    with progress("interpolate", total=steps) as advance:
+        for start in range(0, steps, BATCH):
+            ts = [i / (steps - 1) for i in range(start, min(steps, start + BATCH))]
+            path = torch.cat([slerp(eps[:1], eps[1:], t) for t in ts])
+            path_labels = None if labels is None else labels[:1].expand(len(ts))
+            latents = unwhiten(model, unflatten(model, path), path_labels)
+            parts.append(_checked(model.decode_latents(latents, path_labels)))
+            advance(len(ts))
+    checked = q8.CheckedImages.concat(parts)
     return Interpolation(checked.images, checked.num_nonfinite, checked.num_out_of_range)
 
 
@@ -215,6 +226,7 @@ def interpolate_files(model: Any, path_a: str | Path, path_b: str | Path, steps:
     check_supported(model)
     check_output(output)
     check_steps(steps)
+    check_size(steps, model.input_shape, output, nrow=steps)  # the strip, before any decoding
     a, b = (read_image(p, model.input_shape) for p in (path_a, path_b))
     model = model.to(resolve_device(device)).eval()
     result = interpolate(model, a, b, steps)

@@ -18,9 +18,14 @@ from ..models.base import check_sampling
 from ..models.conditioning import balanced_labels
 from ..precision import autocast_for, upcast
 from ..progress import progress
+from ..resources import check_memory
 
 #: File types ``save_samples`` writes.
 SUFFIXES = (".png", ".jpg", ".jpeg", ".npz")
+#: The largest grid ``save_samples`` draws, in pixels: PIL's decompression-bomb limit
+#: (``PIL.Image.MAX_IMAGE_PIXELS``), past which the picture it writes cannot be opened again
+#: without lifting PIL's guard.
+MAX_GRID_PIXELS = 89_478_485
 
 
 def draw_samples(model: Any, num_samples: int, **options: Any) -> Tensor:
@@ -161,3 +166,33 @@ def save_samples(images: Tensor, path: str | Path, nrow: int | None = None,
             save_image(images.float() / 255.0, tmp, nrow=nrow, padding=padding,
                        format=suffix.lstrip(".").replace("jpg", "jpeg").upper())
     return path
+
+
+def grid_shape(num_images: int, image_shape: tuple[int, ...], nrow: int | None = None,
+               padding: int = 2) -> tuple[int, int]:
+    """(height, width) in pixels of the grid ``save_samples`` draws (``make_grid``'s layout)."""
+    _, h, w = image_shape
+    per_row = min(nrow or math.ceil(math.sqrt(num_images)), num_images)
+    rows = math.ceil(num_images / per_row)
+    return rows * (h + padding) + padding, per_row * (w + padding) + padding
+
+
+def check_size(num_images: int, image_shape: tuple[int, ...], output: str | Path,
+               nrow: int | None = None) -> None:
+    """``ConfigError`` before any image is drawn when ``num_images`` images of ``image_shape``
+    cannot be kept and written to ``output``: a grid past ``MAX_GRID_PIXELS``, or more memory
+    than is available now (the images are held twice while they are gathered; an .npz copies
+    them once more, a grid is drawn as float pictures of the images and of the grid)."""
+    image_bytes = num_images * math.prod(image_shape)
+    if Path(output).suffix.lower() == ".npz":
+        check_memory(3 * image_bytes, f"an array of {num_images:,} images",
+                     "ask for fewer images")
+        return
+    height, width = grid_shape(num_images, image_shape, nrow)
+    if height * width > MAX_GRID_PIXELS:
+        raise ConfigError(f"a grid of {num_images:,} images of "
+                          f"{'×'.join(map(str, image_shape))} is {width:,}×{height:,} pixels, "
+                          f"more than the {MAX_GRID_PIXELS:,} an image viewer opens (PIL's "
+                          "limit); ask for fewer images, or write an .npz array")
+    check_memory(6 * image_bytes + 9 * image_shape[0] * height * width,
+                 f"a grid of {num_images:,} images", "ask for fewer images")
