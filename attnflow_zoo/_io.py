@@ -8,6 +8,7 @@ where a reader would find it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -137,3 +138,30 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise OutputError(_describe(err, path)) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: The hidden names ``atomic_path`` (``.NAME.XXXXXXXX.tmp``) and ``atomic_directory``
+#: (``.NAME-XXXXXXXX.tmp``) write under; ``tempfile``'s random part is 8 characters.
+_LEFTOVER = re.compile(r"\..+[.-][a-z0-9_]{8}\.tmp")
+
+
+def remove_leftovers(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
+    """Remove the hidden temporary files and folders that atomic writes into ``folder`` leave
+    when the process is killed mid-write (a crash or SIGKILL skips their clean-up); returns
+    (what was removed, their bytes). Call it only while nothing writes into ``folder`` (e.g.
+    holding a run's lock): a write under way looks the same."""
+    removed, size = [], 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed, size
+    for entry in sorted(folder.iterdir()):
+        if not _LEFTOVER.fullmatch(entry.name):
+            continue
+        files = [entry] if not entry.is_dir() else [f for f in entry.rglob("*") if f.is_file()]
+        size += sum(f.lstat().st_size for f in files)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed, size

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 import warnings
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import _remove_duplicate_names, load_file, save_file
 from torch import Tensor, nn
 
@@ -189,8 +190,20 @@ def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike[str],
     state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": "pt", **(metadata or {}), CHECKSUM_KEY: tensor_checksum(state)}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        try:
+            save_file(state, str(tmp), metadata=meta)
+        except SafetensorError as err:  # the writer's I/O error (a full disk): an OSError here
+            raise _os_error(err) from err
     return Path(path)
+
+
+def _os_error(err: Exception) -> OSError:
+    """safetensors' write error as the ``OSError`` it wraps ("… (os error 28) …" -> ENOSPC)."""
+    text = str(err)
+    match = re.search(r"os error (\d+)", text)
+    if match:
+        return OSError(int(match.group(1)), os.strerror(int(match.group(1))))
+    return OSError(text.splitlines()[0] if text else type(err).__name__)
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:

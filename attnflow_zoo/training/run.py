@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from .. import checkpoint
+from .._io import remove_leftovers
 from ..errors import TrainingError
+from ..progress import note
 from .lock import RunLock
 from .record import METRICS, MetricsLog, RunRecord, metric
 from .report import (
@@ -59,9 +61,17 @@ class RunFolder:
 
     # --- opening and closing -----------------------------------------------------------------
     def lock(self) -> None:
-        """Take the folder (before anything in it is read for the run or written)."""
-        if self.out is not None:
-            self.stack.enter_context(RunLock(self.out))
+        """Take the folder (before anything in it is read for the run or written), then remove
+        what a killed run left half-written in it (hidden ``.step-*.tmp`` folders and the like,
+        ``_io.remove_leftovers``), saying so."""
+        if self.out is None:
+            return
+        self.stack.enter_context(RunLock(self.out))
+        removed, size = remove_leftovers(self.out)
+        if removed:
+            names = ", ".join(p.name for p in removed[:3]) + (" …" if len(removed) > 3 else "")
+            note(f"removed {len(removed)} unfinished write(s) left in {self.out} by a run that "
+                 f"was killed ({size / 1e6:.1f} MB: {names})")
 
     def start(self, start_step: int, base: dict[str, Any], previous: dict[str, Any] | None
               ) -> None:

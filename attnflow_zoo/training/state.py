@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import checkpoint
 from .._io import atomic_directory, atomic_write_text
-from ..errors import CheckpointError, TrainingError
+from ..errors import CheckpointError, OutputError, TrainingError
 from ..progress import note
 
 STATE_DIR = "training_state"
@@ -61,20 +61,25 @@ def save_training_checkpoint(out_dir: Path, step: int, raw: nn.Module,
             raise TrainingError(f"weights became non-finite before the checkpoint at step {step}; "
                                 "nothing was written — lower --lr or set grad clipping")
     name = f"{checkpoint.STEP_PREFIX}{step:07d}"
-    with atomic_directory(out_dir / name) as tmp:
-        (ema_model if ema_model is not None else raw).save_pretrained(tmp)  # type: ignore
-        state_dir = tmp / STATE_DIR
-        if ema_model is not None:
-            checkpoint.save_weights(raw, state_dir / checkpoint.WEIGHTS_NAME)
-        tensors, plain = _flatten_optimizer(optimizer.state_dict())
-        checkpoint.save_tensors(tensors, state_dir / "optimizer.safetensors")
-        meta = {"format": STATE_FORMAT, "step": step, "ema": ema_model is not None,
-                "optimizer": plain, "scaler": scaler.state_dict() if scaler is not None else None,
-                "train_config": train_config, **extra}
-        atomic_write_text(state_dir / "state.json", json.dumps(meta, indent=1))
-        if record is not None:
-            checkpoint.write_run_record(tmp, record)
-    atomic_write_text(out_dir / checkpoint.LATEST_NAME, name + "\n")
+    try:
+        with atomic_directory(out_dir / name) as tmp:
+            (ema_model if ema_model is not None else raw).save_pretrained(tmp)  # type: ignore
+            state_dir = tmp / STATE_DIR
+            if ema_model is not None:
+                checkpoint.save_weights(raw, state_dir / checkpoint.WEIGHTS_NAME)
+            tensors, plain = _flatten_optimizer(optimizer.state_dict())
+            checkpoint.save_tensors(tensors, state_dir / "optimizer.safetensors")
+            meta = {"format": STATE_FORMAT, "step": step, "ema": ema_model is not None,
+                    "optimizer": plain,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "train_config": train_config, **extra}
+            atomic_write_text(state_dir / "state.json", json.dumps(meta, indent=1))
+            if record is not None:
+                checkpoint.write_run_record(tmp, record)
+        atomic_write_text(out_dir / checkpoint.LATEST_NAME, name + "\n")
+    except OutputError as err:
+        raise OutputError(f"could not write the checkpoint of step {step} ({_reason(err)}; "
+                          f"nothing was left half-written): {kept(out_dir)}") from err
     for old in checkpoint.step_folders(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return out_dir / name
@@ -82,10 +87,37 @@ def save_training_checkpoint(out_dir: Path, step: int, raw: nn.Module,
 
 def save_best(out_dir: Path, model: nn.Module, record: dict[str, Any]) -> Path:
     """Write ``out_dir/best`` (``save_pretrained`` layout + ``run.json``) atomically."""
-    with atomic_directory(out_dir / BEST_NAME) as tmp:
-        model.save_pretrained(tmp)  # type: ignore[attr-defined]
-        checkpoint.write_run_record(tmp, record)
+    try:
+        with atomic_directory(out_dir / BEST_NAME) as tmp:
+            model.save_pretrained(tmp)  # type: ignore[attr-defined]
+            checkpoint.write_run_record(tmp, record)
+    except OutputError as err:
+        before = "the previous best/ is kept" if (out_dir / BEST_NAME).is_dir() else \
+            "there is no best/ yet"
+        raise OutputError(f"could not write best/ of step {record.get('step')} ({_reason(err)}; "
+                          f"nothing was left half-written): {before}, and "
+                          f"{kept(out_dir)}") from err
     return out_dir / BEST_NAME
+
+
+def _reason(err: OSError) -> str:
+    """The system's reason for a failed write ("No space left on device")."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__
+    return str(err).rsplit(": ", 1)[-1].split(";")[0]
+
+
+def kept(out_dir: Path) -> str:
+    """What a run folder keeps to resume from after a failed write, as the end of a sentence."""
+    try:
+        folder = checkpoint.resolve_local(out_dir)
+    except CheckpointError:
+        return "no checkpoint was kept (none had been written); free some space and start again"
+    return (f"{folder.name} is kept, the newest intact checkpoint; free some space and resume "
+            "from it")
 
 
 def resume_candidates(out_dir: Path) -> list[Path]:
