@@ -65,7 +65,7 @@ def main() -> None:
     def train(key: str, precision: str):  # noqa: ANN202
         def run() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = models[key].bits_per_dim(x_u8, generator=g).mean()
+                loss = models[key].bits_per_dim(x_u8, generator=g, grad=True).mean()
             opts[key].zero_grad(set_to_none=True)
             loss.backward()
             opts[key].step()

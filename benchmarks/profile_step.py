@@ -54,7 +54,7 @@ def main() -> None:
 
     def train_step() -> None:
         with autocast():
-            loss = model.bits_per_dim(x_u8, generator=g).mean()
+            loss = model.bits_per_dim(x_u8, generator=g, grad=True).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -272,7 +272,7 @@ def test_training_lowers_heldout_bits_per_dim(attention: str, one_thread: None,
     model.train()
     for _ in range(80):
         idx = torch.randint(0, len(train), (32,), generator=g)
-        loss = model.bits_per_dim(train[idx], generator=g).mean()
+        loss = model.bits_per_dim(train[idx], generator=g, grad=True).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from attnflow_zoo import FlowModel, FlowSequential, bits_per_dim
@@ -69,3 +70,21 @@ def test_dequantize_stays_in_its_bin(gen: torch.Generator) -> None:
     x = dequantize(x_u8, generator=gen)
     assert (x >= 0).all() and (x < 1).all()
     assert torch.equal(quantize(x), x_u8)
+
+
+@pytest.mark.parametrize("name", ["attnflow_imap_tiny", "resflow_dot_tiny"])
+def test_scores_keep_no_autograd_graph_unless_asked(name: str) -> None:
+    """log_prob / bits_per_dim of uint8 images are scores: no graph (scoring 512 images kept
+    ~2× the memory with one). Training's objective, log_density, stays differentiable."""
+    import attnflow_zoo as az
+
+    model = az.create_model(name)
+    g = torch.Generator().manual_seed(0)
+    x_u8 = torch.randint(0, 256, (4, *model.input_shape), generator=g, dtype=torch.uint8)
+    assert not model.log_prob(x_u8, generator=g).requires_grad
+    assert not model.bits_per_dim(x_u8, generator=g).requires_grad
+    asked = model.bits_per_dim(x_u8, generator=g, grad=True)
+    assert asked.requires_grad
+    asked.mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert model.log_density(model.to_model_space(x_u8, g)).requires_grad

@@ -196,15 +196,21 @@ class FlowModel(nn.Module, ZooHubMixin):
             self.train(was_training)
 
     def log_prob(self, x_u8: Tensor, y: Tensor | int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, *, grad: bool = False) -> Tensor:
         """log p(x̃ | y) in nats, (B,), of the uniformly dequantised x̃ ∈ [0, 1)^D of uint8
-        images (y: the labels of a class-conditional model, else None)."""
-        return self.log_density(self.to_model_space(x_u8, generator), y, generator=generator)
+        images (y: the labels of a class-conditional model, else None).
+
+        A score: it runs without the autograd graph (``grad=True`` keeps it, e.g. to take
+        gradients of a score). Training differentiates ``log_density``, which always keeps it.
+        """
+        with torch.set_grad_enabled(grad):
+            return self.log_density(self.to_model_space(x_u8, generator), y, generator=generator)
 
     def bits_per_dim(self, x_u8: Tensor, y: Tensor | int | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
-        """Bits/dim per image, (B,); single-sample dequantisation estimate (SPEC §4)."""
-        return metrics.bits_per_dim(self.log_prob(x_u8, y, generator=generator),
+                     generator: torch.Generator | None = None, *, grad: bool = False) -> Tensor:
+        """Bits/dim per image, (B,); single-sample dequantisation estimate (SPEC §4). Without
+        the autograd graph unless ``grad=True`` (see ``log_prob``)."""
+        return metrics.bits_per_dim(self.log_prob(x_u8, y, generator=generator, grad=grad),
                                     math.prod(self.input_shape))
 
     @torch.no_grad()
