@@ -135,7 +135,7 @@ class IMap(InvertibleModule):
         self.gate_kind = gate
         self.log_gate_bound = log_gate_bound
         # log σ(c): subtracted from every log-gate by the normalized gate (0: the published one).
-        c = torch.tensor(float(init_logit), dtype=torch.float64)
+        c = torch.tensor(float(init_logit), dtype=torch.float64, device="cpu")  # read even on meta
         self.log_gate_offset = (float(self._log_sigmoid(c)) if gate == "normalized" else 0.0)
         self.shape = (num_channels, height, width)
         self.parity = parity
