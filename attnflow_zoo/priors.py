@@ -11,9 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from .core import check_bound, diag_normal_logpdf, randn_like_on, soft_cap
-from .errors import ShapeError
+from .errors import ShapeError, check_choice
 from .layers.nets import ConvLSTM, ZeroConv2d
 from .precision import full_precision, upcast
+
+#: How the mAR prior's output conv starts (``MARPrior``'s Decision).
+OUTPUT_INITS = ("random", "zero")
 
 
 class Prior(nn.Module):
@@ -106,6 +109,7 @@ class MARPrior(Prior):
                  cond_hidden_channels: int = 32, embed_channels: int = 4,
                  output_init: str = "random") -> None:
         super().__init__()
+        check_choice("output_init", output_init, OUTPUT_INITS)
         self.num_channels = num_channels
         self.cond_channels = cond_channels
         pad = kernel_size // 2
@@ -123,8 +127,6 @@ class MARPrior(Prior):
         if output_init == "zero":
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
-        elif output_init != "random":
-            raise ValueError(f"output_init must be 'random' or 'zero', got {output_init!r}")
 
     def _cond_input(self, cond: Tensor | None) -> Tensor | None:
         """Conv_e(emb(z1)), B×hidden×H×W, or None without conditioning."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core import InvertibleModule, check_bound, soft_cap
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, ShapeError, check_choice
 from ..precision import full_precision, upcast
 from .reshape import patchify, unpatchify
 
@@ -26,6 +26,13 @@ IMAP_MIXINGS = ("spatial", "channel")
 IMAP_GATES = ("sigmoid", "normalized")
 ITRANS_FORMS = ("convex", "paper")
 ITRANS_PATCH_SIZES = (1, 2, 4)
+
+
+def check_init_mix(name: str, value: float) -> None:
+    """``ConfigError`` unless the convex iTrans's initial β is in (0, ½): β = ½ would make
+    A = (1 − β)I + β·softmax lose its diagonal dominance, and β = 0 is a frozen identity."""
+    if not 0 < value < 0.5:
+        raise ConfigError(f"{name} must be in (0, 0.5), got {value!r}")
 
 
 def checkerboard_mask(num_channels: int, height: int, width: int, parity: int = 0, *,
@@ -127,10 +134,8 @@ class IMap(InvertibleModule):
                  mixing: str = "spatial", init_logit: float = 4.0,
                  gate: str = "sigmoid", log_gate_bound: float | None = None) -> None:
         super().__init__()
-        if mixing not in IMAP_MIXINGS:
-            raise ConfigError(f"IMap mixing must be one of {IMAP_MIXINGS}, got {mixing!r}")
-        if gate not in IMAP_GATES:
-            raise ConfigError(f"IMap gate must be one of {IMAP_GATES}, got {gate!r}")
+        check_choice("IMap mixing", mixing, IMAP_MIXINGS)
+        check_choice("IMap gate", gate, IMAP_GATES)
         check_bound("log_gate_bound", log_gate_bound)
         self.gate_kind = gate
         self.log_gate_bound = log_gate_bound
@@ -333,12 +338,9 @@ class ITrans(InvertibleModule):
                  patch_size: int = 2, form: str = "convex", init_mix: float = 0.05) -> None:
         super().__init__()
         p = patch_size
-        if form not in ITRANS_FORMS:
-            raise ConfigError(f"ITrans form must be one of {ITRANS_FORMS}, got {form!r}")
-        if not 0 < init_mix < 0.5:
-            raise ConfigError(f"ITrans init_mix must be in (0, 0.5), got {init_mix}")
-        if p not in ITRANS_PATCH_SIZES:
-            raise ConfigError(f"ITrans patch_size must be one of {ITRANS_PATCH_SIZES}, got {p!r}")
+        check_choice("ITrans form", form, ITRANS_FORMS)
+        check_init_mix("ITrans init_mix", init_mix)
+        check_choice("ITrans patch_size", p, ITRANS_PATCH_SIZES)
         if height % p or width % p:
             raise ConfigError(f"ITrans with patch_size={p} needs H and W divisible by {p}, got "
                               f"{height}×{width}; choose another patch_size or image size")
