@@ -37,12 +37,22 @@ import contextlib
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 
 #: Precisions a caller can ask for. "fp32": no autocast.
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 _LOW = (torch.bfloat16, torch.float16)
+
+
+def check_precision(precision: str, device: str | torch.device) -> None:
+    """``ConfigError`` for a precision that is not one of ``PRECISIONS``, or fp16 off CUDA (CPU
+    autocast has no fp16 kernels worth having): the one place either is refused."""
+    check_choice("precision", precision, PRECISIONS)
+    kind = torch.device(device).type
+    if precision == "fp16" and kind != "cuda":
+        raise ConfigError(f"`precision` fp16 needs a CUDA device and this one is {kind}; use "
+                          "`precision` bf16, or a CUDA `device`")
 
 
 def autocast_for(device: str | torch.device, precision: str, *,
@@ -54,12 +64,9 @@ def autocast_for(device: str | torch.device, precision: str, *,
     autocast has no fp16 kernels worth having; use bf16).
     """
     dev = torch.device(device)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision, dev)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and dev.type != "cuda":
-        raise ConfigError(f"precision fp16 needs a CUDA device (got {dev.type}); use bf16")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(dev.type, dtype=dtype, cache_enabled=cache_enabled)
 

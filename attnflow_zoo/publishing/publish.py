@@ -150,7 +150,7 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
                                      else directory / CARD_NAME, text))
     if offline_mode():
         raise CheckpointError(f"cannot push to {repo_id!r}: the Hub is offline (HF_HUB_OFFLINE "
-                              "is set); unset it, or use --dry-run to write the card locally")
+                              "is set); unset it, or use `dry_run` to write the card locally")
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -172,5 +172,5 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
     except _transport_errors() as err:
         raise CheckpointError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to "
                               f"push {repo_id!r} ({_first_line(err)}); nothing was uploaded — "
-                              "check the network or HF_ENDPOINT, or use --dry-run") from err
+                              "check the network or HF_ENDPOINT, or use `dry_run`") from err
     return str(info.commit_url)
