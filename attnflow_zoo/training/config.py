@@ -207,8 +207,9 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], allow: Iterable
     Free keys (``RESUME_FREE``) may change, except the run's length where the learning-rate
     schedule depends on it (a cosine schedule, or a warm-up cut short by the length); locked keys
     (``RESUME_LOCKED``) never; any other change (the recipe: lr, schedule, EMA, augmentation,
-    precision, the data, …) is a ``ConfigError`` unless its key is in ``allow``
-    (``allow_changes`` of ``train_preset`` / ``fit``). An older run's ``amp`` is compared as ``precision``.
+    precision, the data, …) is a ``ConfigError`` unless its key is in ``allow`` (the
+    ``allow_changes`` of ``train_preset`` / ``fit``). An older run's ``amp`` is compared as
+    ``precision``.
     """
     saved, current = legacy_settings(saved), legacy_settings(current)
     allow = set(allow)
