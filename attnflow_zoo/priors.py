@@ -83,11 +83,8 @@ class MARPrior(Prior):
     Decision (``output_init``): "random" (default) initialises the output conv as mAR-SCF does
     (PyTorch's default); "zero" starts the prior as N(0, I) (Glow's learned prior). Zero blocks
     every gradient into the conv-LSTM, Conv_in and emb until the output weights have grown, and
-    under the lr warm-up that takes thousands of images. Measured (benchmarks/quality.py: MNIST
-    as RGB, L = 3, K = 2, C = 256, batch 16, 150 steps = 2,400 images, 5 seeds): held-out
-    5.303 ± 0.081 bits/dim with "zero", 4.895 ± 0.108 with "random", mAR-SCF's own code
-    4.904 ± 0.155. The conv-LSTM's and Conv_in's initialisations (which also differ from
-    mAR-SCF's) measured no effect (≤ 0.03 bits/dim, within seed noise).
+    under the lr warm-up that takes thousands of images (the measurement: README, "The mAR
+    prior's output initialisation").
 
     Source: Mahajan et al., "Normalizing Flows with Multi-Scale Autoregressive Priors",
     CVPR 2020 (code visinf/mar-scf, ``ChannelPriorUniScale``).

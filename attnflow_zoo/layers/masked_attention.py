@@ -96,18 +96,15 @@ class IMap(InvertibleModule):
     is exactly the identity at init for any c, and with c = 0 it starts where the gate is most
     sensitive (d log σ/da = 1 − σ(c): 0.5 at c = 0 against 0.018 at c = 4). It is the published
     layer followed by the fixed scale 1/σ(c) (same function class; logdet − D·log σ(c)).
-    Why it matters: Adamax moves each parameter by at most ~lr per step, so over n steps of the
-    warm-up ramp the gate parameters move at most Σ lr_t (0.10 after 400 steps of batch 16 at
-    lr 8e-4 with a 10,000-image warm-up); at c = 4 that leaves log σ(a + b) fixed to ~1e-3, i.e.
-    the layer stays a constant rescaling. With the published gate and c = 0 the layer starts at
-    y = x/2, which ActNorm's data init undoes inside a level but not before the prior
-    (measured: +0.62 bits/dim held-out after 100 steps); the normalized gate has no such offset.
+    Why it matters: Adamax moves each parameter by at most ~lr per step, so over the warm-up
+    ramp the gate parameters move at most Σ_t lr_t; at c = 4 a move that small leaves
+    log σ(a + b) all but fixed (its slope is 0.018), i.e. the layer stays a constant rescaling.
+    With the published gate and c = 0 the layer starts at y = x/2, which ActNorm's data init
+    undoes inside a level but not before the prior; the normalized gate has no such offset.
     Each normalized gate lies in (0, 1/σ(c)) = (0, 2) at c = 0, so the layer can expand too.
-    ``AttnFlowConfig`` uses gate="normalized", c = 0 (issue 11; this class keeps the published
-    σ, c = 4 as its defaults): at c = 4 the probe of ``benchmarks/quality.py`` finds the gate
-    a constant rescaling after 12,800 images (mean σ 0.986, spread of log σ over images 5e-4)
-    and held-out bpd no better than without attention; at c = 0 it moves (spread 8e-3) and
-    held-out bpd is 0.5-0.7 bits/dim lower at equal samples (README, "The zoo").
+    ``AttnFlowConfig`` uses gate="normalized", c = 0; this class keeps the published σ, c = 4
+    as its defaults. The measurements behind the choice are in the README ("What attention
+    buys").
 
     **Decision** (``log_gate_bound`` c_g): the published gate has no floor (σ(a + b) → 0 as the
     gate logit a + b → −∞, and a is linear in the input), so the inverse x_U = y_U/σ(a + b)

@@ -75,12 +75,10 @@ class AttnFlowConfig:
         imap_mixing: iMap's mixing axis, "spatial" (positions) or "channel" (SPEC §1.3).
         imap_init_logit: c, iMap's initial s = b (SPEC §1.3 Decision): 0 (default, with the
             normalized gate) starts every gate where it learns, d log σ/da = 1 − σ(c) = 0.5;
-            the published init was 4 (σ(4) = 0.98, d log σ/da = 0.018: the gate stays a
-            constant rescaling). See ``IMap``.
+            the published init was 4 (σ(4) = 0.98, d log σ/da = 0.018). See ``IMap``.
         imap_gate: "normalized" (default: y = x·σ(·)/σ(c), the identity at init for any c) or
-            "sigmoid" (published: y = x·σ(·)); a Decision, see ``IMap``. Measured (issue 11,
-            ``benchmarks/quality.py``, README "The zoo"): normalized, c = 0 learns faster than
-            the published gate at c = 4, whose held-out curve equals MaR-Flow's.
+            "sigmoid" (published: y = x·σ(·)); a Decision, see ``IMap`` (the measurements:
+            README, "What attention buys").
         coupling_log_scale_bound: c of the affine coupling's soft-clipped log-scale,
             log s = −c·tanh(−log σ(raw + 2)/c) ∈ (−c, 0) (default 4: every coupling's inverse
             amplifies by at most e^4 ≈ 55); None is mAR-SCF's unbounded s = σ(raw + 2), what
@@ -102,8 +100,7 @@ class AttnFlowConfig:
         prior_cond_hidden_channels: hidden width of the prior's emb(z1) net (mAR-SCF: 32).
         prior_embed_channels: output channels of emb(z1) (mAR-SCF: 4).
         prior_output_init: "random" (mAR-SCF's default-initialised output conv of the mAR
-            prior; learns 0.4 bits/dim faster early on) or "zero" (the prior starts as
-            N(0, I)); a Decision, see ``MARPrior``.
+            prior) or "zero" (the prior starts as N(0, I)); a Decision, see ``MARPrior``.
         num_classes: K > 0 makes the model class-conditional, p(x | y) with labels 0..K−1: a
             learned class embedding (``class_embed_channels`` wide) conditions every prior
             (see ``models.conditioning``); 0 (default) is unconditional.
