@@ -154,7 +154,6 @@ def test_library_words_become_the_flags_of_the_command_that_ran():
     """Library messages name arguments (`batch_size`); the CLI shows the running command's
     flag for each, and leaves other backticked words (a column, a function) alone."""
     import typer
-
     from attnflow_cli.flags import command_of, in_flags
     from attnflow_cli.main import app
 
