@@ -13,10 +13,10 @@ import click
 ARGUMENTS = {
     "allow_changes": "override", "batch_size": None, "compile": None, "conditional": None,
     "dataset": None, "device": None, "dry_run": None, "fullscale": None, "grad_clip": None,
-    "image_size": None, "in_channels": None, "keep_checkpoints": "keep_last", "lr": None,
-    "metrics": None, "model": None, "out_dir": "out", "paths": "image", "precision": None,
-    "repo_id": "repo", "resume": None, "settings": None, "split": None, "steps": None,
-    "until": None, "validation": None, "which": "label",
+    "guidance": None, "image_size": None, "in_channels": None, "keep_checkpoints": "keep_last",
+    "lr": None, "metrics": None, "model": None, "out_dir": "out", "paths": "image",
+    "precision": None, "repo_id": "repo", "resume": None, "settings": None, "split": None,
+    "steps": None, "until": None, "validation": None, "which": "label",
 }
 _NAMED = re.compile(r"`([a-z][a-z0-9_]*)`")
 

@@ -62,7 +62,7 @@ def draw_checked_samples(model: Any, num_samples: int, *, temperature: float = 1
     if denoise:
         model.denoising_std()  # refuses a likelihood checkpoint before any work
     if extra and compile:
-        raise ConfigError("--compile samples without guidance; drop --compile or --guidance")
+        raise ConfigError("`compile` samples without guidance; drop `compile` or `guidance`")
     generate = _generator(model, compile)
     out = []
     with progress("sample", total=num_samples) as advance:
