@@ -161,8 +161,8 @@ def check_config_matches(model: nn.Module, directory: str | os.PathLike[str]) ->
     ours = type(model).__name__
     if payload["architecture"] != ours:
         raise CheckpointError(f"the checkpoint {directory} is a {payload['architecture']}, not "
-                              f"the {ours} being trained; resume with the same --model/options "
-                              "or pick a new --out")
+                              f"the {ours} being trained; resume with the same `model` and "
+                              "settings or pick a new `out_dir`")
     saved = payload["config"]
     current = config_to_dict(model.config)  # type: ignore[attr-defined]
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
@@ -170,7 +170,8 @@ def check_config_matches(model: nn.Module, directory: str | os.PathLike[str]) ->
         detail = ", ".join(f"{k}={saved.get(k)!r} there vs {current.get(k)!r} here"
                            for k in diff[:4])
         raise CheckpointError(f"the checkpoint {directory} is a model with different {detail}; "
-                              "resume with the same --model/options or pick a new --out")
+                              "resume with the same `model` and settings or pick a new "
+                              "`out_dir`")
 
 
 # --- model.safetensors ---------------------------------------------------------------------
@@ -378,7 +379,7 @@ def resolve_local(path: str | os.PathLike[str]) -> Path:
     if not (path / CONFIG_NAME).is_file():
         raise CheckpointError(f"{path} is not a checkpoint: it has no {CONFIG_NAME} (nor the "
                               f"'{LATEST_NAME}' file of a training folder); pass a directory "
-                              "written by save_pretrained or by `attnflow train --out`")
+                              "written by save_pretrained or by training (its `out_dir`)")
     if not (path / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS_NAME} (attnflow_zoo reads only "
                               "safetensors; pickle checkpoints are never loaded); pass a "

@@ -70,7 +70,7 @@ def compile_sampling(model: nn.Module, *, mode: str | None = None, **options: An
                  generator: torch.Generator | None = None, y: Any = None) -> Tensor:
         noise = model.draw_noise(num_samples, temperature, generator)
         with torch.no_grad():
-            if y is None and not getattr(model, "num_classes", 0):
+            if y is None and not model.num_classes:
                 return compiled(num_samples, temperature, noise)
             return compiled(num_samples, temperature, noise, model.class_context(y, num_samples))
 

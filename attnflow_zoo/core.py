@@ -108,14 +108,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: this machine has no CUDA GPU (or this torch "
-                              "build has no CUDA); use --device cpu or auto")
+            raise ConfigError(f"`device` {device}: this machine has no CUDA GPU (or this torch "
+                              "build has no CUDA); use `device` cpu or auto")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+            raise ConfigError(f"`device` {device}: only {torch.cuda.device_count()} CUDA "
                               f"device(s) here; use cuda:0…cuda:{torch.cuda.device_count() - 1}")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
                                   and torch.backends.mps.is_available()):
-        raise ConfigError(f"--device {device}: MPS is not available here; use cpu or auto")
+        raise ConfigError(f"`device` {device}: MPS is not available here; use cpu or auto")
     return dev
 
 

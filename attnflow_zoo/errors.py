@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class AttnFlowError(Exception):
     """Base of every error the library raises on purpose (the CLI prints it in one line)."""
@@ -29,3 +31,10 @@ class TrainingError(AttnFlowError):
 
 class OutputError(AttnFlowError, OSError):
     """A file or folder that cannot be written (permissions, a file in the way, a full disk)."""
+
+
+def check_choice(name: str, value: object, allowed: Iterable[object]) -> None:
+    """``ConfigError`` unless ``value`` is one of ``allowed`` (a vocabulary's one check)."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from . import checkpoint, registry
 from .hub import resolve_checkpoint
@@ -54,25 +55,51 @@ def load_model(repo_id_or_path: str | os.PathLike[str], *, revision: str | None 
     return checkpoint.load_directory(cls, directory, map_location)
 
 
+def count_parameters(model_cls: type, config: Any) -> int:
+    """The parameters of ``model_cls(config)``, counted on the ``meta`` device: no memory is
+    allocated and no initialiser runs (every preset builds there; tests/test_zoo.py keeps it so).
+    """
+    with torch.device("meta"), _NoInitialisers():
+        model = model_cls(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+class _NoInitialisers(TorchFunctionMode):
+    """Skips the in-place initialisers (``torch.nn.init``, ``Tensor.normal_`` ...): a meta
+    tensor holds no values, so they change nothing there, and the meta device runs each of
+    them through Python."""
+
+    SKIPPED = frozenset({
+        *(f for name, f in vars(torch.nn.init).items()
+          if name.endswith("_") and not name.startswith("_") and callable(f)),
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_})
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:
+            target = args[0] if args else kwargs["tensor"]
+            if target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
 def describe_models(pattern: str = "*", count_params: bool = True) -> list[dict[str, str]]:
     """One row per preset (name, class, parameter count, description), for listings.
 
-    Counting parameters builds each model on the ``meta`` device, so no memory is allocated;
-    a model whose construction cannot run on ``meta`` is built on the CPU instead.
+    Parameters are counted on the ``meta`` device (``count_parameters``), once per distinct
+    architecture config.
     """
+    counted: dict[tuple[type, Any], int] = {}
     rows = []
     for name in list_models(pattern):
         entry = registry.get_entry(name)
         params = "-"
         if count_params:
-            try:
-                with torch.device("meta"):
-                    model = entry.model_cls(entry.config)
-            except (RuntimeError, NotImplementedError):
-                # A layer whose __init__ reads tensor values cannot be built on meta: build it
-                # for real on the CPU instead (slower, same count).
-                model = entry.model_cls(entry.config)
-            n = sum(p.numel() for p in model.parameters())
+            key = (entry.model_cls, entry.config)
+            if key not in counted:
+                counted[key] = count_parameters(*key)
+            n = counted[key]
             params = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
         rows.append({"name": name, "class": entry.model_cls.__name__, "params": params,
                      "description": entry.description})

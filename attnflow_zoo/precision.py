@@ -19,15 +19,8 @@ stay float64):
 
 The layers enforce the rule themselves (``upcast`` on a conditioner's output,
 ``full_precision`` around float32 regions), so a caller under ``torch.autocast`` gets it right
-without knowing it; a caller only picks the precision, through ``autocast_for``.
-Measured (benchmarks/bf16_bpd.py; a small MaR-Flow on 4000 MNIST digits, 1000 held out, same
-dequantisation noise): scoring a trained checkpoint under bf16 instead of fp32 moves its
-held-out bits/dim by +0.0012 (300 steps: 3.5638 vs 3.5626) and −0.0003 (100 steps: 4.5113 vs
-4.5117), well under 0.01. Training in bf16 at equal steps is not yet shown to match: the
-300-step run's curves ended 0.12 apart (3.5707 and 3.6955 train bits/dim at step 300; the
-record does not say which was bf16), the 100-step run's 0.045 apart (bf16 4.6154, fp32
-4.6602; held-out 4.4115 vs 4.5117), so the recipes keep fp32 for training; bf16 is the
-option (``--precision bf16``), not the default.
+without knowing it; a caller only picks the precision, through ``autocast_for``. The recipes
+train in fp32; bf16 is an option, not the default (the measurements: README, "bf16").
 """
 
 from __future__ import annotations
@@ -37,12 +30,22 @@ import contextlib
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 
 #: Precisions a caller can ask for. "fp32": no autocast.
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 _LOW = (torch.bfloat16, torch.float16)
+
+
+def check_precision(precision: str, device: str | torch.device) -> None:
+    """``ConfigError`` for a precision that is not one of ``PRECISIONS``, or fp16 off CUDA (CPU
+    autocast has no fp16 kernels worth having): the one place either is refused."""
+    check_choice("precision", precision, PRECISIONS)
+    kind = torch.device(device).type
+    if precision == "fp16" and kind != "cuda":
+        raise ConfigError(f"`precision` fp16 needs a CUDA device and this one is {kind}; use "
+                          "`precision` bf16, or a CUDA `device`")
 
 
 def autocast_for(device: str | torch.device, precision: str, *,
@@ -54,12 +57,9 @@ def autocast_for(device: str | torch.device, precision: str, *,
     autocast has no fp16 kernels worth having; use bf16).
     """
     dev = torch.device(device)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision, dev)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and dev.type != "cuda":
-        raise ConfigError(f"precision fp16 needs a CUDA device (got {dev.type}); use bf16")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(dev.type, dtype=dtype, cache_enabled=cache_enabled)
 

@@ -11,9 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from .core import check_bound, diag_normal_logpdf, randn_like_on, soft_cap
-from .errors import ShapeError
+from .errors import ShapeError, check_choice
 from .layers.nets import ConvLSTM, ZeroConv2d
 from .precision import full_precision, upcast
+
+#: How the mAR prior's output conv starts (``MARPrior``'s Decision).
+OUTPUT_INITS = ("random", "zero")
 
 
 class Prior(nn.Module):
@@ -80,11 +83,8 @@ class MARPrior(Prior):
     Decision (``output_init``): "random" (default) initialises the output conv as mAR-SCF does
     (PyTorch's default); "zero" starts the prior as N(0, I) (Glow's learned prior). Zero blocks
     every gradient into the conv-LSTM, Conv_in and emb until the output weights have grown, and
-    under the lr warm-up that takes thousands of images. Measured (benchmarks/quality.py: MNIST
-    as RGB, L = 3, K = 2, C = 256, batch 16, 150 steps = 2,400 images, 5 seeds): held-out
-    5.303 ± 0.081 bits/dim with "zero", 4.895 ± 0.108 with "random", mAR-SCF's own code
-    4.904 ± 0.155. The conv-LSTM's and Conv_in's initialisations (which also differ from
-    mAR-SCF's) measured no effect (≤ 0.03 bits/dim, within seed noise).
+    under the lr warm-up that takes thousands of images (the measurement: README, "The mAR
+    prior's output initialisation").
 
     Source: Mahajan et al., "Normalizing Flows with Multi-Scale Autoregressive Priors",
     CVPR 2020 (code visinf/mar-scf, ``ChannelPriorUniScale``).
@@ -106,6 +106,7 @@ class MARPrior(Prior):
                  cond_hidden_channels: int = 32, embed_channels: int = 4,
                  output_init: str = "random") -> None:
         super().__init__()
+        check_choice("output_init", output_init, OUTPUT_INITS)
         self.num_channels = num_channels
         self.cond_channels = cond_channels
         pad = kernel_size // 2
@@ -123,8 +124,6 @@ class MARPrior(Prior):
         if output_init == "zero":
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
-        elif output_init != "random":
-            raise ValueError(f"output_init must be 'random' or 'zero', got {output_init!r}")
 
     def _cond_input(self, cond: Tensor | None) -> Tensor | None:
         """Conv_e(emb(z1)), B×hidden×H×W, or None without conditioning."""

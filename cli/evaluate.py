@@ -8,12 +8,13 @@ from typing import Annotated
 
 import typer
 
+from .dataset import dataset_help
 from .source import CheckpointOption, RepoOption, checkpoint_source
 from .threads import ThreadsOption
 
 
 def evaluate(
-    dataset: Annotated[str, typer.Option(help="cifar10, svhn, mnist, celeba or a local folder.")],
+    dataset: Annotated[str, typer.Option(help=dataset_help())],
     checkpoint: CheckpointOption = None,
     repo: RepoOption = None,
     split: Annotated[str, typer.Option(help="The split to score.")] = "test",

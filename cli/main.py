@@ -29,6 +29,7 @@ from . import (
     train,
     validate,
 )
+from .flags import command_of, in_flags
 
 app = typer.Typer(
     name="attnflow",
@@ -96,7 +97,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except AttnFlowError as err:
-        _fail(str(err), getattr(err, "exit_code", 1))
+        command = command_of(typer.main.get_command(app), sys.argv[1:])
+        _fail(in_flags(str(err), command), getattr(err, "exit_code", 1))
     except typer.TyperException as err:  # typer's click: usage errors and friends
         ctx = getattr(err, "ctx", None)
         if type(err).__name__ == "NoArgsIsHelpError":  # `attnflow train` alone: its help

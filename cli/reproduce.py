@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from .dataset import dataset_help
 from .threads import ThreadsOption
 
 _RUN = "Run"
@@ -15,8 +16,7 @@ _EVAL = "Evaluation"
 
 def reproduce(
     name: Annotated[str, typer.Argument(help="Zoo entry (see `attnflow models`).")],
-    dataset: Annotated[str | None, typer.Option(help="cifar10, svhn, mnist, celeba or a local "
-                                                "`datasets` folder (default: the recipe's).",
+    dataset: Annotated[str | None, typer.Option(help=dataset_help("(default: the recipe's)"),
                                                 rich_help_panel=_RUN)] = None,
     out: Annotated[Path | None, typer.Option(help="The run folder (default runs/<name>); rerun "
                                              "the same command to continue it.",

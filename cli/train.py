@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from .dataset import dataset_help
 from .threads import ThreadsOption
 
 _MODEL = "Model"
@@ -18,9 +19,7 @@ _RUN = "Run"
 def train(
     model: Annotated[str, typer.Option(help="Zoo preset (see `attnflow models`).",
                                        rich_help_panel=_MODEL)],
-    dataset: Annotated[str, typer.Option(help="cifar10, svhn, mnist, celeba or a local "
-                                         "`datasets` folder (imagefolder / parquet).",
-                                         rich_help_panel=_DATA)],
+    dataset: Annotated[str, typer.Option(help=dataset_help(), rich_help_panel=_DATA)],
     attn: Annotated[str | None, typer.Option(help="Override the preset's attention: imap, "
                                              "itrans or none.", rich_help_panel=_MODEL)] = None,
     conditional: Annotated[bool, typer.Option("--conditional", help="Make the model "
@@ -130,6 +129,7 @@ def train(
     from attnflow_zoo.resources import use_threads
     from attnflow_zoo.training import TrainingInterrupted, train_preset
     from attnflow_zoo.training.recipes import train_config
+    from attnflow_zoo.training.run import default_run_dir
 
     overrides = {k: v for k, v in (("attention", attn), ("image_size", image_size),
                                    ("in_channels", in_channels)) if v is not None}
@@ -145,7 +145,7 @@ def train(
     if ema_decay is not None:
         settings["ema_decay"] = ema_decay or None  # 0 disables the EMA
     config = train_config(model, **settings)
-    out = out if out is not None else Path("runs") / model
+    out = out if out is not None else default_run_dir(model)
     use_threads(threads)
     try:
         result = train_preset(model, dataset, config, out_dir=out, resume=resume,

@@ -148,3 +148,18 @@ def test_console_script_error_is_one_line():
     assert proc.returncode == 1
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "unknown model 'no_such_model'" in lines[0], proc.stderr
+
+
+def test_library_words_become_the_flags_of_the_command_that_ran():
+    """Library messages name arguments (`batch_size`); the CLI shows the running command's
+    flag for each, and leaves other backticked words (a column, a function) alone."""
+    import typer
+    from attnflow_cli.flags import command_of, in_flags
+    from attnflow_cli.main import app
+
+    group = typer.main.get_command(app)
+    train = command_of(group, ["train", "--model", PRESET])
+    assert in_flags("lower `batch_size` or pick another `out_dir`; no `label` column", train) \
+        == "lower --batch-size or pick another --out; no `label` column"
+    assert in_flags("drop `which`", command_of(group, ["sample", "-n", "4"])) == "drop --class"
+    assert in_flags("pass `split`", command_of(group, ["models"])) == "pass `split`"

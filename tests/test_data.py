@@ -305,3 +305,12 @@ def test_checked_images_concatenate():
     both = quantize.CheckedImages.concat(parts)
     assert both.images.shape == (5, 1, 4, 4) and both.num_nonfinite == 2
     assert both.num_out_of_range == 0
+
+
+def test_the_cli_names_every_dataset_of_the_table():
+    """The CLI's --dataset help is written without importing the library: it must list the data
+    table's names, all of them and no other."""
+    from attnflow_cli.dataset import DATASET_NAMES, dataset_help
+
+    assert sorted(DATASET_NAMES) == sorted(datasets.DATASETS)
+    assert all(name in dataset_help() for name in datasets.DATASETS)

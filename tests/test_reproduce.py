@@ -168,11 +168,12 @@ _WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     from attnflow_zoo import recipes
     from attnflow_zoo.training import train_preset
+    from attnflow_zoo.training.distributed import DistContext
     out = sys.argv[2]
     config = recipes.train_config({preset!r}, steps=3, log_every=1, checkpoint_every=100)
     train_preset({preset!r}, sys.argv[1], config, out_dir=out, overrides={{"in_channels": 1}},
                  limit=256, eval_limit=32, device="cpu", show_progress=False)
-    if recipes.world_size_from_env() == 1 or torch.distributed.get_rank() == 0:
+    if DistContext.from_env().world_size == 1 or torch.distributed.get_rank() == 0:
         open(out + "/config.json.txt", "w").write(json.dumps(config.to_dict()))
 """)
 

@@ -173,3 +173,16 @@ def test_configs_are_frozen(name: str) -> None:
     field = next(iter(model.config.__dataclass_fields__))
     with pytest.raises(AttributeError):
         setattr(model.config, field, getattr(model.config, field))
+
+
+def test_every_preset_builds_on_the_meta_device() -> None:
+    """`attnflow models` counts parameters on the meta device (no memory, no fallback): no
+    constructor may read a tensor's value (``float(t)``, ``t.item()``), or its preset would fail
+    here. The count is the one a real build gives."""
+    rows = az.describe_models()
+    assert [r["name"] for r in rows] == az.list_models()
+    assert all(r["params"] != "-" for r in rows)
+    name = "attnflow_imap_tiny"
+    entry = az.registry.get_entry(name)
+    real = sum(p.numel() for p in az.create_model(name).parameters())
+    assert az.factory.count_parameters(entry.model_cls, entry.config) == real

@@ -358,7 +358,7 @@ def load_labelled(dataset: str | Path, split: str, shape: tuple[int, int, int], 
     if tuple(images.shape[1:]) != (c, h, w):
         got = "×".join(map(str, images.shape[1:]))
         raise DataError(f"{dataset} ({split}) gives images of {got} but the model takes "
-                        f"{c}×{h}×{w}; pick a model, --image-size or --in-channels that fits "
+                        f"{c}×{h}×{w}; pick a model, `image_size` or `in_channels` that fits "
                         "the data")
     if said:
         note(said)

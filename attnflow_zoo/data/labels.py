@@ -28,7 +28,7 @@ def labels_for(num_classes: int, labels: Tensor | None, where: str,
     if labels is None:
         raise DataError(f"the model is class-conditional but {where} has no labels (no `label` "
                         "column or class folders root/{split}/{class}/); train an unconditional "
-                        "model (no --conditional, a preset without _cond_) or use labelled data")
+                        "model (no `conditional`, a preset without _cond_) or use labelled data")
     labels = torch.as_tensor(labels)
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
         raise DataError(f"the labels of {where} must be one integer per image, got "
@@ -39,6 +39,6 @@ def labels_for(num_classes: int, labels: Tensor | None, where: str,
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise DataError(f"{where} has labels {int(labels.min())}..{int(labels.max())} but the "
                         f"model has {num_classes} classes (0..{num_classes - 1}); train with "
-                        "--conditional (it sets the number of classes from the data) or relabel "
+                        "`conditional` (it sets the number of classes from the data) or relabel "
                         "the data")
     return labels.to(torch.int64)

@@ -208,7 +208,7 @@ def reconstruct_files(model: Any, paths: list[str | Path], output: str | Path,
     {"path", "num_images", "max_error", "num_changed", "num_nonfinite", "num_out_of_range"}."""
     check_supported(model)
     if not paths:
-        raise ConfigError("give at least one image (--image PATH)")
+        raise ConfigError("give at least one image (`paths`)")
     check_output(output)
     images = torch.stack([read_image(p, model.input_shape) for p in paths])
     model = model.to(resolve_device(device)).eval()

@@ -76,8 +76,7 @@ POSITIVE = ("fid_temperature",)
 def check_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """``metrics`` if it follows the schema; else ``ConfigError`` saying what is wrong."""
     if not isinstance(metrics, dict):
-        raise ConfigError("metrics must be a JSON object (the output of `attnflow evaluate "
-                          "--json`)")
+        raise ConfigError("metrics must be a JSON object (what `evaluate_checkpoint` returns)")
     unknown = sorted(set(metrics) - set(FIELDS))
     if unknown:
         raise ConfigError(f"unknown metrics key(s) {', '.join(unknown)}; known: "
@@ -88,8 +87,8 @@ def check_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"metrics {key} must be {' or '.join(t.__name__ for t in types)}, "
                               f"got {value!r}")
     if metrics.get("format", FORMAT) != FORMAT:
-        raise ConfigError(f"metrics format {metrics['format']} is not {FORMAT}; re-run "
-                          "`attnflow evaluate --json` with this attnflow_zoo")
+        raise ConfigError(f"metrics format {metrics['format']} is not {FORMAT}; score the "
+                          "checkpoint again with this attnflow_zoo")
     if "bpd" in metrics and "bpd_estimator" not in metrics:
         raise ConfigError("metrics give bpd without bpd_estimator ('single-sample' or "
                           "'importance-weighted'); the card must say which")
@@ -159,10 +158,11 @@ def load_metrics(source: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             text = Path(text).read_text(encoding="utf-8")
         except OSError as err:
-            raise ConfigError(f"--metrics: cannot read {source} ({err.strerror}); pass the JSON "
-                              "file `attnflow evaluate --json` wrote, or a JSON object") from err
+            raise ConfigError(f"`metrics`: cannot read {source} ({err.strerror}); pass a metrics "
+                              "JSON file (the scores of `evaluate_checkpoint`), or a JSON "
+                              "object") from err
     try:
         metrics = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"--metrics is neither a JSON file nor valid JSON: {err}") from err
+        raise ConfigError(f"`metrics` is neither a JSON file nor valid JSON: {err}") from err
     return check_metrics(metrics)

@@ -67,14 +67,14 @@ def draw_checked_samples(model: Any, num_samples: int, *, temperature: float = 1
     if denoise:
         model.denoising_std()  # refuses a likelihood checkpoint before any work
     if extra and compile:
-        raise ConfigError("--compile samples without guidance; drop --compile or --guidance")
+        raise ConfigError("`compile` samples without guidance; drop `compile` or `guidance`")
     generate = _generator(model, compile)
     out = []
     with progress("sample", total=num_samples) as advance:
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
             y = None if labels is None else labels[start:start + n].to(device)
-            if y is None and getattr(model, "num_classes", 0):  # FlowModel.sample's default
+            if y is None and model.num_classes:  # FlowModel.sample's default
                 y = balanced_labels(n, model.num_classes).to(device)
             with autocast_for(device, precision):
                 x = generate(n, temperature, gen, y=y, **extra) if y is not None else \
@@ -93,8 +93,8 @@ def _generator(model: Any, compile: bool) -> Any:
     if not compile:
         return model.generate
     if not hasattr(model, "generate_from_noise"):
-        raise ConfigError(f"--compile: {type(model).__name__} has no separable sampler "
-                          "(generate_from_noise); sample without --compile")
+        raise ConfigError(f"`compile`: {type(model).__name__} has no separable sampler "
+                          "(generate_from_noise); sample without `compile`")
     return compile_sampling(model)
 
 
@@ -105,23 +105,23 @@ def class_labels(model: Any, which: str | int | None, num_samples: int
     class, ⌈num_samples / K⌉ images each, class after class, so that a grid of that many images
     per row has one row per class. ``ConfigError`` (saying what to do) for a class the model
     does not have or a class given to an unconditional model."""
-    k = int(getattr(model, "num_classes", 0) or 0)
+    k = model.num_classes
     if which is None:
         return None, None
     if k == 0:
-        raise ConfigError("this model is unconditional (num_classes = 0): drop --class, or "
-                          "sample a class-conditional checkpoint (trained with --conditional)")
+        raise ConfigError("this model is unconditional (num_classes = 0): drop `which`, or "
+                          "sample a class-conditional checkpoint")
     if str(which).strip().lower() == "all":
         per = max(1, math.ceil(num_samples / k))
         return torch.arange(k).repeat_interleave(per), per
     try:
         label = int(str(which))
     except ValueError:
-        raise ConfigError(f"--class takes a class number 0..{k - 1} or 'all', got "
+        raise ConfigError(f"`which` takes a class number 0..{k - 1} or 'all', got "
                           f"{which!r}") from None
     if not 0 <= label < k:
         raise ConfigError(f"class {label} is not one of the model's {k} classes; pass "
-                          f"--class 0..{k - 1} or --class all")
+                          f"`which` 0..{k - 1} or `which` all")
     return torch.full((num_samples,), label, dtype=torch.int64), None
 
 

@@ -122,7 +122,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
     split = split or datasets.heldout_split(dataset)
     if split is None:
         raise DataError(f"{dataset} has no held-out split (test, valid or validation); "
-                             "pass --split")
+                        "pass `split`")
     images, labels = datasets.load_labelled(dataset, split, model.input_shape, limit=limit)
     labels = labels_for(model.num_classes, labels, f"{dataset} ({split})")
     g = torch.Generator(device=dev).manual_seed(seed)

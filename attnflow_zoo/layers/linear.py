@@ -28,12 +28,15 @@ class InvConv1x1(InvertibleModule):
         w = torch.linalg.qr(torch.randn(c, c, generator=generator, dtype=torch.float64))[0]
         p, lower, upper = torch.linalg.lu(w)
         s = torch.diagonal(upper)
+        # The masks by index comparison, not tril / triu / eye: the same values, and a fraction
+        # of the time on the meta device, where `attnflow models` builds every preset.
+        row, col = torch.arange(c)[:, None], torch.arange(c)
         self.register_buffer("perm", p.float())
         self.register_buffer("sign_s", torch.sign(s).float())
-        self.register_buffer("lower_mask", torch.tril(torch.ones(c, c), -1))
-        self.register_buffer("eye", torch.eye(c))
+        self.register_buffer("lower_mask", (row > col).float())
+        self.register_buffer("eye", (row == col).float())
         self.lower = nn.Parameter(lower.float())
-        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.upper = nn.Parameter(torch.where(row < col, upper, 0.0).float())
         self.log_s = nn.Parameter(torch.log(torch.abs(s)).float())
 
     def _factors(self) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core import InvertibleModule, check_bound, soft_cap
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, ShapeError, check_choice
 from ..precision import full_precision, upcast
 from .reshape import patchify, unpatchify
 
@@ -26,6 +26,13 @@ IMAP_MIXINGS = ("spatial", "channel")
 IMAP_GATES = ("sigmoid", "normalized")
 ITRANS_FORMS = ("convex", "paper")
 ITRANS_PATCH_SIZES = (1, 2, 4)
+
+
+def check_init_mix(name: str, value: float) -> None:
+    """``ConfigError`` unless the convex iTrans's initial β is in (0, ½): β = ½ would make
+    A = (1 − β)I + β·softmax lose its diagonal dominance, and β = 0 is a frozen identity."""
+    if not 0 < value < 0.5:
+        raise ConfigError(f"{name} must be in (0, 0.5), got {value!r}")
 
 
 def checkerboard_mask(num_channels: int, height: int, width: int, parity: int = 0, *,
@@ -89,18 +96,15 @@ class IMap(InvertibleModule):
     is exactly the identity at init for any c, and with c = 0 it starts where the gate is most
     sensitive (d log σ/da = 1 − σ(c): 0.5 at c = 0 against 0.018 at c = 4). It is the published
     layer followed by the fixed scale 1/σ(c) (same function class; logdet − D·log σ(c)).
-    Why it matters: Adamax moves each parameter by at most ~lr per step, so over n steps of the
-    warm-up ramp the gate parameters move at most Σ lr_t (0.10 after 400 steps of batch 16 at
-    lr 8e-4 with a 10,000-image warm-up); at c = 4 that leaves log σ(a + b) fixed to ~1e-3, i.e.
-    the layer stays a constant rescaling. With the published gate and c = 0 the layer starts at
-    y = x/2, which ActNorm's data init undoes inside a level but not before the prior
-    (measured: +0.62 bits/dim held-out after 100 steps); the normalized gate has no such offset.
+    Why it matters: Adamax moves each parameter by at most ~lr per step, so over the warm-up
+    ramp the gate parameters move at most Σ_t lr_t; at c = 4 a move that small leaves
+    log σ(a + b) all but fixed (its slope is 0.018), i.e. the layer stays a constant rescaling.
+    With the published gate and c = 0 the layer starts at y = x/2, which ActNorm's data init
+    undoes inside a level but not before the prior; the normalized gate has no such offset.
     Each normalized gate lies in (0, 1/σ(c)) = (0, 2) at c = 0, so the layer can expand too.
-    ``AttnFlowConfig`` uses gate="normalized", c = 0 (issue 11; this class keeps the published
-    σ, c = 4 as its defaults): at c = 4 the probe of ``benchmarks/quality.py`` finds the gate
-    a constant rescaling after 12,800 images (mean σ 0.986, spread of log σ over images 5e-4)
-    and held-out bpd no better than without attention; at c = 0 it moves (spread 8e-3) and
-    held-out bpd is 0.5-0.7 bits/dim lower at equal samples (README, "The zoo").
+    ``AttnFlowConfig`` uses gate="normalized", c = 0; this class keeps the published σ, c = 4
+    as its defaults. The measurements behind the choice are in the README ("What attention
+    buys").
 
     **Decision** (``log_gate_bound`` c_g): the published gate has no floor (σ(a + b) → 0 as the
     gate logit a + b → −∞, and a is linear in the input), so the inverse x_U = y_U/σ(a + b)
@@ -127,15 +131,13 @@ class IMap(InvertibleModule):
                  mixing: str = "spatial", init_logit: float = 4.0,
                  gate: str = "sigmoid", log_gate_bound: float | None = None) -> None:
         super().__init__()
-        if mixing not in IMAP_MIXINGS:
-            raise ConfigError(f"IMap mixing must be one of {IMAP_MIXINGS}, got {mixing!r}")
-        if gate not in IMAP_GATES:
-            raise ConfigError(f"IMap gate must be one of {IMAP_GATES}, got {gate!r}")
+        check_choice("IMap mixing", mixing, IMAP_MIXINGS)
+        check_choice("IMap gate", gate, IMAP_GATES)
         check_bound("log_gate_bound", log_gate_bound)
         self.gate_kind = gate
         self.log_gate_bound = log_gate_bound
         # log σ(c): subtracted from every log-gate by the normalized gate (0: the published one).
-        c = torch.tensor(float(init_logit), dtype=torch.float64)
+        c = torch.tensor(float(init_logit), dtype=torch.float64, device="cpu")  # read even on meta
         self.log_gate_offset = (float(self._log_sigmoid(c)) if gate == "normalized" else 0.0)
         self.shape = (num_channels, height, width)
         self.parity = parity
@@ -333,12 +335,9 @@ class ITrans(InvertibleModule):
                  patch_size: int = 2, form: str = "convex", init_mix: float = 0.05) -> None:
         super().__init__()
         p = patch_size
-        if form not in ITRANS_FORMS:
-            raise ConfigError(f"ITrans form must be one of {ITRANS_FORMS}, got {form!r}")
-        if not 0 < init_mix < 0.5:
-            raise ConfigError(f"ITrans init_mix must be in (0, 0.5), got {init_mix}")
-        if p not in ITRANS_PATCH_SIZES:
-            raise ConfigError(f"ITrans patch_size must be one of {ITRANS_PATCH_SIZES}, got {p!r}")
+        check_choice("ITrans form", form, ITRANS_FORMS)
+        check_init_mix("ITrans init_mix", init_mix)
+        check_choice("ITrans patch_size", p, ITRANS_PATCH_SIZES)
         if height % p or width % p:
             raise ConfigError(f"ITrans with patch_size={p} needs H and W divisible by {p}, got "
                               f"{height}×{width}; choose another patch_size or image size")

@@ -104,7 +104,7 @@ def init_mixture(num_components: int, spread: float) -> tuple[Tensor, Tensor]:
     components are interchangeable and gradient descent can never separate them; c > 0 breaks
     that symmetry.
     """
-    k = torch.arange(num_components, dtype=torch.float64)
+    k = torch.arange(num_components, dtype=torch.float64, device="cpu")  # read even on meta
     means = spread * torch.logit((k + 0.5) / num_components)
     scale = math.sqrt(1.0 - 3.0 * float(means.pow(2).mean()) / math.pi**2)
     return means, torch.full_like(means, math.log(scale))

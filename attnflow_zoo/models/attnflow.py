@@ -18,14 +18,21 @@ import torch
 from torch import Tensor, nn
 
 from ..core import FlowSequential, InvertibleModule, check_bound
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, ShapeError, check_choice
 from ..layers.coupling import AffineCoupling
 from ..layers.linear import InvConv1x1
-from ..layers.masked_attention import IMap, ITrans
+from ..layers.masked_attention import (
+    IMAP_GATES,
+    IMAP_MIXINGS,
+    ITRANS_FORMS,
+    IMap,
+    ITrans,
+    check_init_mix,
+)
 from ..layers.mixlogcdf import MixLogCDFCoupling
 from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
-from ..priors import GaussianPrior, MARPrior
+from ..priors import OUTPUT_INITS, GaussianPrior, MARPrior
 from .base import FlowModel, check_noise_std
 from .conditioning import ClassEmbedding, prior_condition
 
@@ -68,12 +75,10 @@ class AttnFlowConfig:
         imap_mixing: iMap's mixing axis, "spatial" (positions) or "channel" (SPEC §1.3).
         imap_init_logit: c, iMap's initial s = b (SPEC §1.3 Decision): 0 (default, with the
             normalized gate) starts every gate where it learns, d log σ/da = 1 − σ(c) = 0.5;
-            the published init was 4 (σ(4) = 0.98, d log σ/da = 0.018: the gate stays a
-            constant rescaling). See ``IMap``.
+            the published init was 4 (σ(4) = 0.98, d log σ/da = 0.018). See ``IMap``.
         imap_gate: "normalized" (default: y = x·σ(·)/σ(c), the identity at init for any c) or
-            "sigmoid" (published: y = x·σ(·)); a Decision, see ``IMap``. Measured (issue 11,
-            ``benchmarks/quality.py``, README "The zoo"): normalized, c = 0 learns faster than
-            the published gate at c = 4, whose held-out curve equals MaR-Flow's.
+            "sigmoid" (published: y = x·σ(·)); a Decision, see ``IMap`` (the measurements:
+            README, "What attention buys").
         coupling_log_scale_bound: c of the affine coupling's soft-clipped log-scale,
             log s = −c·tanh(−log σ(raw + 2)/c) ∈ (−c, 0) (default 4: every coupling's inverse
             amplifies by at most e^4 ≈ 55); None is mAR-SCF's unbounded s = σ(raw + 2), what
@@ -95,8 +100,7 @@ class AttnFlowConfig:
         prior_cond_hidden_channels: hidden width of the prior's emb(z1) net (mAR-SCF: 32).
         prior_embed_channels: output channels of emb(z1) (mAR-SCF: 4).
         prior_output_init: "random" (mAR-SCF's default-initialised output conv of the mAR
-            prior; learns 0.4 bits/dim faster early on) or "zero" (the prior starts as
-            N(0, I)); a Decision, see ``MARPrior``.
+            prior) or "zero" (the prior starts as N(0, I)); a Decision, see ``MARPrior``.
         num_classes: K > 0 makes the model class-conditional, p(x | y) with labels 0..K−1: a
             learned class embedding (``class_embed_channels`` wide) conditions every prior
             (see ``models.conditioning``); 0 (default) is unconditional.
@@ -152,31 +156,23 @@ class AttnFlowConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ConfigError`` on values the architecture cannot take."""
+        """Raise ``ConfigError`` on values the architecture cannot take (each vocabulary is its
+        layer's: ``IMAP_GATES``, ``ITRANS_FORMS``, ``priors.OUTPUT_INITS`` ...)."""
         check_noise_std(self.noise_std)
-        if self.attention not in ATTENTIONS:
-            raise ConfigError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.coupling not in COUPLINGS:
-            raise ConfigError(f"coupling must be one of {tuple(COUPLINGS)}, got {self.coupling!r}")
-        if self.prior_output_init not in ("random", "zero"):
-            raise ConfigError(f"prior_output_init must be 'random' or 'zero', got "
-                              f"{self.prior_output_init!r}")
-        if self.prior not in PRIORS:
-            raise ConfigError(f"prior must be one of {PRIORS}, got {self.prior!r}")
-        if self.imap_mixing not in ("spatial", "channel"):
-            raise ConfigError(f"imap_mixing must be 'spatial' or 'channel', got "
-                              f"{self.imap_mixing!r}")
+        for name, allowed in (("attention", ATTENTIONS), ("coupling", COUPLINGS),
+                              ("prior", PRIORS), ("prior_output_init", OUTPUT_INITS),
+                              ("imap_mixing", IMAP_MIXINGS), ("imap_gate", IMAP_GATES),
+                              ("itrans_form", ITRANS_FORMS)):
+            check_choice(name, getattr(self, name), allowed)
         if not math.isfinite(self.imap_init_logit):
             raise ConfigError(f"imap_init_logit must be a finite number, got "
                               f"{self.imap_init_logit!r}")
-        if self.imap_gate not in ("sigmoid", "normalized"):
-            raise ConfigError(f"imap_gate must be 'sigmoid' or 'normalized', got "
-                              f"{self.imap_gate!r}")
         for name in ("coupling_log_scale_bound", "imap_log_gate_bound", "prior_log_std_bound"):
             check_bound(name, getattr(self, name))
-        if not 0 < self.itrans_init_mix < 0.5:
-            raise ConfigError(f"itrans_init_mix must be in (0, 0.5), got "
-                              f"{self.itrans_init_mix!r}")
+        check_init_mix("itrans_init_mix", self.itrans_init_mix)
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
         if self.num_levels < 1 or self.num_steps < 1:
             raise ConfigError("num_levels and num_steps must be at least 1")
         if self.num_classes < 0 or self.class_embed_channels < 1:

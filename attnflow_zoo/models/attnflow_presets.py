@@ -2,6 +2,7 @@
 module, which registers them). They live apart from ``attnflow.py`` to keep the architecture
 file readable (and under the house's 450-line rule)."""
 
+from ..data.datasets import DATASETS
 from ..registry import TINY_RECIPE, Recipe, register_model, register_preset
 from .attnflow import AttnFlow, AttnFlowConfig
 
@@ -52,15 +53,11 @@ def _recipe(dataset: str, size: str) -> Recipe:
         max_shift=_SHIFT[dataset], ema_decay=0.999)
 
 
-#: Classes of the datasets conditional presets exist for (their ``label`` columns).
-_NUM_CLASSES = {"cifar10": 10, "svhn": 10, "mnist": 10}
-
-
 def _preset(name: str, attention: str, dataset: str, size: str, conditional: bool = False
             ) -> None:
     image_size, channels, levels, ddesc = _DATA_SHAPES[dataset]
     k, hidden, coupling, sdesc = _SIZES[size]
-    classes = _NUM_CLASSES[dataset] if conditional else 0
+    classes = DATASETS[dataset].num_classes if conditional else 0  # the data table's count
     what = f"class-conditional ({classes} classes) " if conditional else ""
     register_preset(name, AttnFlow, AttnFlowConfig(
         image_size=image_size, in_channels=channels, num_levels=levels, num_steps=k,

@@ -57,6 +57,9 @@ class InvertibilityValidator(nn.Module, ZooHubMixin):
     ``last_inverse_info``. ``jacobian_norm`` measures ‖J_g‖₂ per image by power iteration.
     """
 
+    #: It takes no labels (every zoo model says how many classes it is conditioned on).
+    num_classes = 0
+
     def __init__(self, config: InvertibilityValidatorConfig) -> None:
         super().__init__()
         if config.kind not in KINDS:

@@ -270,7 +270,7 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
                                                         preset=preset))
     if not dry_run and offline_mode():
         raise CheckpointError(f"cannot push to {repo_id!r}: the Hub is offline (HF_HUB_OFFLINE "
-                              "is set); unset it, or use --dry-run to write the card locally")
+                              "is set); unset it, or use `dry_run` to write the card locally")
     images, labels, what = round_trip_inputs(model, read_run_record(directory))
     checked = f"round trip: max |inverse(forward(x)) − x| = " \
               f"{check_round_trip(model, images, labels, what=what):.2g} on {what}"
@@ -300,6 +300,6 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
     except _transport_errors() as err:
         raise CheckpointError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to "
                               f"push {repo_id!r} ({_first_line(err)}); nothing was uploaded — "
-                              "check the network or HF_ENDPOINT, or use --dry-run") from err
+                              "check the network or HF_ENDPOINT, or use `dry_run`") from err
     note(checked)
     return str(info.commit_url)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..precision import PRECISIONS
+from ..precision import PRECISIONS, check_precision
 from ..registry import OPTIMIZERS
 
 
@@ -180,10 +180,7 @@ def legacy_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 def check_device(config: TrainConfig, device: torch.device) -> None:
     """``ConfigError`` for settings the device cannot honour (never silently ignored)."""
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"--precision fp16 needs a CUDA device and this run is on "
-                          f"{device.type}; use --precision bf16 (or --device cuda on a GPU "
-                          "machine)")
+    check_precision(config.precision, device)
 
 
 # --- what may change when a run is resumed ---------------------------------------------------
@@ -210,15 +207,16 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], allow: Iterable
     Free keys (``RESUME_FREE``) may change, except the run's length where the learning-rate
     schedule depends on it (a cosine schedule, or a warm-up cut short by the length); locked keys
     (``RESUME_LOCKED``) never; any other change (the recipe: lr, schedule, EMA, augmentation,
-    precision, the data, …) is a ``ConfigError`` unless its key is in ``allow``
-    (``--override KEY``). An older run's ``amp`` is compared as ``precision``.
+    precision, the data, …) is a ``ConfigError`` unless its key is in ``allow`` (the
+    ``allow_changes`` of ``train_preset`` / ``fit``). An older run's ``amp`` is compared as
+    ``precision``.
     """
     saved, current = legacy_settings(saved), legacy_settings(current)
     allow = set(allow)
     known = set(saved) | set(current)
     unknown = sorted(allow - known)
     if unknown:
-        raise ConfigError(f"--override {unknown[0]}: no such setting; choose from "
+        raise ConfigError(f"`allow_changes` {unknown[0]}: no such setting; choose from "
                           f"{', '.join(sorted(known - RESUME_FREE - set(RESUME_LOCKED)))}")
     changed = sorted(k for k in known if k in saved and saved.get(k) != current.get(k))
     refused, allowed = [], []
@@ -228,7 +226,7 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], allow: Iterable
         if key in RESUME_LOCKED:
             raise ConfigError(f"cannot resume with {key}={current.get(key)!r}: the run used "
                               f"{saved.get(key)!r}, and {RESUME_LOCKED[key]}; keep "
-                              f"{saved.get(key)!r} or start a new --out")
+                              f"{saved.get(key)!r} or start a new `out_dir`")
         if key in RESUME_FREE and not (key in ("steps", "epochs")
                                        and _length_moves_lr(saved, current)):
             continue
@@ -238,8 +236,8 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], allow: Iterable
         if {"steps", "epochs"} & set(refused):
             detail += " (the learning-rate schedule is fitted to the run's length: its cosine or "\
                       "its warm-up, cut to the length, would change)"
-        flags = " ".join(f"--override {k}" for k in refused)
-        raise ConfigError(f"--resume would change the run's {detail}; keep the run's settings, "
+        flags = " ".join(f"`allow_changes` {k}" for k in refused)
+        raise ConfigError(f"`resume` would change the run's {detail}; keep the run's settings, "
                           f"or pass {flags} to change them from the resumed step on")
     return allowed
 

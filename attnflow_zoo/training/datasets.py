@@ -37,7 +37,7 @@ def carve_validation(images: Tensor, config: TrainConfig) -> tuple[Tensor, Tenso
     if len(images) - num_val < config.batch_size:
         raise DataError(f"{len(images)} training images leave fewer than one batch of "
                         f"{config.batch_size} after the {num_val} validation images; lower "
-                        "--batch-size or --validation, or use more images")
+                        "`batch_size` or `validation`, or use more images")
     g = torch.Generator().manual_seed(config.seed * 15_485_863 + 104_729)
     perm = torch.randperm(len(images), generator=g)
     return images[perm[num_val:].sort().values], images[perm[:num_val].sort().values]

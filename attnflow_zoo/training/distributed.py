@@ -26,18 +26,29 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @classmethod
+    def from_env(cls) -> DistContext:
+        """What torchrun told this process (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``): the one
+        place they are read; rank 0 of 1 when they are absent or not integers."""
+        values = []
+        for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+            try:
+                values.append(int(os.environ.get(name, default)))
+            except ValueError:
+                values.append(default)
+        return cls(values[0], max(1, values[1]), values[2])
+
 
 def init_distributed(device: torch.device | None) -> DistContext:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): NCCL for CUDA,
     gloo otherwise. A single process gets ``DistContext()``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    launched = DistContext.from_env()
+    if not launched.active:
         return DistContext()
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(),
-                       int(os.environ.get("LOCAL_RANK", "0")))
+    return DistContext(dist.get_rank(), dist.get_world_size(), launched.local_rank)
 
 
 def all_mean(values: Tensor, ctx: DistContext) -> Tensor:

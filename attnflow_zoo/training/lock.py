@@ -84,7 +84,7 @@ class RunLock:
 
     def _refuse(self, info: dict[str, Any]) -> TrainingError:
         return TrainingError(f"{self.folder} is in use by another training run ({_describe(info)}"
-                             "); wait for it to finish, or choose another --out")
+                             "); wait for it to finish, or choose another `out_dir`")
 
     def _acquire(self) -> None:
         for _ in range(10):
@@ -92,7 +92,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
                 raise OutputError(f"cannot create the lock {self.path}: {err.strerror}; choose a "
-                                  "writable --out") from err
+                                  "writable `out_dir`") from err
             try:
                 if fcntl is None:
                     raise OSError("no flock")

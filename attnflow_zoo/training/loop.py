@@ -181,7 +181,7 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     if config.batch_size % ctx.world_size:
         raise TrainingError(f"batch_size {config.batch_size} is not divisible by the "
                             f"{ctx.world_size} processes")
-    k = getattr(model, "num_classes", 0)
+    k = model.num_classes
     named = info.get("dataset") or {}
     source = dataset or named.get("name") or named.get("path") or "the data"
     train_labels = labels_for(k, train_labels, f"{source} (train)", len(train_data))
@@ -193,7 +193,7 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     steps_per_epoch = len(train_data) // config.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_data)} training images are fewer than one batch of "
-                        f"{config.batch_size}; lower --batch-size")
+                        f"{config.batch_size}; lower `batch_size`")
     total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
@@ -263,7 +263,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             ema = make_ema(model, config)
     if start_step >= total_steps:
         raise TrainingError(f"the checkpoint is at step {start_step}, already ≥ the {total_steps} "
-                            "steps asked for; ask for more --steps to continue")
+                            "steps asked for; ask for more `steps` to continue")
 
     dataset = dict(info.get("dataset") or {})
     dataset.update(num_train=len(train_data), num_validation=len(val_data) if val_data is not None
@@ -377,8 +377,8 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
                 if guard["worst"] >= config.max_nonfinite:
                     raise TrainingError(
                         f"{guard['worst']} consecutive steps gave a non-finite loss or gradient "
-                        f"(found at step {step}); lower --lr, set --grad-clip or use "
-                        "--precision fp32. No weight was updated by them.")
+                        f"(found at step {step}); lower `lr`, set `grad_clip` or use "
+                        "`precision` fp32. No weight was updated by them.")
             if log_now and window_steps:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)

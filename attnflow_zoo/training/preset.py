@@ -50,8 +50,8 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
     """
     allow_changes = tuple(allow_changes)
     if allow_changes and not resume:
-        raise ConfigError("--override only applies to --resume (it allows a setting of the run "
-                          "being resumed to change)")
+        raise ConfigError("`allow_changes` only applies to `resume` (it allows a setting of the "
+                          "run being resumed to change)")
     dev = resolve_device(device)
     check_device(config, dev)
     out = Path(out_dir)
@@ -61,8 +61,8 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
         overrides["num_classes"] = datasets.count_classes(dataset)
         if not overrides["num_classes"]:
             raise DataError(f"{dataset} has no class labels (no `label` column or class folders "
-                            "root/{split}/{class}/), so --conditional cannot train on it; drop "
-                            "--conditional or use a labelled dataset")
+                            "root/{split}/{class}/), so `conditional` cannot train on it; drop "
+                            "`conditional` or use a labelled dataset")
     model = build_seeded(model_name, config.seed, overrides)
     if config.flip is None:
         config = config.replace(flip=datasets.default_flip(dataset))

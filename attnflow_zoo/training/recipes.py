@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import TYPE_CHECKING, Any
 
 from .. import factory, registry
 from ..data import datasets
 from ..errors import ConfigError
 from ..registry import Recipe
+from .distributed import DistContext
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -81,14 +81,6 @@ def warmup_steps(warmup_images: int, batch_size: int) -> int:
     return math.ceil(warmup_images / batch_size)
 
 
-def world_size_from_env() -> int:
-    """The number of processes of this job (``WORLD_SIZE`` set by torchrun; 1 otherwise)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
 def recipe_settings(recipe: Recipe) -> dict[str, Any]:
     """The ``TrainConfig`` fields a (density) recipe sets (module rule), unchecked."""
     return {
@@ -114,7 +106,8 @@ def config_from_recipe(recipe: Recipe, world_size: int = 1, **train_overrides: A
     if world_size < 1 or recipe.batch_size % world_size:
         raise ConfigError(f"the global batch {recipe.batch_size} does not split over "
                           f"{world_size} processes; set batch_size to a multiple of "
-                          f"{world_size} (and the lr with it) or change --nproc-per-node")
+                          f"{world_size} (and the lr with it) or run another number of "
+                          "processes")
     return TrainConfig(**{**recipe_settings(recipe), **train_overrides})
 
 
@@ -138,7 +131,7 @@ def train_config(preset: str, world_size: int | None = None, **overrides: Any) -
         return TrainConfig(**overrides)
     in_recipe, in_train = split_overrides(overrides)
     recipe = apply_overrides(recipe_of(preset), in_recipe)
-    return config_from_recipe(recipe, world_size or world_size_from_env(), **in_train)
+    return config_from_recipe(recipe, world_size or DistContext.from_env().world_size, **in_train)
 
 
 def parse_assignments(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -149,7 +142,7 @@ def parse_assignments(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise ConfigError(f"--set takes key=value, got {item!r} (e.g. --set steps=20)")
+            raise ConfigError(f"`settings` take key=value, got {item!r} (e.g. steps=20)")
         text = text.strip()
         if text.lower() in ("none", "null"):
             value: Any = None

@@ -32,6 +32,13 @@ from .state import BEST_NAME, save_best, save_training_checkpoint
 #: Samples in the TensorBoard grid of each evaluation and in the final ``samples.png``.
 BOARD_SAMPLES = 16
 FINAL_SAMPLES = 64
+#: Where run folders go when none is given: ``runs/<name>``.
+RUNS_ROOT = Path("runs")
+
+
+def default_run_dir(name: str) -> Path:
+    """The run folder of ``name`` (a zoo entry, or ``quickstart``) when none is given."""
+    return RUNS_ROOT / name
 
 
 def holds_run(out: Path) -> bool:
@@ -43,8 +50,8 @@ def holds_run(out: Path) -> bool:
 def check_fresh(out: Path) -> None:
     """``TrainingError`` if a new run would write over the run in ``out``."""
     if holds_run(out):
-        raise TrainingError(f"{out} already holds a training run; pass --resume to continue it "
-                            "or choose another --out")
+        raise TrainingError(f"{out} already holds a training run; pass `resume` to continue it "
+                            "or choose another `out_dir`")
 
 
 class RunFolder:

@@ -59,7 +59,7 @@ def save_training_checkpoint(out_dir: Path, step: int, raw: nn.Module,
     for p in raw.parameters():
         if not torch.isfinite(p).all():
             raise TrainingError(f"weights became non-finite before the checkpoint at step {step}; "
-                                "nothing was written — lower --lr or set grad clipping")
+                                "nothing was written — lower `lr` or set `grad_clip`")
     name = f"{checkpoint.STEP_PREFIX}{step:07d}"
     try:
         with atomic_directory(out_dir / name) as tmp:
@@ -126,8 +126,8 @@ def resume_candidates(out_dir: Path) -> list[Path]:
     gone), then every older step folder, newest first."""
     folders = checkpoint.step_folders(out_dir)
     if not folders and not (out_dir / checkpoint.LATEST_NAME).exists():
-        raise CheckpointError(f"{out_dir} holds no training run to resume; drop --resume to "
-                              "start one there, or pass the --out of the run to continue")
+        raise CheckpointError(f"{out_dir} holds no training run to resume; drop `resume` to "
+                              "start one there, or pass the `out_dir` of the run to continue")
     try:
         first = checkpoint.resolve_local(out_dir)
     except CheckpointError as err:
@@ -186,7 +186,7 @@ def load_newest_intact(out_dir: Path, raw: nn.Module, ema_model: nn.Module | Non
         return folder, meta
     detail = "; ".join(f"{f.name}: {e}" for f, e in errors[:2])
     raise CheckpointError(f"{out_dir} has no intact checkpoint to resume from ({detail}); start "
-                          "a new --out")
+                          "a new `out_dir`")
 
 
 def load_training_state(directory: Path, raw: nn.Module, ema_model: nn.Module | None,
@@ -200,7 +200,7 @@ def load_training_state(directory: Path, raw: nn.Module, ema_model: nn.Module | 
         fmt, has_ema = meta["format"], meta["ema"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{directory} has no complete training state ({err}); it cannot "
-                              "be resumed — start a new --out") from err
+                              "be resumed — start a new `out_dir`") from err
     if fmt != STATE_FORMAT:
         raise CheckpointError(f"{directory} has training-state format {fmt}, this version "
                               f"reads {STATE_FORMAT}")
@@ -216,8 +216,8 @@ def load_training_state(directory: Path, raw: nn.Module, ema_model: nn.Module | 
         optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, meta["optimizer"]))
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{directory} does not match the model being trained: "
-                              f"{str(err).splitlines()[0]}; resume with the same --model/options "
-                              "or pick a new --out") from err
+                              f"{str(err).splitlines()[0]}; resume with the same `model` and "
+                              "settings or pick a new `out_dir`") from err
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     return meta

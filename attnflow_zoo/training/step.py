@@ -123,9 +123,9 @@ class TrainStep:
         try:
             return self(x, generator, y)
         except torch._dynamo.exc.TorchDynamoException as err:
-            raise ConfigError(f"--compile could not compile this model's training step "
+            raise ConfigError(f"`compile` could not compile this model's training step "
                               f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                              "train without --compile") from err
+                              "train without `compile`") from err
 
     def read(self) -> dict[str, float]:
         """The window's counters in one transfer, then a new window: ``loss_sum`` (bits/dim

@@ -30,7 +30,7 @@ from ..factory import load_model
 from ..publishing import publish
 from ..training import TrainConfig, recipes, train_preset
 from ..training.report import save_grid
-from ..training.run import holds_run
+from ..training.run import default_run_dir, holds_run
 from .reproduce import METRICS_NAME
 
 #: The entry ``attnflow quickstart`` trains, on the data it trains on (embedded, offline).
@@ -39,7 +39,7 @@ DATASET = "digits"
 #: The default time budget in minutes (measured on 2 CPU cores; a GPU reaches the recipe's
 #: steps sooner).
 DEFAULT_MINUTES = 3.0
-DEFAULT_OUT = Path("runs") / "quickstart"
+DEFAULT_OUT = default_run_dir("quickstart")
 #: Bits/dim of the uniform density on [0, 1)^D: what a model that learned nothing scores.
 UNIFORM_BPD = 8.0
 #: The temperature of the extra sample grid (flows look best a little below 1).
@@ -154,7 +154,7 @@ def next_commands(run_dir: Path, preset: str = DEFAULT_PRESET) -> list[tuple[str
         (f"attnflow evaluate --checkpoint {d} --dataset {DATASET}",
          "score the held-out digits again (the same noise seed: the same bits/dim)"),
         (f"tensorboard --logdir {d}", "the training curves and sample grids"),
-        (f"attnflow reproduce {preset} --out runs/{preset}",
+        (f"attnflow reproduce {preset} --out {default_run_dir(preset)}",
          "the entry's whole recipe, then its score and card (offline too)"),
         ("attnflow train --model attnflow_imap_cifar10_small --dataset cifar10",
          "a real dataset (downloads CIFAR-10 once; needs the internet)"),

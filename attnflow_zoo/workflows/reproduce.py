@@ -38,6 +38,8 @@ from ..evaluation import results, scores
 from ..factory import create_model
 from ..publishing import publish
 from ..training import TrainConfig, recipes, train_preset
+from ..training.distributed import DistContext
+from ..training.run import default_run_dir
 
 STATE_NAME = "reproduce.json"
 METRICS_NAME = results.METRICS_NAME
@@ -155,20 +157,20 @@ def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
     """
     say = log or (lambda _line: None)
     if until is not None and until not in STAGES:
-        raise ConfigError(f"--until must be one of {', '.join(STAGES)}, got {until!r}")
+        raise ConfigError(f"`until` must be one of {', '.join(STAGES)}, got {until!r}")
     if repo_id is not None:
         publish.check_repo_id(repo_id)
     in_recipe, in_train = recipes.split_overrides(dict(overrides or {}))
     recipe = recipes.apply_overrides(recipes.recipe_of(preset), in_recipe)
-    config = recipes.config_from_recipe(recipe, recipes.world_size_from_env(), **in_train)
+    config = recipes.config_from_recipe(recipe, DistContext.from_env().world_size, **in_train)
     dataset = dataset if dataset is not None else recipe.dataset
     if dataset is None:
-        raise ConfigError(f"{preset}'s recipe names no dataset; pass --dataset (a name or a "
+        raise ConfigError(f"{preset}'s recipe names no dataset; pass `dataset` (a name or a "
                           "local folder)")
     model_overrides = dict(model_overrides or {})
     limit = limit if limit is not None else recipe.train_limit
-    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / preset
-    main = int(os.environ.get("RANK", "0")) == 0
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(preset)
+    main = DistContext.from_env().is_main
     state = _State(run_dir, write=main)
     result = ReproduceResult(run_dir)
     shape = _input_shape(preset, model_overrides)
@@ -182,10 +184,10 @@ def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
     if previous is not None and previous != train_inputs:
         diff = "; ".join(_differences(previous, train_inputs))
         raise ConfigError(f"{run_dir} holds a reproduce run with other settings ({diff}); rerun "
-                          "with the same ones to continue it, or pick another --out")
+                          "with the same ones to continue it, or pick another `out_dir`")
     if previous is None and has_run:
-        raise ConfigError(f"{run_dir} already holds a training run not started by `attnflow "
-                          "reproduce`; pick another --out")
+        raise ConfigError(f"{run_dir} already holds a training run not started by "
+                          "reproduce; pick another `out_dir`")
     entry = state.done("train", train_inputs)
     ckpt = checkpoint.resolve_local(run_dir) if has_run else None
     if entry is not None and ckpt is not None:

@@ -300,7 +300,7 @@ def validate(kind: str, dataset: str, out_dir: str | Path, *, fullscale: bool = 
     if lipschitz not in ("faithful", "certified"):
         raise ConfigError(f"lipschitz must be 'faithful' or 'certified', got {lipschitz!r}")
     if fullscale and dataset != "celeba":
-        raise DataError("--fullscale is only defined for celeba (218×178 images)")
+        raise DataError("`fullscale` is only defined for celeba (218×178 images)")
     image_size = None if fullscale else (32 if dataset == "celeba" else None)
     train = datasets.load_images(dataset, "train", image_size=image_size, limit=limit)
     test = datasets.load_images(dataset, "test", image_size=image_size, limit=limit)
