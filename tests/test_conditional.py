@@ -315,3 +315,53 @@ def test_cli_conditional_errors_are_one_line(mnist_folder: Path, tmp_path: Path,
     code, _, err = _run(["sample", "--checkpoint", plain, "--class", 3, "-o",
                          tmp_path / "x.png"], capsys)
     assert code == 1 and _one_error_line(err, "unconditional"), err
+
+
+# --- classifier-free guidance: the null class, label dropout, parameter mixing ---------------
+
+def test_class_embedding_null_row_is_optional_and_old_tables_are_unchanged() -> None:
+    """Without ``null_class`` the table is the K-row table of before: same parameter name, shape
+    and initial values for the same seed (so older checkpoints load as they were); with it, one
+    more learned row at index K."""
+    from attnflow_zoo.models.conditioning import ClassEmbedding
+
+    torch.manual_seed(0)
+    plain = ClassEmbedding(10, 8)
+    torch.manual_seed(0)
+    reference = nn.Embedding(10, 8)
+    assert list(plain.state_dict()) == ["table.weight"] and plain.null_class is None
+    assert torch.equal(plain.table.weight, reference.weight)
+    with_null = ClassEmbedding(10, 8, null_class=True)
+    assert with_null.null_class == 10 and with_null.table.weight.shape == (11, 8)
+    assert with_null(torch.tensor([10])).shape == (1, 8)
+    with pytest.raises(IndexError):
+        plain(torch.tensor([10]))
+
+
+def test_drop_labels_drops_at_the_rate_asked_and_is_seeded() -> None:
+    from attnflow_zoo.models.conditioning import drop_labels
+
+    y = torch.arange(20_000) % 10
+    dropped = drop_labels(y, 0.1, 10, torch.Generator().manual_seed(0))
+    again = drop_labels(y, 0.1, 10, torch.Generator().manual_seed(0))
+    other = drop_labels(y, 0.1, 10, torch.Generator().manual_seed(1))
+    assert torch.equal(dropped, again) and not torch.equal(dropped, other)
+    null = dropped == 10
+    # Binomial(20000, 0.1): sd 42, so ±5 sd is ±212.
+    assert abs(int(null.sum()) - 2000) < 212
+    assert torch.equal(dropped[~null], y[~null])  # kept labels are untouched
+    assert drop_labels(y, 0.0, 10, torch.Generator()) is y
+    assert bool((drop_labels(y, 1.0, 10, torch.Generator()) == 10).all())
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        drop_labels(y, 1.5, 10)
+
+
+def test_guide_mixes_parameters() -> None:
+    from attnflow_zoo.models.conditioning import guide
+
+    c, u = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0])
+    assert guide(c, u, 0.0) is c
+    assert torch.equal(guide(c, u, 2.0), torch.tensor([2.0, 0.0]))  # c + 2(c − u)
+    assert torch.equal(guide(c, u, -1.0), u)
+    mu, log_std = guide((c, u), (u, c), 1.0)
+    assert torch.equal(mu, 2 * c - u) and torch.equal(log_std, 2 * u - c)

@@ -23,21 +23,64 @@ from torch import Tensor, nn
 
 
 class ClassEmbedding(nn.Module):
-    """e_y ∈ R^E, one learned vector per class (``nn.Embedding``, N(0, 1) init).
+    """e_y ∈ R^E, one learned vector per class (``nn.Embedding``, N(0, 1) init), and with
+    ``null_class`` one more learned row, index K, the "no class" embedding of classifier-free
+    guidance (Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022): a model trained with
+    labels dropped to K (``drop_labels``) learns p(x | y) and p(x) = p(x | ∅) in one network.
+
+    Without ``null_class`` the table is exactly the K-row table of before (same parameter name,
+    shape and initial draws), so older checkpoints load unchanged.
 
     Args:
-        num_classes: K; labels are integers 0..K−1.
+        num_classes: K; labels are integers 0..K−1 (and K, the null class, with ``null_class``).
         channels: E.
+        null_class: add the learned "no class" row K.
 
     Shapes: y (B,) int64 -> B×E.
     """
 
-    def __init__(self, num_classes: int, channels: int) -> None:
+    def __init__(self, num_classes: int, channels: int, null_class: bool = False) -> None:
         super().__init__()
-        self.table = nn.Embedding(num_classes, channels)
+        self.num_classes = num_classes
+        #: The null class's index K, or None without one.
+        self.null_class: int | None = num_classes if null_class else None
+        self.table = nn.Embedding(num_classes + int(null_class), channels)
 
     def forward(self, y: Tensor) -> Tensor:
         return self.table(y)
+
+
+def drop_labels(y: Tensor, p: float, null_class: int,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Classifier-free label dropout: each label replaced by ``null_class`` independently with
+    probability ``p`` (one U(0, 1) draw per label from ``generator``, on the generator's device;
+    none at p = 0, which returns ``y`` itself). No host synchronisation. (B,) -> (B,)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"the label dropout probability must be in [0, 1], got {p!r}")
+    if p == 0.0:
+        return y
+    device = generator.device if generator is not None else y.device
+    u = torch.rand(y.shape, generator=generator, device=device).to(y.device)
+    return torch.where(u < p, torch.full_like(y, null_class), y)
+
+
+def null_labels(batch: int, null_class: int, device: torch.device | str | None = None
+                ) -> Tensor:
+    """(batch,) int64 labels that are all the null class (the unconditional branch)."""
+    return torch.full((batch,), null_class, dtype=torch.long, device=device)
+
+
+def guide(cond: Tensor | tuple[Tensor, ...], uncond: Tensor | tuple[Tensor, ...],
+          weight: float) -> Tensor | tuple[Tensor, ...]:
+    """Classifier-free guidance of parameters: θ = θ_c + w·(θ_c − θ_u), elementwise, for a
+    tensor or a tuple of tensors (e.g. a prior's (μ, log σ) or a coupling's (shift, scale)
+    computed once with the class and once with the null class). w = 0 returns ``cond`` itself
+    (bit for bit the conditional parameters); w = −1 gives the unconditional ones."""
+    if isinstance(cond, tuple):
+        return tuple(guide(c, u, weight) for c, u in zip(cond, uncond, strict=True))
+    if weight == 0:
+        return cond
+    return cond + weight * (cond - uncond)
 
 
 def prior_condition(kept: Tensor | None, context: Tensor | None, height: int, width: int
