@@ -81,8 +81,10 @@ def test_there_are_conditional_presets() -> None:
     for dataset in ("cifar10", "svhn", "mnist"):
         for size in ("", "_small"):
             cfg = registry.preset_config(f"attnflow_imap_cond_{dataset}{size}")
+            # Issue 20: the class conditions every prior and every coupling, with a null class.
             assert cfg.num_classes == 10 and cfg == registry.preset_config(
-                f"attnflow_imap_{dataset}{size}", num_classes=10)
+                f"attnflow_imap_{dataset}{size}", num_classes=10, condition_couplings=True)
+            assert cfg.class_prior_shift and cfg.class_dropout == 0.1
 
 
 @pytest.mark.parametrize("name", COND_TINY)
@@ -97,7 +99,7 @@ def test_round_trip_and_logdet_at_every_class(name: str) -> None:
 def test_priors_only_conditioning_leaves_the_flow_alone() -> None:
     """With the priors conditioned and the couplings not, z and log|det ∂z/∂x| are the same for
     every class: y changes log p(x | y) through the priors alone."""
-    model = _model("attnflow_imap_cond_tiny")
+    model = _model("attnflow_imap_cond_tiny", condition_couplings=False)
     x = _x(model, 3)
     z0, logdet0 = model(x, 0)
     logps = [model.log_density(x, y) for y in range(model.num_classes)]
@@ -170,8 +172,8 @@ def test_label_errors_say_what_to_do() -> None:
     x_u8 = torch.zeros(2, *cond.input_shape, dtype=torch.uint8)
     with pytest.raises(ConfigError, match="class-conditional .* pass the labels"):
         cond.log_prob(x_u8)
-    with pytest.raises(ShapeError, match=r"labels must lie in 0\.\.2"):
-        cond.log_prob(x_u8, torch.tensor([0, 3]))
+    with pytest.raises(ShapeError, match=r"labels must lie in 0\.\.2 .*or 3: the null class"):
+        cond.log_prob(x_u8, torch.tensor([0, 4]))
     with pytest.raises(ShapeError, match="must be integers"):
         cond.log_prob(x_u8, torch.tensor([0.0, 1.0]))
     with pytest.raises(ShapeError, match="one label per image"):

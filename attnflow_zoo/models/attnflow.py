@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import FlowSequential, InvertibleModule
+from ..core import FlowSequential, InvertibleModule, diag_normal_logpdf
 from ..errors import ConfigError, ShapeError
 from ..layers.coupling import AffineCoupling
 from ..layers.linear import InvConv1x1
@@ -27,7 +27,7 @@ from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import GaussianPrior, MARPrior
 from .base import FlowModel
-from .conditioning import ClassEmbedding, prior_condition
+from .conditioning import ClassEmbedding, ClassPriorShift, LevelConditions
 
 #: Coupling layers by config name: (num_channels, config) -> layer.
 COUPLINGS: dict[str, Callable[[int, "AttnFlowConfig"], InvertibleModule]] = {
@@ -90,7 +90,15 @@ class AttnFlowConfig:
             (see ``models.conditioning``); 0 (default) is unconditional.
         class_embed_channels: E, the width of the class embedding.
         condition_couplings: also feed the class embedding to every affine coupling's
-            conditioner (then the flow's logdet depends on y); needs num_classes > 0.
+            conditioner (then the flow's logdet depends on y); needs num_classes > 0. On in
+            every ``_cond_`` preset and for ``attnflow train --conditional``.
+        class_prior_shift: the class also sets every level's prior mean and log-scale directly,
+            a learned (Δμ_y, Δlog σ_y) per class and latent position (``ClassPriorShift``;
+            a class-conditional model only). Old checkpoints: off.
+        class_dropout: p, classifier-free label dropout: ``fit`` trains on each label replaced
+            by a learned null class K with probability p, so the one model is also p(x) and
+            samples with guidance w (``generate(..., guidance=w)``); p > 0 adds the null class
+            (a class-conditional model only). Old checkpoints: 0 (no null class).
     """
 
     image_size: int = 32
@@ -109,8 +117,11 @@ class AttnFlowConfig:
     imap_init_logit: float = 0.0
     imap_gate: str = "normalized"
     #: What a config.json written before a key existed meant by its absence (the checkpoint's
-    #: function, not today's default): the published σ gate at c = 4 before the normalized one.
-    LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {"imap_gate": "sigmoid", "imap_init_logit": 4.0}
+    #: function, not today's default): the published σ gate at c = 4 before the normalized one;
+    #: no class prior shift and no null class before them.
+    LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {"imap_gate": "sigmoid", "imap_init_logit": 4.0,
+                                                    "class_prior_shift": False,
+                                                    "class_dropout": 0.0}
     itrans_patch_size: int = 2
     itrans_form: str = "convex"
     itrans_init_mix: float = 0.05
@@ -123,6 +134,8 @@ class AttnFlowConfig:
     num_classes: int = 0
     class_embed_channels: int = 8
     condition_couplings: bool = False
+    class_prior_shift: bool = True
+    class_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         if self.attention_levels is not None and not isinstance(self.attention_levels, tuple):
@@ -157,6 +170,8 @@ class AttnFlowConfig:
             raise ConfigError("num_levels and num_steps must be at least 1")
         if self.num_classes < 0 or self.class_embed_channels < 1:
             raise ConfigError("num_classes must be ≥ 0 and class_embed_channels ≥ 1")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"class_dropout must be in [0, 1), got {self.class_dropout!r}")
         if self.condition_couplings and (self.num_classes == 0 or self.coupling != "affine"):
             raise ConfigError("condition_couplings needs num_classes > 0 and the affine "
                               "coupling; set num_classes, or condition the priors only")
@@ -231,7 +246,8 @@ class AttnFlow(FlowModel):
         self.levels = nn.ModuleList()
         self.priors = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
-        self.class_embedding = (ClassEmbedding(cfg.num_classes, cfg.class_embed_channels)
+        null = bool(cfg.num_classes) and cfg.class_dropout > 0
+        self.class_embedding = (ClassEmbedding(cfg.num_classes, cfg.class_embed_channels, null)
                                 if cfg.num_classes else None)
         e = cfg.class_embed_channels if cfg.num_classes else 0
         for lvl in range(cfg.num_levels):
@@ -245,6 +261,11 @@ class AttnFlow(FlowModel):
             self.priors.append(self._make_prior(c_out, (0 if last else c_keep) + e, lvl))
             self.latent_shapes.append((c_out, size, size))
             c = c_keep
+        # Built last and without random draws: the other modules' initial weights are those of a
+        # model without them.
+        self.class_shifts = (nn.ModuleList(ClassPriorShift(cfg.num_classes + int(null), shape)
+                                           for shape in self.latent_shapes)
+                             if cfg.num_classes and cfg.class_prior_shift else None)
 
     def _make_prior(self, channels: int, cond_channels: int, level: int) -> nn.Module:
         cfg = self.config
@@ -258,30 +279,34 @@ class AttnFlow(FlowModel):
 
     # --- the flow ---------------------------------------------------------------------------
     def class_context(self, y: Tensor | int | None, batch: int) -> Tensor | None:
-        """The class embedding e_y (B×E) of a class-conditional model, None otherwise."""
-        y = self.check_labels(y, batch)
-        return None if y is None else self.class_embedding(y)
+        """The labels of a class-conditional model as every conditioned computation takes them
+        (``check_labels``: (B,) int64, the null class included), None for an unconditional one;
+        what ``generate_from_noise`` takes as ``context``."""
+        return self.check_labels(y, batch)
 
-    def _flow_context(self, context: Tensor | None) -> Tensor | None:
-        return context if self.config.condition_couplings else None
+    def _conditions(self, labels: Tensor | None, guidance: float = 0.0) -> LevelConditions:
+        return LevelConditions(self.class_embedding, self.class_shifts, labels,
+                               self.config.condition_couplings, guidance)
 
     def encode(self, x: Tensor, y: Tensor | int | None = None
-               ) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
-        """x -> per-level (z, cond) pairs (cond: what the level's prior is conditioned on, the
-        kept half z1 and, for a class-conditional model, the class embedding; None at the last
-        level of an unconditional model) and the flow's logdet (B,)."""
+               ) -> tuple[list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]],
+                          Tensor]:
+        """x -> per level (z, cond, shift) (cond: what the level's prior is conditioned on, the
+        kept half z1 and, for a class-conditional model, the class embedding, None at the last
+        level of an unconditional model; shift: the class's (Δμ, Δlog σ) of that prior, or
+        None) and the flow's logdet (B,)."""
         if tuple(x.shape[1:]) != self.input_shape:
             raise ShapeError(f"expected input B×{'×'.join(map(str, self.input_shape))}, got "
                              f"{tuple(x.shape)}")
-        context = self.class_context(y, x.shape[0])
+        conditions = self._conditions(self.class_context(y, x.shape[0]))
         logdet = x.new_zeros(x.shape[0])
-        pieces: list[tuple[Tensor, Tensor | None]] = []
+        pieces: list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]] = []
         h = x
         for lvl, level in enumerate(self.levels):
-            h, ld = level(h, self._flow_context(context))
+            h, ld = level(h, conditions.flow())
             logdet = logdet + ld
             kept, z = split_channels(h) if lvl < len(self.levels) - 1 else (None, h)
-            pieces.append((z, prior_condition(kept, context, *h.shape[2:])))
+            pieces.append((z, *conditions.prior(lvl, kept, *h.shape[2:])))
             h = kept
         return pieces, logdet
 
@@ -289,14 +314,14 @@ class AttnFlow(FlowModel):
         """x (B×C×H×W, in [−0.5, 0.5)) -> (z: B×D in the documented layout, logdet: (B,));
         ``y``: labels of a class-conditional model (needed when its couplings are conditioned)."""
         pieces, logdet = self.encode(x, y)
-        return torch.cat([z.flatten(1) for z, _ in pieces], 1), logdet
+        return torch.cat([z.flatten(1) for z, _, _ in pieces], 1), logdet
 
     def encode_latents(self, x: Tensor, y: Tensor | int | None = None) -> list[Tensor]:
         """x -> every latent of the flow, one tensor per level in level order
         [z2_1, …, z2_{L−1}, z_L] (the factored-out halves, then the last level's output), of
         shapes B×``latent_shapes[l]``; ``decode_latents`` inverts it. The flattened
         concatenation is ``forward``'s z."""
-        return [z for z, _ in self.encode(x, y)[0]]
+        return [z for z, _, _ in self.encode(x, y)[0]]
 
     def decode_latents(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
         """``encode_latents``' per-level latents -> x (B×C×H×W)."""
@@ -306,15 +331,18 @@ class AttnFlow(FlowModel):
                       ) -> list[tuple[Tensor, Tensor]]:
         """Per level, the prior's teacher-forced (μ_l, log σ_l) of ``encode_latents``' latents,
         each B×``latent_shapes[l]``: level l's prior sees the kept half rebuilt from the coarser
-        levels' latents (and e_y), the mAR prior also z_l's earlier channels."""
+        levels' latents (and e_y, and the class's shift), the mAR prior also z_l's earlier
+        channels."""
         self._check_latents(latents)
         params: dict[int, tuple[Tensor, Tensor]] = {}
 
-        def teacher_forced(lvl: int, cond: Tensor | None) -> Tensor:
-            params[lvl] = self.priors[lvl].mean_and_log_std(latents[lvl], cond)
+        def teacher_forced(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
+                           ) -> Tensor:
+            params[lvl] = _shifted(self.priors[lvl].mean_and_log_std(latents[lvl], cond), shift)
             return latents[lvl]
 
-        self._descend(teacher_forced, self.class_context(y, latents[-1].shape[0]))
+        self._descend(teacher_forced, self._conditions(
+            self.class_context(y, latents[-1].shape[0])))
         return [params[lvl] for lvl in range(len(self.levels))]
 
     def unwhiten_latents(self, eps: list[Tensor], y: Tensor | int | None = None
@@ -325,11 +353,12 @@ class AttnFlow(FlowModel):
         self._check_latents(eps)
         latents: dict[int, Tensor] = {}
 
-        def from_noise(lvl: int, cond: Tensor | None) -> Tensor:
-            latents[lvl] = self.priors[lvl].unwhiten(eps[lvl], cond)
+        def from_noise(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
+                       ) -> Tensor:
+            latents[lvl] = self.priors[lvl].unwhiten(eps[lvl], cond, shift)
             return latents[lvl]
 
-        self._descend(from_noise, self.class_context(y, eps[-1].shape[0]))
+        self._descend(from_noise, self._conditions(self.class_context(y, eps[-1].shape[0])))
         return [latents[lvl] for lvl in range(len(self.levels))]
 
     def _check_latents(self, latents: list[Tensor]) -> None:
@@ -338,17 +367,17 @@ class AttnFlow(FlowModel):
             raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
                              f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
 
-    def _descend(self, latent_at: Callable[[int, Tensor | None], Tensor],
-                 context: Tensor | None) -> Tensor:
-        """x = f⁻¹ run deepest level first, level l's latent being ``latent_at(l, cond_l)``
-        (cond_l: what level l's prior is conditioned on, as in ``encode``; ``context``: the
-        class embedding of a class-conditional model). The one descent of decoding, sampling,
-        teacher-forced prior parameters and unwhitening."""
-        flow_context = self._flow_context(context)
+    def _descend(self, latent_at: Callable[..., Tensor], conditions: LevelConditions) -> Tensor:
+        """x = f⁻¹ run deepest level first, level l's latent being
+        ``latent_at(l, cond_l, shift_l)`` (what level l's prior is conditioned on and the class's
+        shift of its parameters, as in ``encode``; ``conditions``: the labels' and guidance's,
+        ``LevelConditions``). The one descent of decoding, sampling, teacher-forced prior
+        parameters and unwhitening."""
+        flow_context = conditions.flow()
         h: Tensor | None = None
         for lvl in reversed(range(len(self.levels))):
             _, height, width = self.latent_shapes[lvl]
-            z = latent_at(lvl, prior_condition(h, context, height, width))
+            z = latent_at(lvl, *conditions.prior(lvl, h, height, width))
             h = self.levels[lvl].inverse(z if h is None else merge_channels(h, z), flow_context)
         return h
 
@@ -363,42 +392,52 @@ class AttnFlow(FlowModel):
     def decode(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
         """Per-level latents [z2_1, …, z2_{L−1}, z_L] -> x."""
         self._check_latents(latents)
-        return self._descend(lambda lvl, _cond: latents[lvl],
-                             self.class_context(y, latents[-1].shape[0]))
+        return self._descend(lambda lvl, _cond, _shift: latents[lvl],
+                             self._conditions(self.class_context(y, latents[-1].shape[0])))
 
     def inverse(self, z: Tensor, y: Tensor | int | None = None) -> Tensor:
         """z (B×D, the layout of ``forward``) -> x (B×C×H×W)."""
         return self.decode(self.unflatten(z), y)
 
     # --- density and sampling ---------------------------------------------------------------
-    def log_prior(self, pieces: list[tuple[Tensor, Tensor | None]]) -> Tensor:
-        """Σ_l log p(z_l | cond_l), (B,)."""
+    def log_prior(self, pieces: list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]]
+                  ) -> Tensor:
+        """Σ_l log p(z_l | cond_l) (with the class's shift of its parameters), (B,)."""
         total = pieces[0][0].new_zeros(pieces[0][0].shape[0])
-        for prior, (z, cond) in zip(self.priors, pieces, strict=True):
-            total = total + prior.log_prob(z, cond)
+        for prior, (z, cond, shift) in zip(self.priors, pieces, strict=True):
+            if shift is None:
+                total = total + prior.log_prob(z, cond)
+            else:
+                mean, log_std = _shifted(prior.mean_and_log_std(z, cond), shift)
+                total = total + diag_normal_logpdf(z, mean, log_std)
         return total
 
     def log_density(self, x: Tensor, y: Tensor | int | None = None,
                     generator: torch.Generator | None = None) -> Tensor:
         """log p(x | y) in nats, (B,), for x in [−0.5, 0.5)^D (exact: ``generator`` is unused;
-        ``y`` only for a class-conditional model)."""
+        ``y`` only for a class-conditional model; y = K, the null class of a model trained with
+        label dropout, gives its unconditional density)."""
         pieces, logdet = self.encode(x, y)
         return self.log_prior(pieces) + logdet
 
     @torch.no_grad()
     def generate(self, num_samples: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None,
-                 y: Tensor | int | None = None) -> Tensor:
+                 y: Tensor | int | None = None, guidance: float = 0.0) -> Tensor:
         """x = f⁻¹(z), z drawn level by level from the priors, deepest first; B×C×H×W.
 
         ``temperature`` scales every prior's standard deviation; 0 gives the mean chain.
-        ``y``: the class of each sample (class-conditional models only). The noise is drawn
-        first (``draw_noise``), then turned into images by the deterministic
-        ``generate_from_noise`` (what ``torch.compile`` / a CUDA graph takes).
+        ``y``: the class of each sample (class-conditional models only). ``guidance``: w of
+        classifier-free guidance (a model trained with ``class_dropout`` > 0): every prior's
+        (μ, log σ) and, if the couplings are conditioned, every coupling's (shift, scale) is
+        θ_y + w·(θ_y − θ_∅), the class's and the null class's computed on the same sample;
+        w = 0 is the plain conditional sample. The noise is drawn first (``draw_noise``), then
+        turned into images by the deterministic ``generate_from_noise`` (what
+        ``torch.compile`` / a CUDA graph takes).
         """
         noise = self.draw_noise(num_samples, temperature, generator)
         return self.generate_from_noise(num_samples, temperature, noise,
-                                        self.class_context(y, num_samples))
+                                        self.class_context(y, num_samples), guidance)
 
     def draw_noise(self, num_samples: int, temperature: float = 1.0,
                    generator: torch.Generator | None = None) -> list[Tensor | None]:
@@ -413,12 +452,23 @@ class AttnFlow(FlowModel):
 
     @torch.no_grad()
     def generate_from_noise(self, num_samples: int, temperature: float,
-                            noise: list[Tensor | None], context: Tensor | None = None) -> Tensor:
+                            noise: list[Tensor | None], context: Tensor | None = None,
+                            guidance: float = 0.0) -> Tensor:
         """The images of ``draw_noise``'s noise: deterministic, static shapes, no host sync;
-        ``context``: the class embedding (``class_context``) of a class-conditional model."""
-        def sampled(lvl: int, cond: Tensor | None) -> Tensor:
+        ``context``: the labels (``class_context``) of a class-conditional model;
+        ``guidance``: as in ``generate``."""
+        def sampled(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
+                    ) -> Tensor:
             _, height, width = self.latent_shapes[lvl]
             return self.priors[lvl].sample_from_noise(num_samples, height, width, cond,
-                                                      temperature, noise[lvl])
+                                                      temperature, noise[lvl], shift)
 
-        return self._descend(sampled, context)
+        return self._descend(sampled, self._conditions(context, guidance))
+
+
+def _shifted(params: tuple[Tensor, Tensor], shift: tuple[Tensor, Tensor] | None
+             ) -> tuple[Tensor, Tensor]:
+    """A prior's (μ, log σ) with a class's (Δμ, Δlog σ) added (unchanged without one)."""
+    if shift is None:
+        return params
+    return params[0] + shift[0], params[1] + shift[1]

@@ -82,6 +82,14 @@ class FlowModel(nn.Module, ZooHubMixin):
         """K of a class-conditional model (labels 0..K−1); 0 for an unconditional one."""
         return int(getattr(self.config, "num_classes", 0) or 0)
 
+    @property
+    def null_class(self) -> int | None:
+        """K, the learned "no class" label of a class-conditional model trained with label
+        dropout (config ``class_dropout`` > 0; it takes labels 0..K, K meaning p(x)), else
+        None."""
+        k = self.num_classes
+        return k if k and float(getattr(self.config, "class_dropout", 0.0) or 0.0) > 0 else None
+
     def check_labels(self, y: Tensor | int | None, batch: int) -> Tensor | None:
         """The labels of a batch of ``batch`` images as a (B,) int64 tensor on the model's
         device; None for an unconditional model. An int labels the whole batch.
@@ -112,9 +120,11 @@ class FlowModel(nn.Module, ZooHubMixin):
         if tuple(y.shape) != (batch,):
             raise ShapeError(f"expected one label per image, shape ({batch},), got "
                              f"{tuple(y.shape)}")
-        if y.device.type == "cpu" and batch and not bool(((y >= 0) & (y < k)).all()):
-            raise ShapeError(f"labels must lie in 0..{k - 1} (the model's {k} classes), got "
-                             f"{int(y.min())}..{int(y.max())}")
+        top = k if self.null_class is None else k + 1
+        if y.device.type == "cpu" and batch and not bool(((y >= 0) & (y < top)).all()):
+            null = "" if top == k else f", or {k}: the null class"
+            raise ShapeError(f"labels must lie in 0..{k - 1} (the model's {k} classes{null}), "
+                             f"got {int(y.min())}..{int(y.max())}")
         return y.to(self.device, torch.long)
 
     @property

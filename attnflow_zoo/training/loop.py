@@ -52,6 +52,7 @@ from ..data.augment import augment
 from ..data.labels import labels_for
 from ..errors import CheckpointError, DataError, TrainingError
 from ..metrics import evaluate_bpd
+from ..models.conditioning import training_labels
 from ..progress import clock, note, progress
 from .config import TrainConfig, check_device, check_resume
 from .datasets import carve_validation, data_record, run_settings
@@ -336,7 +337,10 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             g = _step_generator(config.seed, step + 1, dev)
             if config.augment:
                 x_u8 = augment(x_u8, g, max_shift=config.max_shift, flip=config.flip)
-            x, y = _local_rows(quantize.to_model_space(x_u8, g), ctx), _local_rows(y, ctx)
+            x = quantize.to_model_space(x_u8, g)
+            # Classifier-free label dropout on the global batch, outside the compiled step.
+            y = training_labels(model, y, g)
+            x, y = _local_rows(x, ctx), _local_rows(y, ctx)
             scheduler.step_update(num_updates=step + 1)
             # No host read in the step (``step.py``): the non-finite guard stays on the device
             # and is read at logging / checkpoint steps.
