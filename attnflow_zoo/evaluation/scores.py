@@ -30,6 +30,44 @@ from . import results
 from .fid import dataset_statistics, fid_from_model, load_inception
 
 
+@torch.no_grad()
+def bayes_accuracy(model: nn.Module, images_u8: Tensor, labels: Tensor, batch_size: int = 256,
+                   generator: torch.Generator | None = None,
+                   show_progress: bool | None = None) -> dict[str, Any]:
+    """Bayes-rule classification by a class-conditional model: ŷ = argmax_y log p(x | y) over
+    its K classes (a uniform p(y)), every y scored on the same dequantised x (one noise draw
+    per image from ``generator``); SPEC §7.
+
+    Returns ``accuracy`` (the share of ŷ = ``labels``), ``predicted_counts`` (how often each
+    class was predicted, K ints: a model that ignores its class predicts one or two) and
+    ``num_images``. Images N×C×H×W uint8, labels (N,) int64.
+    """
+    k = int(getattr(model, "num_classes", 0))
+    if k < 2:
+        raise ConfigError("Bayes-rule accuracy needs a class-conditional model (num_classes ≥ "
+                          f"2), this one has {k} classes")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    was_training = model.training
+    model.eval()
+    predicted = []
+    try:
+        with progress("classify", total=len(images_u8), show=show_progress) as advance:
+            for start in range(0, len(images_u8), batch_size):
+                x = model.to_model_space(images_u8[start:start + batch_size], generator)
+                scores = (model.class_log_likelihoods(x)
+                          if hasattr(model, "class_log_likelihoods")
+                          else torch.stack([model.log_density(x, y) for y in range(k)], 1))
+                predicted.append(scores.argmax(1).cpu())
+                advance(len(x))
+    finally:
+        model.train(was_training)
+    pred = torch.cat(predicted)
+    return {"accuracy": float((pred == labels.cpu()).double().mean()),
+            "predicted_counts": torch.bincount(pred, minlength=k).tolist(),
+            "num_images": len(pred)}
+
+
 def dataset_label(dataset: str | os.PathLike[str]) -> str:
     """How metrics name a dataset: its table key, or a local folder's absolute path."""
     spec = datasets.dataset_spec(dataset)

@@ -99,6 +99,9 @@ class AttnFlowConfig:
             by a learned null class K with probability p, so the one model is also p(x) and
             samples with guidance w (``generate(..., guidance=w)``); p > 0 adds the null class
             (a class-conditional model only). Old checkpoints: 0 (no null class).
+        class_head: a linear classifier on the top latent's spatial mean (Glow's ``y_cond``),
+            logits = W·mean_{H,W}(z_L) + b, zero-initialised; ``fit`` adds its cross-entropy
+            with weight ``TrainConfig.class_loss_weight`` (a class-conditional model only).
     """
 
     image_size: int = 32
@@ -136,6 +139,7 @@ class AttnFlowConfig:
     condition_couplings: bool = False
     class_prior_shift: bool = True
     class_dropout: float = 0.1
+    class_head: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_levels is not None and not isinstance(self.attention_levels, tuple):
@@ -266,6 +270,8 @@ class AttnFlow(FlowModel):
         self.class_shifts = (nn.ModuleList(ClassPriorShift(cfg.num_classes + int(null), shape)
                                            for shape in self.latent_shapes)
                              if cfg.num_classes and cfg.class_prior_shift else None)
+        self.class_head = (_zero_linear(self.latent_shapes[-1][0], cfg.num_classes)
+                           if cfg.num_classes and cfg.class_head else None)
 
     def _make_prior(self, channels: int, cond_channels: int, level: int) -> nn.Module:
         cfg = self.config
@@ -295,20 +301,31 @@ class AttnFlow(FlowModel):
         kept half z1 and, for a class-conditional model, the class embedding, None at the last
         level of an unconditional model; shift: the class's (Δμ, Δlog σ) of that prior, or
         None) and the flow's logdet (B,)."""
+        self._check_input(x)
+        conditions = self._conditions(self.class_context(y, x.shape[0]))
+        outputs, logdet = self._flow_pass(x, conditions)
+        return [(z, *conditions.prior(lvl, kept, *z.shape[2:]))
+                for lvl, (z, kept) in enumerate(outputs)], logdet
+
+    def _check_input(self, x: Tensor) -> None:
         if tuple(x.shape[1:]) != self.input_shape:
             raise ShapeError(f"expected input B×{'×'.join(map(str, self.input_shape))}, got "
                              f"{tuple(x.shape)}")
-        conditions = self._conditions(self.class_context(y, x.shape[0]))
+
+    def _flow_pass(self, x: Tensor, conditions: LevelConditions
+                   ) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
+        """x -> per level (z_l, the kept half that continues, None at the last level) and the
+        flow's logdet (B,), the couplings given ``conditions.flow()``."""
         logdet = x.new_zeros(x.shape[0])
-        pieces: list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]] = []
+        outputs: list[tuple[Tensor, Tensor | None]] = []
         h = x
         for lvl, level in enumerate(self.levels):
             h, ld = level(h, conditions.flow())
             logdet = logdet + ld
             kept, z = split_channels(h) if lvl < len(self.levels) - 1 else (None, h)
-            pieces.append((z, *conditions.prior(lvl, kept, *h.shape[2:])))
+            outputs.append((z, kept))
             h = kept
-        return pieces, logdet
+        return outputs, logdet
 
     def forward(self, x: Tensor, y: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
         """x (B×C×H×W, in [−0.5, 0.5)) -> (z: B×D in the documented layout, logdet: (B,));
@@ -420,6 +437,40 @@ class AttnFlow(FlowModel):
         pieces, logdet = self.encode(x, y)
         return self.log_prior(pieces) + logdet
 
+    def class_log_likelihoods(self, x: Tensor) -> Tensor:
+        """log p(x | y) for every class y = 0..K−1, B×K nats (Bayes' rule: p(y | x) is its
+        softmax under a uniform p(y)). With unconditioned couplings the flow runs once and only
+        the priors run per class (the logdet is the same for every y); otherwise the whole
+        model runs on the batch repeated K times."""
+        k, b = self.num_classes, x.shape[0]
+        if k == 0:
+            raise ConfigError("class log-likelihoods need a class-conditional model "
+                              "(num_classes > 0)")
+        labels = torch.arange(k, device=x.device).repeat_interleave(b)
+        if self.config.condition_couplings:
+            return self.log_density(x.repeat(k, 1, 1, 1), labels).view(k, b).t()
+        self._check_input(x)
+        outputs, logdet = self._flow_pass(x, self._conditions(None))
+        conditions = self._conditions(labels)
+
+        def repeated(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat(k, 1, 1, 1)
+
+        pieces = [(repeated(z), *conditions.prior(lvl, repeated(kept), *z.shape[2:]))
+                  for lvl, (z, kept) in enumerate(outputs)]
+        return (self.log_prior(pieces).view(k, b) + logdet).t()
+
+    def log_density_and_logits(self, x: Tensor, y: Tensor | int | None = None,
+                               generator: torch.Generator | None = None
+                               ) -> tuple[Tensor, Tensor]:
+        """(log p(x | y), (B,); the class head's logits of the top latent z_L, B×K), one pass.
+        With conditioned couplings z_L is computed with y, so the logits can see the label."""
+        if self.class_head is None:
+            raise ConfigError("this model has no class head (class_head=False): train it "
+                              "without a class loss, or build it with class_head=True")
+        pieces, logdet = self.encode(x, y)
+        return self.log_prior(pieces) + logdet, self.class_head(pieces[-1][0].mean((2, 3)))
+
     @torch.no_grad()
     def generate(self, num_samples: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None,
@@ -472,3 +523,11 @@ def _shifted(params: tuple[Tensor, Tensor], shift: tuple[Tensor, Tensor] | None
     if shift is None:
         return params
     return params[0] + shift[0], params[1] + shift[1]
+
+
+def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    """nn.Linear with zero weight and bias, made without random draws."""
+    layer = nn.Linear(in_features, out_features, device="meta")
+    layer.weight = nn.Parameter(torch.zeros(out_features, in_features))
+    layer.bias = nn.Parameter(torch.zeros(out_features))
+    return layer

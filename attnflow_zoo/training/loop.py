@@ -274,7 +274,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             "recipe": info.get("recipe")}
     folder.start(start_step, base, previous)
 
-    trainer: nn.Module = LogDensity(model)
+    trainer: nn.Module = LogDensity(model, config.class_loss_weight)
     if ctx.active:
         trainer = nn.parallel.DistributedDataParallel(
             trainer, device_ids=[dev.index] if dev.type == "cuda" else None)
