@@ -32,7 +32,8 @@ def evaluate(
                       ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Score a checkpoint: test-split bits/dim (single-sample dequantisation), optionally FID."""
+    """Score a checkpoint: test-split bits/dim (single-sample dequantisation), a
+    class-conditional model's Bayes-rule accuracy argmax_y log p(x | y), optionally FID."""
     from rich.console import Console
 
     from attnflow_zoo.core import resolve_device
@@ -59,5 +60,8 @@ def evaluate(
     console = Console()
     console.print(f"{dataset} {result['split']} ({result['bpd_num_images']} images): "
                   f"bits/dim {result['bpd']:.4f}")
+    if "bayes_accuracy" in result:
+        console.print(f"Bayes-rule accuracy {result['bayes_accuracy']:.4f} (argmax over the "
+                      f"classes of log p(x | y), {result['bayes_num_images']} images)")
     if "fid" in result:
         console.print(f"FID {result['fid']:.2f} ({result['fid_num_samples']} samples)")

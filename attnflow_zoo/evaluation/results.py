@@ -16,6 +16,10 @@ bpd_estimator               ``single-sample`` or ``importance-weighted`` dequant
 bpd_num_importance_samples  K of an importance-weighted estimate
 bpd_num_images              images scored
 bpd_seed, bpd_batch_size    the dequantisation noise stream (seed, batch)
+bayes_accuracy              a class-conditional model's Bayes-rule accuracy on ``split``:
+                            argmax_y log p(x | y) = the label (SPEC §7) — needs
+                            ``bayes_num_images``; the same noise stream as bpd
+bayes_num_images            images classified
 fid                         Fréchet Inception distance — needs ``fid_num_samples``,
                             ``fid_weights``
 fid_num_samples             model samples (50,000 for the standard FID)
@@ -48,6 +52,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "format": (int,), "dataset": (str,), "split": (str,), "step": (int, type(None)),
     "bpd": _NUMBER, "bpd_estimator": (str,), "bpd_num_importance_samples": (int,),
     "bpd_num_images": (int,), "bpd_seed": (int,), "bpd_batch_size": (int,),
+    "bayes_accuracy": _NUMBER, "bayes_num_images": (int,),
     "fid": _NUMBER, "fid_num_samples": (int,), "fid_temperature": _NUMBER, "fid_seed": (int,),
     "fid_weights": (str,), "fid_reference": (str,), "fid_reference_split": (str,),
     "fid_reference_num_images": (int,), "fid_reference_statistics": (str,), "extra": (list,),
@@ -83,6 +88,10 @@ def check_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             if key not in metrics:
                 raise ConfigError(f"metrics give fid without {key}; the card must state the "
                                   "FID protocol")
+    if "bayes_accuracy" in metrics and ("bayes_num_images" not in metrics
+                                        or not 0 <= metrics["bayes_accuracy"] <= 1):
+        raise ConfigError("metrics bayes_accuracy must be a share in [0, 1] with "
+                          "bayes_num_images (how many images were classified)")
     for key in ("bpd", "fid"):
         if key in metrics and not math.isfinite(metrics[key]):
             raise ConfigError(f"metrics {key} must be a finite number, got {metrics[key]!r}")

@@ -149,7 +149,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
                         statistics_out: str | os.PathLike[str] | None = None,
                         show_progress: bool | None = None) -> dict[str, Any]:
     """Held-out bits/dim of a checkpoint (``evaluate_bpd``, noise seeded ``seed``: the numbers
-    ``fit`` logs with the same seed and batch size) and, with ``fid``, ``standard_fid``.
+    ``fit`` logs with the same seed and batch size), a class-conditional model's
+    ``bayes_accuracy`` (the same noise) and, with ``fid``, ``standard_fid``.
 
     ``split`` defaults to the dataset's held-out split (``datasets.heldout_split``). Returns the
     metrics schema of ``evaluation.results`` (what ``attnflow push --metrics`` takes).
@@ -170,6 +171,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
         "format": results.FORMAT, "dataset": dataset_label(dataset), "split": split,
         "step": checkpoint_step(directory), "bpd": bpd, "bpd_estimator": "single-sample",
         "bpd_num_images": len(images), "bpd_seed": seed, "bpd_batch_size": batch_size}
+    if labels is not None:
+        g = torch.Generator(device=dev).manual_seed(seed)
+        bayes = bayes_accuracy(model, images, labels, batch_size, g, show_progress=show_progress)
+        result.update(bayes_accuracy=bayes["accuracy"], bayes_num_images=bayes["num_images"])
     if fid:
         result.update(standard_fid(
             model, dataset, num_samples=num_samples, temperature=temperature,

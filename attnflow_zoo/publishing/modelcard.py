@@ -198,6 +198,12 @@ def _metric_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
                      "protocol": f"{m['fid_num_samples']:,} samples at temperature "
                                  f"{m.get('fid_temperature', 1.0):g} vs the statistics of "
                                  f"{ref}{n_ref}; Inception features {m['fid_weights']}"})
+    if "bayes_accuracy" in m:
+        seed = f", noise seed {m['bpd_seed']}" if "bpd_seed" in m else ""
+        rows.append({"name": "Bayes-rule accuracy", "value": f"{m['bayes_accuracy']:.4f}",
+                     "split": m.get("split", "test"),
+                     "protocol": f"{m['bayes_num_images']:,} images, ŷ = argmax over the "
+                                 f"classes of log p(x | y){seed}"})
     for extra in m.get("extra", []):
         rows.append({"name": extra["name"], "value": extra["value"],
                      "split": extra.get("split", ""), "protocol": extra.get("protocol", "")})
@@ -291,8 +297,13 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
     model_name = repo_id.split("/")[-1]
     results = []
     local = scored.get("local_path")
-    common = {"task_type": "unconditional-image-generation",
-              "task_name": "Unconditional Image Generation",
+    num_classes = int(cfg.get("num_classes") or 0)
+    # The Hub has no class-conditional image generation task: such a model gets no pipeline
+    # tag, and its model-index a task of its own name.
+    task_type, task_name = ((("class-conditional-image-generation",
+                              "Class-conditional Image Generation")) if num_classes else
+                            ("unconditional-image-generation", "Unconditional Image Generation"))
+    common = {"task_type": task_type, "task_name": task_name,
               "dataset_type": "imagefolder" if local else (scored.get("hub_id") or "unknown"),
               "dataset_name": local or scored["name"],
               "dataset_config": scored.get("hub_config")}
@@ -307,13 +318,19 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
                                   metric_type="fid",
                                   metric_name=f"FID ({metrics['fid_num_samples']} samples)",
                                   metric_value=float(metrics["fid"])))
+    if "bayes_accuracy" in metrics:
+        results.append(EvalResult(**common, dataset_split=metrics.get("split", "test"),
+                                  metric_type="accuracy",
+                                  metric_name="Bayes-rule accuracy (argmax_y log p(x | y))",
+                                  metric_value=float(metrics["bayes_accuracy"])))
     arxiv = list(spec.get("arxiv", []))
-    tags = sorted(set(spec.get("tags", [])) | BASE_TAGS | {f"arxiv:{a}" for a in arxiv})
+    tags = sorted(set(spec.get("tags", [])) | BASE_TAGS | {f"arxiv:{a}" for a in arxiv}
+                  | ({"class-conditional"} if num_classes else set()))
     actual = spec["trained_on"]
     card_data = ModelCardData(
         license=license, library_name="attnflow_zoo", tags=tags,
         datasets=[actual["hub_id"]] if actual and actual.get("hub_id") else None,
-        pipeline_tag="unconditional-image-generation",
+        pipeline_tag=None if num_classes else task_type,
         model_name=model_name if results else None, eval_results=results or None)
     ours = None
     same_data = spec["dataset_key"] == (metrics.get("dataset") or spec["dataset_key"])
@@ -327,7 +344,8 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
         card_data, template_str=template, title=spec["title"], summary=spec.get("summary", ""),
         preset=preset or "(not a zoo preset)", architecture=architecture, repo_id=repo_id,
         variant_note=spec.get("variant_note", ""), paper=spec.get("paper"), arxiv=arxiv,
-        dataset=ds, trained=actual is not None,
+        dataset=ds, trained=actual is not None, num_classes=num_classes,
+        guidance=bool(num_classes and cfg.get("class_dropout")),
         recipe_lines=recipe.get("lines", []),
         run_lines=run_lines(run, data_text, recipe.get("deviations")) if run else [],
         architecture_notes=spec.get("architecture_notes", []),
