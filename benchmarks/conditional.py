@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits_classifiers as dc  # noqa: E402
 
 import attnflow_zoo as az  # noqa: E402
-from attnflow_zoo.evaluation import bayes_accuracy  # noqa: E402
+from attnflow_zoo.data.quantize import from_model_space  # noqa: E402
+from attnflow_zoo.evaluation.scores import bayes_accuracy  # noqa: E402
 from attnflow_zoo.hub import resolve_checkpoint  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def recognised(model, svm, per_class: int, temperature: float, seed: int, guidan
     x = torch.cat([model.generate(len(part), temperature=temperature, generator=g, y=part,
                                   **kwargs) for part in y.split(250)])
     finite = torch.isfinite(x.flatten(1)).all(1)
-    images = az.data.from_model_space(torch.where(torch.isfinite(x), x, torch.zeros(())))
+    images = from_model_space(torch.where(torch.isfinite(x), x, torch.zeros(())))
     pred = torch.as_tensor(dc.svm_predict(svm, images))
     hit = pred == y
     return {"samples": len(y), "recognised": float(hit.double().mean()),

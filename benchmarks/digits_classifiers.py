@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from attnflow_zoo import data
+from attnflow_zoo.data import datasets
 
 SHAPE = (1, 32, 32)
 #: Everything that makes the feature network what it is; a change gives a new cache file.
@@ -34,7 +34,7 @@ RECIPE = {"version": 1, "seed": 0, "epochs": 8, "batch_size": 64, "lr": 1e-3, "f
 
 def digits(split: str) -> tuple[Tensor, Tensor]:
     """(N×1×32×32 uint8 images, (N,) int64 labels) of the embedded digits' ``split``."""
-    images, labels = data.load_labelled("digits", split, SHAPE)
+    images, labels = datasets.load_labelled("digits", split, SHAPE)
     assert labels is not None
     return images, labels
 

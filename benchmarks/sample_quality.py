@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits_classifiers as dc  # noqa: E402
 
 import attnflow_zoo as az  # noqa: E402
+from attnflow_zoo.data.quantize import from_model_space  # noqa: E402
+from attnflow_zoo.evaluation.fid import feature_statistics, frechet_distance  # noqa: E402
 from attnflow_zoo.hub import resolve_checkpoint  # noqa: E402
-from attnflow_zoo.metrics import feature_statistics, frechet_distance  # noqa: E402
 
 
 def distance(net: dc.FeatureNet, images_u8: torch.Tensor, reference) -> float:
@@ -56,7 +57,7 @@ def model_samples(model, num_samples: int, temperature: float, seed: int,
         x = model.generate(n, temperature=temperature, generator=g, y=y)
         finite = torch.isfinite(x)
         nonfinite += int((~finite.flatten(1).all(1)).sum())
-        images.append(az.data.from_model_space(torch.where(finite, x, torch.zeros(()))))
+        images.append(from_model_space(torch.where(finite, x, torch.zeros(()))))
     return torch.cat(images), nonfinite
 
 

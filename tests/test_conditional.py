@@ -489,7 +489,7 @@ def test_class_log_likelihoods_are_log_p_at_every_class(couplings: bool) -> None
 
 
 def test_bayes_accuracy_is_the_argmax_of_the_class_likelihoods() -> None:
-    from attnflow_zoo.evaluation import bayes_accuracy
+    from attnflow_zoo.evaluation.scores import bayes_accuracy
 
     model = _model("attnflow_imap_cond_tiny", torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -520,7 +520,7 @@ def test_a_conditional_card_has_no_unconditional_tag_and_says_how_to_sample_a_cl
     its tag and says nothing of classes."""
     import yaml
 
-    from attnflow_zoo.modelcard import render_card
+    from attnflow_zoo.publishing.modelcard import render_card
 
     metrics = {"format": 1, "dataset": "digits", "split": "test", "bpd": 2.1,
                "bpd_estimator": "single-sample", "bpd_num_images": 1000, "bpd_seed": 0,
@@ -554,14 +554,14 @@ def test_evaluate_reports_bayes_accuracy(tmp_path: Path) -> None:
     """``evaluate_checkpoint`` of a class-conditional model: its Bayes-rule accuracy on the
     split, the number ``bayes_accuracy`` gives with the same noise; none for an unconditional
     model."""
-    from attnflow_zoo.evaluation import bayes_accuracy, evaluate_checkpoint
+    from attnflow_zoo.evaluation.scores import bayes_accuracy, evaluate_checkpoint
 
     model = _model("attnflow_imap_cond_tiny", torch.float32, in_channels=1, image_size=32,
                    num_classes=10, data_init=False)
     model.save_pretrained(tmp_path / "cond")
     result = evaluate_checkpoint(tmp_path / "cond", "digits", limit=40, batch_size=20,
                                  device="cpu", show_progress=False)
-    images, labels = data.load_labelled("digits", "test", model.input_shape, limit=40)
+    images, labels = datasets.load_labelled("digits", "test", model.input_shape, limit=40)
     expected = bayes_accuracy(model, images, labels, 20,
                               torch.Generator().manual_seed(0))["accuracy"]
     assert result["bayes_accuracy"] == expected and result["bayes_num_images"] == 40

@@ -1,4 +1,5 @@
-"""Scoring models: held-out bits/dim of a model or a checkpoint, and the standard FID.
+"""Scoring models: held-out bits/dim of a checkpoint, a class-conditional model's Bayes-rule
+accuracy, and the standard FID.
 
 Both return the one metrics schema (``evaluation.results``) that ``attnflow evaluate --json``
 prints and ``attnflow push --metrics`` / the model card read.
@@ -17,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from .. import checkpoint
 from ..core import resolve_device
 from ..data import datasets
 from ..data.labels import labels_for
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..factory import load_model
 from ..hub import resolve_checkpoint
 from ..metrics import evaluate_bpd
+from ..progress import progress
 from . import results
 from .fid import dataset_statistics, fid_from_model, load_inception
 
