@@ -570,3 +570,29 @@ def test_evaluate_reports_bayes_accuracy(tmp_path: Path) -> None:
     result = evaluate_checkpoint(tmp_path / "plain", "digits", limit=8, device="cpu",
                                  show_progress=False)
     assert "bayes_accuracy" not in result
+
+
+def test_class_parameters_get_their_own_learning_rate() -> None:
+    """class_lr_scale puts the class embedding, prior shifts and class head in a group of
+    their own at lr × scale, through warm-up and after; scale 1 keeps one group (the optimizer
+    state of older runs)."""
+    from attnflow_zoo.training.optim import make_scheduler, param_groups
+
+    model = az.create_model("attnflow_imap_cond_tiny", class_head=True)
+    names = {n for n, p in model.named_parameters()
+             if any(p is q for q in model.class_parameters())}
+    assert names == {"class_embedding.table.weight", "class_head.weight", "class_head.bias",
+                     *(f"class_shifts.{i}.table" for i in range(len(model.latent_shapes)))}
+    config = TrainConfig(steps=10, lr=1e-3, warmup_steps=4, class_lr_scale=10.0)
+    groups = param_groups(model, config)
+    assert len(groups) == 2 and sum(len(g["params"]) for g in groups) == len(
+        list(model.parameters()))
+    optimizer = torch.optim.Adamax(groups, lr=config.lr)
+    scheduler = make_scheduler(optimizer, config, 10)
+    for step in (2, 8):
+        scheduler.step_update(num_updates=step)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert lrs[1] == pytest.approx(10 * lrs[0]) and lrs[0] > 0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert len(param_groups(model, config.replace(class_lr_scale=1.0))) == 1
+    assert len(param_groups(az.create_model("attnflow_imap_tiny"), config)) == 1

@@ -460,6 +460,13 @@ class AttnFlow(FlowModel):
                   for lvl, (z, kept) in enumerate(outputs)]
         return (self.log_prior(pieces).view(k, b) + logdet).t()
 
+    def class_parameters(self) -> list[nn.Parameter]:
+        """The parameters that exist for the class alone: the class embedding, the per-class
+        prior shifts and the class head (empty for an unconditional model); what
+        ``TrainConfig.class_lr_scale`` trains at its own lr."""
+        modules = (self.class_embedding, self.class_shifts, self.class_head)
+        return [p for m in modules if m is not None for p in m.parameters()]
+
     def log_density_and_logits(self, x: Tensor, y: Tensor | int | None = None,
                                generator: torch.Generator | None = None
                                ) -> tuple[Tensor, Tensor]:

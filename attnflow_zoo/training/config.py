@@ -54,6 +54,9 @@ class TrainConfig:
             cross-entropy in bits per image (Glow's ``y_cond``; a class-conditional model with
             ``class_head``; labels dropped to the null class are left out of it). The logged
             training loss includes the term; evaluations are bits/dim alone.
+        class_lr_scale: a class-conditional model's class parameters (its class embedding,
+            per-class prior shifts and class head: ``class_parameters()``) train at
+            lr × this (``optim.param_groups``); 1: one lr for all.
         max_seconds: a time budget: the run ends after the step during which this many seconds
             of wall time have passed since this segment's first step (a resumed run gets the
             budget afresh), exactly like a run that reached its steps: final evaluation,
@@ -86,6 +89,7 @@ class TrainConfig:
     compile: bool = False
     max_seconds: float | None = None
     class_loss_weight: float = 0.0
+    class_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps is None and self.epochs is None:
@@ -102,6 +106,9 @@ class TrainConfig:
                 self.validation >= 1 and self.validation != int(self.validation)):
             raise ConfigError(f"validation must be a fraction in (0, 1), a whole count ≥ 1 or 0, "
                               f"got {self.validation}")
+        if not (math.isfinite(self.class_lr_scale) and self.class_lr_scale > 0):
+            raise ConfigError(f"class_lr_scale must be a positive number, got "
+                              f"{self.class_lr_scale}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:

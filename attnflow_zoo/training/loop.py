@@ -58,7 +58,7 @@ from .config import TrainConfig, check_device, check_resume
 from .datasets import carve_validation, data_record, run_settings
 from .distributed import DistContext, all_mean, barrier, init_distributed
 from .interrupt import TrainingInterrupted, stop_requests
-from .optim import make_ema, make_scheduler
+from .optim import make_ema, make_scheduler, param_groups
 from .record import device_name, versions
 from .run import RunFolder, check_fresh
 from .state import load_newest_intact, recorded_settings
@@ -226,7 +226,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
     model.to(dev)
     model.train()
     # capturable: Adamax keeps its step count on the GPU (no host read in the step).
-    optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr,
+    optimizer = torch.optim.Adamax(param_groups(model, config), lr=config.lr,
                                    capturable=dev.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     num_dims = math.prod(model.input_shape)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 #: TrainConfig fields a recipe sets (compared when a run is checked against its recipe).
 RECIPE_SETTINGS = ("steps", "epochs", "batch_size", "lr", "warmup_steps", "schedule",
                    "grad_clip", "ema_decay", "augment", "max_shift", "flip", "precision",
-                   "class_loss_weight")
+                   "class_loss_weight", "class_lr_scale")
 
 
 def recipe_of(preset: str) -> Recipe:
@@ -98,7 +98,8 @@ def recipe_settings(recipe: Recipe) -> dict[str, Any]:
         "schedule": recipe.schedule, "grad_clip": recipe.grad_clip,
         "ema_decay": recipe.ema_decay, "augment": recipe.max_shift > 0 or recipe.flip is not False,
         "max_shift": recipe.max_shift, "flip": recipe.flip, "precision": recipe.precision,
-        "class_loss_weight": float(recipe.class_loss_weight)}
+        "class_loss_weight": float(recipe.class_loss_weight),
+        "class_lr_scale": float(recipe.class_lr_scale)}
 
 
 def config_from_recipe(recipe: Recipe, world_size: int = 1, **train_overrides: Any
