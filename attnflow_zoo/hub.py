@@ -29,10 +29,13 @@ class ZooHubMixin(
     PyTorchModelHubMixin,
     library_name="attnflow_zoo",
     tags=["normalizing-flows", "attnflow_zoo"],
-    pipeline_tag="unconditional-image-generation",
     license="apache-2.0",
 ):
     """Hub save/load for zoo models: checksummed safetensors plus the config dataclass as JSON.
+
+    No pipeline tag here: the card (``publishing.modelcard.render_card``) gives each model its
+    own, and a class-conditional model none (the Hub has no class-conditional image generation
+    task).
 
     The class's constructor takes one config dataclass, ``__init__(self, config: <Arch>Config)``
     (or set the class attribute ``config_class``). ``zoo_preset`` (set by ``create_model``) is

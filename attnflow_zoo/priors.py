@@ -3,6 +3,12 @@
 Both take a latent z (B×C×H×W) and an optional conditioning tensor (the half z1 that continues
 through the flow when z = z2 is factored out), and offer ``log_prob``, ``mean_and_log_std``
 (teacher forced) and ``sample``. They work for any batch size and any H×W.
+
+Sampling also takes, for class-conditional models (``models.conditioning``), an additive
+``shift`` (Δμ, Δlog σ) of every parameter (B×C×H×W each; added to channel c's μ_c, log σ_c
+inside the autoregression) and, under classifier-free guidance, a ``Guided`` condition: the
+parameters are θ_c + w·(θ_c − θ_u) of the class's and the null class's condition, channel by
+channel on the same sampled z_{<c}.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from torch import Tensor, nn
 
 from .core import check_bound, diag_normal_logpdf, randn_like_on, soft_cap
 from .errors import ShapeError, check_choice
+from .guidance import Guided, guide
 from .layers.nets import ConvLSTM, ZeroConv2d
 from .precision import full_precision, upcast
 
@@ -37,11 +44,14 @@ class Prior(nn.Module):
         """The N(0, 1) noise ``sample_from_noise`` turns into a sample (float32 at least)."""
         raise NotImplementedError
 
-    def sample_from_noise(self, num_samples: int, height: int, width: int, cond: Tensor | None,
-                          temperature: float, noise: Tensor | None
+    def sample_from_noise(self, num_samples: int, height: int, width: int,
+                          cond: Tensor | Guided | None, temperature: float, noise: Tensor | None,
+                          shift: tuple[Tensor, Tensor] | None = None
                           ) -> Tensor:  # pragma: no cover - interface
-        """The sample of ``noise`` (None: temperature 0, the mode chain), B×C×H×W.
-        Deterministic, static shapes: what ``torch.compile`` or a CUDA graph captures."""
+        """The sample of ``noise`` (None: temperature 0, the mode chain), B×C×H×W, with
+        ``shift`` = (Δμ, Δlog σ) added to the parameters and ``cond`` possibly ``Guided``
+        (module docstring). Deterministic, static shapes: what ``torch.compile`` or a CUDA
+        graph captures."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -62,9 +72,10 @@ class Prior(nn.Module):
         mean, log_std = self.mean_and_log_std(z, cond)
         return (z - mean) * torch.exp(-log_std)
 
-    def unwhiten(self, eps: Tensor, cond: Tensor | None = None
+    def unwhiten(self, eps: Tensor, cond: Tensor | None = None,
+                 shift: tuple[Tensor, Tensor] | None = None
                  ) -> Tensor:  # pragma: no cover - interface
-        """z = μ + σ·ε, the inverse of ``whiten``, B×C×H×W."""
+        """z = μ + σ·ε, the inverse of ``whiten``, B×C×H×W (μ, log σ shifted by ``shift``)."""
         raise NotImplementedError
 
 
@@ -160,10 +171,13 @@ class MARPrior(Prior):
                             for _ in range(self.num_channels)])
 
     @torch.no_grad()
-    def sample_from_noise(self, num_samples: int, height: int, width: int, cond: Tensor | None,
-                          temperature: float, noise: Tensor | None) -> Tensor:
+    def sample_from_noise(self, num_samples: int, height: int, width: int,
+                          cond: Tensor | Guided | None, temperature: float, noise: Tensor | None,
+                          shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """z_c = μ_c + T·σ_c·ε_c channel by channel, B×C×H×W; ``noise`` None (T = 0): the
-        mode chain z_c = μ_c.
+        mode chain z_c = μ_c. ``shift``, a ``Guided`` ``cond``: the module docstring (under
+        guidance the conv-LSTM runs the class's and the null class's chains side by side, a
+        batch of 2B, both fed the one sampled z_{<c}).
 
         The sampled z_c (not the mean) feeds step c + 1, as in ancestral sampling. The loop has
         static shapes, preallocated state (``ConvLSTM.begin``), no random-number generation
@@ -171,20 +185,30 @@ class MARPrior(Prior):
         """
         ref = self.out.weight
         c_len = self.num_channels
-        e = self._cond_input(cond)
+        guided = isinstance(cond, Guided)
+        e = (torch.cat([self._cond_input(cond.cond), self._cond_input(cond.uncond)])
+             if guided else self._cond_input(cond))
+        rows = 2 * num_samples if guided else num_samples
         z = torch.empty(num_samples, c_len, height, width, dtype=upcast(ref[:0]).dtype,
                         device=ref.device)
-        state = self.lstm.begin(z[:, :1].expand(-1, self.lstm.in_channels, -1, -1))
+        state = self.lstm.begin(z[:1, :1].expand(rows, self.lstm.in_channels, -1, -1))
         # Step 0's input is Conv_in(0) + e = b_in + e.
-        first = self.in_z.bias.view(1, -1, 1, 1).expand(num_samples, -1, height, width)
+        first = self.in_z.bias.view(1, -1, 1, 1).expand(rows, -1, height, width)
         for step in range(c_len):
             x = first if step == 0 else self.in_z(z[:, step - 1: step])
+            if guided and step:
+                x = torch.cat([x, x])
             if e is not None:
                 x = x + e
             state.input.copy_(x)
             out = upcast(self.out(self.lstm.step(None, state)))
+            if guided:
+                out = guide(*out.chunk(2), cond.weight)
             with full_precision(out):
                 mean, log_std = out[:, :1], out[:, 1:]
+                if shift is not None:
+                    mean = mean + shift[0][:, step: step + 1]
+                    log_std = log_std + shift[1][:, step: step + 1]
                 if noise is None:
                     z[:, step: step + 1].copy_(mean)
                 else:
@@ -192,13 +216,15 @@ class MARPrior(Prior):
                         temperature).add_(mean)
         return z
 
-    def unwhiten(self, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+    def unwhiten(self, eps: Tensor, cond: Tensor | None = None,
+                 shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """z_c = μ_c(z_{<c}, cond) + σ_c·ε_c channel by channel (``sample_from_noise`` at T = 1
         with the given noise ε, B×C×H×W); the inverse of ``whiten``."""
         b, c, h, w = eps.shape
         if c != self.num_channels:
             raise ShapeError(f"prior expects {self.num_channels} channels, got {c}")
-        return self.sample_from_noise(b, h, w, cond, 1.0, eps.transpose(0, 1).unsqueeze(2))
+        return self.sample_from_noise(b, h, w, cond, 1.0, eps.transpose(0, 1).unsqueeze(2),
+                                      shift)
 
 
 class GaussianPrior(Prior):
@@ -232,7 +258,14 @@ class GaussianPrior(Prior):
             self.mean = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
             self.log_std = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
 
-    def _params(self, b: int, h: int, w: int, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _params(self, b: int, h: int, w: int, cond: Tensor | Guided | None,
+                shift: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if shift is not None:
+            mean, log_std = self._params(b, h, w, cond)
+            return mean + shift[0], log_std + shift[1]
+        if isinstance(cond, Guided):
+            return guide(self._params(b, h, w, cond.cond), self._params(b, h, w, cond.uncond),
+                         cond.weight)
         if self.cond_channels == 0:
             log_std = soft_cap(self.log_std, self.log_std_bound)
             return (self.mean.expand(b, -1, h, w), log_std.expand(b, -1, h, w))
@@ -255,17 +288,20 @@ class GaussianPrior(Prior):
         return randn_like_on((num_samples, self.num_channels, height, width), like, generator)
 
     @torch.no_grad()
-    def sample_from_noise(self, num_samples: int, height: int, width: int, cond: Tensor | None,
-                          temperature: float, noise: Tensor | None) -> Tensor:
-        """z = μ + T·σ·ε, B×C×H×W; ``noise`` None (T = 0) gives the mean."""
-        mean, log_std = self._params(num_samples, height, width, cond)
+    def sample_from_noise(self, num_samples: int, height: int, width: int,
+                          cond: Tensor | Guided | None, temperature: float, noise: Tensor | None,
+                          shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """z = μ + T·σ·ε, B×C×H×W; ``noise`` None (T = 0) gives the mean. ``shift``, a
+        ``Guided`` ``cond``: the module docstring."""
+        mean, log_std = self._params(num_samples, height, width, cond, shift)
         if noise is None:
             return mean.clone()
         return mean + temperature * torch.exp(log_std) * noise
 
-    def unwhiten(self, eps: Tensor, cond: Tensor | None = None) -> Tensor:
+    def unwhiten(self, eps: Tensor, cond: Tensor | None = None,
+                 shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """z = μ(cond) + σ(cond)·ε, B×C×H×W; the inverse of ``whiten``."""
         if eps.shape[1] != self.num_channels:
             raise ShapeError(f"prior expects {self.num_channels} channels, got {eps.shape[1]}")
-        mean, log_std = self._params(eps.shape[0], eps.shape[2], eps.shape[3], cond)
+        mean, log_std = self._params(eps.shape[0], eps.shape[2], eps.shape[3], cond, shift)
         return mean + torch.exp(log_std) * eps

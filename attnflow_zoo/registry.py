@@ -63,6 +63,11 @@ class Recipe:
         fid_num_samples: samples of the FID (None: the entry reports no FID).
         fid_temperature: prior temperature of those samples.
         fid_reference_split: the split whose Inception statistics the samples are compared with.
+        class_loss_weight: w_y, the weight of a class-conditional model's class-head
+            cross-entropy in bits per image, added to the bits/dim loss (Glow's ``weight_y``;
+            ``TrainConfig.class_loss_weight``); 0: likelihood only.
+        class_lr_scale: a class-conditional model's class parameters train at lr × this
+            (``TrainConfig.class_lr_scale``); no effect on an unconditional model.
     """
 
     name: str
@@ -90,6 +95,8 @@ class Recipe:
     fid_num_samples: int | None = 50_000
     fid_temperature: float = 1.0
     fid_reference_split: str = "train"
+    class_loss_weight: float = 0.0
+    class_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):  # JSON / --set give a list
@@ -120,6 +127,12 @@ class Recipe:
             raise ConfigError(f"recipe lr must be a positive number, got {self.lr!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"recipe ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if not (isinstance(self.class_lr_scale, int | float) and self.class_lr_scale > 0):
+            raise ConfigError(f"recipe class_lr_scale must be positive, got "
+                              f"{self.class_lr_scale!r}")
+        if not (isinstance(self.class_loss_weight, int | float) and self.class_loss_weight >= 0):
+            raise ConfigError(f"recipe class_loss_weight must be ≥ 0, got "
+                              f"{self.class_loss_weight!r}")
         if not (isinstance(self.fid_temperature, int | float) and self.fid_temperature > 0):
             raise ConfigError(f"recipe fid_temperature must be positive, got "
                               f"{self.fid_temperature!r}")

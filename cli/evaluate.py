@@ -35,7 +35,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     threads: ThreadsOption = None,
 ) -> None:
-    """Score a checkpoint: test-split bits/dim (single-sample dequantisation), optionally FID."""
+    """Score a checkpoint: test-split bits/dim (single-sample dequantisation), a
+    class-conditional model's Bayes-rule accuracy argmax_y log p(x | y), optionally FID."""
     from rich.console import Console
 
     from attnflow_zoo.core import resolve_device
@@ -68,5 +69,8 @@ def evaluate(
         console.print(f"(a sample-quality checkpoint trained with Gaussian noise σ = "
                       f"{result['bpd_noise_std']:g}: this bits/dim is not a discrete-data "
                       "bits/dim and is not comparable with likelihood checkpoints)")
+    if "bayes_accuracy" in result:
+        console.print(f"Bayes-rule accuracy {result['bayes_accuracy']:.4f} (argmax over the "
+                      f"classes of log p(x | y), {result['bayes_num_images']} images)")
     if "fid" in result:
         console.print(f"FID {result['fid']:.2f} ({result['fid_num_samples']} samples)")

@@ -48,7 +48,9 @@ def _model(name: str, dtype: torch.dtype = torch.float64, data_init: bool = True
     """The preset, ActNorm initialised on random images (every class present; ``data_init``),
     every parameter (the class embedding and the zero-initialised prior heads included) moved
     off its init."""
-    model = az.AttnFlow(registry.preset_config(name, **overrides))
+    with torch.random.fork_rng(devices=[]):  # the same model whatever ran before
+        torch.manual_seed(0)
+        model = az.AttnFlow(registry.preset_config(name, **overrides))
     if data_init:
         g = torch.Generator().manual_seed(0)
         x_u8 = torch.randint(0, 256, (8, *model.input_shape), generator=g, dtype=torch.uint8)
@@ -73,6 +75,11 @@ def _one_error_line(err: str, message: str) -> bool:
             and sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in err)
 
 
+def _num_labels(model: az.AttnFlow) -> int:
+    """K, and K + 1 with the null class (label K: the model's p(x))."""
+    return model.num_classes + (model.null_class is not None)
+
+
 def _x(model: az.AttnFlow, b: int, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, *model.input_shape, generator=g, dtype=torch.float64) - 0.5
@@ -83,15 +90,17 @@ def test_there_are_conditional_presets() -> None:
     for dataset in ("cifar10", "svhn", "mnist"):
         for size in ("", "_small"):
             cfg = registry.preset_config(f"attnflow_imap_cond_{dataset}{size}")
+            # Issue 20: the class conditions every prior and every coupling, with a null class.
             assert cfg.num_classes == 10 and cfg == registry.preset_config(
-                f"attnflow_imap_{dataset}{size}", num_classes=10)
+                f"attnflow_imap_{dataset}{size}", num_classes=10, condition_couplings=True)
+            assert cfg.class_prior_shift and cfg.class_dropout == 0.1
 
 
 @pytest.mark.parametrize("name", COND_TINY)
 def test_round_trip_and_logdet_at_every_class(name: str) -> None:
     model = _model(name)
     x = _x(model, 2, seed=5)
-    for y in range(model.num_classes):
+    for y in range(_num_labels(model)):
         check_invertible(_AtClass(model, y), x, atol=1e-8)
         check_logdet(_AtClass(model, y), x, rtol=1e-8, atol=1e-8)
 
@@ -99,7 +108,7 @@ def test_round_trip_and_logdet_at_every_class(name: str) -> None:
 def test_priors_only_conditioning_leaves_the_flow_alone() -> None:
     """With the priors conditioned and the couplings not, z and log|det ∂z/∂x| are the same for
     every class: y changes log p(x | y) through the priors alone."""
-    model = _model("attnflow_imap_cond_tiny")
+    model = _model("attnflow_imap_cond_tiny", condition_couplings=False)
     x = _x(model, 3)
     z0, logdet0 = model(x, 0)
     logps = [model.log_density(x, y) for y in range(model.num_classes)]
@@ -136,7 +145,7 @@ def test_density_integrates_to_one_for_every_class(name: str) -> None:
     mids = (torch.arange(n, dtype=torch.float64) + 0.5) / n * 2 - 1
     totals = []
     with torch.no_grad():
-        for y in range(model.num_classes):
+        for y in range(_num_labels(model)):  # the null class (p(x)) included
             xs = model.generate(500, generator=torch.Generator().manual_seed(y), y=y)
             xs = xs.flatten(1)
             lo, hi = xs.min(0).values, xs.max(0).values
@@ -172,8 +181,8 @@ def test_label_errors_say_what_to_do() -> None:
     x_u8 = torch.zeros(2, *cond.input_shape, dtype=torch.uint8)
     with pytest.raises(ConfigError, match="class-conditional .* pass the labels"):
         cond.log_prob(x_u8)
-    with pytest.raises(ShapeError, match=r"labels must lie in 0\.\.2"):
-        cond.log_prob(x_u8, torch.tensor([0, 3]))
+    with pytest.raises(ShapeError, match=r"labels must lie in 0\.\.2 .*or 3: the null class"):
+        cond.log_prob(x_u8, torch.tensor([0, 4]))
     with pytest.raises(ShapeError, match="must be integers"):
         cond.log_prob(x_u8, torch.tensor([0.0, 1.0]))
     with pytest.raises(ShapeError, match="one label per image"):
@@ -367,3 +376,225 @@ def test_guide_mixes_parameters() -> None:
     assert torch.equal(guide(c, u, -1.0), u)
     mu, log_std = guide((c, u), (u, c), 1.0)
     assert torch.equal(mu, 2 * c - u) and torch.equal(log_std, 2 * u - c)
+
+
+def test_the_class_sets_every_prior_and_the_null_class_is_p_of_x() -> None:
+    """The class's shift moves every level's prior (μ, log σ) by its own (Δμ_y, Δlog σ_y); the
+    null class K is a label like the others (scored and sampled), p(x) of the same network."""
+    model = _model("attnflow_imap_cond_tiny")
+    assert model.null_class == model.num_classes == 3
+    assert model.class_embedding.table.weight.shape[0] == 4
+    assert len(model.class_shifts) == len(model.latent_shapes)
+    x = _x(model, 2)
+    latents = model.encode_latents(x, 1)
+    shifted = model.latent_priors(latents, 1)
+    deltas = [shift(torch.tensor([1, 1])) for shift in model.class_shifts]
+    with torch.no_grad():
+        for shift in model.class_shifts:
+            shift.table.zero_()
+    plain = model.latent_priors(latents, 1)
+    for (m1, s1), (m0, s0), (d_mu, d_log_std) in zip(shifted, plain, deltas, strict=True):
+        assert d_mu.abs().max() > 1e-3 and d_log_std.abs().max() > 1e-3
+        torch.testing.assert_close(m1 - m0, d_mu, rtol=0, atol=1e-12)
+        torch.testing.assert_close(s1 - s0, d_log_std, rtol=0, atol=1e-12)
+    model = _model("attnflow_imap_cond_tiny")
+    assert torch.isfinite(model.log_density(x, 3)).all()
+    assert model.generate(2, generator=torch.Generator().manual_seed(0), y=3).shape == x.shape
+
+
+@pytest.mark.parametrize("name", COND_TINY)
+def test_guidance_mixes_the_class_and_the_null_class(name: str) -> None:
+    """w = 0 is the plain conditional sample bit for bit; w = −1 gives θ_y − (θ_y − θ_∅) = θ_∅
+    everywhere, the null class's sample from the same noise (to rounding), which checks that
+    every prior and coupling mixes the right pair; w = 2 is neither."""
+    model = _model(name)
+
+    def draw(y: int, w: float | None) -> Tensor:
+        g = torch.Generator().manual_seed(7)
+        if w is None:
+            return model.generate(3, temperature=0.8, generator=g, y=y)
+        return model.generate(3, temperature=0.8, generator=g, y=y, guidance=w)
+
+    plain = draw(1, None)
+    assert torch.equal(draw(1, 0.0), plain)
+    null = draw(model.null_class, None)
+    torch.testing.assert_close(draw(1, -1.0), null, rtol=1e-9, atol=1e-9)
+    strong = draw(1, 0.5)
+    assert torch.isfinite(strong).all()
+    assert (strong - plain).abs().max() > 1e-4 and (strong - null).abs().max() > 1e-4
+
+
+def test_guidance_needs_a_null_class() -> None:
+    model = _model("attnflow_imap_cond_tiny", torch.float32, class_dropout=0.0)
+    assert model.null_class is None and model.class_embedding.table.weight.shape[0] == 3
+    with pytest.raises(ConfigError, match="guidance needs a model trained with label dropout"):
+        model.generate(2, y=0, guidance=1.0)
+
+
+def test_fit_drops_labels_to_the_null_class() -> None:
+    """Training with class_dropout > 0 shows the null class some batches (its embedding row and
+    prior shifts get gradients and move); the other rows train as before."""
+    torch.manual_seed(0)
+    model = az.create_model("attnflow_imap_cond_tiny", in_channels=1, class_dropout=0.5)
+    null = model.null_class
+    before = model.class_embedding.table.weight.detach().clone()
+    shift_before = model.class_shifts[0].table.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8)
+    fit(model, images, TrainConfig(steps=2, batch_size=8, validation=0, ema_decay=None,
+                                   warmup_steps=0, augment=False),
+        train_labels=torch.arange(24) % 3, show_progress=False)
+    after = model.class_embedding.table.weight
+    assert not torch.equal(after[null], before[null])
+    assert not torch.equal(model.class_shifts[0].table[null], shift_before[null])
+    assert not torch.equal(after[:null], before[:null])
+
+
+def test_old_conditional_checkpoints_load_as_they_were(tmp_path: Path) -> None:
+    """A config.json written before class_prior_shift / class_dropout existed loads without
+    either (LEGACY_DEFAULTS): the same parameters, and the same densities and samples bit for
+    bit as the model that wrote it."""
+    import json
+    import warnings
+
+    old = _model("attnflow_imap_cond_tiny", torch.float32, condition_couplings=False,
+                 class_prior_shift=False, class_dropout=0.0)
+    old.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    for key in ("class_prior_shift", "class_dropout"):
+        config["config"].pop(key)
+    path.write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = az.load_model(tmp_path).eval()
+    assert loaded.class_shifts is None and loaded.null_class is None
+    assert list(loaded.state_dict()) == list(old.state_dict())
+    x = _x(old, 4).float()
+    y = torch.tensor([0, 1, 2, 0])
+    assert torch.equal(loaded.log_density(x, y), old.log_density(x, y))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(loaded.generate(3, 0.7, generator=g1, y=2),
+                       old.generate(3, 0.7, generator=g2, y=2))
+
+
+@pytest.mark.parametrize("couplings", [False, True])
+def test_class_log_likelihoods_are_log_p_at_every_class(couplings: bool) -> None:
+    """One row per image, one column per class: log p(x | y) as ``log_density`` gives it (the
+    priors-only model runs its flow once, the other the batch K times)."""
+    model = _model("attnflow_imap_cond_tiny", condition_couplings=couplings)
+    x = _x(model, 3)
+    scores = model.class_log_likelihoods(x)
+    expected = torch.stack([model.log_density(x, y) for y in range(model.num_classes)], 1)
+    assert scores.shape == (3, model.num_classes)
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-9)
+
+
+def test_bayes_accuracy_is_the_argmax_of_the_class_likelihoods() -> None:
+    from attnflow_zoo.evaluation.scores import bayes_accuracy
+
+    model = _model("attnflow_imap_cond_tiny", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x_u8 = torch.randint(0, 256, (10, *model.input_shape), generator=g, dtype=torch.uint8)
+    labels = torch.arange(10) % 3
+    result = bayes_accuracy(model, x_u8, labels, 4, torch.Generator().manual_seed(1))
+    # The same noise, batch by batch, scored class by class with log_prob.
+    g = torch.Generator().manual_seed(1)
+    predicted = []
+    for batch in x_u8.split(4):
+        x = model.to_model_space(batch, g)
+        predicted.append(torch.stack([model.log_density(x, y) for y in range(3)], 1).argmax(1))
+    predicted = torch.cat(predicted)
+    assert result["accuracy"] == float((predicted == labels).double().mean())
+    assert result["predicted_counts"] == torch.bincount(predicted, minlength=3).tolist()
+    assert result["num_images"] == 10
+    with pytest.raises(ConfigError, match="class-conditional"):
+        bayes_accuracy(az.create_model("attnflow_imap_tiny"), x_u8, labels)
+
+
+# --- what a conditional checkpoint says about itself ---------------------------------------
+
+def test_a_conditional_card_has_no_unconditional_tag_and_says_how_to_sample_a_class(
+        tmp_path: Path) -> None:
+    """The card (and so the Hub metadata) of a class-conditional model carries no
+    `unconditional-image-generation` pipeline tag, shows its Bayes-rule accuracy and says how
+    to draw a class (and, with a null class, how to guide); an unconditional model's keeps
+    its tag and says nothing of classes."""
+    import yaml
+
+    from attnflow_zoo.publishing.modelcard import render_card
+
+    metrics = {"format": 1, "dataset": "digits", "split": "test", "bpd": 2.1,
+               "bpd_estimator": "single-sample", "bpd_num_images": 1000, "bpd_seed": 0,
+               "bayes_accuracy": 0.9, "bayes_num_images": 1000}
+    cond = az.create_model("attnflow_imap_cond_tiny")
+    card = render_card(architecture="AttnFlow", config=cond.config,
+                       preset="attnflow_imap_cond_tiny", repo_id="user/cond", metrics=metrics)
+    header = yaml.safe_load(str(card).split("---")[1])
+    assert "pipeline_tag" not in header
+    assert "unconditional-image-generation" not in str(card)
+    assert "class-conditional" in header["tags"]
+    results = header["model-index"][0]["results"]
+    assert {m["type"] for r in results for m in r["metrics"]} == {"bits_per_dim", "accuracy"}
+    assert "| Bayes-rule accuracy | 0.9000 | test |" in card.text
+    assert "model.sample(64, y=3," in card.text and "--class 3" in card.text
+    assert "guidance=2.0" in card.text
+    # The same model saved: save_pretrained writes that card.
+    cond.save_pretrained(tmp_path / "cond")
+    saved = yaml.safe_load((tmp_path / "cond" / "README.md").read_text().split("---")[1])
+    assert "pipeline_tag" not in saved
+    plain = az.create_model("attnflow_imap_tiny")
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("bayes")}
+    card = render_card(architecture="AttnFlow", config=plain.config, preset="attnflow_imap_tiny",
+                       repo_id="user/plain", metrics=metrics)
+    header = yaml.safe_load(str(card).split("---")[1])
+    assert header["pipeline_tag"] == "unconditional-image-generation"
+    assert "--class" not in card.text and "y=3" not in card.text
+
+
+def test_evaluate_reports_bayes_accuracy(tmp_path: Path) -> None:
+    """``evaluate_checkpoint`` of a class-conditional model: its Bayes-rule accuracy on the
+    split, the number ``bayes_accuracy`` gives with the same noise; none for an unconditional
+    model."""
+    from attnflow_zoo.evaluation.scores import bayes_accuracy, evaluate_checkpoint
+
+    model = _model("attnflow_imap_cond_tiny", torch.float32, in_channels=1, image_size=32,
+                   num_classes=10, data_init=False)
+    model.save_pretrained(tmp_path / "cond")
+    result = evaluate_checkpoint(tmp_path / "cond", "digits", limit=40, batch_size=20,
+                                 device="cpu", show_progress=False)
+    images, labels = datasets.load_labelled("digits", "test", model.input_shape, limit=40)
+    expected = bayes_accuracy(model, images, labels, 20,
+                              torch.Generator().manual_seed(0))["accuracy"]
+    assert result["bayes_accuracy"] == expected and result["bayes_num_images"] == 40
+    plain = az.create_model("attnflow_imap_tiny", in_channels=1, image_size=32)
+    plain.save_pretrained(tmp_path / "plain")
+    result = evaluate_checkpoint(tmp_path / "plain", "digits", limit=8, device="cpu",
+                                 show_progress=False)
+    assert "bayes_accuracy" not in result
+
+
+def test_class_parameters_get_their_own_learning_rate() -> None:
+    """class_lr_scale puts the class embedding, prior shifts and class head in a group of
+    their own at lr × scale, through warm-up and after; scale 1 keeps one group (the optimizer
+    state of older runs)."""
+    from attnflow_zoo.training.optim import make_scheduler, param_groups
+
+    model = az.create_model("attnflow_imap_cond_tiny", class_head=True)
+    names = {n for n, p in model.named_parameters()
+             if any(p is q for q in model.class_parameters())}
+    assert names == {"class_embedding.table.weight", "class_head.weight", "class_head.bias",
+                     *(f"class_shifts.{i}.table" for i in range(len(model.latent_shapes)))}
+    config = TrainConfig(steps=10, lr=1e-3, warmup_steps=4, class_lr_scale=10.0)
+    groups = param_groups(model, config)
+    assert len(groups) == 2 and sum(len(g["params"]) for g in groups) == len(
+        list(model.parameters()))
+    optimizer = torch.optim.Adamax(groups, lr=config.lr)
+    scheduler = make_scheduler(optimizer, config, 10)
+    for step in (2, 8):
+        scheduler.step_update(num_updates=step)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert lrs[1] == pytest.approx(10 * lrs[0]) and lrs[0] > 0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert len(param_groups(model, config.replace(class_lr_scale=1.0))) == 1
+    assert len(param_groups(az.create_model("attnflow_imap_tiny"), config)) == 1

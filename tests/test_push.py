@@ -233,7 +233,11 @@ def test_every_zoo_entry_renders_a_card(name: str) -> None:
                        repo_id=f"user/{name}", metrics=metrics, run=run)
     header = yaml.safe_load(str(card).split("---")[1])
     assert header["library_name"] == "attnflow_zoo"
-    assert header["pipeline_tag"] == "unconditional-image-generation"
+    # A class-conditional model is no unconditional generator: no pipeline tag (issue 20).
+    conditional = bool(getattr(config, "num_classes", 0))
+    assert header.get("pipeline_tag") == (None if conditional
+                                          else "unconditional-image-generation")
+    assert ("class-conditional" in header["tags"]) == conditional
     assert header["license"] == "apache-2.0"
     assert f"arxiv:{spec['paper']['url'].rsplit('/', 1)[1]}" in header["tags"]
     hub_id = spec["dataset"]["hub_id"]

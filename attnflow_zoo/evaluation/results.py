@@ -19,6 +19,10 @@ bpd_seed, bpd_batch_size    the dequantisation noise stream (seed, batch)
 bpd_noise_std               σ of the Gaussian noise the checkpoint was trained with (> 0: a
                             sample-quality checkpoint, whose bpd is not a discrete-data
                             bits/dim; absent or 0: a likelihood checkpoint)
+bayes_accuracy              a class-conditional model's Bayes-rule accuracy on ``split``:
+                            argmax_y log p(x | y) = the label (SPEC §7) — needs
+                            ``bayes_num_images``; the same noise stream as bpd
+bayes_num_images            images classified
 fid                         Fréchet Inception distance — needs ``fid_num_samples``,
                             ``fid_weights``
 fid_num_samples             model samples (50,000 for the standard FID)
@@ -54,7 +58,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "format": (int,), "dataset": (str,), "split": (str,), "step": (int, type(None)),
     "bpd": _NUMBER, "bpd_estimator": (str,), "bpd_num_importance_samples": (int,),
     "bpd_num_images": (int,), "bpd_seed": (int,), "bpd_batch_size": (int,),
-    "bpd_noise_std": _NUMBER,
+    "bpd_noise_std": _NUMBER, "bayes_accuracy": _NUMBER, "bayes_num_images": (int,),
     "fid": _NUMBER, "fid_num_samples": (int,), "fid_temperature": _NUMBER, "fid_seed": (int,),
     "fid_weights": (str,), "fid_reference": (str,), "fid_reference_split": (str,),
     "fid_reference_num_images": (int,), "fid_reference_statistics": (str,), "extra": (list,),
@@ -100,6 +104,10 @@ def check_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             if key not in metrics:
                 raise ConfigError(f"metrics give fid without {key}; the card must state the "
                                   "FID protocol")
+    if "bayes_accuracy" in metrics and ("bayes_num_images" not in metrics
+                                        or not 0 <= metrics["bayes_accuracy"] <= 1):
+        raise ConfigError("metrics bayes_accuracy must be a share in [0, 1] with "
+                          "bayes_num_images (how many images were classified)")
     _check_values(metrics)
     return metrics
 

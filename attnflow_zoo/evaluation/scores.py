@@ -1,4 +1,5 @@
-"""Scoring models: held-out bits/dim of a model or a checkpoint, and the standard FID.
+"""Scoring models: held-out bits/dim of a checkpoint, a class-conditional model's Bayes-rule
+accuracy, and the standard FID.
 
 Both return the one metrics schema (``evaluation.results``) that ``attnflow evaluate --json``
 prints and ``attnflow push --metrics`` / the model card read.
@@ -17,17 +18,57 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from .. import checkpoint
 from ..core import resolve_device
 from ..data import datasets
 from ..data.labels import labels_for
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..factory import load_model
 from ..hub import resolve_checkpoint
 from ..metrics import evaluate_bpd
+from ..progress import progress
 from . import results
 from .fid import dataset_statistics, fid_from_model, load_inception
+
+
+@torch.no_grad()
+def bayes_accuracy(model: nn.Module, images_u8: Tensor, labels: Tensor, batch_size: int = 256,
+                   generator: torch.Generator | None = None,
+                   show_progress: bool | None = None) -> dict[str, Any]:
+    """Bayes-rule classification by a class-conditional model: ŷ = argmax_y log p(x | y) over
+    its K classes (a uniform p(y)), every y scored on the same dequantised x (one noise draw
+    per image from ``generator``); SPEC §7.
+
+    Returns ``accuracy`` (the share of ŷ = ``labels``), ``predicted_counts`` (how often each
+    class was predicted, K ints: a model that ignores its class predicts one or two) and
+    ``num_images``. Images N×C×H×W uint8, labels (N,) int64.
+    """
+    k = int(getattr(model, "num_classes", 0))
+    if k < 2:
+        raise ConfigError("Bayes-rule accuracy needs a class-conditional model (num_classes ≥ "
+                          f"2), this one has {k} classes")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    was_training = model.training
+    model.eval()
+    predicted = []
+    try:
+        with progress("classify", total=len(images_u8), show=show_progress) as advance:
+            for start in range(0, len(images_u8), batch_size):
+                x = model.to_model_space(images_u8[start:start + batch_size], generator)
+                scores = (model.class_log_likelihoods(x)
+                          if hasattr(model, "class_log_likelihoods")
+                          else torch.stack([model.log_density(x, y) for y in range(k)], 1))
+                predicted.append(scores.argmax(1).cpu())
+                advance(len(x))
+    finally:
+        model.train(was_training)
+    pred = torch.cat(predicted)
+    return {"accuracy": float((pred == labels.cpu()).double().mean()),
+            "predicted_counts": torch.bincount(pred, minlength=k).tolist(),
+            "num_images": len(pred)}
 
 
 def dataset_label(dataset: str | os.PathLike[str]) -> str:
@@ -111,7 +152,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
                         statistics_out: str | os.PathLike[str] | None = None,
                         show_progress: bool | None = None) -> dict[str, Any]:
     """Held-out bits/dim of a checkpoint (``evaluate_bpd``, noise seeded ``seed``: the numbers
-    ``fit`` logs with the same seed and batch size) and, with ``fid``, ``standard_fid``.
+    ``fit`` logs with the same seed and batch size), a class-conditional model's
+    ``bayes_accuracy`` (the same noise) and, with ``fid``, ``standard_fid``.
 
     ``split`` defaults to the dataset's held-out split (``datasets.heldout_split``). Returns the
     metrics schema of ``evaluation.results`` (what ``attnflow push --metrics`` takes).
@@ -134,6 +176,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
         "bpd_num_images": len(images), "bpd_seed": seed, "bpd_batch_size": batch_size}
     if model.noise_std > 0:
         result["bpd_noise_std"] = model.noise_std
+    if labels is not None:
+        g = torch.Generator(device=dev).manual_seed(seed)
+        bayes = bayes_accuracy(model, images, labels, batch_size, g, show_progress=show_progress)
+        result.update(bayes_accuracy=bayes["accuracy"], bayes_num_images=bayes["num_images"])
     if fid:
         result.update(standard_fid(
             model, dataset, num_samples=num_samples, temperature=temperature,

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core import ConditionalInvertibleModule, check_bound, soft_cap
+from ..guidance import Guided, guide
 from ..precision import upcast
 from .nets import ZeroConv2d
 from .normalization import ActNormNoLogdet
@@ -67,7 +68,10 @@ class AffineCoupling(ConditionalInvertibleModule):
         num_b = num_channels // 2
         self.net = CouplingNet(self.num_a + context_channels, 2 * num_b, hidden_channels)
 
-    def _params(self, x_a: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _params(self, x_a: Tensor, context: Tensor | Guided | None) -> tuple[Tensor, Tensor]:
+        if isinstance(context, Guided):  # classifier-free guidance (``models.conditioning``)
+            return guide(self._params(x_a, context.cond), self._params(x_a, context.uncond),
+                         context.weight)
         if self.context_channels:
             if context is None or context.shape != (x_a.shape[0], self.context_channels):
                 got = None if context is None else tuple(context.shape)

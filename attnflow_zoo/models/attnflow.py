@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import FlowSequential, InvertibleModule, check_bound
+from ..core import FlowSequential, InvertibleModule, check_bound, diag_normal_logpdf
 from ..errors import ConfigError, ShapeError, check_choice
 from ..layers.coupling import AffineCoupling
 from ..layers.linear import InvConv1x1
@@ -34,7 +34,7 @@ from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import OUTPUT_INITS, GaussianPrior, MARPrior
 from .base import FlowModel, check_noise_std
-from .conditioning import ClassEmbedding, prior_condition
+from .conditioning import ClassEmbedding, ClassPriorShift, LevelConditions
 
 #: Coupling layers by config name: (num_channels, config) -> layer.
 COUPLINGS: dict[str, Callable[[int, "AttnFlowConfig"], InvertibleModule]] = {
@@ -106,7 +106,18 @@ class AttnFlowConfig:
             (see ``models.conditioning``); 0 (default) is unconditional.
         class_embed_channels: E, the width of the class embedding.
         condition_couplings: also feed the class embedding to every affine coupling's
-            conditioner (then the flow's logdet depends on y); needs num_classes > 0.
+            conditioner (then the flow's logdet depends on y); needs num_classes > 0. On in
+            every ``_cond_`` preset and for ``attnflow train --conditional``.
+        class_prior_shift: the class also sets every level's prior mean and log-scale directly,
+            a learned (Δμ_y, Δlog σ_y) per class and latent position (``ClassPriorShift``;
+            a class-conditional model only). Old checkpoints: off.
+        class_dropout: p, classifier-free label dropout: ``fit`` trains on each label replaced
+            by a learned null class K with probability p, so the one model is also p(x) and
+            samples with guidance w (``generate(..., guidance=w)``); p > 0 adds the null class
+            (a class-conditional model only). Old checkpoints: 0 (no null class).
+        class_head: a linear classifier on the top latent's spatial mean (Glow's ``y_cond``),
+            logits = W·mean_{H,W}(z_L) + b, zero-initialised; ``fit`` adds its cross-entropy
+            with weight ``TrainConfig.class_loss_weight`` (a class-conditional model only).
         noise_std: σ of the Gaussian noise the checkpoint was trained with (``FlowModel``'s
             ``noise_std``; 0: uniform dequantisation). Set by training.
     """
@@ -131,10 +142,12 @@ class AttnFlowConfig:
     prior_log_std_bound: float | None = 4.0
     #: What a config.json written before a key existed meant by its absence (the checkpoint's
     #: function, not today's default): the published σ gate at c = 4 before the normalized one;
-    #: unbounded coupling scales, iMap gates and Gaussian-prior σ before the soft clips.
+    #: unbounded coupling scales, iMap gates and Gaussian-prior σ before the soft clips; no
+    #: class prior shift and no null class before them.
     LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {
         "imap_gate": "sigmoid", "imap_init_logit": 4.0, "coupling_log_scale_bound": None,
-        "imap_log_gate_bound": None, "prior_log_std_bound": None}
+        "imap_log_gate_bound": None, "prior_log_std_bound": None,
+        "class_prior_shift": False, "class_dropout": 0.0}
     itrans_patch_size: int = 2
     itrans_form: str = "convex"
     itrans_init_mix: float = 0.05
@@ -148,6 +161,9 @@ class AttnFlowConfig:
     class_embed_channels: int = 8
     condition_couplings: bool = False
     noise_std: float = 0.0
+    class_prior_shift: bool = True
+    class_dropout: float = 0.1
+    class_head: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_levels is not None and not isinstance(self.attention_levels, tuple):
@@ -177,6 +193,8 @@ class AttnFlowConfig:
             raise ConfigError("num_levels and num_steps must be at least 1")
         if self.num_classes < 0 or self.class_embed_channels < 1:
             raise ConfigError("num_classes must be ≥ 0 and class_embed_channels ≥ 1")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"class_dropout must be in [0, 1), got {self.class_dropout!r}")
         if self.condition_couplings and (self.num_classes == 0 or self.coupling != "affine"):
             raise ConfigError("condition_couplings needs num_classes > 0 and the affine "
                               "coupling; set num_classes, or condition the priors only")
@@ -252,7 +270,8 @@ class AttnFlow(FlowModel):
         self.levels = nn.ModuleList()
         self.priors = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
-        self.class_embedding = (ClassEmbedding(cfg.num_classes, cfg.class_embed_channels)
+        null = bool(cfg.num_classes) and cfg.class_dropout > 0
+        self.class_embedding = (ClassEmbedding(cfg.num_classes, cfg.class_embed_channels, null)
                                 if cfg.num_classes else None)
         e = cfg.class_embed_channels if cfg.num_classes else 0
         for lvl in range(cfg.num_levels):
@@ -266,6 +285,13 @@ class AttnFlow(FlowModel):
             self.priors.append(self._make_prior(c_out, (0 if last else c_keep) + e, lvl))
             self.latent_shapes.append((c_out, size, size))
             c = c_keep
+        # Built last and without random draws: the other modules' initial weights are those of a
+        # model without them.
+        self.class_shifts = (nn.ModuleList(ClassPriorShift(cfg.num_classes + int(null), shape)
+                                           for shape in self.latent_shapes)
+                             if cfg.num_classes and cfg.class_prior_shift else None)
+        self.class_head = (_zero_linear(self.latent_shapes[-1][0], cfg.num_classes)
+                           if cfg.num_classes and cfg.class_head else None)
 
     def _make_prior(self, channels: int, cond_channels: int, level: int) -> nn.Module:
         cfg = self.config
@@ -279,45 +305,60 @@ class AttnFlow(FlowModel):
 
     # --- the flow ---------------------------------------------------------------------------
     def class_context(self, y: Tensor | int | None, batch: int) -> Tensor | None:
-        """The class embedding e_y (B×E) of a class-conditional model, None otherwise."""
-        y = self.check_labels(y, batch)
-        return None if y is None else self.class_embedding(y)
+        """The labels of a class-conditional model as every conditioned computation takes them
+        (``check_labels``: (B,) int64, the null class included), None for an unconditional one;
+        what ``generate_from_noise`` takes as ``context``."""
+        return self.check_labels(y, batch)
 
-    def _flow_context(self, context: Tensor | None) -> Tensor | None:
-        return context if self.config.condition_couplings else None
+    def _conditions(self, labels: Tensor | None, guidance: float = 0.0) -> LevelConditions:
+        return LevelConditions(self.class_embedding, self.class_shifts, labels,
+                               self.config.condition_couplings, guidance)
 
     def encode(self, x: Tensor, y: Tensor | int | None = None
-               ) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
-        """x -> per-level (z, cond) pairs (cond: what the level's prior is conditioned on, the
-        kept half z1 and, for a class-conditional model, the class embedding; None at the last
-        level of an unconditional model) and the flow's logdet (B,)."""
+               ) -> tuple[list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]],
+                          Tensor]:
+        """x -> per level (z, cond, shift) (cond: what the level's prior is conditioned on, the
+        kept half z1 and, for a class-conditional model, the class embedding, None at the last
+        level of an unconditional model; shift: the class's (Δμ, Δlog σ) of that prior, or
+        None) and the flow's logdet (B,)."""
+        self._check_input(x)
+        conditions = self._conditions(self.class_context(y, x.shape[0]))
+        outputs, logdet = self._flow_pass(x, conditions)
+        return [(z, *conditions.prior(lvl, kept, *z.shape[2:]))
+                for lvl, (z, kept) in enumerate(outputs)], logdet
+
+    def _check_input(self, x: Tensor) -> None:
         if tuple(x.shape[1:]) != self.input_shape:
             raise ShapeError(f"expected input B×{'×'.join(map(str, self.input_shape))}, got "
                              f"{tuple(x.shape)}")
-        context = self.class_context(y, x.shape[0])
+
+    def _flow_pass(self, x: Tensor, conditions: LevelConditions
+                   ) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
+        """x -> per level (z_l, the kept half that continues, None at the last level) and the
+        flow's logdet (B,), the couplings given ``conditions.flow()``."""
         logdet = x.new_zeros(x.shape[0])
-        pieces: list[tuple[Tensor, Tensor | None]] = []
+        outputs: list[tuple[Tensor, Tensor | None]] = []
         h = x
         for lvl, level in enumerate(self.levels):
-            h, ld = level(h, self._flow_context(context))
+            h, ld = level(h, conditions.flow())
             logdet = logdet + ld
             kept, z = split_channels(h) if lvl < len(self.levels) - 1 else (None, h)
-            pieces.append((z, prior_condition(kept, context, *h.shape[2:])))
+            outputs.append((z, kept))
             h = kept
-        return pieces, logdet
+        return outputs, logdet
 
     def forward(self, x: Tensor, y: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
         """x (B×C×H×W, in [−0.5, 0.5)) -> (z: B×D in the documented layout, logdet: (B,));
         ``y``: labels of a class-conditional model (needed when its couplings are conditioned)."""
         pieces, logdet = self.encode(x, y)
-        return torch.cat([z.flatten(1) for z, _ in pieces], 1), logdet
+        return torch.cat([z.flatten(1) for z, _, _ in pieces], 1), logdet
 
     def encode_latents(self, x: Tensor, y: Tensor | int | None = None) -> list[Tensor]:
         """x -> every latent of the flow, one tensor per level in level order
         [z2_1, …, z2_{L−1}, z_L] (the factored-out halves, then the last level's output), of
         shapes B×``latent_shapes[l]``; ``decode_latents`` inverts it. The flattened
         concatenation is ``forward``'s z."""
-        return [z for z, _ in self.encode(x, y)[0]]
+        return [z for z, _, _ in self.encode(x, y)[0]]
 
     def decode_latents(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
         """``encode_latents``' per-level latents -> x (B×C×H×W)."""
@@ -327,15 +368,18 @@ class AttnFlow(FlowModel):
                       ) -> list[tuple[Tensor, Tensor]]:
         """Per level, the prior's teacher-forced (μ_l, log σ_l) of ``encode_latents``' latents,
         each B×``latent_shapes[l]``: level l's prior sees the kept half rebuilt from the coarser
-        levels' latents (and e_y), the mAR prior also z_l's earlier channels."""
+        levels' latents (and e_y, and the class's shift), the mAR prior also z_l's earlier
+        channels."""
         self._check_latents(latents)
         params: dict[int, tuple[Tensor, Tensor]] = {}
 
-        def teacher_forced(lvl: int, cond: Tensor | None) -> Tensor:
-            params[lvl] = self.priors[lvl].mean_and_log_std(latents[lvl], cond)
+        def teacher_forced(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
+                           ) -> Tensor:
+            params[lvl] = _shifted(self.priors[lvl].mean_and_log_std(latents[lvl], cond), shift)
             return latents[lvl]
 
-        self._descend(teacher_forced, self.class_context(y, latents[-1].shape[0]))
+        self._descend(teacher_forced, self._conditions(
+            self.class_context(y, latents[-1].shape[0])))
         return [params[lvl] for lvl in range(len(self.levels))]
 
     def unwhiten_latents(self, eps: list[Tensor], y: Tensor | int | None = None
@@ -346,11 +390,12 @@ class AttnFlow(FlowModel):
         self._check_latents(eps)
         latents: dict[int, Tensor] = {}
 
-        def from_noise(lvl: int, cond: Tensor | None) -> Tensor:
-            latents[lvl] = self.priors[lvl].unwhiten(eps[lvl], cond)
+        def from_noise(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
+                       ) -> Tensor:
+            latents[lvl] = self.priors[lvl].unwhiten(eps[lvl], cond, shift)
             return latents[lvl]
 
-        self._descend(from_noise, self.class_context(y, eps[-1].shape[0]))
+        self._descend(from_noise, self._conditions(self.class_context(y, eps[-1].shape[0])))
         return [latents[lvl] for lvl in range(len(self.levels))]
 
     def _check_latents(self, latents: list[Tensor]) -> None:
@@ -359,17 +404,17 @@ class AttnFlow(FlowModel):
             raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
                              f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
 
-    def _descend(self, latent_at: Callable[[int, Tensor | None], Tensor],
-                 context: Tensor | None) -> Tensor:
-        """x = f⁻¹ run deepest level first, level l's latent being ``latent_at(l, cond_l)``
-        (cond_l: what level l's prior is conditioned on, as in ``encode``; ``context``: the
-        class embedding of a class-conditional model). The one descent of decoding, sampling,
-        teacher-forced prior parameters and unwhitening."""
-        flow_context = self._flow_context(context)
+    def _descend(self, latent_at: Callable[..., Tensor], conditions: LevelConditions) -> Tensor:
+        """x = f⁻¹ run deepest level first, level l's latent being
+        ``latent_at(l, cond_l, shift_l)`` (what level l's prior is conditioned on and the class's
+        shift of its parameters, as in ``encode``; ``conditions``: the labels' and guidance's,
+        ``LevelConditions``). The one descent of decoding, sampling, teacher-forced prior
+        parameters and unwhitening."""
+        flow_context = conditions.flow()
         h: Tensor | None = None
         for lvl in reversed(range(len(self.levels))):
             _, height, width = self.latent_shapes[lvl]
-            z = latent_at(lvl, prior_condition(h, context, height, width))
+            z = latent_at(lvl, *conditions.prior(lvl, h, height, width))
             h = self.levels[lvl].inverse(z if h is None else merge_channels(h, z), flow_context)
         return h
 
@@ -384,42 +429,93 @@ class AttnFlow(FlowModel):
     def decode(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
         """Per-level latents [z2_1, …, z2_{L−1}, z_L] -> x."""
         self._check_latents(latents)
-        return self._descend(lambda lvl, _cond: latents[lvl],
-                             self.class_context(y, latents[-1].shape[0]))
+        return self._descend(lambda lvl, _cond, _shift: latents[lvl],
+                             self._conditions(self.class_context(y, latents[-1].shape[0])))
 
     def inverse(self, z: Tensor, y: Tensor | int | None = None) -> Tensor:
         """z (B×D, the layout of ``forward``) -> x (B×C×H×W)."""
         return self.decode(self.unflatten(z), y)
 
     # --- density and sampling ---------------------------------------------------------------
-    def log_prior(self, pieces: list[tuple[Tensor, Tensor | None]]) -> Tensor:
-        """Σ_l log p(z_l | cond_l), (B,)."""
+    def log_prior(self, pieces: list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]]
+                  ) -> Tensor:
+        """Σ_l log p(z_l | cond_l) (with the class's shift of its parameters), (B,)."""
         total = pieces[0][0].new_zeros(pieces[0][0].shape[0])
-        for prior, (z, cond) in zip(self.priors, pieces, strict=True):
-            total = total + prior.log_prob(z, cond)
+        for prior, (z, cond, shift) in zip(self.priors, pieces, strict=True):
+            if shift is None:
+                total = total + prior.log_prob(z, cond)
+            else:
+                mean, log_std = _shifted(prior.mean_and_log_std(z, cond), shift)
+                total = total + diag_normal_logpdf(z, mean, log_std)
         return total
 
     def log_density(self, x: Tensor, y: Tensor | int | None = None,
                     generator: torch.Generator | None = None) -> Tensor:
         """log p(x | y) in nats, (B,), for x in [−0.5, 0.5)^D (exact: ``generator`` is unused;
-        ``y`` only for a class-conditional model)."""
+        ``y`` only for a class-conditional model; y = K, the null class of a model trained with
+        label dropout, gives its unconditional density)."""
         pieces, logdet = self.encode(x, y)
         return self.log_prior(pieces) + logdet
+
+    def class_log_likelihoods(self, x: Tensor) -> Tensor:
+        """log p(x | y) for every class y = 0..K−1, B×K nats (Bayes' rule: p(y | x) is its
+        softmax under a uniform p(y)). With unconditioned couplings the flow runs once and only
+        the priors run per class (the logdet is the same for every y); otherwise the whole
+        model runs on the batch repeated K times."""
+        k, b = self.num_classes, x.shape[0]
+        if k == 0:
+            raise ConfigError("class log-likelihoods need a class-conditional model "
+                              "(num_classes > 0)")
+        labels = torch.arange(k, device=x.device).repeat_interleave(b)
+        if self.config.condition_couplings:
+            return self.log_density(x.repeat(k, 1, 1, 1), labels).view(k, b).t()
+        self._check_input(x)
+        outputs, logdet = self._flow_pass(x, self._conditions(None))
+        conditions = self._conditions(labels)
+
+        def repeated(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat(k, 1, 1, 1)
+
+        pieces = [(repeated(z), *conditions.prior(lvl, repeated(kept), *z.shape[2:]))
+                  for lvl, (z, kept) in enumerate(outputs)]
+        return (self.log_prior(pieces).view(k, b) + logdet).t()
+
+    def class_parameters(self) -> list[nn.Parameter]:
+        """The parameters that exist for the class alone: the class embedding, the per-class
+        prior shifts and the class head (empty for an unconditional model); what
+        ``TrainConfig.class_lr_scale`` trains at its own lr."""
+        modules = (self.class_embedding, self.class_shifts, self.class_head)
+        return [p for m in modules if m is not None for p in m.parameters()]
+
+    def log_density_and_logits(self, x: Tensor, y: Tensor | int | None = None,
+                               generator: torch.Generator | None = None
+                               ) -> tuple[Tensor, Tensor]:
+        """(log p(x | y), (B,); the class head's logits of the top latent z_L, B×K), one pass.
+        With conditioned couplings z_L is computed with y, so the logits can see the label."""
+        if self.class_head is None:
+            raise ConfigError("this model has no class head (class_head=False): train it "
+                              "without a class loss, or build it with class_head=True")
+        pieces, logdet = self.encode(x, y)
+        return self.log_prior(pieces) + logdet, self.class_head(pieces[-1][0].mean((2, 3)))
 
     @torch.no_grad()
     def generate(self, num_samples: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None,
-                 y: Tensor | int | None = None) -> Tensor:
+                 y: Tensor | int | None = None, guidance: float = 0.0) -> Tensor:
         """x = f⁻¹(z), z drawn level by level from the priors, deepest first; B×C×H×W.
 
         ``temperature`` scales every prior's standard deviation; 0 gives the mean chain.
-        ``y``: the class of each sample (class-conditional models only). The noise is drawn
-        first (``draw_noise``), then turned into images by the deterministic
-        ``generate_from_noise`` (what ``torch.compile`` / a CUDA graph takes).
+        ``y``: the class of each sample (class-conditional models only). ``guidance``: w of
+        classifier-free guidance (a model trained with ``class_dropout`` > 0): every prior's
+        (μ, log σ) and, if the couplings are conditioned, every coupling's (shift, scale) is
+        θ_y + w·(θ_y − θ_∅), the class's and the null class's computed on the same sample;
+        w = 0 is the plain conditional sample. The noise is drawn first (``draw_noise``), then
+        turned into images by the deterministic ``generate_from_noise`` (what
+        ``torch.compile`` / a CUDA graph takes).
         """
         noise = self.draw_noise(num_samples, temperature, generator)
         return self.generate_from_noise(num_samples, temperature, noise,
-                                        self.class_context(y, num_samples))
+                                        self.class_context(y, num_samples), guidance)
 
     def draw_noise(self, num_samples: int, temperature: float = 1.0,
                    generator: torch.Generator | None = None) -> list[Tensor | None]:
@@ -434,12 +530,31 @@ class AttnFlow(FlowModel):
 
     @torch.no_grad()
     def generate_from_noise(self, num_samples: int, temperature: float,
-                            noise: list[Tensor | None], context: Tensor | None = None) -> Tensor:
+                            noise: list[Tensor | None], context: Tensor | None = None,
+                            guidance: float = 0.0) -> Tensor:
         """The images of ``draw_noise``'s noise: deterministic, static shapes, no host sync;
-        ``context``: the class embedding (``class_context``) of a class-conditional model."""
-        def sampled(lvl: int, cond: Tensor | None) -> Tensor:
+        ``context``: the labels (``class_context``) of a class-conditional model;
+        ``guidance``: as in ``generate``."""
+        def sampled(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
+                    ) -> Tensor:
             _, height, width = self.latent_shapes[lvl]
             return self.priors[lvl].sample_from_noise(num_samples, height, width, cond,
-                                                      temperature, noise[lvl])
+                                                      temperature, noise[lvl], shift)
 
-        return self._descend(sampled, context)
+        return self._descend(sampled, self._conditions(context, guidance))
+
+
+def _shifted(params: tuple[Tensor, Tensor], shift: tuple[Tensor, Tensor] | None
+             ) -> tuple[Tensor, Tensor]:
+    """A prior's (μ, log σ) with a class's (Δμ, Δlog σ) added (unchanged without one)."""
+    if shift is None:
+        return params
+    return params[0] + shift[0], params[1] + shift[1]
+
+
+def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    """nn.Linear with zero weight and bias, made without random draws."""
+    layer = nn.Linear(in_features, out_features, device="meta")
+    layer.weight = nn.Parameter(torch.zeros(out_features, in_features))
+    layer.bias = nn.Parameter(torch.zeros(out_features))
+    return layer

@@ -10,7 +10,9 @@ from .attnflow import AttnFlow, AttnFlowConfig
 # Naming: ``{family}_{dataset}`` is the paper-scale model, ``{family}_{dataset}_small`` a
 # K = 8, C = 256 model for quick runs, ``{family}_tiny`` / ``{family}_*_tiny`` test sizes.
 # family: attnflow_imap, attnflow_itrans, marflow (the backbone without attention);
-# ``{family}_cond_{dataset}`` are class-conditional (the dataset's classes condition the priors).
+# ``{family}_cond_{dataset}`` are class-conditional: the dataset's classes condition every prior
+# (through its input and a per-class shift of its mean and log-scale) and every coupling, and they
+# train with 10 % label dropout (classifier-free guidance); issue 20.
 # Paper scale: the AttnFlow paper does not state K and C; we use mAR-SCF's affine recipe
 # (L = 3, K = 32, C = 512 at 32×32; L = 4 at 64×64).
 _DATA_SHAPES = {
@@ -61,7 +63,8 @@ def _preset(name: str, attention: str, dataset: str, size: str, conditional: boo
     what = f"class-conditional ({classes} classes) " if conditional else ""
     register_preset(name, AttnFlow, AttnFlowConfig(
         image_size=image_size, in_channels=channels, num_levels=levels, num_steps=k,
-        hidden_channels=hidden, attention=attention, coupling=coupling, num_classes=classes),
+        hidden_channels=hidden, attention=attention, coupling=coupling, num_classes=classes,
+        condition_couplings=conditional and coupling == "affine"),
         f"{what}{_ATTENTIONS[attention]} on {ddesc}, L={levels}, {sdesc}.",
         recipe=_recipe(dataset, size))
 
@@ -195,8 +198,9 @@ _COND_TINY = dict(num_classes=3, class_embed_channels=4)
 
 @register_model(AttnFlow, recipe=TINY_RECIPE)
 def attnflow_imap_cond_tiny() -> AttnFlowConfig:
-    """Class-conditional AttnFlow-iMap (3 classes, mAR priors conditioned), tiny (tests)."""
-    return AttnFlowConfig(**_TINY, **_COND_TINY, attention="imap")
+    """Class-conditional AttnFlow-iMap (3 classes; mAR priors, their shifts and the couplings
+    conditioned; a null class), tiny (tests)."""
+    return AttnFlowConfig(**_TINY, **_COND_TINY, attention="imap", condition_couplings=True)
 
 
 @register_model(AttnFlow, recipe=TINY_RECIPE)

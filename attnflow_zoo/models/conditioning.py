@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..errors import ConfigError
+from ..guidance import Guided, guide  # noqa: F401 - the guidance API, re-exported
 
 
 class ClassEmbedding(nn.Module):
@@ -70,17 +74,30 @@ def null_labels(batch: int, null_class: int, device: torch.device | str | None =
     return torch.full((batch,), null_class, dtype=torch.long, device=device)
 
 
-def guide(cond: Tensor | tuple[Tensor, ...], uncond: Tensor | tuple[Tensor, ...],
-          weight: float) -> Tensor | tuple[Tensor, ...]:
-    """Classifier-free guidance of parameters: θ = θ_c + w·(θ_c − θ_u), elementwise, for a
-    tensor or a tuple of tensors (e.g. a prior's (μ, log σ) or a coupling's (shift, scale)
-    computed once with the class and once with the null class). w = 0 returns ``cond`` itself
-    (bit for bit the conditional parameters); w = −1 gives the unconditional ones."""
-    if isinstance(cond, tuple):
-        return tuple(guide(c, u, weight) for c, u in zip(cond, uncond, strict=True))
-    if weight == 0:
-        return cond
-    return cond + weight * (cond - uncond)
+class ClassPriorShift(nn.Module):
+    """Per class y, learned maps (Δμ_y, Δlog σ_y) ∈ R^{C×H×W} added to a level's prior
+    parameters: p(z | cond, y) = Π N(z; μ(cond) + Δμ_y, (σ(cond)·exp(Δlog σ_y))²), autoregressive
+    priors channel by channel (μ_c, σ_c still depend on z_{<c} only, so it stays a density).
+    The class sets the mean and log-scale of the prior directly, at every position (Glow's
+    class-conditional prior, per position; FlowGMM's class means). Zero at init: the prior
+    starts as the unshifted one. No random draws at construction.
+
+    Args:
+        num_rows: K, or K + 1 with a null class.
+        shape: (C, H, W) of the level's latent.
+
+    Shapes: y (B,) int64 -> (Δμ, Δlog σ), B×C×H×W each.
+    """
+
+    def __init__(self, num_rows: int, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        c, h, w = shape
+        self.table = nn.Parameter(torch.zeros(num_rows, 2 * c * h * w))
+
+    def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        shift = F.embedding(y, self.table).view(-1, 2, *self.shape)
+        return shift[:, 0], shift[:, 1]
 
 
 def training_labels(model: nn.Module, y: Tensor | None, generator: torch.Generator | None
@@ -93,6 +110,58 @@ def training_labels(model: nn.Module, y: Tensor | None, generator: torch.Generat
     if y is None or null is None:
         return y
     return drop_labels(y, float(model.config.class_dropout), null, generator)
+
+
+class LevelConditions:
+    """What each level of a class-conditional multi-scale flow receives for labels y (B,): its
+    prior's condition cond_l = [kept_l, E_y] (``prior_condition``), its prior's shift
+    (Δμ_y, Δlog σ_y) (``ClassPriorShift``, if the flow has them) and the couplings' context e_y
+    (if they are conditioned). With a guidance weight w ≠ 0 each comes paired with the null
+    class's: ``Guided`` conditions and contexts, and the shift mixed, guide(shift_y, shift_∅, w).
+    Without labels (an unconditional flow) the priors see the kept half alone and nothing else.
+
+    Args:
+        embedding: the flow's ``ClassEmbedding`` (None: unconditional).
+        shifts: the flow's per-level ``ClassPriorShift`` modules, or None.
+        labels: (B,) int64 labels, or None.
+        couplings: whether the couplings are conditioned.
+        guidance: w; needs the embedding's null class when ≠ 0.
+    """
+
+    def __init__(self, embedding: ClassEmbedding | None, shifts: nn.ModuleList | None,
+                 labels: Tensor | None, couplings: bool, guidance: float = 0.0) -> None:
+        self.labels, self.shifts, self.couplings, self.weight = labels, shifts, couplings, guidance
+        self.e = self.e_null = self.null = None
+        if labels is None or embedding is None:
+            return
+        self.e = embedding(labels)
+        if guidance:
+            if embedding.null_class is None:
+                raise ConfigError("classifier-free guidance needs a model trained with label "
+                                  "dropout (class_dropout > 0, which gives it a null class); "
+                                  "sample this one with guidance 0")
+            self.null = null_labels(len(labels), embedding.null_class, labels.device)
+            self.e_null = embedding(self.null)
+
+    def flow(self) -> Tensor | Guided | None:
+        """The couplings' context: e_y (or ``Guided``), None if they are not conditioned."""
+        if self.e is None or not self.couplings:
+            return None
+        return self.e if self.e_null is None else Guided(self.e, self.e_null, self.weight)
+
+    def prior(self, level: int, kept: Tensor | None, height: int, width: int
+              ) -> tuple[Tensor | Guided | None, tuple[Tensor, Tensor] | None]:
+        """(cond_l, shift_l) of level ``level``'s prior, given the kept half (None at the last
+        level) and the level's height × width."""
+        cond = prior_condition(kept, self.e, height, width)
+        if self.e_null is not None:
+            cond = Guided(cond, prior_condition(kept, self.e_null, height, width), self.weight)
+        if self.shifts is None or self.labels is None:
+            return cond, None
+        shift = self.shifts[level](self.labels)
+        if self.null is not None:
+            shift = guide(shift, self.shifts[level](self.null), self.weight)
+        return cond, shift
 
 
 def prior_condition(kept: Tensor | None, context: Tensor | None, height: int, width: int

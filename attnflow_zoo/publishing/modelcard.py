@@ -220,6 +220,12 @@ def _metric_rows(m: dict[str, Any], noise_std: float = 0.0) -> list[dict[str, An
                      "protocol": f"{m['fid_num_samples']:,} samples at temperature "
                                  f"{m.get('fid_temperature', 1.0):g} vs the statistics of "
                                  f"{ref}{n_ref}; Inception features {m['fid_weights']}"})
+    if "bayes_accuracy" in m:
+        seed = f", noise seed {m['bpd_seed']}" if "bpd_seed" in m else ""
+        rows.append({"name": "Bayes-rule accuracy", "value": f"{m['bayes_accuracy']:.4f}",
+                     "split": m.get("split", "test"),
+                     "protocol": f"{m['bayes_num_images']:,} images, ŷ = argmax over the "
+                                 f"classes of log p(x | y){seed}"})
     for extra in m.get("extra", []):
         rows.append({"name": extra["name"], "value": extra["value"],
                      "split": extra.get("split", ""), "protocol": extra.get("protocol", "")})
@@ -318,14 +324,17 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
     scored = _scored_on(metrics) or ds
     model_name = repo_id.split("/")[-1]
     noise = noise_of(cfg, metrics)
-    results = _eval_results(metrics, scored, noise)
+    num_classes = int(cfg.get("num_classes") or 0)
+    task_type = _task(num_classes)[0]
+    results = _eval_results(metrics, scored, noise, num_classes)
     arxiv = list(spec.get("arxiv", []))
-    tags = sorted(set(spec.get("tags", [])) | BASE_TAGS | {f"arxiv:{a}" for a in arxiv})
+    tags = sorted(set(spec.get("tags", [])) | BASE_TAGS | {f"arxiv:{a}" for a in arxiv}
+                  | ({"class-conditional"} if num_classes else set()))
     actual = spec["trained_on"]
     card_data = ModelCardData(
         license=license, library_name="attnflow_zoo", tags=tags,
         datasets=[actual["hub_id"]] if actual and actual.get("hub_id") else None,
-        pipeline_tag="unconditional-image-generation",
+        pipeline_tag=None if num_classes else task_type,
         model_name=model_name if results else None, eval_results=results or None)
     ours = None
     same_data = spec["dataset_key"] == (metrics.get("dataset") or spec["dataset_key"])
@@ -340,7 +349,8 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
         card_data, template_str=template, title=spec["title"], summary=spec.get("summary", ""),
         preset=preset or "(not a zoo preset)", architecture=architecture, repo_id=repo_id,
         variant_note=spec.get("variant_note", ""), paper=spec.get("paper"), arxiv=arxiv,
-        dataset=ds, trained=actual is not None,
+        dataset=ds, trained=actual is not None, num_classes=num_classes,
+        guidance=bool(num_classes and cfg.get("class_dropout")),
         recipe_lines=recipe.get("lines", []),
         run_lines=run_lines(run, data_text, recipe.get("deviations")) if run else [],
         architecture_notes=spec.get("architecture_notes", []),
@@ -355,15 +365,24 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
         citation=spec.get("citation", ""))
 
 
-def _eval_results(metrics: dict[str, Any], scored: dict[str, Any], noise_std: float
-                  ) -> list[Any]:
+def _task(num_classes: int) -> tuple[str, str]:
+    """(type, name) of the model-index task. The Hub has no class-conditional image generation
+    task: such a model gets no pipeline tag, and its model-index a task of its own name."""
+    if num_classes:
+        return ("class-conditional-image-generation", "Class-conditional Image Generation")
+    return ("unconditional-image-generation", "Unconditional Image Generation")
+
+
+def _eval_results(metrics: dict[str, Any], scored: dict[str, Any], noise_std: float,
+                  num_classes: int = 0) -> list[Any]:
     """The ``model-index`` entries of measured metrics: bits/dim only for a likelihood
-    checkpoint (a noise-trained one's is not a discrete-data bits/dim), FID for either."""
+    checkpoint (a noise-trained one's is not a discrete-data bits/dim), FID for either, and a
+    class-conditional model's Bayes-rule accuracy."""
     from huggingface_hub import EvalResult
 
     local = scored.get("local_path")
-    common = {"task_type": "unconditional-image-generation",
-              "task_name": "Unconditional Image Generation",
+    task_type, task_name = _task(num_classes)
+    common = {"task_type": task_type, "task_name": task_name,
               "dataset_type": "imagefolder" if local else (scored.get("hub_id") or "unknown"),
               "dataset_name": local or scored["name"],
               "dataset_config": scored.get("hub_config")}
@@ -379,6 +398,11 @@ def _eval_results(metrics: dict[str, Any], scored: dict[str, Any], noise_std: fl
                                   metric_type="fid",
                                   metric_name=f"FID ({metrics['fid_num_samples']} samples)",
                                   metric_value=float(metrics["fid"])))
+    if "bayes_accuracy" in metrics:
+        results.append(EvalResult(**common, dataset_split=metrics.get("split", "test"),
+                                  metric_type="accuracy",
+                                  metric_name="Bayes-rule accuracy (argmax_y log p(x | y))",
+                                  metric_value=float(metrics["bayes_accuracy"])))
     return results
 
 

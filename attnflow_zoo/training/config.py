@@ -57,6 +57,13 @@ class TrainConfig:
             the CUDA-only ``amp`` of older runs ("none" = "fp32"; ``from_dict`` reads both).
         compile: ``torch.compile`` the training step (``attnflow_zoo.compilation``; the same
             model to float tolerance, so a resume may switch it freely).
+        class_loss_weight: w_y ≥ 0: the loss is bits/dim + w_y · the class head's
+            cross-entropy in bits per image (Glow's ``y_cond``; a class-conditional model with
+            ``class_head``; labels dropped to the null class are left out of it). The logged
+            training loss includes the term; evaluations are bits/dim alone.
+        class_lr_scale: a class-conditional model's class parameters (its class embedding,
+            per-class prior shifts and class head: ``class_parameters()``) train at
+            lr × this (``optim.param_groups``); 1: one lr for all.
         max_seconds: a time budget: the run ends after the step during which this many seconds
             of wall time have passed since this segment's first step (a resumed run gets the
             budget afresh), exactly like a run that reached its steps: final evaluation,
@@ -92,6 +99,8 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     max_seconds: float | None = None
+    class_loss_weight: float = 0.0
+    class_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps is None and self.epochs is None:
@@ -102,13 +111,16 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
-        for name in ("warmup_steps", "max_shift", "min_lr"):
+        for name in ("warmup_steps", "max_shift", "min_lr", "class_loss_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if not (math.isfinite(self.validation) and self.validation >= 0) or (
                 self.validation >= 1 and self.validation != int(self.validation)):
             raise ConfigError(f"validation must be a fraction in (0, 1), a whole count ≥ 1 or 0, "
                               f"got {self.validation}")
+        if not (math.isfinite(self.class_lr_scale) and self.class_lr_scale > 0):
+            raise ConfigError(f"class_lr_scale must be a positive number, got "
+                              f"{self.class_lr_scale}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:

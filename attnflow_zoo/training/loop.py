@@ -61,7 +61,7 @@ from .config import TrainConfig, check_device, check_resume
 from .datasets import carve_validation, data_record, model_input, run_settings
 from .distributed import DistContext, all_mean, barrier, init_distributed
 from .interrupt import TrainingInterrupted, stop_requests
-from .optim import make_ema, make_optimizer, make_scheduler
+from .optim import make_ema, make_optimizer, make_scheduler, param_groups
 from .record import device_name, versions
 from .run import RunFolder, check_fresh
 from .state import load_newest_intact, recorded_settings
@@ -229,7 +229,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
     model.to(dev)
     model.train()
     model.record_noise_std(config.noise_std)  # before the EMA copies the model and its config
-    optimizer = make_optimizer(model.parameters(), config, dev)
+    optimizer = make_optimizer(param_groups(model, config), config, dev)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     num_dims = math.prod(model.input_shape)
 
@@ -276,7 +276,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             "recipe": info.get("recipe")}
     folder.start(start_step, base, previous)
 
-    trainer: nn.Module = LogDensity(model)
+    trainer: nn.Module = LogDensity(model, config.class_loss_weight)
     if ctx.active:
         trainer = nn.parallel.DistributedDataParallel(
             trainer, device_ids=[dev.index] if dev.type == "cuda" else None)

@@ -1,5 +1,5 @@
-"""The optimiser side of a run, built from its ``TrainConfig``: the optimizer, the
-learning-rate schedule and the EMA of the weights (both timm's)."""
+"""The optimiser side of a run, built from its ``TrainConfig``: the parameter groups, the
+optimizer, the learning-rate schedule and the EMA of the weights (both timm's)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,21 @@ def make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig,
     if config.betas is not None:
         kwargs["betas"] = tuple(config.betas)
     return _OPTIMIZERS[config.optimizer](params, **kwargs)
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: one, or with ``config.class_lr_scale`` ≠ 1 and a
+    class-conditional model that names its class parameters (``model.class_parameters()``)
+    two, the class parameters at lr × ``class_lr_scale`` (SPEC §7: an embedding that moves).
+    The schedule scales each group's lr by the same factor."""
+    params = list(model.parameters())
+    named = getattr(model, "class_parameters", None)
+    chosen = list(named()) if config.class_lr_scale != 1 and named is not None else []
+    if not chosen:
+        return [{"params": params}]
+    ids = {id(p) for p in chosen}
+    return [{"params": [p for p in params if id(p) not in ids]},
+            {"params": chosen, "lr": config.lr * config.class_lr_scale}]
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):

@@ -32,6 +32,16 @@ def build_seeded(model_name: str, seed: int, overrides: dict[str, Any] | None = 
         return create_model(model_name, **(overrides or {}))
 
 
+def conditional_overrides(model_name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """What ``conditional`` adds to a preset besides ``num_classes``: the class conditions the
+    couplings too (``condition_couplings``) where the preset has affine couplings, as in the
+    ``_cond_`` presets (issue 20: with the priors alone the class barely conditions)."""
+    config = registry.preset_config(model_name, **overrides)
+    if getattr(config, "coupling", None) == "affine" and "condition_couplings" not in overrides:
+        return {"condition_couplings": True}
+    return {}
+
+
 def train_preset(model_name: str, dataset: str | os.PathLike[str], config: TrainConfig, *,
                  out_dir: str | os.PathLike[str], resume: bool = False,
                  overrides: dict[str, Any] | None = None, limit: int | None = None,
@@ -63,6 +73,7 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
             raise DataError(f"{dataset} has no class labels (no `label` column or class folders "
                             "root/{split}/{class}/), so `conditional` cannot train on it; drop "
                             "`conditional` or use a labelled dataset")
+        overrides.update(conditional_overrides(model_name, overrides))
     model = build_seeded(model_name, config.seed, overrides)
     if config.flip is None:
         config = config.replace(flip=datasets.default_flip(dataset))

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 #: TrainConfig fields a recipe sets (compared when a run is checked against its recipe).
 RECIPE_SETTINGS = ("steps", "epochs", "batch_size", "optimizer", "betas", "weight_decay", "lr",
                    "warmup_steps", "schedule", "grad_clip", "ema_decay", "noise_std", "augment",
-                   "max_shift", "flip", "precision")
+                   "max_shift", "flip", "precision",
+                   "class_loss_weight", "class_lr_scale")
 
 
 def recipe_of(preset: str) -> Recipe:
@@ -92,7 +93,9 @@ def recipe_settings(recipe: Recipe) -> dict[str, Any]:
         "warmup_steps": warmup_steps(recipe.warmup_images, recipe.batch_size),
         "schedule": recipe.schedule, "grad_clip": recipe.grad_clip,
         "ema_decay": recipe.ema_decay, "augment": recipe.max_shift > 0 or recipe.flip is not False,
-        "max_shift": recipe.max_shift, "flip": recipe.flip, "precision": recipe.precision}
+        "max_shift": recipe.max_shift, "flip": recipe.flip, "precision": recipe.precision,
+        "class_loss_weight": float(recipe.class_loss_weight),
+        "class_lr_scale": float(recipe.class_lr_scale)}
 
 
 def config_from_recipe(recipe: Recipe, world_size: int = 1, **train_overrides: Any

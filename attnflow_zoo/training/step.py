@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .. import metrics
 from ..errors import ConfigError
@@ -33,15 +34,30 @@ from ..precision import autocast_for
 
 class LogDensity(nn.Module):
     """A FlowModel's training objective as a module's ``forward`` (what DDP and
-    ``torch.compile`` wrap): ``(x, y, generator=g) -> model.log_density(x, y, generator=g)``."""
+    ``torch.compile`` wrap): ``(x, y, generator=g) -> model.log_density(x, y, generator=g)``.
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``class_loss_weight`` w > 0 (a class-conditional model with a class head), the
+    objective is log p(x | y) − w·D·CE(logits, y) in nats, so that its bits/dim is
+    bits/dim + w·CE in bits per image (Glow's ``weight_y``); rows whose label is the null class
+    (label dropout) have no cross-entropy.
+    """
+
+    def __init__(self, model: nn.Module, class_loss_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
+        self.class_loss_weight = class_loss_weight
+        if class_loss_weight and getattr(model, "class_head", None) is None:
+            raise ConfigError("class_loss_weight > 0 needs a class-conditional model with a "
+                              "class head (class_head=True); set the weight to 0")
 
     def forward(self, x: Tensor, y: Tensor | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
-        return self.model.log_density(x, y, generator=generator)
+        if not self.class_loss_weight:
+            return self.model.log_density(x, y, generator=generator)
+        log_p, logits = self.model.log_density_and_logits(x, y, generator=generator)
+        ce = F.cross_entropy(logits.float(), y, reduction="none",
+                             ignore_index=self.model.num_classes)
+        return log_p - self.class_loss_weight * x[0].numel() * ce
 
 
 class TrainStep:
