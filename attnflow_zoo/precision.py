@@ -31,9 +31,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, check_choice
-
-#: Precisions a caller can ask for. "fp32": no autocast.
-PRECISIONS = ("fp32", "bf16", "fp16")
+from .settings import PRECISIONS
 
 _LOW = (torch.bfloat16, torch.float16)
 

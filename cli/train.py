@@ -127,6 +127,7 @@ def train(
     `torchrun --nproc_per_node G` it trains on G GPUs.
     """
     from attnflow_zoo.resources import use_threads
+    from attnflow_zoo.settings import legacy_settings
     from attnflow_zoo.training import TrainingInterrupted, train_preset
     from attnflow_zoo.training.recipes import train_config
     from attnflow_zoo.training.run import default_run_dir
@@ -139,9 +140,9 @@ def train(
              "checkpoint_every": checkpoint_every,
              "log_every": log_every, "eval_every": eval_every,
              "eval_batch_size": eval_batch_size, "seed": seed, "compile": compile,
-             "precision": precision if amp is None else {"none": "fp32"}.get(amp, amp),
+             "precision": precision, "amp": amp,
              "validation": validation, "keep_checkpoints": keep_last}
-    settings = {k: v for k, v in given.items() if v is not None}
+    settings = legacy_settings({k: v for k, v in given.items() if v is not None})
     if ema_decay is not None:
         settings["ema_decay"] = ema_decay or None  # 0 disables the EMA
     config = train_config(model, **settings)

@@ -28,6 +28,7 @@ from typing import Any
 from ..data.datasets import DATASETS, card_info
 from ..evaluation.results import check_metrics, refuse_pipeline_fid
 from ..progress import clock
+from ..settings import legacy_settings
 
 FAMILIES = ("attnflow", "marflow", "validator", "resflow", "tarflow")
 _PACKAGES = {"cards": "attnflow_zoo._cards", "dataset_license": "attnflow_zoo._licenses"}
@@ -258,9 +259,10 @@ def run_lines(run: dict[str, Any], data_text: str, deviations: list[str] | None)
         decay = f" weight decay {tc['weight_decay']:g}," if tc.get("weight_decay") else ""
         noise = (f"; Gaussian input noise σ = {tc['noise_std']:g}" if tc.get("noise_std")
                  else "")
+        precision = legacy_settings(tc).get("precision", "fp32")
         lines.append(f"Optimisation: {name}{betas} lr {tc.get('lr')},{decay} warm-up "
                      f"{tc.get('warmup_steps')} steps, {tc.get('schedule', 'constant')} "
-                     f"schedule, {ema}; {aug}{noise}; precision {_precision(tc)}; seed "
+                     f"schedule, {ema}; {aug}{noise}; precision {precision}; seed "
                      f"{tc.get('seed')}.")
     hw = []
     if run.get("device"):
@@ -404,11 +406,3 @@ def _eval_results(metrics: dict[str, Any], scored: dict[str, Any], noise_std: fl
                                   metric_name="Bayes-rule accuracy (argmax_y log p(x | y))",
                                   metric_value=float(metrics["bayes_accuracy"])))
     return results
-
-
-def _precision(train_config: dict[str, Any]) -> str:
-    """The run's precision; older runs recorded CUDA autocast as ``amp`` ("none" = fp32)."""
-    if "precision" in train_config:
-        return str(train_config["precision"])
-    amp = train_config.get("amp", "none")
-    return "fp32" if amp == "none" else str(amp)

@@ -27,6 +27,7 @@ from .. import factory, registry
 from ..data import datasets
 from ..errors import ConfigError
 from ..registry import Recipe
+from ..settings import legacy_settings
 from .distributed import DistContext
 
 if TYPE_CHECKING:
@@ -256,8 +257,6 @@ def _noise_text(recipe: Recipe) -> str:
 
 def deviations(recipe: Recipe, run: dict[str, Any]) -> list[str]:
     """How a run (its ``run.json``) departs from ``recipe``: one phrase per setting."""
-    from .config import legacy_settings
-
     used = legacy_settings(run.get("train_config") or {})
     out = []
     dataset = (run.get("dataset") or {})
