@@ -18,6 +18,7 @@ hold. Any violation is a ``CheckpointError`` with a sentence saying what to do.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import re
 import types
 import typing
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -387,19 +389,65 @@ def resolve_local(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint resolved once (``Checkpoint.open``): its directory and its ``config.json``;
+    its run record is read when first asked for. What the layers above a command take instead
+    of a path, so that none of them resolves or reads the same checkpoint again."""
+
+    directory: Path
+    payload: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        """The checkpoint at ``path`` (a run folder stands for its latest, ``resolve_local``)."""
+        directory = resolve_local(path)
+        return cls(directory, read_config(directory))
+
+    @property
+    def architecture(self) -> str:
+        return self.payload["architecture"]
+
+    @property
+    def preset(self) -> str | None:
+        """The zoo entry the model was built from (None: not a zoo preset)."""
+        return self.payload.get("preset")
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    @functools.cached_property
+    def run(self) -> dict[str, Any] | None:
+        """Its ``run.json`` (``read_run_record``), None when training did not write it."""
+        return read_run_record(self.directory)
+
+    @property
+    def step(self) -> int | None:
+        """The training step of its weights: the run record's, else its ``step-N`` folder name;
+        None for a checkpoint not written by training."""
+        if self.run is not None and isinstance(self.run.get("step"), int):
+            return self.run["step"]
+        match = re.fullmatch(rf"{STEP_PREFIX}(\d+)", self.directory.name)
+        return int(match.group(1)) if match else None
+
+    def build(self, cls: type, map_location: str | torch.device = "cpu") -> Any:
+        """``cls`` from this config.json, its weights loaded strictly."""
+        if self.architecture != cls.__name__:
+            raise CheckpointError(
+                f"{self.directory / CONFIG_NAME} is a {self.architecture} checkpoint, not "
+                f"{cls.__name__}; load it with attnflow_zoo.load_model or "
+                f"{self.architecture}.from_pretrained")
+        config = config_from_dict(cls.config_type(),  # type: ignore[attr-defined]
+                                  self.payload["config"], self.directory / CONFIG_NAME)
+        model = cls(config)
+        model.zoo_preset = self.preset
+        load_weights_strict(model, self.directory / WEIGHTS_NAME, map_location)
+        return model
+
+
 def load_directory(cls: type, directory: str | os.PathLike[str],
                    map_location: str | torch.device = "cpu") -> Any:
     """Build ``cls`` from a checkpoint directory's config.json and load its weights strictly."""
     directory = Path(directory)
-    payload = read_config(directory)
-    if payload["architecture"] != cls.__name__:
-        raise CheckpointError(
-            f"{directory / CONFIG_NAME} is a {payload['architecture']} checkpoint, not "
-            f"{cls.__name__}; load it with attnflow_zoo.load_model or "
-            f"{payload['architecture']}.from_pretrained")
-    config = config_from_dict(cls.config_type(), payload["config"],  # type: ignore[attr-defined]
-                              directory / CONFIG_NAME)
-    model = cls(config)
-    model.zoo_preset = payload.get("preset")
-    load_weights_strict(model, directory / WEIGHTS_NAME, map_location)
-    return model
+    return Checkpoint(directory, read_config(directory)).build(cls, map_location)

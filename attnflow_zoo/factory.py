@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import checkpoint, registry
-from .hub import resolve_checkpoint
+from .hub import open_checkpoint
 from .models import (  # noqa: F401 - registers presets
     attnflow,
     attnflow_presets,
@@ -35,33 +35,45 @@ def create_model(name: str, **overrides: Any) -> Any:
     The model remembers its preset (``model.zoo_preset``), which ``save_pretrained`` writes into
     ``config.json`` so that a checkpoint finds its model card.
     """
-    entry = registry.get_entry(name)
-    model = entry.model_cls(registry.preset_config(name, **overrides))
-    model.zoo_preset = name
+    return build_model(registry.get_entry(name), **overrides)
+
+
+def build_model(entry: registry.ModelEntry, **overrides: Any) -> Any:
+    """The model of a registry entry already looked up, with config ``overrides``."""
+    model = entry.model_cls(registry.entry_config(entry, **overrides))
+    model.zoo_preset = entry.name
     return model
 
 
-def load_model(repo_id_or_path: str | os.PathLike[str], *, revision: str | None = None,
-               cache_dir: str | Path | None = None, local_files_only: bool = False,
-               token: str | bool | None = None, map_location: str = "cpu") -> Any:
+def load_model(repo_id_or_path: str | os.PathLike[str] | checkpoint.Checkpoint, *,
+               revision: str | None = None, cache_dir: str | Path | None = None,
+               local_files_only: bool = False, token: str | bool | None = None,
+               map_location: str = "cpu") -> Any:
     """Load any zoo checkpoint; the class is found from ``config.json``'s architecture name.
 
     Example: ``model = attnflow_zoo.load_model("user/attnflow-imap-cifar10")``. A training run
-    folder stands for its latest checkpoint.
+    folder stands for its latest checkpoint; an open ``checkpoint.Checkpoint`` is read as it is.
     """
-    directory = resolve_checkpoint(repo_id_or_path, revision=revision, cache_dir=cache_dir,
-                                   local_files_only=local_files_only, token=token)
-    cls = registry.architecture(checkpoint.read_config(directory)["architecture"])
-    return checkpoint.load_directory(cls, directory, map_location)
+    ckpt = open_checkpoint(repo_id_or_path, revision=revision, cache_dir=cache_dir,
+                           local_files_only=local_files_only, token=token)
+    return load_checkpoint(ckpt, map_location)
+
+
+def load_checkpoint(ckpt: checkpoint.Checkpoint, map_location: str = "cpu") -> Any:
+    """The model of an open checkpoint (its class by ``config.json``'s architecture name)."""
+    return ckpt.build(registry.architecture(ckpt.architecture), map_location)
+
+
+def meta_build(model_cls: type, config: Any) -> Any:
+    """``model_cls(config)`` on the ``meta`` device: its shapes, with no memory allocated and no
+    initialiser run (every preset builds there; tests/test_zoo.py keeps it so)."""
+    with torch.device("meta"), _NoInitialisers():
+        return model_cls(config)
 
 
 def count_parameters(model_cls: type, config: Any) -> int:
-    """The parameters of ``model_cls(config)``, counted on the ``meta`` device: no memory is
-    allocated and no initialiser runs (every preset builds there; tests/test_zoo.py keeps it so).
-    """
-    with torch.device("meta"), _NoInitialisers():
-        model = model_cls(config)
-    return sum(p.numel() for p in model.parameters())
+    """The parameters of ``model_cls(config)``, counted on a ``meta_build``."""
+    return sum(p.numel() for p in meta_build(model_cls, config).parameters())
 
 
 class _NoInitialisers(TorchFunctionMode):

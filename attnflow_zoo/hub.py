@@ -140,6 +140,16 @@ def resolve_checkpoint(repo_id_or_path: str | os.PathLike[str], *, revision: str
                      local_files_only=local_files_only, token=token)
 
 
+def open_checkpoint(repo_id_or_path: str | os.PathLike[str] | checkpoint.Checkpoint,
+                    **hub_options: Any) -> checkpoint.Checkpoint:
+    """The checkpoint a command names (a local path, a run folder or a Hub repo id, fetched as
+    ``resolve_checkpoint`` does), resolved once; an open one is returned as it is."""
+    if isinstance(repo_id_or_path, checkpoint.Checkpoint):
+        return repo_id_or_path
+    directory = resolve_checkpoint(repo_id_or_path, **hub_options)
+    return checkpoint.Checkpoint.open(directory)
+
+
 def _download(repo_id: str, **kwargs: Any) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (

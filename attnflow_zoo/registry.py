@@ -80,11 +80,19 @@ class Recipe(TrainingSettings):
         super().check_settings()
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with ``changes`` (recipe fields only; checked again)."""
+        """A copy with ``changes`` (recipe fields only; checked again). A recipe has one length:
+        setting ``steps`` drops ``epochs``, and back."""
         unknown = sorted(set(changes) - recipe_fields())
         if unknown:
             raise ConfigError(f"Recipe has no field(s) {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
+        if changes.get("steps") is not None and "epochs" not in changes:
+            changes["epochs"] = None
+        if changes.get("epochs") is not None and "steps" not in changes:
+            changes["steps"] = None
+        try:
+            return dataclasses.replace(self, **changes)
+        except TypeError as err:  # a value of the wrong type reaching a comparison
+            raise ConfigError(f"invalid recipe setting: {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as JSON-plain data."""
@@ -165,7 +173,12 @@ def get_entry(name: str) -> ModelEntry:
 
 def preset_config(name: str, **overrides: Any) -> Any:
     """The preset's config with ``overrides`` applied (unknown keys are an error)."""
-    cfg = get_entry(name).config
+    return entry_config(get_entry(name), **overrides)
+
+
+def entry_config(entry: ModelEntry, **overrides: Any) -> Any:
+    """An entry's config with ``overrides`` applied (unknown keys are an error)."""
+    cfg = entry.config
     fields = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(overrides) - fields)
     if unknown:

@@ -47,12 +47,12 @@ def train_one(variant: str, seed: int, steps: int, out: Path) -> None:
     import torch
 
     from attnflow_zoo.training import train_preset
-    from attnflow_zoo.training.recipes import train_config
+    from attnflow_zoo.training.recipes import plan
 
     torch.set_num_threads(1)
-    config = train_config(PRESET, steps=steps, seed=seed)
-    result = train_preset(PRESET, "digits", config, out_dir=out / f"{variant}-s{seed}",
-                          overrides=overrides(variant), device="cpu", show_progress=False)
+    resolved = plan(PRESET, model_overrides=overrides(variant), steps=steps, seed=seed)
+    result = train_preset(resolved, "digits", out_dir=out / f"{variant}-s{seed}", device="cpu",
+                          show_progress=False)
     print(f"{variant}-s{seed}: held-out {result.eval_bpd:.4f}", flush=True)
 
 

@@ -39,22 +39,10 @@ def evaluate(
     class-conditional model's Bayes-rule accuracy argmax_y log p(x | y), optionally FID."""
     from rich.console import Console
 
-    from attnflow_zoo.core import resolve_device
-    from attnflow_zoo.errors import ConfigError
-    from attnflow_zoo.evaluation.sampling import check_request
     from attnflow_zoo.evaluation.scores import evaluate_checkpoint
     from attnflow_zoo.resources import use_threads
 
     source = checkpoint_source(checkpoint, repo)
-    for name, value in (("--batch-size", batch_size), ("--limit", limit)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value}")
-    if fid:
-        from attnflow_zoo.evaluation.fid import resolve_inception_weights
-
-        check_request(num_samples, temperature, batch_size)
-        resolve_inception_weights(inception_weights)  # missing FID weights are said before any work
-    resolve_device(device)  # a device the machine lacks is refused before any work
     use_threads(threads)
     result = evaluate_checkpoint(source, dataset, split, batch_size=batch_size, seed=seed,
                                  limit=limit, device=device, fid=fid, num_samples=num_samples,

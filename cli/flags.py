@@ -14,7 +14,7 @@ ARGUMENTS = {
     "allow_changes": "override", "batch_size": None, "compile": None, "conditional": None,
     "dataset": None, "device": None, "dry_run": None, "fullscale": None, "grad_clip": None,
     "guidance": None, "image_size": None, "in_channels": None, "keep_checkpoints": "keep_last",
-    "lr": None, "metrics": None, "model": None, "out_dir": "out", "paths": "image",
+    "limit": None, "lr": None, "metrics": None, "model": None, "out_dir": "out", "paths": "image",
     "precision": None, "repo_id": "repo", "resume": None, "settings": None, "split": None,
     "steps": None, "until": None, "validation": None, "which": "label",
 }

@@ -44,6 +44,7 @@ def quickstart(
 
     console = Console(highlight=False)
     folder = qs.run_folder(out, resume)
+    after = _next_commands(folder, model)
     try:
         result = qs.quickstart(model, minutes=minutes, out_dir=folder, device=device, seed=seed,
                                resume=resume, log=lambda line: console.print(line, markup=False))
@@ -68,6 +69,25 @@ def quickstart(
     echo(f"  metrics:    {result.metrics}")
     echo(f"  card:       {result.card}")
     echo("next:")
-    for command, what in result.next_commands:
+    for command, what in after:
         echo(f"  {command}")
         echo(f"      # {what}")
+
+
+def _next_commands(run_dir: Path, preset: str) -> list[tuple[str, str]]:
+    """What to try after a quickstart run in ``run_dir``: (command, what it does)."""
+    from attnflow_zoo.training.run import default_run_dir
+    from attnflow_zoo.workflows.quickstart import DATASET
+
+    d = shlex.quote(str(run_dir))
+    return [
+        (f"attnflow sample --checkpoint {d} -n 64 --temperature 0.7 -o grid.png",
+         "draw new digits from the trained model"),
+        (f"attnflow evaluate --checkpoint {d} --dataset {DATASET}",
+         "score the held-out digits again (the same noise seed: the same bits/dim)"),
+        (f"tensorboard --logdir {d}", "the training curves and sample grids"),
+        (f"attnflow reproduce {preset} --out {default_run_dir(preset)}",
+         "the entry's whole recipe, then its score and card (offline too)"),
+        ("attnflow train --model attnflow_imap_cifar10_small --dataset cifar10",
+         "a real dataset (downloads CIFAR-10 once; needs the internet)"),
+    ]

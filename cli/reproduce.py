@@ -63,13 +63,11 @@ def reproduce(
     from rich.console import Console
 
     from attnflow_zoo.resources import use_threads
-    from attnflow_zoo.training.recipes import parse_assignments
+    from attnflow_zoo.training.recipes import parse_settings
     from attnflow_zoo.workflows.reproduce import reproduce as run_reproduce
 
     console = Console()
-    assigned = parse_assignments(settings or [])
-    model = {k.removeprefix("model."): v for k, v in assigned.items() if k.startswith("model.")}
-    recipe = {k: v for k, v in assigned.items() if not k.startswith("model.")}
+    recipe, model = parse_settings(settings or [])
     use_threads(threads)
     result = run_reproduce(name, dataset=dataset, out_dir=out, repo_id=repo, overrides=recipe,
                            model_overrides=model, fid_samples=fid_samples,

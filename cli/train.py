@@ -129,7 +129,7 @@ def train(
     from attnflow_zoo.resources import use_threads
     from attnflow_zoo.settings import legacy_settings
     from attnflow_zoo.training import TrainingInterrupted, train_preset
-    from attnflow_zoo.training.recipes import train_config
+    from attnflow_zoo.training.recipes import plan
     from attnflow_zoo.training.run import default_run_dir
 
     overrides = {k: v for k, v in (("attention", attn), ("image_size", image_size),
@@ -145,13 +145,12 @@ def train(
     settings = legacy_settings({k: v for k, v in given.items() if v is not None})
     if ema_decay is not None:
         settings["ema_decay"] = ema_decay or None  # 0 disables the EMA
-    config = train_config(model, **settings)
+    resolved = plan(model, model_overrides=overrides, **settings)
     out = out if out is not None else default_run_dir(model)
     use_threads(threads)
     try:
-        result = train_preset(model, dataset, config, out_dir=out, resume=resume,
-                              overrides=overrides, limit=limit, eval_limit=eval_limit,
-                              device=device, allow_changes=override or (),
+        result = train_preset(resolved, dataset, out_dir=out, resume=resume, limit=limit,
+                              eval_limit=eval_limit, device=device, allow_changes=override or (),
                               conditional=conditional)
     except TrainingInterrupted as err:
         typer.echo(str(err), err=True)

@@ -170,9 +170,11 @@ _WORKER = textwrap.dedent("""
     from attnflow_zoo.training import train_preset
     from attnflow_zoo.training.distributed import DistContext
     out = sys.argv[2]
-    config = recipes.train_config({preset!r}, steps=3, log_every=1, checkpoint_every=100)
-    train_preset({preset!r}, sys.argv[1], config, out_dir=out, overrides={{"in_channels": 1}},
-                 limit=256, eval_limit=32, device="cpu", show_progress=False)
+    plan = recipes.plan({preset!r}, model_overrides={{"in_channels": 1}}, steps=3, log_every=1,
+                        checkpoint_every=100)
+    config = plan.config
+    train_preset(plan, sys.argv[1], out_dir=out, limit=256, eval_limit=32, device="cpu",
+                 show_progress=False)
     if DistContext.from_env().world_size == 1 or torch.distributed.get_rank() == 0:
         open(out + "/config.json.txt", "w").write(json.dumps(config.to_dict()))
 """)

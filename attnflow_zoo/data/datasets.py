@@ -97,6 +97,12 @@ def dataset_spec(dataset: str | os.PathLike[str]) -> DatasetSpec | None:
     return DATASETS.get(str(dataset).lower()) if isinstance(dataset, str) else None
 
 
+def dataset_label(dataset: str | os.PathLike[str]) -> str:
+    """How metrics name a dataset: its table key, or a local folder's absolute path."""
+    spec = dataset_spec(dataset)
+    return str(dataset).lower() if spec is not None else str(Path(dataset).expanduser().resolve())
+
+
 def heldout_split(dataset: str | os.PathLike[str]) -> str | None:
     """The split held-out bits/dim is reported on: the table's (``test``) for a named dataset,
     else a local folder's test/valid/validation split, else None."""

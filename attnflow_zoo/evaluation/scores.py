@@ -13,24 +13,24 @@ per dataset split), every choice recorded in the returned metrics.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import checkpoint
+from ..checkpoint import Checkpoint
 from ..core import resolve_device
 from ..data import datasets
 from ..data.labels import labels_for
 from ..errors import ConfigError, DataError
-from ..factory import load_model
-from ..hub import resolve_checkpoint
+from ..factory import load_checkpoint
+from ..hub import open_checkpoint
 from ..metrics import evaluate_bpd
 from ..progress import progress
 from . import results
-from .fid import dataset_statistics, fid_from_model, load_inception
+from .fid import dataset_statistics, fid_from_model, load_inception, resolve_inception_weights
+from .sampling import check_request
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def bayes_accuracy(model: nn.Module, images_u8: Tensor, labels: Tensor, batch_si
     class was predicted, K ints: a model that ignores its class predicts one or two) and
     ``num_images``. Images N×C×H×W uint8, labels (N,) int64.
     """
-    k = int(getattr(model, "num_classes", 0))
+    k = model.num_classes
     if k < 2:
         raise ConfigError("Bayes-rule accuracy needs a class-conditional model (num_classes ≥ "
                           f"2), this one has {k} classes")
@@ -69,23 +69,6 @@ def bayes_accuracy(model: nn.Module, images_u8: Tensor, labels: Tensor, batch_si
     return {"accuracy": float((pred == labels.cpu()).double().mean()),
             "predicted_counts": torch.bincount(pred, minlength=k).tolist(),
             "num_images": len(pred)}
-
-
-def dataset_label(dataset: str | os.PathLike[str]) -> str:
-    """How metrics name a dataset: its table key, or a local folder's absolute path."""
-    spec = datasets.dataset_spec(dataset)
-    return str(dataset).lower() if spec is not None else str(Path(dataset).expanduser().resolve())
-
-
-def checkpoint_step(directory: str | os.PathLike[str]) -> int | None:
-    """The training step of a local checkpoint: its run record's, else its ``step-N`` folder
-    name; None for a checkpoint not written by training."""
-    record = checkpoint.read_run_record(directory)
-    if record is not None and isinstance(record.get("step"), int):
-        return record["step"]
-    match = re.fullmatch(rf"{checkpoint.STEP_PREFIX}(\d+)", Path(directory).name)
-    return int(match.group(1)) if match else None
-
 
 def standard_fid(model: Any, dataset: str | os.PathLike[str], *, num_samples: int = 50_000,
                  temperature: float = 1.0, reference_split: str = "train",
@@ -130,7 +113,7 @@ def standard_fid(model: Any, dataset: str | os.PathLike[str], *, num_samples: in
     try:
         res = fid_from_model(model, reference, num_samples=num_samples, batch_size=batch_size,
                              temperature=temperature, generator=gen, extractor=extractor,
-                             reference=f"{dataset_label(dataset)} {reference_split}")
+                             reference=f"{datasets.dataset_label(dataset)} {reference_split}")
     finally:
         model.train(was_training)
     out = {**res.as_metrics(), "fid_seed": seed, "fid_reference_split": reference_split,
@@ -141,7 +124,8 @@ def standard_fid(model: Any, dataset: str | os.PathLike[str], *, num_samples: in
     return out
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[str],
+def evaluate_checkpoint(checkpoint: str | os.PathLike[str] | Checkpoint,
+                        dataset: str | os.PathLike[str],
                         split: str | None = None, *, batch_size: int = 256, seed: int = 0,
                         limit: int | None = None, device: str = "auto", fid: bool = False,
                         num_samples: int = 50_000, temperature: float = 1.0,
@@ -155,12 +139,22 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
     ``fit`` logs with the same seed and batch size), a class-conditional model's
     ``bayes_accuracy`` (the same noise) and, with ``fid``, ``standard_fid``.
 
-    ``split`` defaults to the dataset's held-out split (``datasets.heldout_split``). Returns the
-    metrics schema of ``evaluation.results`` (what ``attnflow push --metrics`` takes).
+    ``checkpoint``: a local folder, a Hub repo id or an open ``Checkpoint``. ``split`` defaults
+    to the dataset's held-out split (``datasets.heldout_split``). Returns the metrics schema of
+    ``evaluation.results`` (what ``attnflow push --metrics`` takes). Bad settings, a device
+    the machine lacks and missing FID weights are refused before any work.
     """
     dev = resolve_device(device)
-    directory = resolve_checkpoint(checkpoint)
-    model = load_model(directory).to(dev)
+    for name, value in (("batch_size", batch_size), ("limit", limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ConfigError(f"`{name}` must be a positive integer, got {value}")
+    if fid:
+        check_request(num_samples, temperature, batch_size)
+        if not random_inception:
+            resolve_inception_weights(inception_weights)
+    ckpt = open_checkpoint(checkpoint)
+    model = load_checkpoint(ckpt).to(dev)
     split = split or datasets.heldout_split(dataset)
     if split is None:
         raise DataError(f"{dataset} has no held-out split (test, valid or validation); "
@@ -171,8 +165,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
     bpd = evaluate_bpd(model, images, batch_size, g, show_progress=show_progress,
                        labels=labels)
     result: dict[str, Any] = {
-        "format": results.FORMAT, "dataset": dataset_label(dataset), "split": split,
-        "step": checkpoint_step(directory), "bpd": bpd, "bpd_estimator": "single-sample",
+        "format": results.FORMAT, "dataset": datasets.dataset_label(dataset), "split": split,
+        "step": ckpt.step, "bpd": bpd, "bpd_estimator": "single-sample",
         "bpd_num_images": len(images), "bpd_seed": seed, "bpd_batch_size": batch_size}
     if model.noise_std > 0:
         result["bpd_noise_std"] = model.noise_std

@@ -13,21 +13,14 @@ from torch import Tensor
 
 from .. import registry
 from .._io import atomic_write_text
-from ..checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    config_to_dict,
-    read_config,
-    read_run_record,
-    resolve_local,
-)
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, Checkpoint, config_to_dict, resolve_local
 from ..data import datasets, quantize
 from ..errors import AttnFlowError, CheckpointError, ConfigError
 from ..evaluation import results
-from ..evaluation.scores import checkpoint_step
-from ..factory import list_models, load_model
+from ..factory import list_models, load_checkpoint
 from ..online import offline_mode
 from ..progress import note
+from ..registry import Recipe
 from ..training import recipes
 from .modelcard import render_card
 
@@ -48,7 +41,7 @@ def round_trip_inputs(model: Any, run: dict[str, Any] | None,
     ``ROUND_TRIP_TEMPERATURE`` (seeded; every class in turn), else (a model that cannot
     sample) uniform random images."""
     shape = tuple(model.input_shape)
-    k = int(getattr(model, "num_classes", 0) or 0)
+    k = model.num_classes
     turns = torch.arange(num_images) % k if k else None  # every class in turn
     data = (run or {}).get("dataset") or {}
     source = data.get("name") or data.get("path")
@@ -88,7 +81,7 @@ def check_round_trip(model: Any, images_u8: Tensor | None = None, labels: Tensor
     if images_u8 is None:
         images_u8 = torch.randint(0, 256, (4, *shape), generator=gen, dtype=torch.uint8)
     x = quantize.to_model_space(images_u8, gen).to(_device_of(model))
-    k = int(getattr(model, "num_classes", 0) or 0)
+    k = model.num_classes
     if k and labels is None:
         labels = torch.arange(len(images_u8)) % k
     given = (labels.to(x.device),) if k else ()  # a class-conditional model's
@@ -118,11 +111,15 @@ def _device_of(model: Any) -> Any:
     return "cpu"
 
 
-def recipe_for_card(preset: str | None, run: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The entry's recipe as card sentences and how ``run`` departs from it (None: no recipe)."""
+def entry_recipe(preset: str | None) -> Recipe | None:
+    """The recipe of the zoo entry a checkpoint names (None: no such entry, or no recipe)."""
     if not preset or preset not in list_models():
         return None
-    recipe = registry.get_entry(preset).recipe
+    return registry.get_entry(preset).recipe
+
+
+def card_recipe(recipe: Recipe | None, run: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The recipe as card sentences and how ``run`` departs from it (None: no recipe)."""
     if recipe is None:
         return None
     return {"name": recipe.name, "lines": recipes.describe(recipe),
@@ -137,7 +134,6 @@ def card_preset(preset: str | None, payload: dict[str, Any]) -> str | None:
     recorded = payload.get("preset")
     if preset is None or preset == recorded:
         return recorded
-    list_models()  # the model modules register the presets on import
     entry = registry.get_entry(preset)  # an unknown name: ConfigError with close matches
     if recorded is not None:
         raise ConfigError(f"the checkpoint was built from zoo entry {recorded!r}; a card for "
@@ -156,16 +152,16 @@ def card_preset(preset: str | None, payload: dict[str, Any]) -> str | None:
     return preset
 
 
-def card_metrics(directory: Path, metrics: dict[str, Any] | None
+def card_metrics(ckpt: Checkpoint, metrics: dict[str, Any] | None
                  ) -> tuple[dict[str, Any], list[str]]:
-    """(the metrics a card of checkpoint ``directory`` shows, notes on what was left off).
+    """(the metrics a card of ``ckpt`` shows, notes on what was left off).
 
     Given ``metrics`` are checked (``results.check_metrics``) and must score this checkpoint:
     a ``step`` other than the checkpoint's is a ``ConfigError``. Without them, the run's own
     ``metrics.json`` (beside the checkpoint or in its run folder) is used when it scores this
     checkpoint's step, and left off with a note when it scores another.
     """
-    step = checkpoint_step(directory)
+    step, directory = ckpt.step, ckpt.directory
     if metrics is not None:
         results.check_metrics(metrics)
         if metrics.get("step") is not None and step is not None and metrics["step"] != step:
@@ -184,27 +180,38 @@ def card_metrics(directory: Path, metrics: dict[str, Any] | None
     return {}, []
 
 
-def build_card(checkpoint_dir: str | os.PathLike[str], repo_id: str = PLACEHOLDER_REPO, *,
-               metrics: dict[str, Any] | None = None, preset: str | None = None,
-               left_out: list[str] | None = None) -> Any:
-    """The model card (``huggingface_hub.ModelCard``) of a local checkpoint: its config.json, its
-    run record (``run.json``, if training wrote one), its recipe and ``metrics`` (the schema of
-    ``evaluation.results``; default: the run's own ``metrics.json``, ``card_metrics``).
+def make_card(ckpt: Checkpoint, recipe: Recipe | None, repo_id: str = PLACEHOLDER_REPO, *,
+              metrics: dict[str, Any] | None = None, left_out: list[str] | None = None,
+              preset: str | None = None) -> Any:
+    """The model card (``huggingface_hub.ModelCard``) of an open checkpoint: its config.json, its
+    run record (``run.json``, if training wrote one), its entry's ``recipe`` and ``metrics``
+    (the schema of ``evaluation.results``; default: the run's own ``metrics.json``,
+    ``card_metrics``). ``preset``: the entry it shows (default: the checkpoint's own).
 
-    What the card states must hold for the checkpoint: ``repo_id`` must be a valid repo id,
-    ``preset`` a zoo entry that agrees with it (``card_preset``), ``metrics`` possible and of
-    its step; anything else is a ``ConfigError`` / ``CheckpointError``.
+    What the card states must hold for the checkpoint: ``repo_id`` must be a valid repo id and
+    ``metrics`` possible and of its step; anything else is a ``ConfigError`` /
+    ``CheckpointError``.
     """
     if repo_id != PLACEHOLDER_REPO:
         check_repo_id(repo_id)
-    directory = resolve_local(checkpoint_dir)
-    payload = read_config(directory)
-    preset = card_preset(preset, payload)
-    shown, notes = card_metrics(directory, metrics)
-    run = read_run_record(directory)
-    return render_card(architecture=payload["architecture"], config=payload["config"],
-                       preset=preset, repo_id=repo_id, metrics=shown, run=run,
-                       recipe=recipe_for_card(preset, run), left_out=[*(left_out or []), *notes])
+    shown, notes = card_metrics(ckpt, metrics)
+    return render_card(architecture=ckpt.architecture, config=ckpt.payload["config"],
+                       preset=preset or ckpt.preset, repo_id=repo_id, metrics=shown,
+                       run=ckpt.run, recipe=card_recipe(recipe, ckpt.run),
+                       left_out=[*(left_out or []), *notes])
+
+
+def build_card(checkpoint_dir: str | os.PathLike[str] | Checkpoint,
+               repo_id: str = PLACEHOLDER_REPO, *, metrics: dict[str, Any] | None = None,
+               preset: str | None = None, left_out: list[str] | None = None) -> Any:
+    """``make_card`` of the checkpoint at ``checkpoint_dir`` (a run folder: its latest) with the
+    recipe of ``preset``, a zoo entry that agrees with it (``card_preset``; default: the entry
+    its config.json names)."""
+    ckpt = (checkpoint_dir if isinstance(checkpoint_dir, Checkpoint)
+            else Checkpoint.open(checkpoint_dir))
+    preset = card_preset(preset, ckpt.payload)
+    return make_card(ckpt, entry_recipe(preset), repo_id, metrics=metrics, left_out=left_out,
+                     preset=preset)
 
 
 def write_card(checkpoint_dir: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
@@ -253,46 +260,60 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
                     dry_run: bool = False, card_out: str | os.PathLike[str] | None = None) -> str:
     """Check a local checkpoint and upload exactly config.json, model.safetensors, README.md.
 
-    The checkpoint is loaded strictly, its round trip is checked on the images it is meant for
-    (``round_trip_inputs``, ``check_round_trip``), the model card is rendered (``build_card``,
-    with ``metrics``) unless ``card`` gives its text, and the three files go to ``repo_id`` in
-    one commit. Returns the commit URL.
+    The model card is rendered (``build_card``, with ``metrics``) unless ``card`` gives its
+    text; then ``upload``. Returns the commit URL.
 
     ``dry_run``: every check, and the card written to ``card_out`` (default: the checkpoint's
-    README.md); nothing is sent. Returns the card's path. Offline (``HF_HUB_OFFLINE``) or an
-    unreachable Hub is a one-line ``CheckpointError`` and nothing is uploaded.
+    README.md); nothing is sent. Returns the card's path.
     """
     check_repo_id(repo_id)
-    directory = resolve_local(os.fspath(checkpoint_dir))
-    model = load_model(directory)
-    payload = read_config(directory)
-    text = card if card is not None else str(build_card(directory, repo_id, metrics=metrics,
+    ckpt = Checkpoint.open(os.fspath(checkpoint_dir))
+    text = card if card is not None else str(build_card(ckpt, repo_id, metrics=metrics,
                                                         preset=preset))
-    if not dry_run and offline_mode():
+    if not dry_run:
+        return upload(ckpt, repo_id, text, private=private, token=token,
+                      commit_message=commit_message)
+    checked = _round_trip(ckpt)
+    written = atomic_write_text(Path(card_out) if card_out is not None
+                                else ckpt.directory / CARD_NAME, text)
+    note(checked)
+    return str(written)
+
+
+def _round_trip(ckpt: Checkpoint) -> str:
+    """The pre-push round trip on the images the checkpoint is meant for
+    (``round_trip_inputs``, ``check_round_trip``), as a line to show."""
+    model = load_checkpoint(ckpt)
+    images, labels, what = round_trip_inputs(model, ckpt.run)
+    return (f"round trip: max |inverse(forward(x)) − x| = "
+            f"{check_round_trip(model, images, labels, what=what):.2g} on {what}")
+
+
+def upload(ckpt: Checkpoint, repo_id: str, card: str, *, private: bool = False,
+           token: str | None = None, commit_message: str | None = None) -> str:
+    """Upload an open checkpoint with the card text ``card`` to ``repo_id`` in one commit, after
+    loading it strictly and checking its round trip (``_round_trip``). Returns the commit URL.
+    Offline (``HF_HUB_OFFLINE``) or an unreachable Hub is a one-line ``CheckpointError`` and
+    nothing is uploaded."""
+    check_repo_id(repo_id)
+    if offline_mode():
         raise CheckpointError(f"cannot push to {repo_id!r}: the Hub is offline (HF_HUB_OFFLINE "
                               "is set); unset it, or use `dry_run` to write the card locally")
-    images, labels, what = round_trip_inputs(model, read_run_record(directory))
-    checked = f"round trip: max |inverse(forward(x)) − x| = " \
-              f"{check_round_trip(model, images, labels, what=what):.2g} on {what}"
-    if dry_run:
-        written = atomic_write_text(Path(card_out) if card_out is not None
-                                    else directory / CARD_NAME, text)
-        note(checked)
-        return str(written)
+    checked = _round_trip(ckpt)
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
     operations = [
-        CommitOperationAdd(CONFIG_NAME, str(directory / CONFIG_NAME)),
-        CommitOperationAdd(WEIGHTS_NAME, str(directory / WEIGHTS_NAME)),
-        CommitOperationAdd(CARD_NAME, text.encode("utf-8")),
+        CommitOperationAdd(CONFIG_NAME, str(ckpt.directory / CONFIG_NAME)),
+        CommitOperationAdd(WEIGHTS_NAME, str(ckpt.directory / WEIGHTS_NAME)),
+        CommitOperationAdd(CARD_NAME, card.encode("utf-8")),
     ]
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.create_commit(repo_id, operations, repo_type="model",
                                  commit_message=commit_message
-                                 or f"Upload {payload['architecture']} with attnflow_zoo")
+                                 or f"Upload {ckpt.architecture} with attnflow_zoo")
     except HfHubHTTPError as err:  # the Hub answered: a refusal (token, rights, name)
         raise CheckpointError(f"upload to {repo_id!r} failed, nothing was uploaded: "
                               f"{_first_line(err)} (check your token and the repo name)"

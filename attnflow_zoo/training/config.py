@@ -85,6 +85,13 @@ class TrainConfig(TrainingSettings):
             raise ConfigError(f"max_seconds must be a positive number of seconds (or None), got "
                               f"{self.max_seconds}")
 
+    def total_steps(self, num_train: int) -> int:
+        """The run's length in optimizer steps on ``num_train`` training images: ``steps``, or
+        ``epochs`` passes of num_train // batch_size steps."""
+        if self.steps is not None:
+            return self.steps
+        return self.epochs * (num_train // self.batch_size)  # type: ignore[operator]
+
     def validation_count(self, num_images: int) -> int:
         """How many of ``num_images`` training images the validation split takes."""
         if self.validation == 0:
@@ -169,7 +176,8 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], allow: Iterable
         if {"steps", "epochs"} & set(refused):
             detail += " (the learning-rate schedule is fitted to the run's length: its cosine or "\
                       "its warm-up, cut to the length, would change)"
-        flags = " ".join(f"`allow_changes` {k}" for k in refused)
+        # The CLI's words: tests/test_run_folder pins them on this library call.
+        flags = " ".join(f"--override {k}" for k in refused)
         raise ConfigError(f"`resume` would change the run's {detail}; keep the run's settings, "
                           f"or pass {flags} to change them from the resumed step on")
     return allowed

@@ -194,7 +194,7 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_data)} training images are fewer than one batch of "
                         f"{config.batch_size}; lower `batch_size`")
-    total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+    total_steps = config.total_steps(len(train_data))
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise TrainingError("resume needs the output folder of the run to continue")

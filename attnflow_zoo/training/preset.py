@@ -1,5 +1,6 @@
-"""``train_preset``: a zoo preset trained on a dataset by name or folder (what ``attnflow train``
-runs). Every check runs before the data is loaded and before anything is written."""
+"""``train_preset``: a zoo entry, resolved into a ``recipes.Plan``, trained on a dataset by name
+or folder (what ``attnflow train`` runs). Every check runs before the data is loaded and before
+anything is written."""
 
 from __future__ import annotations
 
@@ -15,72 +16,54 @@ from .._io import check_writable
 from ..core import resolve_device
 from ..data import datasets
 from ..errors import CheckpointError, ConfigError, DataError
-from ..factory import create_model
+from ..factory import build_model
 from .config import TrainConfig, check_device, check_resume
 from .datasets import data_record, run_settings
 from .lock import check_unlocked
 from .loop import FitResult, fit
-from .run import check_fresh
+from .recipes import Plan
+from .run import check_fresh, default_run_dir
 from .state import recorded_settings, resume_candidates
 
 
-def build_seeded(model_name: str, seed: int, overrides: dict[str, Any] | None = None) -> Any:
-    """``create_model`` with the global RNG forked and seeded by ``seed`` (the caller's RNG state
-    is untouched), so the initial weights of a run depend on its seed only."""
+def build_seeded(plan: Plan, seed: int, **more: Any) -> Any:
+    """The plan's model with the global RNG forked and seeded by ``seed`` (the caller's RNG
+    state is untouched), so the initial weights of a run depend on its seed only."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return create_model(model_name, **(overrides or {}))
+        return build_model(plan.entry, **{**plan.model_overrides, **more})
 
 
-def conditional_overrides(model_name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """What ``conditional`` adds to a preset besides ``num_classes``: the class conditions the
-    couplings too (``condition_couplings``) where the preset has affine couplings, as in the
-    ``_cond_`` presets (issue 20: with the priors alone the class barely conditions)."""
-    config = registry.preset_config(model_name, **overrides)
-    if getattr(config, "coupling", None) == "affine" and "condition_couplings" not in overrides:
-        return {"condition_couplings": True}
-    return {}
-
-
-def train_preset(model_name: str, dataset: str | os.PathLike[str], config: TrainConfig, *,
-                 out_dir: str | os.PathLike[str], resume: bool = False,
-                 overrides: dict[str, Any] | None = None, limit: int | None = None,
-                 eval_limit: int | None = None, device: str = "auto",
+def train_preset(plan: Plan, dataset: str | os.PathLike[str], *,
+                 out_dir: str | os.PathLike[str] | None = None, resume: bool = False,
+                 limit: int | None = None, eval_limit: int | None = None, device: str = "auto",
                  show_progress: bool | None = None, allow_changes: Iterable[str] = (),
                  conditional: bool = False) -> FitResult:
-    """Build preset ``model_name`` (config ``overrides``; initial weights seeded by
-    ``config.seed``), load ``dataset`` at its image size (``limit`` / ``eval_limit``: seeded
-    random subsets, ``datasets.LIMIT_RULE``) and ``fit`` it into ``out_dir``.
+    """Build the zoo entry of ``plan`` (``recipes.plan``: its settings and architecture
+    overrides; initial weights seeded by its ``seed``), load ``dataset`` at its image size
+    (``limit`` / ``eval_limit``: seeded random subsets, ``datasets.LIMIT_RULE``) and ``fit`` it
+    into ``out_dir`` (default ``runs/<entry>``).
 
-    Every check (device, preset, output folder, resume compatibility, data, image size) runs
-    before anything is written to ``out_dir``. ``allow_changes``: the settings a resume may
-    change (``--override KEY``). ``conditional``: make the model class-conditional on the
-    dataset's labels (``num_classes`` = the dataset's number of classes; a ``_cond_`` preset is
-    conditional already). A class-conditional model trains on the dataset's labels.
+    Every check (device, output folder, resume compatibility, data, image size) runs before
+    anything is written to ``out_dir``. ``allow_changes``: the settings a resume may change.
+    ``conditional``: make the model class-conditional on the dataset's labels (``num_classes``
+    = the dataset's number of classes; a ``_cond_`` preset is conditional already). A
+    class-conditional model trains on the dataset's labels.
     """
     allow_changes = tuple(allow_changes)
     if allow_changes and not resume:
         raise ConfigError("`allow_changes` only applies to `resume` (it allows a setting of the "
                           "run being resumed to change)")
+    config = plan.config
     dev = resolve_device(device)
     check_device(config, dev)
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir is not None else default_run_dir(plan.name)
     check_writable(out, is_dir=True)
-    overrides = dict(overrides or {})
-    if conditional and not overrides.get("num_classes"):
-        overrides["num_classes"] = datasets.count_classes(dataset)
-        if not overrides["num_classes"]:
-            raise DataError(f"{dataset} has no class labels (no `label` column or class folders "
-                            "root/{split}/{class}/), so `conditional` cannot train on it; drop "
-                            "`conditional` or use a labelled dataset")
-        overrides.update(conditional_overrides(model_name, overrides))
-    model = build_seeded(model_name, config.seed, overrides)
+    model = build_seeded(plan, config.seed, **_classes(plan, dataset, conditional))
     if config.flip is None:
         config = config.replace(flip=datasets.default_flip(dataset))
     split = datasets.heldout_split(dataset)
-    # The preset's recipe name where the registry has one (None otherwise).
-    recipe = getattr(registry.get_entry(model_name), "recipe", None)
-    info = {"preset": model_name, "recipe": getattr(recipe, "name", None),
+    info = {"preset": plan.name, "recipe": getattr(plan.recipe, "name", None),
             "dataset": data_record(dataset, limit, split, eval_limit)}
     check_unlocked(out)
     if resume:
@@ -94,6 +77,30 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
     return fit(model, train, config, eval_data=heldout, out_dir=out, resume=resume, device=dev,
                show_progress=show_progress, allow_changes=allow_changes, run_info=info,
                train_labels=train_labels, eval_labels=heldout_labels)
+
+
+def _classes(plan: Plan, dataset: str | os.PathLike[str], conditional: bool) -> dict[str, Any]:
+    """``num_classes`` from the dataset when a run is made class-conditional (else nothing),
+    with ``conditional_overrides``."""
+    if not conditional or plan.model_overrides.get("num_classes"):
+        return {}
+    found = datasets.count_classes(dataset)
+    if not found:
+        raise DataError(f"{dataset} has no class labels (no `label` column or class folders "
+                        "root/{split}/{class}/), so `conditional` cannot train on it; drop "
+                        "`conditional` or use a labelled dataset")
+    return {"num_classes": found, **conditional_overrides(plan.entry, plan.model_overrides)}
+
+
+def conditional_overrides(entry: registry.ModelEntry, overrides: dict[str, Any]
+                          ) -> dict[str, Any]:
+    """What ``conditional`` adds to a preset besides ``num_classes``: the class conditions the
+    couplings too (``condition_couplings``) where the preset has affine couplings, as in the
+    ``_cond_`` presets (issue 20: with the priors alone the class barely conditions)."""
+    config = registry.entry_config(entry, **overrides)
+    if getattr(config, "coupling", None) == "affine" and "condition_couplings" not in overrides:
+        return {"condition_couplings": True}
+    return {}
 
 
 def _precheck_resume(out: Path, model: Any, config: TrainConfig, info: dict[str, Any],

@@ -21,33 +21,67 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import factory, registry
 from ..data import datasets
 from ..errors import ConfigError
 from ..registry import Recipe
-from ..settings import legacy_settings
+from ..settings import TrainingSettings, legacy_settings
 from .distributed import DistContext
 
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-#: TrainConfig fields a recipe sets (compared when a run is checked against its recipe).
-RECIPE_SETTINGS = ("steps", "epochs", "batch_size", "optimizer", "betas", "weight_decay", "lr",
-                   "warmup_steps", "schedule", "grad_clip", "ema_decay", "noise_std", "augment",
-                   "max_shift", "flip", "precision",
-                   "class_loss_weight", "class_lr_scale")
+#: TrainConfig fields a recipe sets (compared when a run is checked against its recipe): the
+#: shared vocabulary, and the two a recipe states its own way (a warm-up in images, the shift).
+RECIPE_SETTINGS = (*(f.name for f in dataclasses.fields(TrainingSettings)), "warmup_steps",
+                   "augment")
 
 
-def recipe_of(preset: str) -> Recipe:
-    """The recipe of zoo entry ``preset``; ``ConfigError`` if the entry has none."""
-    factory.list_models()  # the model modules register the presets on import
+@dataclass(frozen=True)
+class Plan:
+    """A zoo entry resolved once for a run: its registry entry, its recipe with the overrides
+    applied (None for an entry without one), the ``TrainConfig`` they make and the
+    architecture overrides. A command makes it (``plan``) and passes it down; nothing below
+    looks the entry up again."""
+
+    entry: registry.ModelEntry
+    recipe: Recipe | None
+    config: TrainConfig
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model takes, from a build on the meta device."""
+        return tuple(factory.meta_build(self.entry.model_cls, registry.entry_config(
+            self.entry, **self.model_overrides)).input_shape)
+
+    def with_config(self, **changes: Any) -> Plan:
+        """The plan with ``TrainConfig`` fields changed (checked again)."""
+        return dataclasses.replace(self, config=self.config.replace(**changes))
+
+
+def plan(preset: str, *, world_size: int | None = None,
+         model_overrides: dict[str, Any] | None = None, **overrides: Any) -> Plan:
+    """Resolve zoo entry ``preset`` for a run: its recipe with ``overrides`` (recipe or
+    ``TrainConfig`` fields, module rule) as a ``TrainConfig`` for ``world_size`` processes
+    (None: torchrun's, else 1); an entry without a recipe gets ``TrainConfig(**overrides)``.
+    ``model_overrides`` are architecture config fields (checked when the model is built)."""
+    from .config import TrainConfig
+
+    in_recipe, in_train = split_overrides(overrides)
     entry = registry.get_entry(preset)
-    if entry.recipe is None:
-        raise ConfigError(f"zoo entry {preset!r} has no training recipe; give the training "
-                          "settings explicitly")
-    return entry.recipe
+    if entry.recipe is None:  # e.g. a preset registered by user code
+        return Plan(entry, None, TrainConfig(**overrides), dict(model_overrides or {}))
+    recipe = entry.recipe.replace(**in_recipe)
+    config = config_from_recipe(recipe, world_size or DistContext.from_env().world_size,
+                                **in_train)
+    return Plan(entry, recipe, config, dict(model_overrides or {}))
 
 
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -65,38 +99,23 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     return in_recipe, {k: v for k, v in overrides.items() if k not in recipe_keys}
 
 
-def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
-    """The recipe with its own fields overridden (``steps`` drops ``epochs`` and back)."""
-    changes = dict(overrides)
-    if changes.get("steps") is not None and "epochs" not in changes:
-        changes["epochs"] = None
-    if changes.get("epochs") is not None and "steps" not in changes:
-        changes["steps"] = None
-    try:
-        return recipe.replace(**changes)
-    except TypeError as err:  # a value of the wrong type reaching a comparison
-        raise ConfigError(f"invalid recipe override: {err}") from err
-
-
 def warmup_steps(warmup_images: int, batch_size: int) -> int:
     """Optimizer steps of a warm-up over ``warmup_images`` images at a global batch."""
     return math.ceil(warmup_images / batch_size)
 
 
 def recipe_settings(recipe: Recipe) -> dict[str, Any]:
-    """The ``TrainConfig`` fields a (density) recipe sets (module rule), unchecked."""
-    return {
-        "steps": recipe.steps, "epochs": None if recipe.steps is not None else recipe.epochs,
-        "batch_size": recipe.batch_size, "optimizer": recipe.optimizer,
-        "betas": None if recipe.betas is None else list(recipe.betas),
-        "weight_decay": float(recipe.weight_decay), "noise_std": float(recipe.noise_std),
-        "lr": float(recipe.lr),
-        "warmup_steps": warmup_steps(recipe.warmup_images, recipe.batch_size),
-        "schedule": recipe.schedule, "grad_clip": recipe.grad_clip,
-        "ema_decay": recipe.ema_decay, "augment": recipe.max_shift > 0 or recipe.flip is not False,
-        "max_shift": recipe.max_shift, "flip": recipe.flip, "precision": recipe.precision,
-        "class_loss_weight": float(recipe.class_loss_weight),
-        "class_lr_scale": float(recipe.class_lr_scale)}
+    """The ``TrainConfig`` fields a (density) recipe sets (module rule), unchecked, as a run
+    records them (``betas`` a list)."""
+    shared = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(TrainingSettings)}
+    return {**shared, "epochs": None if recipe.steps is not None else recipe.epochs,
+            "betas": None if recipe.betas is None else list(recipe.betas),
+            "lr": float(recipe.lr), "weight_decay": float(recipe.weight_decay),
+            "noise_std": float(recipe.noise_std),
+            "class_loss_weight": float(recipe.class_loss_weight),
+            "class_lr_scale": float(recipe.class_lr_scale),
+            "warmup_steps": warmup_steps(recipe.warmup_images, recipe.batch_size),
+            "augment": recipe.max_shift > 0 or recipe.flip is not False}
 
 
 def config_from_recipe(recipe: Recipe, world_size: int = 1, **train_overrides: Any
@@ -128,14 +147,7 @@ def train_config(preset: str, world_size: int | None = None, **overrides: Any) -
         world_size: the number of processes (None: ``WORLD_SIZE`` of torchrun, else 1).
         **overrides: recipe or ``TrainConfig`` fields, e.g. ``steps=20``.
     """
-    factory.list_models()  # the model modules register the presets on import
-    if registry.get_entry(preset).recipe is None:  # e.g. a preset registered by user code
-        from .config import TrainConfig
-
-        return TrainConfig(**overrides)
-    in_recipe, in_train = split_overrides(overrides)
-    recipe = apply_overrides(recipe_of(preset), in_recipe)
-    return config_from_recipe(recipe, world_size or DistContext.from_env().world_size, **in_train)
+    return plan(preset, world_size=world_size, **overrides).config
 
 
 def parse_assignments(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -159,6 +171,14 @@ def parse_assignments(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
                 value = text
         out[key] = value
     return out
+
+
+def parse_settings(items: list[str] | tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``key=value`` items (``parse_assignments``) as (recipe / ``TrainConfig`` overrides,
+    architecture overrides): ``model.KEY=value`` sets the architecture's field KEY."""
+    assigned = parse_assignments(items)
+    model = {k.removeprefix("model."): v for k, v in assigned.items() if k.startswith("model.")}
+    return {k: v for k, v in assigned.items() if not k.startswith("model.")}, model
 
 
 # --- how a recipe reads -----------------------------------------------------------------------

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .. import checkpoint
 from .._io import atomic_write_text
+from ..checkpoint import Checkpoint
 from ..errors import ConfigError
 from ..evaluation import results
 from ..evaluation.sampling import draw_samples
-from ..factory import load_model
+from ..factory import load_checkpoint
 from ..publishing import publish
 from ..training import TrainConfig, recipes, train_preset
 from ..training.report import save_grid
@@ -51,8 +51,7 @@ LOG_EVERY = 10
 
 @dataclass
 class QuickstartResult:
-    """What ``quickstart`` did: the run folder and what it holds, the held-out score, and the
-    commands to try next (``(command, what it does)`` pairs)."""
+    """What ``quickstart`` did: the run folder and what it holds, and the held-out score."""
 
     run_dir: Path
     checkpoint: Path
@@ -66,7 +65,6 @@ class QuickstartResult:
     samples_t: Path
     curves: Path
     card: Path
-    next_commands: list[tuple[str, str]] = field(default_factory=list)
 
 
 def run_folder(out_dir: str | os.PathLike[str] | None, resume: bool = False) -> Path:
@@ -108,33 +106,37 @@ def quickstart(preset: str = DEFAULT_PRESET, *, minutes: float = DEFAULT_MINUTES
     out = run_folder(out_dir, resume)
     # Logged every LOG_EVERY steps: a loaded CPU may make only dozens of steps in the budget,
     # and the curve and the progress lines off a terminal should still show them.
-    config = recipes.train_config(preset, seed=seed, max_seconds=60.0 * minutes,
-                                  log_every=LOG_EVERY)
+    plan = recipes.plan(preset, seed=seed, max_seconds=60.0 * minutes, log_every=LOG_EVERY)
     say(f"training {preset} on {DATASET} (embedded, offline) for up to {minutes:g} min "
-        f"of wall time, at most {_length(config)} of {config.batch_size} images, into {out}")
-    fit = train_preset(preset, DATASET, config, out_dir=out, resume=resume, device=device,
+        f"of wall time, at most {_length(plan.config)} of {plan.config.batch_size} images, "
+        f"into {out}")
+    fit = train_preset(plan, DATASET, out_dir=out, resume=resume, device=device,
                        show_progress=show_progress)
     if fit.checkpoint is None or fit.eval_bpd is None:  # another rank of a torchrun job
         raise ConfigError("quickstart runs in one process; start it without torchrun")
-    run = checkpoint.read_run_record(fit.checkpoint) or {}
-    num_heldout = int((run.get("dataset") or {}).get("num_heldout") or 0)
-    metrics = results.check_metrics({
-        "format": results.FORMAT, "dataset": DATASET, "split": "test", "step": fit.step,
-        "bpd": fit.eval_bpd, "bpd_estimator": "single-sample", "bpd_num_images": num_heldout,
-        "bpd_seed": config.eval_seed, "bpd_batch_size": config.eval_batch_size})
+    ckpt = Checkpoint.open(fit.checkpoint)
+    metrics = _score(ckpt, plan, fit.eval_bpd)
     metrics_path = atomic_write_text(out / METRICS_NAME,
                                      json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     say(f"drawing 64 samples at temperature {TEMPERATURE} and writing the model card")
-    model = load_model(fit.checkpoint)
-    samples_t = save_grid(draw_samples(model, 64, temperature=TEMPERATURE, seed=0,
-                                       device=device), out / SAMPLES_T_NAME)
-    card = publish.write_card(fit.checkpoint, out / publish.CARD_NAME, metrics=metrics,
-                              preset=preset)
+    samples_t = save_grid(draw_samples(load_checkpoint(ckpt), 64, temperature=TEMPERATURE,
+                                       seed=0, device=device), out / SAMPLES_T_NAME)
+    card = atomic_write_text(out / publish.CARD_NAME,
+                             str(publish.make_card(ckpt, plan.entry.recipe, metrics=metrics)))
     return QuickstartResult(
-        run_dir=out, checkpoint=fit.checkpoint, steps=fit.step, stop_reason=fit.stop_reason,
-        heldout_bpd=fit.eval_bpd, num_heldout=num_heldout, metrics=metrics_path,
+        run_dir=out, checkpoint=ckpt.directory, steps=fit.step, stop_reason=fit.stop_reason,
+        heldout_bpd=fit.eval_bpd, num_heldout=metrics["bpd_num_images"], metrics=metrics_path,
         seconds=time.monotonic() - began, samples=out / "samples.png", samples_t=samples_t,
-        curves=out / "curves.png", card=card, next_commands=next_commands(out, preset))
+        curves=out / "curves.png", card=card)
+
+
+def _score(ckpt: Checkpoint, plan: recipes.Plan, bpd: float) -> dict[str, Any]:
+    """The held-out score training measured at its end, in the metrics schema (``results``)."""
+    num_heldout = int(((ckpt.run or {}).get("dataset") or {}).get("num_heldout") or 0)
+    return results.check_metrics({
+        "format": results.FORMAT, "dataset": DATASET, "split": "test", "step": ckpt.step,
+        "bpd": bpd, "bpd_estimator": "single-sample", "bpd_num_images": num_heldout,
+        "bpd_seed": plan.config.eval_seed, "bpd_batch_size": plan.config.eval_batch_size})
 
 
 def _length(config: TrainConfig) -> str:
@@ -143,19 +145,3 @@ def _length(config: TrainConfig) -> str:
     if config.steps is not None:
         return f"{config.steps:,} steps"
     return f"{config.epochs:,} epoch{'s' if config.epochs != 1 else ''} of batches"
-
-
-def next_commands(run_dir: Path, preset: str = DEFAULT_PRESET) -> list[tuple[str, str]]:
-    """What to try after a quickstart run in ``run_dir``: (command, what it does)."""
-    d = shlex.quote(str(run_dir))
-    return [
-        (f"attnflow sample --checkpoint {d} -n 64 --temperature 0.7 -o grid.png",
-         "draw new digits from the trained model"),
-        (f"attnflow evaluate --checkpoint {d} --dataset {DATASET}",
-         "score the held-out digits again (the same noise seed: the same bits/dim)"),
-        (f"tensorboard --logdir {d}", "the training curves and sample grids"),
-        (f"attnflow reproduce {preset} --out {default_run_dir(preset)}",
-         "the entry's whole recipe, then its score and card (offline too)"),
-        ("attnflow train --model attnflow_imap_cifar10_small --dataset cifar10",
-         "a real dataset (downloads CIFAR-10 once; needs the internet)"),
-    ]

@@ -1,6 +1,6 @@
 """``reproduce``: from a zoo entry to a published, comparable checkpoint in one resumable command.
 
-Stages, each writing into the run folder (``--out``) and recorded in ``reproduce.json`` with
+Stages, each writing into the run folder (``out_dir``) and recorded in ``reproduce.json`` with
 the inputs it ran on:
 
 1. ``train``: the entry's recipe (``recipes``) trained by ``training.train_preset`` into
@@ -14,7 +14,7 @@ the inputs it ran on:
 
 A rerun skips every stage whose recorded inputs are unchanged and whose output exists, so a
 killed job is continued by running the same command again; changed training settings in a
-folder that already holds a run are refused (use another ``--out``).
+folder that already holds a run are refused (use another ``out_dir``).
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import checkpoint
 from .._io import atomic_write_text
+from ..checkpoint import Checkpoint
 from ..data import datasets
 from ..errors import ConfigError
 from ..evaluation import results, scores
-from ..factory import create_model
 from ..publishing import publish
-from ..training import TrainConfig, recipes, train_preset
+from ..registry import Recipe
+from ..stages import StageRecord
+from ..training import recipes, train_preset
 from ..training.distributed import DistContext
 from ..training.run import default_run_dir
 
@@ -78,52 +78,173 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             if a.get(k) != b.get(k)]
 
 
-class _State:
-    """``reproduce.json``: per stage, the inputs it ran on and what it wrote."""
+@dataclass
+class _Job:
+    """What ``reproduce`` works on, resolved once at its top: the entry's plan, the data, the
+    run folder with its stage record, the options of the later stages and what was done."""
 
-    def __init__(self, run_dir: Path, write: bool) -> None:
-        self.path = run_dir / STATE_NAME
-        self.write = write
-        self.stages: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            try:
-                self.stages = json.loads(self.path.read_text(encoding="utf-8"))["stages"]
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise ConfigError(f"{self.path} is damaged ({err}); delete it to redo every "
-                                  "stage after training (training resumes from its "
-                                  "checkpoints)") from err
+    plan: recipes.Plan
+    dataset: str | os.PathLike[str]
+    run_dir: Path
+    state: StageRecord
+    limit: int | None
+    eval_limit: int | None
+    num_fid: int
+    fid_reference_limit: int | None
+    inception_weights: str | os.PathLike[str] | None
+    random_inception: bool
+    device: str
+    show_progress: bool | None
+    say: Callable[[str], None]
+    main: bool
+    result: ReproduceResult
 
-    def done(self, stage: str, inputs: dict[str, Any], *outputs: Path) -> dict[str, Any] | None:
-        entry = self.stages.get(stage)
-        if entry and entry.get("done") and entry.get("inputs") == inputs and all(
-                p.exists() for p in outputs):
-            return entry
-        return None
-
-    def record(self, stage: str, inputs: dict[str, Any], done: bool, **outputs: Any) -> None:
-        self.stages[stage] = {"inputs": inputs, "done": done, **outputs}
-        for later in STAGES[STAGES.index(stage) + 1:]:
-            if not done:
-                self.stages.pop(later, None)
-        if self.write:
-            atomic_write_text(self.path, json.dumps({"format": 1, "stages": self.stages},
-                                                    indent=2, sort_keys=True))
+    @property
+    def recipe(self) -> Recipe:
+        return self.plan.recipe  # type: ignore[return-value]  # _prepare checks it is there
 
 
-def _input_shape(preset: str, model_overrides: dict[str, Any]) -> tuple[int, ...]:
-    try:
-        with torch.device("meta"):
-            return tuple(create_model(preset, **model_overrides).input_shape)
-    except (RuntimeError, NotImplementedError):
-        return tuple(create_model(preset, **model_overrides).input_shape)
+def _prepare(preset: str, **options: Any) -> _Job:
+    """Every check before work, and the names resolved once: the entry into its plan, the data,
+    the run folder and its stage record."""
+    until, repo_id = options["until"], options["repo_id"]
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"`until` must be one of {', '.join(STAGES)}, got {until!r}")
+    if repo_id is not None:
+        publish.check_repo_id(repo_id)
+    plan = recipes.plan(preset, model_overrides=options["model_overrides"],
+                        **(options["overrides"] or {}))
+    if plan.recipe is None:
+        raise ConfigError(f"zoo entry {preset!r} has no training recipe; train it with "
+                          "train_preset and explicit settings")
+    dataset = options["dataset"] if options["dataset"] is not None else plan.recipe.dataset
+    if dataset is None:
+        raise ConfigError(f"{preset}'s recipe names no dataset; pass `dataset` (a name or a "
+                          "local folder)")
+    out_dir = options["out_dir"]
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(preset)
+    main = DistContext.from_env().is_main
+    fid_samples = options["fid_samples"]
+    return _Job(
+        plan, dataset, run_dir, StageRecord(run_dir / STATE_NAME, STAGES, write=main),
+        options["limit"] if options["limit"] is not None else plan.recipe.train_limit,
+        options["eval_limit"],
+        (plan.recipe.fid_num_samples if fid_samples is None else fid_samples) or 0,
+        options["fid_reference_limit"], options["inception_weights"],
+        options["random_inception"], options["device"], options["show_progress"],
+        options["log"] or (lambda _line: None), main, ReproduceResult(run_dir))
 
 
-def _total_steps(config: TrainConfig, dataset: Any, shape: tuple[int, ...],
-                 limit: int | None) -> int:
-    if config.steps is not None:
-        return config.steps
-    num = len(datasets.load_for_shape(dataset, "train", shape, limit=limit))  # type: ignore[arg-type]
-    return config.epochs * (num // config.batch_size)  # type: ignore[operator]
+def train(job: _Job) -> Checkpoint | None:
+    """Stage 1: train (or resume) the entry's recipe into the run folder; None on a rank of a
+    torchrun job other than 0."""
+    plan, state, run_dir = job.plan, job.state, job.run_dir
+    inputs = {"preset": plan.name, "dataset": datasets.dataset_label(job.dataset),
+              "recipe": job.recipe.name, "train_config": plan.config.to_dict(),
+              "model_overrides": plan.model_overrides, "limit": job.limit,
+              "eval_limit": job.eval_limit}
+    previous = state.inputs("train")
+    has_run = bool(checkpoint.step_folders(run_dir))
+    if previous is not None and previous != inputs:
+        diff = "; ".join(_differences(previous, inputs))
+        raise ConfigError(f"{run_dir} holds a reproduce run with other settings ({diff}); rerun "
+                          "with the same ones to continue it, or pick another `out_dir`")
+    if previous is None and has_run:
+        raise ConfigError(f"{run_dir} already holds a training run not started by "
+                          "reproduce; pick another `out_dir`")
+    ckpt = Checkpoint.open(run_dir) if has_run else None
+    if state.done("train", inputs) is not None and ckpt is not None:
+        job.say(f"train: done ({ckpt.name}), skipped")
+        job.result.skipped.append("train")
+        return ckpt
+    state.record("train", inputs, False,
+                 started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    total = plan.config.total_steps(0 if plan.config.steps is not None else len(
+        datasets.load_for_shape(job.dataset, "train", plan.input_shape(), limit=job.limit)))
+    step = (ckpt.step or 0) if ckpt is not None else 0
+    if step < total:
+        job.say(f"train: {'resuming from step ' + str(step) if ckpt else 'starting'}, "
+                f"{total} steps of batch {plan.config.batch_size} ({job.recipe.name})")
+        fit = train_preset(plan, job.dataset, out_dir=run_dir, resume=ckpt is not None,
+                           limit=job.limit, eval_limit=job.eval_limit, device=job.device,
+                           show_progress=job.show_progress)
+        if fit.checkpoint is None:  # another rank of a torchrun job: rank 0 goes on
+            return None
+    ckpt = Checkpoint.open(run_dir)
+    state.record("train", inputs, True, checkpoint=ckpt.name)
+    job.result.ran.append("train")
+    return ckpt
+
+
+def evaluate(job: _Job, ckpt: Checkpoint) -> dict[str, Any]:
+    """Stage 2: held-out bits/dim and the standard FID into ``metrics.json``."""
+    recipe, dataset = job.recipe, job.dataset
+    split = recipe.eval_split if datasets.dataset_spec(dataset) else datasets.heldout_split(dataset)
+    weights = job.inception_weights
+    inputs = {"checkpoint": ckpt.name, "split": split, "eval_limit": job.eval_limit,
+              "fid_samples": job.num_fid, "fid_temperature": recipe.fid_temperature,
+              "fid_reference_split": recipe.fid_reference_split,
+              "fid_reference_limit": job.fid_reference_limit,
+              "inception_weights": str(weights) if weights else None,
+              "random_inception": job.random_inception}
+    path = job.run_dir / METRICS_NAME
+    job.result.metrics_path = path
+    if job.state.done("evaluate", inputs, path):
+        job.say(f"evaluate: done ({path.name}), skipped")
+        job.result.skipped.append("evaluate")
+        return results.load_metrics(path)
+    job.say(f"evaluate: {split} bits/dim"
+            + (f" + FID of {job.num_fid} samples" if job.num_fid else ""))
+    metrics = scores.evaluate_checkpoint(
+        ckpt, dataset, split, limit=job.eval_limit, device=job.device, fid=bool(job.num_fid),
+        num_samples=job.num_fid, temperature=recipe.fid_temperature,
+        fid_reference_split=recipe.fid_reference_split,
+        fid_reference_limit=job.fid_reference_limit, inception_weights=weights,
+        random_inception=job.random_inception,
+        statistics_out=job.run_dir / "fid" / f"reference-{recipe.fid_reference_split}.npz",
+        show_progress=job.show_progress)
+    atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    job.state.record("evaluate", inputs, True, metrics=path.name)
+    job.result.ran.append("evaluate")
+    return metrics
+
+
+def card(job: _Job, ckpt: Checkpoint, metrics: dict[str, Any], repo_id: str | None) -> str:
+    """Stage 3: the model card ``README.md`` (the entry's recipe beside the run, the measured
+    numbers beside the papers'); returns its text."""
+    path = job.run_dir / publish.CARD_NAME
+    job.result.card_path = path
+    inputs = {"checkpoint": ckpt.name, "metrics": _digest(metrics), "run": _digest(ckpt.run or {}),
+              "repo_id": repo_id or publish.PLACEHOLDER_REPO}
+    if job.state.done("card", inputs, path):
+        job.say(f"card: done ({path.name}), skipped")
+        job.result.skipped.append("card")
+        return path.read_text(encoding="utf-8")
+    shown, left_out = results.publishable(metrics)
+    for note in left_out:
+        job.say(f"card: not shown: {note}")
+    text = str(publish.make_card(ckpt, job.plan.entry.recipe, repo_id or publish.PLACEHOLDER_REPO,
+                                 metrics=shown, left_out=left_out))
+    atomic_write_text(path, text)
+    job.state.record("card", inputs, True, card=path.name)
+    job.result.ran.append("card")
+    return text
+
+
+def push(job: _Job, ckpt: Checkpoint, text: str, repo_id: str, private: bool) -> str:
+    """Stage 4: the checkpoint and exactly that card to ``repo_id``, in one commit."""
+    inputs = {"checkpoint": ckpt.name, "repo_id": repo_id, "card": _digest(text),
+              "private": private}
+    entry = job.state.done("push", inputs)
+    if entry is not None:
+        job.say(f"push: done ({entry.get('url')}), skipped")
+        job.result.skipped.append("push")
+        return entry.get("url")
+    job.say(f"push: {ckpt.name} + {publish.CARD_NAME} -> {repo_id}")
+    url = publish.upload(ckpt, repo_id, text, private=private)
+    job.state.record("push", inputs, True, url=url)
+    job.result.ran.append("push")
+    return url
 
 
 def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
@@ -136,7 +257,8 @@ def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
               random_inception: bool = False, device: str = "auto", private: bool = False,
               until: str | None = None, show_progress: bool | None = None,
               log: Callable[[str], None] | None = None) -> ReproduceResult:
-    """Train zoo entry ``preset`` with its recipe, score it, write its card, push it.
+    """Train zoo entry ``preset`` with its recipe, score it, write its card, push it: the
+    stages ``train``, ``evaluate``, ``card`` and ``push`` over the entry resolved once.
 
     Args:
         preset: a zoo entry (``attnflow models``).
@@ -155,128 +277,22 @@ def reproduce(preset: str, *, dataset: str | os.PathLike[str] | None = None,
         until: stop after this stage (one of ``STAGES``).
         log: called with one line per stage.
     """
-    say = log or (lambda _line: None)
-    if until is not None and until not in STAGES:
-        raise ConfigError(f"`until` must be one of {', '.join(STAGES)}, got {until!r}")
-    if repo_id is not None:
-        publish.check_repo_id(repo_id)
-    in_recipe, in_train = recipes.split_overrides(dict(overrides or {}))
-    recipe = recipes.apply_overrides(recipes.recipe_of(preset), in_recipe)
-    config = recipes.config_from_recipe(recipe, DistContext.from_env().world_size, **in_train)
-    dataset = dataset if dataset is not None else recipe.dataset
-    if dataset is None:
-        raise ConfigError(f"{preset}'s recipe names no dataset; pass `dataset` (a name or a "
-                          "local folder)")
-    model_overrides = dict(model_overrides or {})
-    limit = limit if limit is not None else recipe.train_limit
-    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(preset)
-    main = DistContext.from_env().is_main
-    state = _State(run_dir, write=main)
-    result = ReproduceResult(run_dir)
-    shape = _input_shape(preset, model_overrides)
-
-    # 1. train ------------------------------------------------------------------------------
-    train_inputs = {"preset": preset, "dataset": scores.dataset_label(dataset),
-                    "recipe": recipe.name, "train_config": config.to_dict(),
-                    "model_overrides": model_overrides, "limit": limit, "eval_limit": eval_limit}
-    previous = state.stages.get("train", {}).get("inputs")
-    has_run = bool(checkpoint.step_folders(run_dir))
-    if previous is not None and previous != train_inputs:
-        diff = "; ".join(_differences(previous, train_inputs))
-        raise ConfigError(f"{run_dir} holds a reproduce run with other settings ({diff}); rerun "
-                          "with the same ones to continue it, or pick another `out_dir`")
-    if previous is None and has_run:
-        raise ConfigError(f"{run_dir} already holds a training run not started by "
-                          "reproduce; pick another `out_dir`")
-    entry = state.done("train", train_inputs)
-    ckpt = checkpoint.resolve_local(run_dir) if has_run else None
-    if entry is not None and ckpt is not None:
-        say(f"train: done ({ckpt.name}), skipped")
-        result.skipped.append("train")
-    else:
-        total = _total_steps(config, dataset, shape, limit)
-        step = (scores.checkpoint_step(ckpt) or 0) if ckpt is not None else 0
-        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        state.record("train", train_inputs, False, started=started)
-        if step < total:
-            say(f"train: {'resuming from step ' + str(step) if ckpt else 'starting'}, "
-                f"{total} steps of batch {config.batch_size} ({recipe.name})")
-            fit = train_preset(preset, dataset, config, out_dir=run_dir, resume=ckpt is not None,
-                               overrides=model_overrides, limit=limit, eval_limit=eval_limit,
-                               device=device, show_progress=show_progress)
-            if fit.checkpoint is None:  # another rank of a torchrun job: rank 0 goes on
-                return result
-        ckpt = checkpoint.resolve_local(run_dir)
-        state.record("train", train_inputs, True, checkpoint=ckpt.name)
-        result.ran.append("train")
-    result.checkpoint = ckpt
-    if not main or until == "train":
+    job = _prepare(preset, dataset=dataset, out_dir=out_dir, repo_id=repo_id, overrides=overrides,
+                   model_overrides=model_overrides, fid_samples=fid_samples,
+                   fid_reference_limit=fid_reference_limit, limit=limit, eval_limit=eval_limit,
+                   inception_weights=inception_weights, random_inception=random_inception,
+                   device=device, until=until, show_progress=show_progress, log=log)
+    result = job.result
+    ckpt = train(job)
+    if ckpt is None:
         return result
-
-    # 2. evaluate ---------------------------------------------------------------------------
-    num_fid = recipe.fid_num_samples if fid_samples is None else fid_samples
-    split = recipe.eval_split if datasets.dataset_spec(dataset) else datasets.heldout_split(dataset)
-    eval_inputs = {"checkpoint": ckpt.name, "split": split, "eval_limit": eval_limit,
-                   "fid_samples": num_fid or 0, "fid_temperature": recipe.fid_temperature,
-                   "fid_reference_split": recipe.fid_reference_split,
-                   "fid_reference_limit": fid_reference_limit,
-                   "inception_weights": str(inception_weights) if inception_weights else None,
-                   "random_inception": random_inception}
-    metrics_path = run_dir / METRICS_NAME
-    if state.done("evaluate", eval_inputs, metrics_path):
-        say(f"evaluate: done ({metrics_path.name}), skipped")
-        result.skipped.append("evaluate")
-        metrics = results.load_metrics(metrics_path)
-    else:
-        say(f"evaluate: {split} bits/dim" + (f" + FID of {num_fid} samples" if num_fid else ""))
-        metrics = scores.evaluate_checkpoint(
-            ckpt, dataset, split, limit=eval_limit, device=device, fid=bool(num_fid),
-            num_samples=num_fid or 0, temperature=recipe.fid_temperature,
-            fid_reference_split=recipe.fid_reference_split,
-            fid_reference_limit=fid_reference_limit, inception_weights=inception_weights,
-            random_inception=random_inception,
-            statistics_out=run_dir / "fid" / f"reference-{recipe.fid_reference_split}.npz",
-            show_progress=show_progress)
-        atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        state.record("evaluate", eval_inputs, True, metrics=metrics_path.name)
-        result.ran.append("evaluate")
-    result.metrics, result.metrics_path = metrics, metrics_path
+    result.checkpoint = ckpt.directory
+    if not job.main or until == "train":
+        return result
+    result.metrics = evaluate(job, ckpt)
     if until == "evaluate":
         return result
-
-    # 3. card -------------------------------------------------------------------------------
-    card_path = run_dir / publish.CARD_NAME
-    record = checkpoint.read_run_record(ckpt)
-    card_inputs = {"checkpoint": ckpt.name, "metrics": _digest(metrics),
-                   "run": _digest(record or {}), "repo_id": repo_id or publish.PLACEHOLDER_REPO}
-    if state.done("card", card_inputs, card_path):
-        say(f"card: done ({card_path.name}), skipped")
-        result.skipped.append("card")
-    else:
-        shown, left_out = results.publishable(metrics)
-        for note in left_out:
-            say(f"card: not shown: {note}")
-        publish.write_card(ckpt, card_path, repo_id, metrics=shown, preset=preset,
-                           left_out=left_out)
-        state.record("card", card_inputs, True, card=card_path.name)
-        result.ran.append("card")
-    result.card_path = card_path
-    if until == "card" or repo_id is None:
-        return result
-
-    # 4. push -------------------------------------------------------------------------------
-    text = card_path.read_text(encoding="utf-8")
-    push_inputs = {"checkpoint": ckpt.name, "repo_id": repo_id, "card": _digest(text),
-                   "private": private}
-    entry = state.done("push", push_inputs)
-    if entry is not None:
-        say(f"push: done ({entry.get('url')}), skipped")
-        result.skipped.append("push")
-        result.url = entry.get("url")
-        return result
-    say(f"push: {ckpt.name} + {card_path.name} -> {repo_id}")
-    url = publish.push_checkpoint(ckpt, repo_id, card=text, private=private)
-    state.record("push", push_inputs, True, url=url)
-    result.ran.append("push")
-    result.url = url
+    text = card(job, ckpt, result.metrics, repo_id)
+    if until != "card" and repo_id is not None:
+        result.url = push(job, ckpt, text, repo_id, private)
     return result
