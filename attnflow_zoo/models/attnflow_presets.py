@@ -1,6 +1,5 @@
-"""The zoo's AttnFlow / MaR-Flow presets and their training recipes (``factory`` imports this
-module, which registers them). They live apart from ``attnflow.py`` to keep the architecture
-file readable (and under the house's 450-line rule)."""
+"""The zoo's AttnFlow / MaR-Flow presets and their training recipes, one style of preset beside
+the architecture (``attnflow.py``); ``factory`` imports this module, which registers them."""
 
 from ..data.datasets import DATASETS
 from ..registry import TINY_RECIPE, Recipe, register_model, register_preset
