@@ -149,7 +149,7 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
             optimizer and EMA state as an uninterrupted run).
         device: "auto" (default: CUDA if available; under torchrun cuda:LOCAL_RANK), "cpu", …
         on_log: called with every metrics record (rank 0).
-        allow_changes: settings a resume may change (``check_resume``; ``--override KEY``).
+        allow_changes: settings a resume may change (``check_resume``).
         run_info: entries for ``run.json`` (``preset``, ``dataset`` {name, path, limit, …}).
         train_labels, eval_labels: the class labels of ``train_data`` / ``eval_data`` ((N,)
             integers), needed by a class-conditional model (``num_classes`` > 0) and unused
@@ -165,36 +165,12 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     dev = _training_device(device, ctx)
     check_device(config, dev)
     info = dict(run_info or {})
-    dataset = train_data if isinstance(train_data, (str, os.PathLike)) else None
-    if dataset is not None:
-        shape = model.input_shape  # type: ignore[attr-defined]
-        split = datasets.heldout_split(dataset)
-        if eval_data is None and split is not None:
-            eval_data, eval_labels = datasets.load_labelled(dataset, split, shape)
-        train_data, train_labels = datasets.load_labelled(dataset, "train", shape)
-        info.setdefault("dataset", data_record(dataset, None, split, None))
-    if config.flip is None:
-        config = config.replace(flip=datasets.default_flip(dataset))
-    model.check_images(train_data[:1])  # type: ignore[attr-defined]
-    if eval_data is not None:
-        model.check_images(eval_data[:1])  # type: ignore[attr-defined]
+    data, config = _RunData.prepare(model, train_data, eval_data, train_labels, eval_labels,
+                                    config, info)
     if config.batch_size % ctx.world_size:
         raise TrainingError(f"batch_size {config.batch_size} is not divisible by the "
                             f"{ctx.world_size} processes")
-    k = model.num_classes
-    named = info.get("dataset") or {}
-    source = dataset or named.get("name") or named.get("path") or "the data"
-    train_labels = labels_for(k, train_labels, f"{source} (train)", len(train_data))
-    if eval_data is not None:
-        eval_labels = labels_for(k, eval_labels, f"{source} (held-out)", len(eval_data))
-    train_data, val_data = carve_validation(train_data, config)
-    train_labels, val_labels = (None, None) if train_labels is None else \
-        carve_validation(train_labels, config)
-    steps_per_epoch = len(train_data) // config.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(train_data)} training images are fewer than one batch of "
-                        f"{config.batch_size}; lower `batch_size`")
-    total_steps = config.total_steps(len(train_data))
+    total_steps = config.total_steps(len(data.train))
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise TrainingError("resume needs the output folder of the run to continue")
@@ -205,10 +181,11 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     try:
         folder.lock()
         barrier(ctx)
-        return _fit_locked(model, (train_data, train_labels), (val_data, val_labels),
-                           (eval_data, eval_labels), config, ctx, dev, out, folder, resume,
-                           total_steps, steps_per_epoch, settings, allow_changes, info,
-                           show_progress, on_log)
+        if out is not None and not resume:
+            check_fresh(out)
+        run = _Run(model, data, config, ctx, dev, folder, out, total_steps, info, on_log)
+        run.begin(resume, settings, tuple(allow_changes))
+        return run.train(show_progress)
     except TrainingInterrupted:
         raise
     except BaseException as err:
@@ -218,216 +195,374 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
         folder.close()
 
 
-def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, folder, resume,
-                total_steps, steps_per_epoch, settings, allow_changes, info, show_progress,
-                on_log) -> FitResult:
-    # Each of train_data, val_data, eval_data is (images, labels or None).
-    (train_data, train_labels), (val_data, val_labels), (eval_data, eval_labels) = \
-        train_data, val_data, eval_data
-    if out is not None and not resume:
-        check_fresh(out)
-    model.to(dev)
-    model.train()
-    model.record_noise_std(config.noise_std)  # before the EMA copies the model and its config
-    optimizer = make_optimizer(param_groups(model, config), config, dev)
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-    num_dims = math.prod(model.input_shape)
+@dataclass
+class _RunData:
+    """The images of a run and their labels (None without): train (the validation images carved
+    out, seeded), validation and held-out (None where there is none)."""
 
-    start_step = 0
-    ema = None
-    previous = None
-    if resume:
-        if config.ema_decay is not None:
-            ema = make_ema(model, config)
-        where, meta = load_newest_intact(out, model, ema.module if ema is not None else None,
-                                         optimizer, scaler)
+    train: Tensor
+    train_labels: Tensor | None
+    val: Tensor | None
+    val_labels: Tensor | None
+    heldout: Tensor | None
+    heldout_labels: Tensor | None
+    batch_size: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train) // self.batch_size
+
+    @classmethod
+    def prepare(cls, model: nn.Module, train: Tensor | str | os.PathLike[str],
+                heldout: Tensor | None, train_labels: Tensor | None,
+                heldout_labels: Tensor | None, config: TrainConfig, info: dict[str, Any]
+                ) -> tuple[_RunData, TrainConfig]:
+        """Load a dataset given by name, check the images and labels fit the model, carve the
+        validation split; the config with the dataset's flip rule where it has none. ``info``
+        gains the dataset's record."""
+        dataset = train if isinstance(train, (str, os.PathLike)) else None
+        if dataset is not None:
+            shape = model.input_shape  # type: ignore[attr-defined]
+            split = datasets.heldout_split(dataset)
+            if heldout is None and split is not None:
+                heldout, heldout_labels = datasets.load_labelled(dataset, split, shape)
+            train, train_labels = datasets.load_labelled(dataset, "train", shape)
+            info.setdefault("dataset", data_record(dataset, None, split, None))
+        if config.flip is None:
+            config = config.replace(flip=datasets.default_flip(dataset))
+        model.check_images(train[:1])  # type: ignore[attr-defined]
+        if heldout is not None:
+            model.check_images(heldout[:1])  # type: ignore[attr-defined]
+        k = model.num_classes
+        named = info.get("dataset") or {}
+        source = dataset or named.get("name") or named.get("path") or "the data"
+        train_labels = labels_for(k, train_labels, f"{source} (train)", len(train))
+        if heldout is not None:
+            heldout_labels = labels_for(k, heldout_labels, f"{source} (held-out)", len(heldout))
+        train, val = carve_validation(train, config)
+        train_labels, val_labels = (None, None) if train_labels is None else \
+            carve_validation(train_labels, config)
+        if len(train) < config.batch_size:
+            raise DataError(f"{len(train)} training images are fewer than one batch of "
+                            f"{config.batch_size}; lower `batch_size`")
+        return cls(train, train_labels, val, val_labels, heldout, heldout_labels,
+                   config.batch_size), config
+
+    def record(self, model: nn.Module) -> dict[str, Any]:
+        """The sizes ``run.json`` keeps of them."""
+        return {"num_train": len(self.train),
+                "num_validation": len(self.val) if self.val is not None else 0,
+                "num_heldout": len(self.heldout) if self.heldout is not None else 0,
+                "validation_split": "carved from train" if self.val is not None else None,
+                "image_shape": list(model.input_shape)}
+
+
+@dataclass
+class _Window:
+    """The training loss and speed since the last log line (the time spent evaluating and
+    checkpointing is left out)."""
+
+    loss: float = 0.0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    pause: float = 0.0
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.start, self.pause = 0.0, 0, time.perf_counter(), 0.0
+
+
+class _Run:
+    """One segment of a training run (``fit``): the model, its optimiser, EMA and schedule, the
+    data and the run folder, stepped from its first step to its last (``train``).
+
+    ``step`` is the optimizer steps done; ``last_train`` / ``last_val`` / ``last_eval`` the
+    latest train, validation and held-out bits/dim; ``history`` what was logged (rank 0)."""
+
+    def __init__(self, model: nn.Module, data: _RunData, config: TrainConfig, ctx: DistContext,
+                 dev: torch.device, folder: RunFolder, out: Path | None, total_steps: int,
+                 info: dict[str, Any], on_log: Callable[[dict[str, Any]], None] | None) -> None:
+        self.model, self.data, self.config, self.ctx, self.dev = model, data, config, ctx, dev
+        self.folder, self.out, self.total_steps = folder, out, total_steps
+        self.info, self.on_log = info, on_log
+        self.step = 0
+        self.resumed = False
+        self.ema: Any = None
+        self.history: list[dict[str, Any]] = []
+        self.last_train: float | None = None
+        self.last_val: float | None = None
+        self.last_eval: float | None = None
+        self.checkpoint_path: Path | None = None
+        self.window = _Window()
+
+    @property
+    def net(self) -> nn.Module:
+        """The weights that are evaluated and published: the EMA's where there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    # --- the start: fresh or resumed ------------------------------------------------------------
+    def begin(self, resume: bool, settings: dict[str, Any], allow: tuple[str, ...]) -> None:
+        """Optimizer, scaler and EMA; the weights of a fresh run (ActNorm's data init) or of
+        the newest intact checkpoint; the run record; the training step and schedule."""
+        model, config = self.model, self.config
+        model.to(self.dev)
+        model.train()
+        model.record_noise_std(config.noise_std)  # before the EMA copies the model and its config
+        self.optimizer = make_optimizer(param_groups(model, config), config, self.dev)
+        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        previous = self._resume(settings, allow) if resume else self._initialise()
+        if self.step >= self.total_steps:
+            raise TrainingError(f"the checkpoint is at step {self.step}, already ≥ the "
+                                f"{self.total_steps} steps asked for; ask for more `steps` to "
+                                "continue")
+        info = self.info
+        base = {**info, "dataset": {**(info.get("dataset") or {}), **self.data.record(model)},
+                "architecture": type(model).__name__, "train_config": config.to_dict(),
+                "world_size": self.ctx.world_size, "device": device_name(self.dev), **versions(),
+                "total_steps": self.total_steps, "recipe": info.get("recipe")}
+        self.folder.start(self.step, base, previous)
+        self._build_step()
+
+    def _resume(self, settings: dict[str, Any], allow: tuple[str, ...]) -> dict[str, Any] | None:
+        """Load the newest intact checkpoint; the run record it carries (None: a new one)."""
+        if self.config.ema_decay is not None:
+            self.ema = make_ema(self.model, self.config)
         # Resuming without EMA from a run that had one: the raw weights load, the EMA is dropped.
-        start_step = int(meta["step"])
-        changed = check_resume(recorded_settings(where), settings, allow_changes)
+        where, meta = load_newest_intact(self.out, self.model,
+                                         self.ema.module if self.ema is not None else None,
+                                         self.optimizer, self.scaler)
+        self.step, self.resumed = int(meta["step"]), True
+        changed = check_resume(recorded_settings(where), settings, allow)
+        previous = None
         try:
             previous = checkpoint.read_run_record(where)
         except CheckpointError as err:  # the record is rewritten from here on
             note(f"{err}; starting a new run record")
-        if ctx.is_main:
-            note(f"resuming from step {start_step} ({where})"
+        if self.ctx.is_main:
+            note(f"resuming from step {self.step} ({where})"
                  + (f"; changed: {', '.join(changed)}" if changed else ""))
-    else:
-        # The explicit data-dependent init (ActNorm) on the first batch, before the EMA copies
-        # the weights. Each rank sees its rows of the global batch; ActNorm averages the
-        # statistics over ranks, which makes them the global batch's.
-        g = _step_generator(config.seed, 0, dev)
-        x_u8, y = _batch(train_data, train_labels, 0, config, steps_per_epoch, dev)
-        x, y = _local_rows(model_input(x_u8, g, config.noise_std), ctx), _local_rows(y, ctx)
+        return previous
+
+    def _initialise(self) -> None:
+        """The explicit data-dependent init (ActNorm) on the first batch, before the EMA copies
+        the weights. Each rank sees its rows of the global batch; ActNorm averages the
+        statistics over ranks, which makes them the global batch's."""
+        config, model = self.config, self.model
+        g = _step_generator(config.seed, 0, self.dev)
+        x_u8, y = self._batch(0)
+        x = _local_rows(model_input(x_u8, g, config.noise_std), self.ctx)
+        y = _local_rows(y, self.ctx)
         initialize_from_data(model, lambda: model.log_density(x, y, generator=g))
         if config.ema_decay is not None:
-            ema = make_ema(model, config)
-    if start_step >= total_steps:
-        raise TrainingError(f"the checkpoint is at step {start_step}, already ≥ the {total_steps} "
-                            "steps asked for; ask for more `steps` to continue")
+            self.ema = make_ema(model, config)
 
-    dataset = dict(info.get("dataset") or {})
-    dataset.update(num_train=len(train_data), num_validation=len(val_data) if val_data is not None
-                   else 0, num_heldout=len(eval_data) if eval_data is not None else 0,
-                   validation_split="carved from train" if val_data is not None else None,
-                   image_shape=list(model.input_shape))
-    base = {**info, "dataset": dataset, "architecture": type(model).__name__,
-            "train_config": config.to_dict(), "world_size": ctx.world_size,
-            "device": device_name(dev), **versions(), "total_steps": total_steps,
-            "recipe": info.get("recipe")}
-    folder.start(start_step, base, previous)
+    def _build_step(self) -> None:
+        """The (DDP-wrapped, maybe compiled) training step and the learning-rate schedule."""
+        config, ctx, model = self.config, self.ctx, self.model
+        trainer: nn.Module = LogDensity(model, config.class_loss_weight)
+        if ctx.active:
+            trainer = nn.parallel.DistributedDataParallel(
+                trainer, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+        if config.compile:  # after the ActNorm init pass (``attnflow_zoo.compilation``)
+            trainer = compile_training(trainer)
+        self.train_step = TrainStep(trainer, list(model.parameters()), self.optimizer,
+                                    config.precision, math.prod(model.input_shape),
+                                    config.grad_clip, self.scaler, lambda t: all_mean(t, ctx))
+        self.scheduler = make_scheduler(self.optimizer, config, self.total_steps)
 
-    trainer: nn.Module = LogDensity(model, config.class_loss_weight)
-    if ctx.active:
-        trainer = nn.parallel.DistributedDataParallel(
-            trainer, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if config.compile:  # after the ActNorm init pass (``attnflow_zoo.compilation``)
-        trainer = compile_training(trainer)
-    train_step = TrainStep(trainer, list(model.parameters()), optimizer, config.precision,
-                           num_dims, config.grad_clip, scaler, lambda t: all_mean(t, ctx))
-    scheduler = make_scheduler(optimizer, config, total_steps)
-    history: list[dict[str, Any]] = []
-    net = ema.module if ema is not None else model
+    # --- one step -------------------------------------------------------------------------------
+    def _batch(self, step: int) -> tuple[Tensor, Tensor | None]:
+        return _batch(self.data.train, self.data.train_labels, step, self.config,
+                      self.data.steps_per_epoch, self.dev)
 
-    def log(record: dict[str, Any]) -> None:
-        if not ctx.is_main:
+    def advance(self, first: bool) -> None:
+        """One optimizer step on the global batch of ``step`` (augmented, dequantised, labels
+        dropped for guidance); no host read (``step.py``)."""
+        config, step = self.config, self.step
+        x_u8, y = self._batch(step)
+        g = _step_generator(config.seed, step + 1, self.dev)
+        if config.augment:
+            x_u8 = augment(x_u8, g, max_shift=config.max_shift, flip=config.flip)
+        x = model_input(x_u8, g, config.noise_std)
+        # Classifier-free label dropout on the global batch, outside the compiled step.
+        y = training_labels(self.model, y, g)
+        x, y = _local_rows(x, self.ctx), _local_rows(y, self.ctx)
+        self.scheduler.step_update(num_updates=step + 1)
+        self.train_step.first(x, g, y) if config.compile and first else self.train_step(x, g, y)
+        if self.ema is not None:
+            self.ema.update(self.model, step=step + 1)
+        self.step = step + 1
+
+    def agree(self, signum: int | None, over: bool) -> tuple[float, float]:
+        """(a stop was asked, the budget is over), the same on every rank: the one per-step
+        read, under DDP only."""
+        stop_value, over_value = float(signum or 0), float(over)
+        if self.ctx.active:
+            flags = torch.tensor([stop_value, over_value], dtype=torch.float64, device=self.dev)
+            stop_value, over_value = all_mean(flags, self.ctx).tolist()
+        return stop_value, over_value
+
+    # --- logging, scoring, checkpoints ----------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        """Keep a metrics record (rank 0): history, ``metrics.jsonl``, TensorBoard, ``on_log``."""
+        if not self.ctx.is_main:
             return
-        history.append(record)
-        folder.log_record(record)
-        if on_log is not None:
-            on_log(record)
+        self.history.append(record)
+        self.folder.log_record(record)
+        if self.on_log is not None:
+            self.on_log(record)
 
-    def score(images: Tensor | None, of: nn.Module, labels: Tensor | None) -> float | None:
+    def guard(self) -> dict[str, Any]:
+        """Read the step's device-side guard: log the skipped non-finite steps, stop after
+        ``max_nonfinite`` in a row."""
+        rebalance()  # a measured thread count follows the machine's other work
+        guard = self.train_step.read()
+        self.window.loss += guard["loss_sum"]
+        self.window.steps += guard["good"]
+        if guard["skipped"]:
+            self.log({"step": self.step, "event": "nonfinite", "train_bpd": guard["last_loss"],
+                      "grad_norm": guard["grad_norm"], "skipped": guard["skipped"],
+                      "consecutive": guard["consecutive"]})
+        if guard["worst"] >= self.config.max_nonfinite:
+            raise TrainingError(
+                f"{guard['worst']} consecutive steps gave a non-finite loss or gradient "
+                f"(found at step {self.step}); lower `lr`, set `grad_clip` or use "
+                "`precision` fp32. No weight was updated by them.")
+        return guard
+
+    def log_window(self, guard: dict[str, Any], left: float | None) -> dict[str, str]:
+        """Log the window's training bits/dim, lr and speed; the progress line's fields."""
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        window, batch = self.window, self.config.batch_size
+        elapsed = time.perf_counter() - window.start - window.pause
+        self.last_train = window.loss / window.steps
+        ips = window.steps * batch / max(elapsed, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log({"step": self.step, "train_bpd": self.last_train, "lr": lr,
+                  "grad_norm": guard["grad_norm"], "images_per_s": ips,
+                  "num_images": window.steps * batch})
+        fields = {"bpd": f"{self.last_train:.4f}", "lr": f"{lr:.2e}", "img/s": f"{ips:.0f}"}
+        if left is not None:
+            fields["left"] = clock(left)
+        window.reset()
+        return fields
+
+    def score(self, images: Tensor | None, of: nn.Module, labels: Tensor | None) -> float | None:
+        """Bits/dim of ``images`` under ``of`` with the run's evaluation noise (None: none)."""
         if images is None:
             return None
-        g = torch.Generator(device=dev).manual_seed(config.eval_seed)
-        return evaluate_bpd(of, images, config.eval_batch_size, g, show_progress=False,
+        g = torch.Generator(device=self.dev).manual_seed(self.config.eval_seed)
+        return evaluate_bpd(of, images, self.config.eval_batch_size, g, show_progress=False,
                             labels=labels)
 
-    def evaluate(step: int) -> float | None:
-        value = None
-        if ctx.is_main:
-            value = score(val_data, net, val_labels)
+    def evaluate(self) -> float | None:
+        """Validation bits/dim (choosing ``best/``) and a sample grid, on rank 0."""
+        value, data, step = None, self.data, self.step
+        if self.ctx.is_main:
+            value = self.score(data.val, self.net, data.val_labels)
             if value is not None:
-                log({"step": step, "split": "validation", "val_bpd": value,
-                     "num_images": len(val_data)})
-                note(f"step {step}: validation bits/dim {value:.4f} ({len(val_data)} images)")
-                folder.consider_best(net, step, value, len(val_data))
-            folder.grid(net, step, dev)
-        barrier(ctx)
+                self.log({"step": step, "split": "validation", "val_bpd": value,
+                          "num_images": len(data.val)})
+                note(f"step {step}: validation bits/dim {value:.4f} ({len(data.val)} images)")
+                self.folder.consider_best(self.net, step, value, len(data.val))
+            self.folder.grid(self.net, step, self.dev)
+        barrier(self.ctx)
         return value
 
-    step = start_step
-    window_loss, window_steps = 0.0, 0
-    window_start = time.perf_counter()
-    window_pause = 0.0
-    last_train = last_eval = last_val = None
-    checkpoint_path: Path | None = None
-    if not resume and config.eval_every is not None:
-        last_val = evaluate(0)
-    budget = config.max_seconds
-    if budget is not None and ctx.is_main:
-        note(f"time budget: {clock(budget)} of wall time for this segment (training stops after "
-             "the step that crosses it, then evaluates and writes its checkpoint)")
-    reason = None
-    # With a time budget the end is whichever comes first: no step count to show an ETA for.
-    with stop_requests() if out is not None else _no_stop() as stop, \
-            progress("train", total=total_steps if budget is None else None,
-                     show=show_progress, start=start_step, every=config.log_every) as advance:
-        began = time.monotonic()
-        while reason is None:
-            x_u8, y = _batch(train_data, train_labels, step, config, steps_per_epoch, dev)
-            g = _step_generator(config.seed, step + 1, dev)
-            if config.augment:
-                x_u8 = augment(x_u8, g, max_shift=config.max_shift, flip=config.flip)
-            x = model_input(x_u8, g, config.noise_std)
-            # Classifier-free label dropout on the global batch, outside the compiled step.
-            y = training_labels(model, y, g)
-            x, y = _local_rows(x, ctx), _local_rows(y, ctx)
-            scheduler.step_update(num_updates=step + 1)
-            # No host read in the step (``step.py``): the non-finite guard stays on the device
-            # and is read at logging / checkpoint steps.
-            train_step.first(x, g, y) if config.compile and step == start_step else \
-                train_step(x, g, y)
-            signum = stop()
-            over = budget is not None and time.monotonic() - began >= budget
-            stop_value, over_value = float(signum or 0), float(over)
-            if ctx.active:  # every rank stops at the same step: the one per-step read (DDP only)
-                flags = torch.tensor([stop_value, over_value], dtype=torch.float64, device=dev)
-                stop_value, over_value = all_mean(flags, ctx).tolist()
-            if ema is not None:
-                ema.update(model, step=step + 1)
-            step += 1
-            reason = STOP_STEPS if step == total_steps else STOP_TIME if over_value > 0 else None
-            last = reason is not None
-            stopping = stop_value > 0 and not last
-            log_now = step % config.log_every == 0 or last
-            save_now = out is not None and (step % config.checkpoint_every == 0 or last
-                                            or stopping)
-            fields: dict[str, str] = {}
-            guard = None
-            if log_now or save_now:
-                rebalance()  # a measured thread count follows the machine's other work
-                guard = train_step.read()
-                window_loss += guard["loss_sum"]
-                window_steps += guard["good"]
-                if guard["skipped"]:
-                    log({"step": step, "event": "nonfinite", "train_bpd": guard["last_loss"],
-                         "grad_norm": guard["grad_norm"], "skipped": guard["skipped"],
-                         "consecutive": guard["consecutive"]})
-                if guard["worst"] >= config.max_nonfinite:
-                    raise TrainingError(
-                        f"{guard['worst']} consecutive steps gave a non-finite loss or gradient "
-                        f"(found at step {step}); lower `lr`, set `grad_clip` or use "
-                        "`precision` fp32. No weight was updated by them.")
-            if log_now and window_steps:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                elapsed = time.perf_counter() - window_start - window_pause
-                last_train = window_loss / window_steps
-                ips = window_steps * config.batch_size / max(elapsed, 1e-9)
-                lr = optimizer.param_groups[0]["lr"]
-                log({"step": step, "train_bpd": last_train, "lr": lr,
-                     "grad_norm": guard["grad_norm"], "images_per_s": ips,
-                     "num_images": window_steps * config.batch_size})
-                fields = {"bpd": f"{last_train:.4f}", "lr": f"{lr:.2e}", "img/s": f"{ips:.0f}"}
-                if budget is not None:
-                    fields["left"] = clock(max(0.0, budget - (time.monotonic() - began)))
-                window_loss, window_steps = 0.0, 0
-                window_start = time.perf_counter()
-                window_pause = 0.0
-            advance(1, **fields)
-            pause_start = time.perf_counter()
-            if last and reason == STOP_TIME and ctx.is_main:
-                note(f"time budget of {clock(budget)} reached at step {step}: evaluating and "
-                     "writing the final checkpoint")
-            if last or (config.eval_every is not None and step % config.eval_every == 0):
-                last_val = evaluate(step)
-            if last and ctx.is_main:
-                last_eval = score(eval_data, net, eval_labels)
-                if last_eval is not None:
-                    log({"step": step, "split": "test", "eval_bpd": last_eval,
-                         "num_images": len(eval_data)})
-            # A skipped step changes no weights: its checkpoint waits for the next good step
-            # (unless the run is stopping or ending).
-            if save_now and (guard["consecutive"] == 0 or last or stopping):
-                status = "finished" if last else "interrupted" if stopping else "running"
-                checkpoint_path = folder.checkpoint(
-                    step, model, ema.module if ema is not None else None, optimizer, scaler,
-                    config.to_dict(), config.keep_checkpoints,
-                    {"world_size": ctx.world_size, "model_class": type(model).__name__,
-                     "eval_bpd": last_eval if last else None}, status, reason)
-                barrier(ctx)
-            window_pause += time.perf_counter() - pause_start
-            if stopping:
-                folder.finish(net, dev, _title(info, model), "interrupted")
-                raise TrainingInterrupted(signum or int(stop_value) or 15, step,
-                                          checkpoint_path or out)  # type: ignore[arg-type]
-    if ctx.is_main:
-        folder.score_best_on_test(net, step, lambda twin: None if eval_data is None
-                                  else (score(eval_data, twin, eval_labels), len(eval_data)))
-        folder.finish(net, dev, _title(info, model), "finished")
-    return FitResult(step, checkpoint_path, last_eval, last_train, history, last_val,
-                     folder.best, reason)
+    def score_heldout(self) -> None:
+        """The held-out split, once, at the end (rank 0)."""
+        data = self.data
+        self.last_eval = self.score(data.heldout, self.net, data.heldout_labels)
+        if self.last_eval is not None:
+            self.log({"step": self.step, "split": "test", "eval_bpd": self.last_eval,
+                      "num_images": len(data.heldout)})
+
+    def save(self, status: str, reason: str | None, last: bool) -> None:
+        """A checkpoint of this step (rotating the older ones)."""
+        model, ctx = self.model, self.ctx
+        self.checkpoint_path = self.folder.checkpoint(
+            self.step, model, self.ema.module if self.ema is not None else None, self.optimizer,
+            self.scaler, self.config.to_dict(), self.config.keep_checkpoints,
+            {"world_size": ctx.world_size, "model_class": type(model).__name__,
+             "eval_bpd": self.last_eval if last else None}, status, reason)
+        barrier(ctx)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def train(self, show_progress: bool | None) -> FitResult:
+        """Step until the last step or the time budget; evaluate, log and checkpoint on the way;
+        ``TrainingInterrupted`` after a stop request, once the step's checkpoint is written."""
+        config, budget = self.config, self.config.max_seconds
+        if not self.resumed and config.eval_every is not None:
+            self.last_val = self.evaluate()
+        if budget is not None and self.ctx.is_main:
+            note(f"time budget: {clock(budget)} of wall time for this segment (training stops "
+                 "after the step that crosses it, then evaluates and writes its checkpoint)")
+        start, reason = self.step, None
+        # With a time budget the end is whichever comes first: no step count to show an ETA for.
+        with stop_requests() if self.out is not None else _no_stop() as stop, \
+                progress("train", total=self.total_steps if budget is None else None,
+                         show=show_progress, start=start, every=config.log_every) as advance:
+            began = time.monotonic()
+            while reason is None:
+                self.advance(first=self.step == start)
+                signum = stop()
+                stop_value, over = self.agree(signum, budget is not None
+                                              and time.monotonic() - began >= budget)
+                reason = (STOP_STEPS if self.step == self.total_steps
+                          else STOP_TIME if over > 0 else None)
+                stopping = stop_value > 0 and reason is None
+                left = None if budget is None else max(0.0, budget - (time.monotonic() - began))
+                guard, fields, save_now = self._report(reason, stopping, left)
+                advance(1, **fields)
+                self._evaluate_and_save(reason, stopping, guard, save_now)
+                if stopping:
+                    self.folder.finish(self.net, self.dev, _title(self.info, self.model),
+                                       "interrupted")
+                    raise TrainingInterrupted(signum or int(stop_value) or 15, self.step,
+                                              self.checkpoint_path or self.out)
+        return self._end(reason)
+
+    def _report(self, reason: str | None, stopping: bool, left: float | None
+                ) -> tuple[dict[str, Any] | None, dict[str, str], bool]:
+        """The guard read and the log line due after a step: (the guard, the progress fields,
+        whether a checkpoint is due)."""
+        config, step, last = self.config, self.step, reason is not None
+        log_now = step % config.log_every == 0 or last
+        save_now = self.out is not None and (step % config.checkpoint_every == 0 or last
+                                             or stopping)
+        guard = self.guard() if log_now or save_now else None
+        fields = self.log_window(guard, left) if log_now and self.window.steps else {}
+        return guard, fields, save_now
+
+    def _evaluate_and_save(self, reason: str | None, stopping: bool,
+                           guard: dict[str, Any] | None, save_now: bool) -> None:
+        """The evaluations and the checkpoint due after a step (their time is no training)."""
+        config, step, last = self.config, self.step, reason is not None
+        pause_start = time.perf_counter()
+        if reason == STOP_TIME and self.ctx.is_main:
+            note(f"time budget of {clock(config.max_seconds)} reached at step {step}: "
+                 "evaluating and writing the final checkpoint")
+        if last or (config.eval_every is not None and step % config.eval_every == 0):
+            self.last_val = self.evaluate()
+        if last and self.ctx.is_main:
+            self.score_heldout()
+        # A skipped step changes no weights: its checkpoint waits for the next good step
+        # (unless the run is stopping or ending).
+        if save_now and (guard["consecutive"] == 0 or last or stopping):  # type: ignore[index]
+            self.save("finished" if last else "interrupted" if stopping else "running", reason,
+                      last)
+        self.window.pause += time.perf_counter() - pause_start
+
+    def _end(self, reason: str | None) -> FitResult:
+        """The best checkpoint scored on the held-out split, the pictures, the result."""
+        data = self.data
+        if self.ctx.is_main:
+            self.folder.score_best_on_test(
+                self.net, self.step, lambda twin: None if data.heldout is None
+                else (self.score(data.heldout, twin, data.heldout_labels), len(data.heldout)))
+            self.folder.finish(self.net, self.dev, _title(self.info, self.model), "finished")
+        return FitResult(self.step, self.checkpoint_path, self.last_eval, self.last_train,
+                         self.history, self.last_val, self.folder.best, reason)
 
 
 def _title(info: dict[str, Any], model: nn.Module) -> str:
