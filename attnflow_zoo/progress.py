@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -129,14 +129,3 @@ def _lines(description: str, total: int | None, start: int, every: int | None,
         print("  ".join(parts), file=sys.stderr, flush=True)
 
     yield advance
-
-
-def track(items: Iterable[T], description: str, total: int | None = None,
-          show: bool | None = None) -> Iterator[T]:
-    """Iterate over ``items`` with progress (see ``progress``)."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with progress(description, total, show) as advance:
-        for item in items:
-            yield item
-            advance()

@@ -208,3 +208,15 @@ def test_no_library_function_is_over_mccabe_12() -> None:
                            "--output-format", "concise", str(PACKAGE)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_every_public_module_is_reachable_from_the_package() -> None:
+    """``az.<name>`` reaches a module of that name (``az.recipes``, ``az.precision``,
+    ``az.latents`` ...): the package lists its public names once and finds its submodules."""
+    import attnflow_zoo as az
+
+    for name in _modules():
+        short = name.split(".")[-1] if name else ""
+        if not short or short.startswith("_"):
+            continue
+        assert getattr(az, short).__name__.split(".")[-1] == short, name
