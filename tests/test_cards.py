@@ -260,13 +260,12 @@ def test_without_metrics_the_card_shows_the_runs_own_metrics_json(
 
 def test_training_checkpoints_carry_no_card_that_denies_their_run_json(tmp_path: Path) -> None:
     from attnflow_zoo.training import train_preset
-    from attnflow_zoo.training.recipes import train_config
+    from attnflow_zoo.training.recipes import plan
 
     out = tmp_path / "run"
-    config = train_config("attnflow_imap_tiny", steps=2, batch_size=8, validation=0,
-                          eval_every=None)
-    train_preset("attnflow_imap_tiny", "digits", config, out_dir=out,
-                 overrides={"in_channels": 1}, limit=16, eval_limit=8, show_progress=False)
+    resolved = plan("attnflow_imap_tiny", model_overrides={"in_channels": 1}, steps=2,
+                    batch_size=8, validation=0, eval_every=None)
+    train_preset(resolved, "digits", out_dir=out, limit=16, eval_limit=8, show_progress=False)
     for folder in (out / "step-0000002", out / "best"):
         if (folder / "README.md").exists():
             text = (folder / "README.md").read_text()

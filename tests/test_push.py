@@ -301,12 +301,12 @@ def test_cards_and_licenses_ship_in_the_wheel(tmp_path: Path) -> None:
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two steps of the tiny AttnFlow on the embedded digits: a run folder with a run record."""
     from attnflow_zoo.training import train_preset
-    from attnflow_zoo.training.recipes import train_config
+    from attnflow_zoo.training.recipes import plan
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    config = train_config(E2E_PRESET, steps=2, batch_size=8, validation=0, eval_every=None)
-    train_preset(E2E_PRESET, "digits", config, out_dir=out, overrides={"in_channels": 1},
-                 limit=32, eval_limit=8, show_progress=False)
+    resolved = plan(E2E_PRESET, model_overrides={"in_channels": 1}, steps=2, batch_size=8,
+                    validation=0, eval_every=None)
+    train_preset(resolved, "digits", out_dir=out, limit=32, eval_limit=8, show_progress=False)
     return out
 
 

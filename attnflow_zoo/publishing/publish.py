@@ -273,17 +273,16 @@ def push_checkpoint(checkpoint_dir: str | os.PathLike[str], repo_id: str, *,
     if not dry_run:
         return upload(ckpt, repo_id, text, private=private, token=token,
                       commit_message=commit_message)
-    checked = _round_trip(ckpt)
+    checked = _round_trip(ckpt, load_checkpoint(ckpt))
     written = atomic_write_text(Path(card_out) if card_out is not None
                                 else ckpt.directory / CARD_NAME, text)
     note(checked)
     return str(written)
 
 
-def _round_trip(ckpt: Checkpoint) -> str:
-    """The pre-push round trip on the images the checkpoint is meant for
+def _round_trip(ckpt: Checkpoint, model: Any) -> str:
+    """The pre-push round trip of ``ckpt``'s model on the images it is meant for
     (``round_trip_inputs``, ``check_round_trip``), as a line to show."""
-    model = load_checkpoint(ckpt)
     images, labels, what = round_trip_inputs(model, ckpt.run)
     return (f"round trip: max |inverse(forward(x)) − x| = "
             f"{check_round_trip(model, images, labels, what=what):.2g} on {what}")
@@ -296,10 +295,11 @@ def upload(ckpt: Checkpoint, repo_id: str, card: str, *, private: bool = False,
     Offline (``HF_HUB_OFFLINE``) or an unreachable Hub is a one-line ``CheckpointError`` and
     nothing is uploaded."""
     check_repo_id(repo_id)
+    model = load_checkpoint(ckpt)  # strictly: a damaged checkpoint is said first
     if offline_mode():
         raise CheckpointError(f"cannot push to {repo_id!r}: the Hub is offline (HF_HUB_OFFLINE "
                               "is set); unset it, or use `dry_run` to write the card locally")
-    checked = _round_trip(ckpt)
+    checked = _round_trip(ckpt, model)
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
