@@ -32,7 +32,7 @@ from .. import checkpoint
 from .._io import atomic_write_text
 from ..checkpoint import Checkpoint
 from ..data import datasets
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from ..evaluation import results, scores
 from ..publishing import publish
 from ..registry import Recipe
@@ -108,8 +108,8 @@ def _prepare(preset: str, **options: Any) -> _Job:
     """Every check before work, and the names resolved once: the entry into its plan, the data,
     the run folder and its stage record."""
     until, repo_id = options["until"], options["repo_id"]
-    if until is not None and until not in STAGES:
-        raise ConfigError(f"`until` must be one of {', '.join(STAGES)}, got {until!r}")
+    if until is not None:
+        check_choice("`until`", until, STAGES)
     if repo_id is not None:
         publish.check_repo_id(repo_id)
     plan = recipes.plan(preset, model_overrides=options["model_overrides"],
