@@ -17,7 +17,7 @@ CLI = ROOT / "cli"
 
 #: The floor of the house: these import only each other (and torch / the standard library).
 GROUND = ("errors", "_io", "progress", "precision", "compilation", "online", "resources",
-          "core", "layers", "logdet_estimators", "priors")
+          "guidance", "core", "layers", "logdet_estimators", "priors")
 
 
 def _module_name(path: Path) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..guidance import guide  # noqa: F401 - the guidance rule, used with the null class
+
 
 class ClassEmbedding(nn.Module):
     """e_y ∈ R^E, one learned vector per class (``nn.Embedding``, N(0, 1) init), and with
@@ -68,19 +70,6 @@ def null_labels(batch: int, null_class: int, device: torch.device | str | None =
                 ) -> Tensor:
     """(batch,) int64 labels that are all the null class (the unconditional branch)."""
     return torch.full((batch,), null_class, dtype=torch.long, device=device)
-
-
-def guide(cond: Tensor | tuple[Tensor, ...], uncond: Tensor | tuple[Tensor, ...],
-          weight: float) -> Tensor | tuple[Tensor, ...]:
-    """Classifier-free guidance of parameters: θ = θ_c + w·(θ_c − θ_u), elementwise, for a
-    tensor or a tuple of tensors (e.g. a prior's (μ, log σ) or a coupling's (shift, scale)
-    computed once with the class and once with the null class). w = 0 returns ``cond`` itself
-    (bit for bit the conditional parameters); w = −1 gives the unconditional ones."""
-    if isinstance(cond, tuple):
-        return tuple(guide(c, u, weight) for c, u in zip(cond, uncond, strict=True))
-    if weight == 0:
-        return cond
-    return cond + weight * (cond - uncond)
 
 
 def training_labels(model: nn.Module, y: Tensor | None, generator: torch.Generator | None
