@@ -1,12 +1,13 @@
 """Progress of every long loop, on a terminal or not, and one-line notes.
 
 On a terminal (stderr is a TTY) a rich bar is shown on stderr. Off a terminal (``nohup``, Slurm,
-CI, ``| tee log``) plain timestamped lines go to stderr instead, flushed: one after the first
-unit (so a log shows at once that the loop runs, and its first ETA), then one every ``every``
-units when the loop gives ``every`` (training: its log interval), else one at most every
-``interval`` seconds and one at the end, each with the count, the loop's latest fields (bpd,
-lr, img/s, …) and the ETA. ``note`` prints one line either way (above a live bar), e.g.
-"resuming from step N".
+CI, ``| tee log``) plain timestamped lines go to stderr instead, flushed, each with the count,
+the loop's latest fields (bpd, lr, img/s, …) and the ETA. A loop that gives ``every``
+(training: its log interval) logs its first unit (so a log shows at once that the run goes on,
+with its first ETA), then every ``every`` units and its end. Any other loop logs once it has run
+``FIRST`` seconds, then at most every ``interval`` seconds, then its end; a loop done sooner
+says nothing. ``note`` prints one line either way (above a live bar), e.g. "resuming from step
+N".
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 _LIVE: list = []  # the rich Progress being shown, so that notes print above it
+#: Off a terminal, seconds before a loop without ``every`` shows its first line.
+FIRST = 5.0
 
 
 def enabled() -> bool:
@@ -64,8 +67,8 @@ def progress(description: str, total: int | None, show: bool | None = None, *, s
             otherwise.
         start: the count already done (a resumed run continues at ``start``/``total``).
         every: off a terminal, a line after the first unit, then whenever the count reaches a
-            multiple of ``every`` (and at ``total``); None: a line after the first unit, then at
-            most every ``interval`` seconds (and at ``total``).
+            multiple of ``every`` (and at ``total``); None: a line once the loop has run
+            ``FIRST`` seconds, then at most every ``interval`` seconds (and at ``total``).
     """
     if show is None and not enabled():
         yield from _lines(description, total, start, every, interval)
@@ -114,10 +117,11 @@ def _lines(description: str, total: int | None, start: int, every: int | None,
         before, count = count, count + n
         now = time.monotonic()
         if every is not None:
-            due = n > 0 and (count // every > before // every or count == total)
+            due = count // every > before // every or count == total or not printed
         else:
-            due = n > 0 and (now - last >= interval or count == total)
-        if not (due or (n > 0 and not printed)):
+            wait = interval if printed else min(FIRST, interval)
+            due = now - last >= wait or (printed and count == total)
+        if n <= 0 or not due:
             return
         last, printed = now, True
         where = f"{count}/{total} ({count / total:.0%})" if total else str(count)

@@ -37,39 +37,54 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+#: The CLI in a fresh interpreter whose address space is capped at 8 GiB: a command that tried
+#: to hold what it should refuse fails here instead of taking the machine's memory.
+CAPPED = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
+          "from attnflow_cli.main import main; main()")
+
+
+def _capped(args: list[object]) -> tuple[int, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", CAPPED, *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr
+
+
 def _one_line(code: int, err: str) -> str:
     lines = [x for x in err.splitlines() if x.strip()]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
     return lines[0]
 
 
 def test_a_strip_no_viewer_could_open_is_refused_before_any_decoding(tiny: Path,
                                                                      tmp_path: Path) -> None:
     out = tmp_path / "strip.png"
-    began = time.monotonic()
-    code, _, err = run(["interpolate", "--checkpoint", tiny / "ckpt", "--a", tiny / "d0.png",
-                        "--b", tiny / "d1.png", "--steps", 10_000_000, "-o", out])
+    code, err = _capped(["interpolate", "--checkpoint", tiny / "ckpt", "--a", tiny / "d0.png",
+                         "--b", tiny / "d1.png", "--steps", 10_000_000, "-o", out])
     line = _one_line(code, err)
     assert "a grid of 10,000,000 images of 1×8×8 is 100,000,002×12 pixels, more than the " \
            "89,478,485 an image viewer opens" in line, line
-    assert time.monotonic() - began < 30 and not out.exists()
+    assert not out.exists()
 
 
 def test_a_sample_grid_or_array_that_cannot_be_held_is_refused(tiny: Path,
                                                                tmp_path: Path) -> None:
-    code, _, err = run(["sample", "--checkpoint", tiny / "ckpt", "-n", 2_000_000, "-o",
-                        tmp_path / "grid.png"])
+    code, err = _capped(["sample", "--checkpoint", tiny / "ckpt", "-n", 2_000_000, "-o",
+                         tmp_path / "grid.png"])
     assert "a grid of 2,000,000 images of 1×8×8 is" in _one_line(code, err)
-    code, _, err = run(["sample", "--checkpoint", tiny / "ckpt", "-n", 10**13, "-o",
-                        tmp_path / "all.npz"])
+    code, err = _capped(["sample", "--checkpoint", tiny / "ckpt", "-n", 10**13, "-o",
+                         tmp_path / "all.npz"])
     line = _one_line(code, err)
     assert "an array of 10,000,000,000,000 images would need about 1.92e+06 GB of memory, " \
            "more than the" in line and "ask for fewer images" in line, line
     assert not list(tmp_path.iterdir())
 
 
-def test_a_long_interpolation_runs_in_batches_with_progress(tiny: Path, tmp_path: Path,
-                                                            capsys) -> None:
+def test_a_long_interpolation_runs_in_batches(tiny: Path, tmp_path: Path, capsys,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnflow_zoo import progress
+
+    monkeypatch.setattr(progress, "FIRST", 0.0)  # a line at the first batch, however quick
     out = tmp_path / "strip.png"
     code, stdout, err = run(["interpolate", "--checkpoint", tiny / "ckpt", "--a", tiny / "d0.png",
                              "--b", tiny / "d1.png", "--steps", 300, "-o", out], capsys)
@@ -112,11 +127,11 @@ def _commands(tiny: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "interpolate": (["interpolate", "--checkpoint", ckpt, "--a", str(tiny / "d0.png"),
                          "--b", str(tiny / "d1.png"), "--steps", "50000", "-o",
-                         str(tmp_path / "s.png")], "interpolate 64/50000"),
+                         str(tmp_path / "s.png")], "/50000 ("),
         "sample": (["sample", "--checkpoint", ckpt, "-n", "500000", "--batch-size", "64",
-                    "-o", str(tmp_path / "s.npz")], "sample 64/500000"),
+                    "-o", str(tmp_path / "s.npz")], "/500000 ("),
         "validate": (["validate", "--dataset", "digits", "--limit", "1000", "--epochs", "100",
-                      "--out", str(tmp_path / "v")], "validate: train 1/"),
+                      "--out", str(tmp_path / "v")], "validate: train "),
         "train": (["train", "--model", "attnflow_imap_tiny", "--in-channels", "1", "--dataset",
                    "digits", "--steps", "100000", "--batch-size", "8", "--limit", "64",
                    "--eval-limit", "8", "--out", str(tmp_path / "t")], "train 1/"),

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from ..core import ConditionalInvertibleModule
 from ..errors import ConfigError, ShapeError
+from ..guidance import guide
 from ..precision import compute_dtype, upcast
 
 
@@ -285,7 +286,7 @@ class TarFlowBlock(ConditionalInvertibleModule):
             if guided:
                 a_u, b_u = self._step(tokens[t], guided_inputs[t], t, guidance_cache,
                                       guidance.attention_temperature)
-                a, b = _mix(a, b, a_u, b_u, guidance.weight_at(t + 1, self.num_tokens))
+                a, b = guide((a, b), (a_u, b_u), guidance.weight_at(t + 1, self.num_tokens))
             tokens.append(torch.addcmul(b, v[:, t + 1], torch.exp(a)))
         return self.permute(torch.stack(tokens, 1))
 
@@ -334,7 +335,7 @@ class TarFlowBlock(ConditionalInvertibleModule):
             if guided:
                 a_u, b_u = (p[:, t] for p in self.conditioner(
                     known, guidance.context, guidance.attention_temperature))
-                a, b = _mix(a, b, a_u, b_u, guidance.weight_at(t, self.num_tokens))
+                a, b = guide((a, b), (a_u, b_u), guidance.weight_at(t, self.num_tokens))
             tokens.append(v[:, t] * torch.exp(a) + b)
         return self.permute(torch.stack(tokens, 1))
 
@@ -350,8 +351,3 @@ class TarFlowBlock(ConditionalInvertibleModule):
             yield w.flip(1, 2) if self.reverse else w
             h = layer(h)
 
-
-def _mix(a: Tensor, b: Tensor, a_u: Tensor, b_u: Tensor, weight: float
-         ) -> tuple[Tensor, Tensor]:
-    """Guidance: (a, b) + w·((a, b) − (a_u, b_u))."""
-    return a + weight * (a - a_u), b + weight * (b - b_u)

@@ -11,7 +11,7 @@ strict safetensors, and sampling state passed as arguments (``layers.tarflow``).
 # annotation of `__init__` to rebuild the config from config.json.
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -399,26 +399,22 @@ TARFLOW_COND_IMAGENET64_RECIPE = TARFLOW_IMAGENET64_RECIPE.replace(
 @register_model(TarFlow, recipe=TARFLOW_TINY_RECIPE)
 def tarflow_cond_tiny() -> TarFlowConfig:
     """Class-conditional TarFlow (3 classes, 10 % label dropout), tiny: 3×8×8, P=2 (tests)."""
-    return TarFlowConfig(image_size=8, in_channels=3, patch_size=2, width=16, num_blocks=2,
-                         layers_per_block=2, head_dim=8, expansion=2, num_classes=3)
+    return replace(tarflow_tiny(), num_classes=3)
 
 
 @register_model(TarFlow, recipe=TARFLOW_COND_DIGITS_RECIPE)
 def tarflow_cond_digits() -> TarFlowConfig:
     """Class-conditional TarFlow on the embedded digits (10 classes): tarflow_digits' shape."""
-    return TarFlowConfig(image_size=32, in_channels=1, patch_size=4, width=128, num_blocks=4,
-                         layers_per_block=2, head_dim=32, num_classes=10)
+    return replace(tarflow_digits(), num_classes=10)
 
 
 @register_model(TarFlow, recipe=TARFLOW_COND_CIFAR10_RECIPE)
 def tarflow_cond_cifar10() -> TarFlowConfig:
     """Class-conditional TarFlow on CIFAR-10 (10 classes): P=2, width 768, 8 × 8."""
-    return TarFlowConfig(image_size=32, in_channels=3, patch_size=2, width=768, num_blocks=8,
-                         layers_per_block=8, num_classes=10)
+    return replace(tarflow_cifar10(), num_classes=10)
 
 
 @register_model(TarFlow, recipe=TARFLOW_COND_IMAGENET64_RECIPE)
 def tarflow_cond_imagenet64() -> TarFlowConfig:
     """Class-conditional TarFlow on ImageNet 64×64 (1000 classes; the paper's FID 2.90 model)."""
-    return TarFlowConfig(image_size=64, in_channels=3, patch_size=2, width=768, num_blocks=8,
-                         layers_per_block=8, num_classes=1000)
+    return replace(tarflow_imagenet64(), num_classes=1000)

@@ -48,7 +48,7 @@ def resource_dir(kind: str) -> Traversable:
             return root
     except ModuleNotFoundError:
         pass
-    return Path(__file__).resolve().parent.parent / kind
+    return Path(__file__).resolve().parents[2] / kind
 
 
 def read_resource(kind: str, name: str) -> str:
