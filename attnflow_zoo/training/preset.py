@@ -32,13 +32,17 @@ def build_seeded(model_name: str, seed: int, overrides: dict[str, Any] | None = 
         return create_model(model_name, **(overrides or {}))
 
 
-def conditional_overrides(model_name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """What ``conditional`` adds to a preset besides ``num_classes``: the class conditions the
-    couplings too (``condition_couplings``) where the preset has affine couplings, as in the
-    ``_cond_`` presets (issue 20: with the priors alone the class barely conditions)."""
-    config = registry.preset_config(model_name, **overrides)
-    if getattr(config, "coupling", None) == "affine" and "condition_couplings" not in overrides:
-        return {"condition_couplings": True}
+def conditional_overrides(model_name: str, overrides: dict[str, Any], config: TrainConfig
+                          ) -> dict[str, Any]:
+    """What ``conditional`` adds to a preset besides ``num_classes``: the class head that its
+    training's ``class_loss_weight`` > 0 needs (Glow's y_cond; issue 20). The couplings stay
+    unconditioned, as in the ``_cond_`` presets: with the class loss, conditioned couplings
+    let the top latent carry the label itself, and Bayes' rule gains nothing (README,
+    "Class-conditional models")."""
+    arch = registry.preset_config(model_name, **overrides)
+    if config.class_loss_weight > 0 and hasattr(arch, "class_head") \
+            and "class_head" not in overrides:
+        return {"class_head": True}
     return {}
 
 
@@ -73,7 +77,7 @@ def train_preset(model_name: str, dataset: str | os.PathLike[str], config: Train
             raise DataError(f"{dataset} has no class labels (no `label` column or class folders "
                             "root/{split}/{class}/), so --conditional cannot train on it; drop "
                             "--conditional or use a labelled dataset")
-        overrides.update(conditional_overrides(model_name, overrides))
+        overrides.update(conditional_overrides(model_name, overrides, config))
     model = build_seeded(model_name, config.seed, overrides)
     if config.flip is None:
         config = config.replace(flip=datasets.default_flip(dataset))
