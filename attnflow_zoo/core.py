@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +51,29 @@ class ConditionalInvertibleModule(InvertibleModule):
     def inverse(self, z: Tensor, context: Tensor | None = None
                 ) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class Guided(NamedTuple):
+    """A condition under classifier-free guidance: the class's (``cond``), the null class's
+    (``uncond``) and the weight w. A layer or prior that receives one computes its parameters
+    θ_c from ``cond`` and θ_u from ``uncond`` on the same input and uses ``guide(θ_c, θ_u, w)``."""
+
+    cond: Tensor
+    uncond: Tensor
+    weight: float
+
+
+def guide(cond: Tensor | tuple[Tensor, ...], uncond: Tensor | tuple[Tensor, ...],
+          weight: float) -> Tensor | tuple[Tensor, ...]:
+    """Classifier-free guidance of parameters: θ = θ_c + w·(θ_c − θ_u), elementwise, for a
+    tensor or a tuple of tensors (e.g. a prior's (μ, log σ) or a coupling's (shift, scale)
+    computed once with the class and once with the null class). w = 0 returns ``cond`` itself
+    (bit for bit the conditional parameters); w = −1 gives the unconditional ones."""
+    if isinstance(cond, tuple):
+        return tuple(guide(c, u, weight) for c, u in zip(cond, uncond, strict=True))
+    if weight == 0:
+        return cond
+    return cond + weight * (cond - uncond)
 
 
 class DataDependentInit:

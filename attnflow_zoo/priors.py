@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .core import diag_normal_logpdf, randn_like_on
+from .core import Guided, diag_normal_logpdf, guide, randn_like_on
 from .errors import ShapeError
 from .layers.nets import ConvLSTM, ZeroConv2d
-from .models.conditioning import Guided, guide
 from .precision import full_precision, upcast
 
 

@@ -6,8 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core import ConditionalInvertibleModule
-from ..models.conditioning import Guided, guide
+from ..core import ConditionalInvertibleModule, Guided, guide
 from ..precision import upcast
 from .nets import ZeroConv2d
 from .normalization import ActNormNoLogdet

@@ -26,8 +26,9 @@ from ..layers.mixlogcdf import MixLogCDFCoupling
 from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import GaussianPrior, MARPrior
+from .attnflow_classes import ClassConditionalFlow, shifted
 from .base import FlowModel
-from .conditioning import ClassEmbedding, ClassPriorShift, LevelConditions
+from .conditioning import ClassEmbedding, LevelConditions
 
 #: Coupling layers by config name: (num_channels, config) -> layer.
 COUPLINGS: dict[str, Callable[[int, "AttnFlowConfig"], InvertibleModule]] = {
@@ -90,19 +91,12 @@ class AttnFlowConfig:
             (see ``models.conditioning``); 0 (default) is unconditional.
         class_embed_channels: E, the width of the class embedding.
         condition_couplings: also feed the class embedding to every affine coupling's
-            conditioner (then the flow's logdet depends on y); needs num_classes > 0. Off in
-            the presets: with the prior shifts it measured worse on the digits, and with a
-            class head it lets the top latent carry the label (README).
-        class_prior_shift: the class also sets every level's prior mean and log-scale directly,
-            a learned (Δμ_y, Δlog σ_y) per class and latent position (``ClassPriorShift``;
-            a class-conditional model only). Old checkpoints: off.
-        class_dropout: p, classifier-free label dropout: ``fit`` trains on each label replaced
-            by a learned null class K with probability p, so the one model is also p(x) and
-            samples with guidance w (``generate(..., guidance=w)``); p > 0 adds the null class
-            (a class-conditional model only). Old checkpoints: 0 (no null class).
-        class_head: a linear classifier on the top latent's spatial mean (Glow's ``y_cond``),
-            logits = W·mean_{H,W}(z_L) + b, zero-initialised; ``fit`` adds its cross-entropy
-            with weight ``TrainConfig.class_loss_weight`` (a class-conditional model only).
+            conditioner (then the flow's logdet depends on y); needs num_classes > 0 (off in
+            the presets: measured worse on the digits, README).
+        class_prior_shift, class_dropout, class_head: the class also shifts every prior's mean
+            and log-scale per position; classifier-free label dropout p to a learned null
+            class K (p > 0); Glow's y_cond head on the top latent (``models.conditioning``,
+            ``models.attnflow_classes``). Old checkpoints: no shift, no null class.
     """
 
     image_size: int = 32
@@ -225,7 +219,7 @@ def flow_step(cfg: AttnFlowConfig, channels: int, size: int, parity: int,
     return FlowSequential(layers)
 
 
-class AttnFlow(FlowModel):
+class AttnFlow(ClassConditionalFlow, FlowModel):
     """Multi-scale flow x -> (z_1, …, z_L) with a mAR (or Gaussian) prior on each factored half.
 
     Per level l: squeeze (C, H, W) -> (4C, H/2, W/2), K steps of
@@ -266,13 +260,7 @@ class AttnFlow(FlowModel):
             self.priors.append(self._make_prior(c_out, (0 if last else c_keep) + e, lvl))
             self.latent_shapes.append((c_out, size, size))
             c = c_keep
-        # Built last and without random draws: the other modules' initial weights are those of a
-        # model without them.
-        self.class_shifts = (nn.ModuleList(ClassPriorShift(cfg.num_classes + int(null), shape)
-                                           for shape in self.latent_shapes)
-                             if cfg.num_classes and cfg.class_prior_shift else None)
-        self.class_head = (_zero_linear(self.latent_shapes[-1][0], cfg.num_classes)
-                           if cfg.num_classes and cfg.class_head else None)
+        self.build_class_modules(null)
 
     def _make_prior(self, channels: int, cond_channels: int, level: int) -> nn.Module:
         cfg = self.config
@@ -285,16 +273,6 @@ class AttnFlow(FlowModel):
                         cfg.prior_output_init)
 
     # --- the flow ---------------------------------------------------------------------------
-    def class_context(self, y: Tensor | int | None, batch: int) -> Tensor | None:
-        """The labels of a class-conditional model as every conditioned computation takes them
-        (``check_labels``: (B,) int64, the null class included), None for an unconditional one;
-        what ``generate_from_noise`` takes as ``context``."""
-        return self.check_labels(y, batch)
-
-    def _conditions(self, labels: Tensor | None, guidance: float = 0.0) -> LevelConditions:
-        return LevelConditions(self.class_embedding, self.class_shifts, labels,
-                               self.config.condition_couplings, guidance)
-
     def encode(self, x: Tensor, y: Tensor | int | None = None
                ) -> tuple[list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]],
                           Tensor]:
@@ -356,7 +334,7 @@ class AttnFlow(FlowModel):
 
         def teacher_forced(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
                            ) -> Tensor:
-            params[lvl] = _shifted(self.priors[lvl].mean_and_log_std(latents[lvl], cond), shift)
+            params[lvl] = shifted(self.priors[lvl].mean_and_log_std(latents[lvl], cond), shift)
             return latents[lvl]
 
         self._descend(teacher_forced, self._conditions(
@@ -426,7 +404,7 @@ class AttnFlow(FlowModel):
             if shift is None:
                 total = total + prior.log_prob(z, cond)
             else:
-                mean, log_std = _shifted(prior.mean_and_log_std(z, cond), shift)
+                mean, log_std = shifted(prior.mean_and_log_std(z, cond), shift)
                 total = total + diag_normal_logpdf(z, mean, log_std)
         return total
 
@@ -437,47 +415,6 @@ class AttnFlow(FlowModel):
         label dropout, gives its unconditional density)."""
         pieces, logdet = self.encode(x, y)
         return self.log_prior(pieces) + logdet
-
-    def class_log_likelihoods(self, x: Tensor) -> Tensor:
-        """log p(x | y) for every class y = 0..K−1, B×K nats (Bayes' rule: p(y | x) is its
-        softmax under a uniform p(y)). With unconditioned couplings the flow runs once and only
-        the priors run per class (the logdet is the same for every y); otherwise the whole
-        model runs on the batch repeated K times."""
-        k, b = self.num_classes, x.shape[0]
-        if k == 0:
-            raise ConfigError("class log-likelihoods need a class-conditional model "
-                              "(num_classes > 0)")
-        labels = torch.arange(k, device=x.device).repeat_interleave(b)
-        if self.config.condition_couplings:
-            return self.log_density(x.repeat(k, 1, 1, 1), labels).view(k, b).t()
-        self._check_input(x)
-        outputs, logdet = self._flow_pass(x, self._conditions(None))
-        conditions = self._conditions(labels)
-
-        def repeated(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.repeat(k, 1, 1, 1)
-
-        pieces = [(repeated(z), *conditions.prior(lvl, repeated(kept), *z.shape[2:]))
-                  for lvl, (z, kept) in enumerate(outputs)]
-        return (self.log_prior(pieces).view(k, b) + logdet).t()
-
-    def class_parameters(self) -> list[nn.Parameter]:
-        """The parameters that exist for the class alone: the class embedding, the per-class
-        prior shifts and the class head (empty for an unconditional model); what
-        ``TrainConfig.class_lr_scale`` trains at its own lr."""
-        modules = (self.class_embedding, self.class_shifts, self.class_head)
-        return [p for m in modules if m is not None for p in m.parameters()]
-
-    def log_density_and_logits(self, x: Tensor, y: Tensor | int | None = None,
-                               generator: torch.Generator | None = None
-                               ) -> tuple[Tensor, Tensor]:
-        """(log p(x | y), (B,); the class head's logits of the top latent z_L, B×K), one pass.
-        With conditioned couplings z_L is computed with y, so the logits can see the label."""
-        if self.class_head is None:
-            raise ConfigError("this model has no class head (class_head=False): train it "
-                              "without a class loss, or build it with class_head=True")
-        pieces, logdet = self.encode(x, y)
-        return self.log_prior(pieces) + logdet, self.class_head(pieces[-1][0].mean((2, 3)))
 
     @torch.no_grad()
     def generate(self, num_samples: int, temperature: float = 1.0,
@@ -524,18 +461,3 @@ class AttnFlow(FlowModel):
 
         return self._descend(sampled, self._conditions(context, guidance))
 
-
-def _shifted(params: tuple[Tensor, Tensor], shift: tuple[Tensor, Tensor] | None
-             ) -> tuple[Tensor, Tensor]:
-    """A prior's (μ, log σ) with a class's (Δμ, Δlog σ) added (unchanged without one)."""
-    if shift is None:
-        return params
-    return params[0] + shift[0], params[1] + shift[1]
-
-
-def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
-    """nn.Linear with zero weight and bias, made without random draws."""
-    layer = nn.Linear(in_features, out_features, device="meta")
-    layer.weight = nn.Parameter(torch.zeros(out_features, in_features))
-    layer.bias = nn.Parameter(torch.zeros(out_features))
-    return layer

@@ -24,13 +24,15 @@ a guided sample takes every prior's and coupling's parameters as θ_y + w·(θ_y
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..core import Guided, guide
 from ..errors import ConfigError
+
+__all__ = ["ClassEmbedding", "ClassPriorShift", "Guided", "LevelConditions", "balanced_labels",
+           "drop_labels", "guide", "null_labels", "prior_condition", "training_labels"]
 
 
 class ClassEmbedding(nn.Module):
@@ -81,19 +83,6 @@ def null_labels(batch: int, null_class: int, device: torch.device | str | None =
     return torch.full((batch,), null_class, dtype=torch.long, device=device)
 
 
-def guide(cond: Tensor | tuple[Tensor, ...], uncond: Tensor | tuple[Tensor, ...],
-          weight: float) -> Tensor | tuple[Tensor, ...]:
-    """Classifier-free guidance of parameters: θ = θ_c + w·(θ_c − θ_u), elementwise, for a
-    tensor or a tuple of tensors (e.g. a prior's (μ, log σ) or a coupling's (shift, scale)
-    computed once with the class and once with the null class). w = 0 returns ``cond`` itself
-    (bit for bit the conditional parameters); w = −1 gives the unconditional ones."""
-    if isinstance(cond, tuple):
-        return tuple(guide(c, u, weight) for c, u in zip(cond, uncond, strict=True))
-    if weight == 0:
-        return cond
-    return cond + weight * (cond - uncond)
-
-
 class ClassPriorShift(nn.Module):
     """Per class y, learned maps (Δμ_y, Δlog σ_y) ∈ R^{C×H×W} added to a level's prior
     parameters: p(z | cond, y) = Π N(z; μ(cond) + Δμ_y, (σ(cond)·exp(Δlog σ_y))²), autoregressive
@@ -118,16 +107,6 @@ class ClassPriorShift(nn.Module):
     def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
         shift = F.embedding(y, self.table).view(-1, 2, *self.shape)
         return shift[:, 0], shift[:, 1]
-
-
-class Guided(NamedTuple):
-    """A condition under classifier-free guidance: the class's (``cond``), the null class's
-    (``uncond``) and the weight w. A layer or prior that receives one computes its parameters
-    θ_c from ``cond`` and θ_u from ``uncond`` on the same input and uses ``guide(θ_c, θ_u, w)``."""
-
-    cond: Tensor
-    uncond: Tensor
-    weight: float
 
 
 def training_labels(model: nn.Module, y: Tensor | None, generator: torch.Generator | None
