@@ -22,6 +22,7 @@ _EXPORTS = {
     "FlowModel": "models.base",
     "AttnFlow": "models.attnflow", "AttnFlowConfig": "models.attnflow",
     "ResFlow": "models.resflow", "ResFlowConfig": "models.resflow",
+    "TarFlow": "models.tarflow", "TarFlowConfig": "models.tarflow",
     "InvertibilityValidator": "models.validator",
     "InvertibilityValidatorConfig": "models.validator",
     "register_model": "registry",

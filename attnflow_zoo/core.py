@@ -154,6 +154,29 @@ def randn_like_on(shape: tuple[int, ...], like: Tensor,
                        dtype=like.dtype).to(like.device)
 
 
+def soft_cap(x: Tensor, bound: float | None) -> Tensor:
+    """x where x ≤ 0, c·tanh(x/c) where x > 0 (c = ``bound``): a smooth (C², slope 1 at 0)
+    upper bound, always < c, that leaves non-positive values exactly as they are; ``bound``
+    None returns x itself.
+
+    Used on log-scales (−log s of a scale s ≤ 1, or log σ) so that the scale an inverse or a
+    sampler multiplies by stays below e^c for any input: the s·tanh soft clip of RealNVP's
+    log-scales (Dinh et al., "Density estimation using Real NVP", ICLR 2017), here with a
+    fixed c and on one side only.
+    """
+    if bound is None:
+        return x
+    return torch.where(x > 0, bound * torch.tanh(x / bound), x)
+
+
+def check_bound(name: str, bound: float | None) -> None:
+    """``ConfigError`` unless ``bound`` (a ``soft_cap`` bound) is None or a finite c > 0."""
+    if bound is not None and not (isinstance(bound, (int, float)) and math.isfinite(bound)
+                                  and bound > 0):
+        raise ConfigError(f"{name} must be a positive number (or None for no bound), "
+                          f"got {bound!r}")
+
+
 def zero_logdet(x: Tensor) -> Tensor:
     """A (B,) zero logdet on x's device and dtype, for volume-preserving layers."""
     return x.new_zeros(x.shape[0])

@@ -14,7 +14,13 @@ import torch
 
 from . import checkpoint, registry
 from .hub import resolve_checkpoint
-from .models import attnflow, attnflow_presets, resflow, validator  # noqa: F401 - registers presets
+from .models import (  # noqa: F401 - registers presets
+    attnflow,
+    attnflow_presets,
+    resflow,
+    tarflow,
+    validator,
+)
 
 
 def list_models(pattern: str = "*") -> list[str]:

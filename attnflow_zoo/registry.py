@@ -19,7 +19,7 @@ from typing import Any
 from .errors import CheckpointError, ConfigError
 
 TASKS = ("density", "invertibility")
-OPTIMIZERS = ("adamax", "adam")
+OPTIMIZERS = ("adamax", "adam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine")
 
@@ -39,13 +39,18 @@ class Recipe:
         task: "density" (maximum likelihood, ``attnflow train``) or "invertibility" (Zha et
             al.'s MSE experiment, run by ``attnflow validate``).
         dataset: the dataset the recipe is for (a key of the data table), None for any.
-        optimizer: "adamax" or "adam".
+        optimizer: "adamax", "adam" or "adamw" (decoupled weight decay).
+        betas: the optimizer's (β₁, β₂); None: torch's default for it.
+        weight_decay: the optimizer's weight decay (0: none).
         lr: learning rate after warm-up, at ``batch_size``.
         warmup_images: linear warm-up from 0, in training images.
         batch_size: global batch.
         epochs: training length in passes over the training split (``steps`` wins).
         steps: training length in optimizer steps.
         schedule: "constant" or "cosine" after warm-up.
+        noise_std: σ > 0 trains on x + σ·ε, ε ~ N(0, I), around the 8-bit bins' centres in
+            model-space units (TarFlow's noise augmentation for sample quality; SPEC §6);
+            0: uniform dequantisation (a likelihood recipe, discrete-data bits/dim).
         max_shift: random translation ≤ ``max_shift`` px (0: no augmentation).
         flip: horizontal flips; None: the dataset's rule (on for CIFAR-10 and CelebA, off for
             digits and local folders).
@@ -70,12 +75,15 @@ class Recipe:
     task: str = "density"
     dataset: str | None = None
     optimizer: str = "adamax"
+    betas: tuple[float, float] | None = None
+    weight_decay: float = 0.0
     lr: float = 8e-4
     warmup_images: int = 10_000
     batch_size: int = 64
     epochs: int | None = None
     steps: int | None = None
     schedule: str = "constant"
+    noise_std: float = 0.0
     max_shift: int = 3
     flip: bool | None = None
     ema_decay: float | None = 0.999
@@ -91,6 +99,12 @@ class Recipe:
     class_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.betas, list):  # JSON / --set give a list
+            object.__setattr__(self, "betas", tuple(self.betas))
+        self._check_choices()
+        self._check_numbers()
+
+    def _check_choices(self) -> None:
         for name, allowed in (("task", TASKS), ("optimizer", OPTIMIZERS),
                               ("precision", PRECISIONS), ("schedule", SCHEDULES)):
             if getattr(self, name) not in allowed:
@@ -98,6 +112,8 @@ class Recipe:
                                   f"{getattr(self, name)!r}")
         if self.steps is None and self.epochs is None:
             raise ConfigError(f"recipe {self.name!r} needs a training length: steps or epochs")
+
+    def _check_numbers(self) -> None:
         for name in ("batch_size", "epochs", "steps", "train_limit", "fid_num_samples"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -120,6 +136,14 @@ class Recipe:
         if not (isinstance(self.fid_temperature, int | float) and self.fid_temperature > 0):
             raise ConfigError(f"recipe fid_temperature must be positive, got "
                               f"{self.fid_temperature!r}")
+        for name in ("weight_decay", "noise_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 <= value < float("inf")):
+                raise ConfigError(f"recipe {name} must be a number ≥ 0, got {value!r}")
+        if self.betas is not None and not (isinstance(self.betas, tuple) and len(self.betas) == 2
+                                           and all(
+                isinstance(b, int | float) and 0 <= b < 1 for b in self.betas)):
+            raise ConfigError(f"recipe betas must be two numbers in [0, 1), got {self.betas!r}")
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with ``changes`` (recipe fields only; checked again)."""

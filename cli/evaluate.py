@@ -63,5 +63,9 @@ def evaluate(
     if "bayes_accuracy" in result:
         console.print(f"Bayes-rule accuracy {result['bayes_accuracy']:.4f} (argmax over the "
                       f"classes of log p(x | y), {result['bayes_num_images']} images)")
+    if result.get("bpd_noise_std"):
+        console.print(f"(a sample-quality checkpoint trained with Gaussian noise σ = "
+                      f"{result['bpd_noise_std']:g}: this bits/dim is not a discrete-data "
+                      "bits/dim and is not comparable with likelihood checkpoints)")
     if "fid" in result:
         console.print(f"FID {result['fid']:.2f} ({result['fid_num_samples']} samples)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -21,15 +22,18 @@ def interpolate(
                       ] = Path("interpolation.png"),
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")
                       ] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Interpolate two images along a great circle of their whitened latents (as Glow does).
 
     Every level's latent is standardised by its prior given the coarser levels (the mAR prior
     channel by channel), the two vectors are joined by spherical interpolation, and each point
-    is decoded through the priors' recurrence and the inverse flow.
+    is decoded through the priors' recurrence and the inverse flow. It reports how many images
+    were non-finite or out of range before the uint8 conversion (drawn marked).
     """
     from rich.console import Console
 
+    from attnflow_zoo.data.quantize import describe_unrepresentable
     from attnflow_zoo.evaluation.latents import check_steps, interpolate_files
     from attnflow_zoo.factory import load_model
 
@@ -37,9 +41,14 @@ def interpolate(
     check_steps(steps)
     model = load_model(source)
     result = interpolate_files(model, a, b, steps, output, device=device)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
     console = Console()
     console.print(f"wrote {result['steps']} images from {a} to {b} to {result['path']}")
-    if result["num_nonfinite"]:
-        console.print(f"warning: {result['num_nonfinite']} of them decoded to non-finite values "
-                      "(drawn black): the model's inverse overflows between these images, "
-                      "which happens away from the data a short training run has seen")
+    nonfinite, out_of_range = result["num_nonfinite"], result["num_out_of_range"]
+    console.print(("warning: " if nonfinite or out_of_range else "")
+                  + describe_unrepresentable(steps, nonfinite, out_of_range))
+    if nonfinite:
+        console.print("the model's inverse overflows between these images, which happens away "
+                      "from the data a short training run has seen")

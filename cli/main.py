@@ -16,6 +16,7 @@ import typer
 
 from . import (
     card,
+    convert,
     evaluate,
     inspection,
     interpolate,
@@ -72,6 +73,7 @@ app.command("reproduce")(reproduce.reproduce)
 app.command("reconstruct")(reconstruct.reconstruct)
 app.command("interpolate")(interpolate.interpolate)
 app.command("inspect")(inspection.inspect)
+app.add_typer(convert.app, name="convert")
 
 
 def _fail(message: str, code: int) -> None:

@@ -37,7 +37,7 @@ def train(
                                                rich_help_panel=_OPTIM)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Global batch size.",
                                                    rich_help_panel=_OPTIM)] = None,
-    lr: Annotated[float | None, typer.Option(help="Adamax learning rate.",
+    lr: Annotated[float | None, typer.Option(help="Learning rate (of the recipe's optimizer).",
                                              rich_help_panel=_OPTIM)] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up, in optimizer steps.",
                                                      rich_help_panel=_OPTIM)] = None,
@@ -54,6 +54,12 @@ def train(
                                               "(default: the dataset's rule: off for digits and "
                                               "local folders).",
                                               rich_help_panel=_DATA)] = None,
+    noise_std: Annotated[float | None, typer.Option(help="Train on the bins' centres plus "
+                                                    "Gaussian noise of this σ (model space; "
+                                                    "TarFlow's sample-quality training; the "
+                                                    "checkpoint records it). 0: uniform "
+                                                    "dequantisation.",
+                                                    rich_help_panel=_DATA)] = None,
     limit: Annotated[int | None, typer.Option(help="Use N training images: a seeded random "
                                               "subset, the same in every command.",
                                               rich_help_panel=_DATA)] = None,
@@ -105,7 +111,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.",
                                         rich_help_panel=_RUN)] = "auto",
 ) -> None:
-    """Train a zoo preset by maximum likelihood (Adamax + warm-up + EMA, mAR-SCF recipe).
+    """Train a zoo preset by maximum likelihood with its recipe (optimizer, warm-up, EMA, noise).
 
     Options left out take the preset's training recipe (`attnflow models` shows it), e.g.
     `attnflow train --model attnflow_imap_cifar10 --dataset cifar10` trains the published
@@ -125,7 +131,8 @@ def train(
                                    ("in_channels", in_channels)) if v is not None}
     given = {"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr,
              "warmup_steps": warmup_steps, "schedule": schedule, "grad_clip": grad_clip,
-             "augment": augment, "flip": flip, "checkpoint_every": checkpoint_every,
+             "augment": augment, "flip": flip, "noise_std": noise_std,
+             "checkpoint_every": checkpoint_every,
              "log_every": log_every, "eval_every": eval_every,
              "eval_batch_size": eval_batch_size, "seed": seed, "compile": compile,
              "precision": precision if amp is None else {"none": "fp32"}.get(amp, amp),

@@ -61,7 +61,10 @@ def test_logdet_matches_brute_force(name: str, channels: int) -> None:
     ("marflow_tiny", {}), ("marflow_tiny", {"prior": "gaussian"}),
     ("attnflow_imap_tiny", {}), ("attnflow_imap_channel_tiny", {}),
     ("attnflow_imap_tiny", {"imap_gate": "sigmoid", "imap_init_logit": 4.0}),
-    ("attnflow_imap_channel_tiny", {"imap_gate": "sigmoid", "imap_init_logit": 2.0})])
+    ("attnflow_imap_channel_tiny", {"imap_gate": "sigmoid", "imap_init_logit": 2.0}),
+    ("attnflow_imap_tiny", {"imap_gate": "sigmoid", "imap_init_logit": 4.0,
+                            "imap_log_gate_bound": 0.05, "coupling_log_scale_bound": 0.5}),
+    ("marflow_tiny", {"prior": "gaussian", "coupling_log_scale_bound": None})])
 def test_bits_per_dim_at_init_is_analytic(name: str, overrides: dict,
                                           gen: torch.Generator) -> None:
     """At construction (eval mode, ActNorm not yet data-initialised) the model is linear:
@@ -84,7 +87,13 @@ def test_bits_per_dim_at_init_is_analytic(name: str, overrides: dict,
             assert torch.all(module.log_scale == cfg.imap_init_logit)
             assert float(module.gate_bias.detach()) == cfg.imap_init_logit
     d = math.prod(model.input_shape)
-    log_s2, log_g = (math.log(1 / (1 + math.exp(-v))) for v in (2.0, cfg.imap_init_logit))
+
+    def log_sigmoid(v: float, bound: float | None) -> float:  # soft-clipped above −bound
+        ls = math.log(1 / (1 + math.exp(-v)))
+        return ls if bound is None else -bound * math.tanh(-ls / bound)
+
+    log_s2 = log_sigmoid(2.0, cfg.coupling_log_scale_bound)
+    log_g = log_sigmoid(cfg.imap_init_logit, cfg.imap_log_gate_bound)
     if cfg.imap_gate == "normalized":  # σ(·)/σ(c): exactly the identity at init
         log_g = 0.0
     c, side, logdet, num_attn = cfg.in_channels, cfg.image_size, 0.0, 0

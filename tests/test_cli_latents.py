@@ -4,6 +4,7 @@ The PNGs are read back: their sizes and the pixels the commands promise."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -88,13 +89,48 @@ def test_interpolate(trained, digits, tmp_path):
     code, stdout, err = run(["interpolate", "--checkpoint", trained, "--a", digits[0], "--b",
                              digits[1], "--steps", 6, "-o", out, "--device", "cpu"])
     assert code == 0, err
-    assert "wrote 6 images" in stdout and "non-finite" not in stdout
+    assert "wrote 6 images" in stdout and "0 of 6 images non-finite" in stdout
+    assert "0 out of range" in stdout and "warning" not in stdout
     assert Image.open(out).size == (6 * CELL + 2, CELL + 2)
     a, b = (read_image(p, (1, SIZE, SIZE))[0].numpy() for p in digits[:2])
     assert np.array_equal(_cell(out, 0, 0), a) and np.array_equal(_cell(out, 0, 5), b)
     middle = _cell(out, 0, 2).astype(int)
     assert np.abs(middle - a).mean() > 1 and np.abs(middle - b).mean() > 1
     assert middle.std() > 10  # an image, not an overflow drawn black
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "interpolate"])
+def test_json_reports_what_the_uint8_conversion_hid(command, trained, digits, tmp_path):
+    args = (["--image", digits[0], "--image", digits[1]] if command == "reconstruct"
+            else ["--a", digits[0], "--b", digits[1], "--steps", 4])
+    code, stdout, err = run([command, "--checkpoint", trained, *args, "-o",
+                             tmp_path / "out.png", "--device", "cpu", "--json"])
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["num_nonfinite"] == 0 and result["num_out_of_range"] == 0
+    assert result["path"] == str(tmp_path / "out.png")
+
+
+def test_sample_reports_and_marks_overflowing_images(trained, tmp_path):
+    """At an absurd temperature every sample is non-finite or out of range: the command says
+    how many (text and JSON) and draws none of them as a plain black tile."""
+    out = tmp_path / "grid.png"
+    base = ["sample", "--checkpoint", trained, "-n", 4, "--nrow", 4, "--seed", 1, "-o", out,
+            "--device", "cpu"]
+    code, stdout, err = run([*base, "--temperature", 1e30, "--json"])
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["num_images"] == 4
+    assert result["num_nonfinite"] + result["num_out_of_range"] == 4
+    for col in range(4):
+        cell = _cell(out, 0, col)
+        assert cell.min() == 0 and cell.max() == 255  # marked, not a silent black tile
+    code, stdout, err = run([*base, "--temperature", 1e30])
+    assert code == 0, err
+    assert "warning: " in stdout and "of 4 images non-finite" in stdout
+    code, stdout, err = run([*base, "--temperature", 0.5])
+    assert code == 0, err
+    assert "warning" not in stdout and "0 of 4 images non-finite" in stdout
 
 
 def test_inspect_trained_imap(trained, digits, tmp_path):

@@ -23,8 +23,10 @@ from attnflow_zoo.training import fit
 from attnflow_zoo.training.config import TrainConfig
 
 az.list_models()  # registers the presets
+# AttnFlow's (the class-conditional TarFlow is checked in test_tarflow.py and test_zoo.py).
 COND_TINY = [n for n in az.list_models("*_tiny")
-             if getattr(registry.preset_config(n), "num_classes", 0)]
+             if getattr(registry.preset_config(n), "num_classes", 0)
+             and registry.get_entry(n).model_cls is az.AttnFlow]
 
 
 class _AtClass(nn.Module):

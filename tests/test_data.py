@@ -265,3 +265,43 @@ def test_embedded_digits_load_offline(tmp_path) -> None:
     assert sorted(set(ds["label"])) == list(range(10))
     assert all(n == 100 for n in torch.bincount(torch.tensor(ds["label"])).tolist())
     assert datasets.card_info("digits")["hub_id"] is None
+
+
+def test_unrepresentable_images_are_counted_and_marked_never_black():
+    """The rule: non-finite = some NaN/±inf; out of range = finite with some |x| > ½ + margin
+    (|x| > 1). Flagged images come back as a checkerboard (non-finite) or inside a dotted frame
+    (out of range, otherwise the clamped image); the others exactly as ``from_model_space``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 8, 8, generator=g) - 0.5
+    x[1, 0, 3, 3] = float("nan")
+    x[2, 0, 0, 5] = float("inf")
+    x[3, 0, 4, 4] = -0.99  # past the data range, within the margin: clamped, not flagged
+    x[4, 0, 2, 6] = 1.5
+    x[5] = -3.0  # all far below the range: would be a plain black tile
+    non_finite, out_of_range = quantize.unrepresentable(x)
+    assert non_finite.tolist() == [False, True, True, False, False, False]
+    assert out_of_range.tolist() == [False, False, False, False, True, True]
+    checked = quantize.checked_images(x)
+    assert (checked.num_nonfinite, checked.num_out_of_range) == (2, 2)
+    assert checked.counts() == {"num_images": 6, "num_nonfinite": 2, "num_out_of_range": 2}
+    assert "2 of 6 images non-finite" in checked.summary()
+    plain = quantize.from_model_space(x)
+    for i in (0, 3):
+        assert torch.equal(checked.images[i], plain[i])
+    for i in (1, 2):  # 4×4 squares alternating black and white
+        tile = checked.images[i, 0]
+        assert tile[0, 0] == 0 and tile[0, 4] == 255 and tile[4, 4] == 0 and tile[4, 0] == 255
+    for i in (4, 5):
+        tile = checked.images[i, 0]
+        assert torch.equal(tile[1:-1, 1:-1], plain[i, 0, 1:-1, 1:-1])
+        assert tile[0, 0] == 0 and tile[0, 1] == 255 and tile[7, 0] == 255 and tile[7, 7] == 0
+    assert all(int(t.max()) == 255 for t in checked.images[1:3])
+    assert int(checked.images[5].max()) == 255  # not black
+
+
+def test_checked_images_concatenate():
+    x = torch.full((2, 1, 4, 4), float("nan"))
+    parts = [quantize.checked_images(x), quantize.checked_images(torch.zeros(3, 1, 4, 4))]
+    both = quantize.CheckedImages.concat(parts)
+    assert both.images.shape == (5, 1, 4, 4) and both.num_nonfinite == 2
+    assert both.num_out_of_range == 0

@@ -195,3 +195,50 @@ def test_older_config_without_the_gate_keys_loads_the_gate_it_was_trained_with(t
     assert loaded.config.imap_gate == "sigmoid" and loaded.config.imap_init_logit == 4.0
     x = torch.rand(2, *old.input_shape, generator=torch.Generator().manual_seed(1)) - 0.5
     torch.testing.assert_close(loaded(x)[0], old(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("attnflow_imap_tiny", {"prior": "gaussian"}),
+    ("attnflow_itrans_cond_couplings_tiny", {}),
+    ("marflow_tiny", {})])
+def test_older_config_without_the_bound_keys_loads_unbounded_bit_for_bit(tmp_path, name,
+                                                                        overrides):
+    """A config.json from before the soft clips (no coupling_log_scale_bound,
+    imap_log_gate_bound, prior_log_std_bound) meant unbounded scales, gates and prior σ: it loads
+    as that, and density, latents and samples are the saved model's bit for bit. The same
+    weights under today's bounds compute something else (so the comparison can fail)."""
+    import warnings
+
+    from attnflow_zoo.models.attnflow import AttnFlowConfig
+    from attnflow_zoo.testing import perturb_parameters
+
+    keys = ("coupling_log_scale_bound", "imap_log_gate_bound", "prior_log_std_bound")
+    legacy = {k: AttnFlowConfig.LEGACY_DEFAULTS[k] for k in keys}
+    assert all(v is None for v in legacy.values())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        old = az.create_model(name, **overrides, **legacy).eval()
+    perturb_parameters(old, 0.5, torch.Generator().manual_seed(3))
+    old.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    payload = json.loads(cfg_path.read_text())
+    for k in keys:
+        del payload["config"][k]
+    cfg_path.write_text(json.dumps(payload))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = az.load_model(tmp_path).eval()
+    bounded = az.create_model(name, **overrides).eval()
+    bounded.load_state_dict(old.state_dict())
+    y = torch.tensor([0, 1]) if old.config.num_classes else None
+    x = torch.rand(2, *old.input_shape, generator=torch.Generator().manual_seed(1)) - 0.5
+
+    def outputs(model):  # noqa: ANN001, ANN202
+        with torch.no_grad():
+            z, logdet = model(x, y)
+            return (z, logdet, model.log_density(x, y), model.inverse(z * 3, y),
+                    model.generate(2, 1.0, torch.Generator().manual_seed(2), y=y))
+
+    for got, want in zip(outputs(loaded), outputs(old), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(outputs(bounded)[1], outputs(old)[1])

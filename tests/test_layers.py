@@ -22,6 +22,7 @@ LAYERS = {
     "invconv": lambda c: InvConv1x1(c, generator=torch.Generator().manual_seed(1)),
     "coupling": lambda c: AffineCoupling(c, hidden_channels=8),
     "coupling_odd": lambda c: AffineCoupling(c + 1, hidden_channels=8),
+    "coupling_bounded": lambda c: AffineCoupling(c, hidden_channels=8, log_scale_bound=0.5),
     "squeeze": lambda c: Squeeze(2),
     "step": lambda c: FlowSequential(
         ActNorm(c), InvConv1x1(c, generator=torch.Generator().manual_seed(1)), AffineCoupling(c, 8)

@@ -46,6 +46,11 @@ LAYERS: dict[str, tuple[Callable[[int, int, int, int], nn.Module], tuple[int, in
     "imap_channel_normalized_odd_c": (
         lambda c, h, w, p: IMap(c, h, w, p, "channel", init_logit=1.5, gate="normalized"),
         (3, 3, 5)),
+    "imap_spatial_bounded": (
+        lambda c, h, w, p: IMap(c, h, w, p, "spatial", log_gate_bound=1.0), (4, 4, 4)),
+    "imap_channel_normalized_bounded_odd_c": (
+        lambda c, h, w, p: IMap(c, h, w, p, "channel", init_logit=0.0, gate="normalized",
+                                log_gate_bound=0.5), (3, 3, 5)),
     "itrans_p1": (lambda c, h, w, p: ITrans(c, h, w, p, patch_size=1), (4, 4, 4)),
     "itrans_p2": (lambda c, h, w, p: ITrans(c, h, w, p, patch_size=2), (4, 4, 4)),
     "itrans_p2_odd_c": (lambda c, h, w, p: ITrans(c, h, w, p, patch_size=2), (3, 4, 6)),
@@ -165,12 +170,16 @@ def test_gradients_reach_every_parameter(name: str) -> None:
 
 @pytest.mark.parametrize("name", [n for n in LAYERS if n.startswith("imap")])
 def test_imap_starts_near_the_identity(name: str) -> None:
-    """Published gate: y = σ(4)·x = 0.982·x; normalized gate: y = x exactly, for any c."""
+    """Published gate: y = σ(4)·x = 0.982·x (with a bound c_g: exp(−c_g·tanh(−log σ(4)/c_g))·x);
+    normalized gate: y = x exactly, for any c and any bound."""
     make, shape = LAYERS[name]
     x = _input((2, *shape))
     layer = make(*shape, 0).double()
     z, logdet = layer(x)
-    sigma = 1.0 if "normalized" in name else torch.sigmoid(torch.tensor(4.0).double()).item()
+    log_sigma = math.log(torch.sigmoid(torch.tensor(4.0).double()).item())
+    if layer.log_gate_bound is not None:
+        log_sigma = -layer.log_gate_bound * math.tanh(-log_sigma / layer.log_gate_bound)
+    sigma = 1.0 if "normalized" in name else math.exp(log_sigma)
     torch.testing.assert_close(z, x * sigma, rtol=1e-15, atol=1e-15)
     expected = torch.full((2,), x[0].numel() * math.log(sigma), dtype=x.dtype)
     torch.testing.assert_close(logdet, expected, rtol=1e-12, atol=1e-12)
@@ -252,9 +261,12 @@ def test_imap_jacobian_is_triangular_with_diagonal_blocks(name: str, parity: int
     jac = _jacobian(layer, x)
     masked, unmasked = _split(layer)
     c, h, w = LAYERS[name][1]
-    # y_M = σ(s_c)·x_M (normalized gate: σ(s_c)/σ(c)·x_M): a fixed diagonal map of x_M alone.
-    scale = (torch.sigmoid(layer.log_scale) * math.exp(-layer.log_gate_offset)
-             ).view(-1, 1, 1).expand(c, h, w).reshape(-1)
+    # y_M = σ(s_c)·x_M (normalized gate: σ(s_c)/σ(c)·x_M; σ soft-clipped when bounded): a
+    # fixed diagonal map of x_M alone.
+    log_sigma = torch.nn.functional.logsigmoid(layer.log_scale)
+    if layer.log_gate_bound is not None:
+        log_sigma = -layer.log_gate_bound * torch.tanh(-log_sigma / layer.log_gate_bound)
+    scale = torch.exp(log_sigma - layer.log_gate_offset).view(-1, 1, 1).expand(c, h, w).reshape(-1)
     torch.testing.assert_close(jac[masked][:, masked], torch.diag(scale[masked]))
     assert (jac[masked][:, unmasked] == 0).all()
     # y_U = x_U ⊙ σ(a(x_M) + b): diagonal in x_U (nothing is taken from other unmasked values).
@@ -331,6 +343,8 @@ FLOAT32_LAYERS = {
     "imap_channel": lambda c, h, w: IMap(c, h, w, 1, "channel"),
     "imap_spatial_normalized": lambda c, h, w: IMap(c, h, w, 1, "spatial", init_logit=0.0,
                                                     gate="normalized"),
+    "imap_spatial_normalized_bounded": lambda c, h, w: IMap(c, h, w, 1, "spatial", init_logit=0.0,
+                                                            gate="normalized", log_gate_bound=4.0),
     "itrans_p1": lambda c, h, w: ITrans(c, h, w, 1, patch_size=1),
     "itrans_p2": lambda c, h, w: ITrans(c, h, w, 1, patch_size=2),
     "itrans_p4": lambda c, h, w: ITrans(c, h, w, 1, patch_size=4),

@@ -13,7 +13,7 @@ from PIL import Image
 import attnflow_zoo as az
 from attnflow_zoo.core import resolve_device
 from attnflow_zoo.errors import ConfigError
-from attnflow_zoo.evaluation.sampling import draw_samples, save_samples
+from attnflow_zoo.evaluation.sampling import draw_checked_samples, draw_samples, save_samples
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _toy_flow import ToyFlow, ToyFlowConfig  # noqa: E402
@@ -86,3 +86,17 @@ def test_bf16_sampling_on_cpu_close_to_fp32() -> None:
     assert diff.float().mean() < 0.5 and diff.max() <= 2
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         draw_samples(model, 2, precision="fp16")
+
+
+def test_overflowing_draws_are_counted_and_marked(model: ToyFlow) -> None:
+    """At an absurd temperature a zoo model's samples overflow: every image is counted as
+    non-finite or out of range, none is drawn as a plain black tile, and ``draw_samples``
+    gives the same (marked) images."""
+    flow = az.create_model("marflow_tiny", prior="gaussian").eval()
+    drawn = draw_checked_samples(flow, 6, temperature=1e30, seed=1, batch_size=4)
+    assert drawn.num_nonfinite + drawn.num_out_of_range == 6
+    assert all(int(image.max()) == 255 and int(image.min()) == 0 for image in drawn.images)
+    assert torch.equal(draw_samples(flow, 6, temperature=1e30, seed=1, batch_size=4),
+                       drawn.images)
+    calm = draw_checked_samples(model, 6, temperature=0.5, seed=1)
+    assert (calm.num_nonfinite, calm.num_out_of_range) == (0, 0)

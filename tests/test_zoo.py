@@ -94,7 +94,7 @@ def _flow(model: nn.Module) -> nn.Module:
 
 def test_every_family_has_tiny_presets() -> None:
     families = {az.registry.get_entry(n).model_cls.__name__ for n in TINY}
-    assert families == {"AttnFlow", "ResFlow", "InvertibilityValidator"}
+    assert families == {"AttnFlow", "ResFlow", "InvertibilityValidator", "TarFlow"}
     assert set(DENSITY) < set(TINY)
 
 

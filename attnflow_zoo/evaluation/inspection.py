@@ -7,7 +7,10 @@ density evaluation, then computed by the layer's own map method for that input):
 - iTrans: the softmax S = softmax(Q Kᵀ/τ) over tokens, rows = query tokens (the layer applies
   A = (1 − β)I + β·S, or S + αI in the paper form; ``ITrans.attention_weights``);
 - residual attention: P[i, j], the weights output position j averages the values of the
-  source positions i with (``ResidualAttention.attention_map``).
+  source positions i with (``ResidualAttention.attention_map``);
+- TarFlow: each causal transformer layer's softmax over tokens, averaged over heads, rows =
+  query tokens in the image's token order (``TarFlowBlock.attention_maps``; a reversed block's
+  triangle is the upper one).
 
 Bits/dim: no zoo model factorises over pixels (the flow mixes them), so there is no exact
 per-pixel −log p. What is exact is the per-level split of the image's bits/dim,
@@ -32,9 +35,10 @@ from ..data.images import read_image
 from ..errors import ConfigError
 from ..layers.masked_attention import IMap, ITrans
 from ..layers.residual_attention import ResidualAttention
+from ..layers.tarflow import TarFlowBlock
 from . import latents as latent_tools
 
-ATTENTION_LAYERS = (IMap, ITrans, ResidualAttention)
+ATTENTION_LAYERS = (IMap, ITrans, ResidualAttention, TarFlowBlock)
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,12 @@ class AttentionMap:
 
     Attributes:
         level: how many times the image was squeezed before the layer (its input is
-            H/2^level × W/2^level), 1-based.
-        step: the layer's place among the attention layers of its level, 1-based.
-        kind: "imap_gate" (values B×H_l×W_l), "itrans" (S, B×N_t×N_t, rows = query tokens)
-            or "residual" (P, B×N×N, column j = output position j's weights over sources i).
+            H/2^level × W/2^level), 1-based; for TarFlow the block, 1-based.
+        step: the layer's place among the attention layers of its level (TarFlow: of its
+            block), 1-based.
+        kind: "imap_gate" (values B×H_l×W_l), "itrans" (S, B×N_t×N_t, rows = query tokens),
+            "residual" (P, B×N×N, column j = output position j's weights over sources i) or
+            "tarflow" (causal softmax averaged over heads, B×T×T, rows = query tokens).
         values: the map (see ``kind``), on the CPU.
         grid: the (rows, columns) of the positions or tokens, row-major in the matrices.
     """
@@ -66,10 +72,10 @@ def attention_maps(model: Any, x: Tensor, y: Tensor | int | None = None,
     if not layers:
         raise ConfigError(f"this {type(model).__name__} has no attention layers (iMap, iTrans or "
                           "residual attention) to picture; inspect an attention model")
-    inputs: dict[nn.Module, Tensor] = {}
+    inputs: dict[nn.Module, tuple[Any, ...]] = {}
 
     def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-        inputs.setdefault(module, args[0])  # the first call is the forward pass on x
+        inputs.setdefault(module, args)  # the first call is the forward pass on x
 
     handles = [m.register_forward_pre_hook(record) for m in layers]
     try:
@@ -79,8 +85,14 @@ def attention_maps(model: Any, x: Tensor, y: Tensor | int | None = None,
             h.remove()
     maps: list[AttentionMap] = []
     steps: dict[int, int] = {}
+    blocks = 0
     for layer in layers:
-        h = inputs[layer]
+        args = inputs[layer]
+        if isinstance(layer, TarFlowBlock):
+            blocks += 1
+            maps += _tarflow_maps(layer, args, blocks)
+            continue
+        h = args[0]
         level = round(math.log2(x.shape[-2] / h.shape[-2]))
         steps[level] = steps.get(level, 0) + 1
         if isinstance(layer, IMap):
@@ -93,6 +105,17 @@ def attention_maps(model: Any, x: Tensor, y: Tensor | int | None = None,
             kind, values, grid = "residual", layer.attention_map(h), tuple(h.shape[-2:])
         maps.append(AttentionMap(level, steps[level], kind, values.float().cpu(), grid))
     return maps
+
+
+def _tarflow_maps(block: TarFlowBlock, args: tuple[Any, ...], index: int
+                  ) -> list[AttentionMap]:
+    """The maps of TarFlow block ``index`` (1-based) from its recorded (tokens, context); the
+    tokens of a (square) TarFlow image are a √T × √T grid."""
+    side = math.isqrt(block.num_tokens)
+    grid = (side, side)
+    context = args[1] if len(args) > 1 else None
+    return [AttentionMap(index, i + 1, "tarflow", w.float().cpu(), grid)
+            for i, w in enumerate(block.attention_maps(args[0], context))]
 
 
 @dataclass(frozen=True)
@@ -178,7 +201,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 def attention_figures(maps: list[AttentionMap], image_u8: Tensor, folder: Path,
                       position: tuple[float, float] = (0.5, 0.5)) -> list[Path]:
-    """One PNG per level, ``attention_level{l}.png``: a row per attention layer with its map
+    """One PNG per level, ``attention_level{l}.png`` (TarFlow: per block,
+    ``attention_block{k}.png``): a row per attention layer with its map
     (iMap: the gate as a heat map and over the image; iTrans: S, rows = query tokens, and the
     row of the query token at ``position`` over the image; residual: P with rows = output
     positions, and the weights of the output position at ``position`` over the image).
@@ -191,10 +215,11 @@ def attention_figures(maps: list[AttentionMap], image_u8: Tensor, folder: Path,
     paths = []
     for level in sorted({m.level for m in maps}):
         rows = [m for m in maps if m.level == level]
+        unit = "block" if rows[0].kind == "tarflow" else "level"
         fig = Figure(figsize=(7.0, 3.0 * len(rows)))
         axes = fig.subplots(len(rows), 2, squeeze=False)
         for (ax_map, ax_img), m in zip(axes, rows, strict=True):
-            where = f"level {level}, step {m.step}"
+            where = f"{unit} {level}, {'layer' if unit == 'block' else 'step'} {m.step}"
             if m.kind == "imap_gate":
                 gate = m.values[0]
                 im = ax_map.imshow(gate.numpy(), cmap="magma", interpolation="nearest")
@@ -203,12 +228,14 @@ def attention_figures(maps: list[AttentionMap], image_u8: Tensor, folder: Path,
                                  fontsize=8)
                 _overlay(fig, ax_img, image_u8, gate, "gate over the image")
                 continue
-            # Rows = queries: iTrans' S already is; the residual P has columns = outputs.
-            matrix = m.values[0] if m.kind == "itrans" else m.values[0].T
+            # Rows = queries: iTrans' S and TarFlow's already are; the residual P has
+            # columns = outputs.
+            matrix = m.values[0].T if m.kind == "residual" else m.values[0]
             query = _grid_position(position, m.grid)
             im = ax_map.imshow(matrix.numpy(), cmap="viridis", interpolation="nearest")
             fig.colorbar(im, ax=ax_map, fraction=0.046)
-            name = "iTrans softmax S" if m.kind == "itrans" else "residual attention P"
+            name = {"itrans": "iTrans softmax S", "tarflow": "causal attention"
+                    }.get(m.kind, "residual attention P")
             ax_map.set_title(f"{where}: {name} ({matrix.shape[0]} tokens; rows = queries)",
                              fontsize=8)
             ax_map.set_xlabel("key token", fontsize=7)
@@ -217,7 +244,7 @@ def attention_figures(maps: list[AttentionMap], image_u8: Tensor, folder: Path,
                      f"row of query token {query} (marked)")
             ax_img.plot([position[1]], [position[0]], marker="+", color="cyan", markersize=12)
         fig.tight_layout()
-        paths.append(_save(fig, folder / f"attention_level{level}.png"))
+        paths.append(_save(fig, folder / f"attention_{unit}{level}.png"))
     return paths
 
 

@@ -104,14 +104,17 @@ class Interpolation:
     """What ``interpolate`` gives.
 
     Attributes:
-        images: uint8 ``steps``×C×H×W (on the CPU), image i at t = i/(steps − 1).
-        num_nonfinite: images whose decoding overflowed (non-finite values, quantised to 0): a
-            flow's inverse can blow up away from the data it was trained on (e.g. the sigmoid
+        images: uint8 ``steps``×C×H×W (on the CPU), image i at t = i/(steps − 1); non-finite and
+            out-of-range images marked (``data.quantize.checked_images``).
+        num_nonfinite: images whose decoding overflowed (non-finite values): a flow's inverse
+            can blow up away from the data it was trained on (e.g. the unbounded sigmoid
             coupling divides by σ(·), which tends to 0 there); the ends never do.
+        num_out_of_range: finite images past the data range (``data.quantize.unrepresentable``).
     """
 
     images: Tensor
     num_nonfinite: int
+    num_out_of_range: int
 
 
 @torch.no_grad()
@@ -135,8 +138,8 @@ def interpolate(model: Any, x_a_u8: Tensor, x_b_u8: Tensor, steps: int,
     path = torch.cat([slerp(eps[:1], eps[1:], i / (steps - 1)) for i in range(steps)])
     path_labels = None if labels is None else labels[:1].expand(steps)
     latents = unwhiten(model, unflatten(model, path), path_labels)
-    x = model.decode_latents(latents, path_labels)
-    return Interpolation(quantize(x), int((~torch.isfinite(x)).flatten(1).any(1).sum()))
+    checked = _checked(model.decode_latents(latents, path_labels))
+    return Interpolation(checked.images, checked.num_nonfinite, checked.num_out_of_range)
 
 
 def check_steps(steps: int) -> None:
@@ -155,11 +158,15 @@ class Reconstruction:
         max_error: max |f⁻¹(f(x)) − x| over every pixel, in the model's input space (units of
             the [0, 1] intensity; 1/256 is one grey level).
         num_changed: how many uint8 values differ from the input after quantising.
+        num_nonfinite, num_out_of_range: reconstructions that were non-finite or out of range
+            before the uint8 conversion (``data.quantize.checked_images``; drawn marked).
     """
 
     images: Tensor
     max_error: float
     num_changed: int
+    num_nonfinite: int = 0
+    num_out_of_range: int = 0
 
 
 @torch.no_grad()
@@ -168,14 +175,17 @@ def reconstruct(model: Any, x_u8: Tensor, y: Tensor | int | None = None) -> Reco
     check_supported(model)
     x = centred(model, x_u8)
     x_rec = model.decode_latents(model.encode_latents(x, y), y)
-    images = quantize(x_rec).cpu()
-    return Reconstruction(images, float((x_rec - x).abs().max()),
-                          int((images != x_u8.cpu()).sum()))
+    checked = _checked(x_rec)
+    return Reconstruction(checked.images, float((x_rec - x).abs().max()),
+                          int((checked.images != x_u8.cpu()).sum()), checked.num_nonfinite,
+                          checked.num_out_of_range)
 
 
-def quantize(x: Tensor) -> Tensor:
-    """Model-space x -> uint8 images on the CPU (``data.quantize.from_model_space``)."""
-    return q8.from_model_space(x).cpu()
+def _checked(x: Tensor) -> q8.CheckedImages:
+    """Model-space x -> counted and marked uint8 images on the CPU."""
+    checked = q8.checked_images(x)
+    return q8.CheckedImages(checked.images.cpu(), checked.num_nonfinite,
+                            checked.num_out_of_range)
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -184,7 +194,7 @@ def reconstruct_files(model: Any, paths: list[str | Path], output: str | Path,
                       device: str | torch.device = "auto") -> dict[str, Any]:
     """``reconstruct`` image files (fitted to the model by ``images.read_image``) and write a PNG
     with the inputs in the first row and their reconstructions in the second. Returns
-    {"path", "num_images", "max_error", "num_changed"}."""
+    {"path", "num_images", "max_error", "num_changed", "num_nonfinite", "num_out_of_range"}."""
     check_supported(model)
     if not paths:
         raise ConfigError("give at least one image (--image PATH)")
@@ -194,13 +204,14 @@ def reconstruct_files(model: Any, paths: list[str | Path], output: str | Path,
     result = reconstruct(model, images)
     path = save_samples(torch.cat([images, result.images]), output, nrow=len(paths))
     return {"path": str(path), "num_images": len(paths), "max_error": result.max_error,
-            "num_changed": result.num_changed}
+            "num_changed": result.num_changed, "num_nonfinite": result.num_nonfinite,
+            "num_out_of_range": result.num_out_of_range}
 
 
 def interpolate_files(model: Any, path_a: str | Path, path_b: str | Path, steps: int,
                       output: str | Path, device: str | torch.device = "auto") -> dict[str, Any]:
     """``interpolate`` between two image files and write the path as a one-row PNG strip.
-    Returns {"path", "steps", "num_nonfinite"}."""
+    Returns {"path", "steps", "num_nonfinite", "num_out_of_range"}."""
     check_supported(model)
     check_output(output)
     check_steps(steps)
@@ -208,4 +219,5 @@ def interpolate_files(model: Any, path_a: str | Path, path_b: str | Path, steps:
     model = model.to(resolve_device(device)).eval()
     result = interpolate(model, a, b, steps)
     path = save_samples(result.images, output, nrow=steps)
-    return {"path": str(path), "steps": steps, "num_nonfinite": result.num_nonfinite}
+    return {"path": str(path), "steps": steps, "num_nonfinite": result.num_nonfinite,
+            "num_out_of_range": result.num_out_of_range}

@@ -20,6 +20,9 @@ bayes_accuracy              a class-conditional model's Bayes-rule accuracy on `
                             argmax_y log p(x | y) = the label (SPEC §7) — needs
                             ``bayes_num_images``; the same noise stream as bpd
 bayes_num_images            images classified
+bpd_noise_std               σ of the Gaussian noise the checkpoint was trained with (> 0: a
+                            sample-quality checkpoint, whose bpd is not a discrete-data
+                            bits/dim; absent or 0: a likelihood checkpoint)
 fid                         Fréchet Inception distance — needs ``fid_num_samples``,
                             ``fid_weights``
 fid_num_samples             model samples (50,000 for the standard FID)
@@ -53,6 +56,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "bpd": _NUMBER, "bpd_estimator": (str,), "bpd_num_importance_samples": (int,),
     "bpd_num_images": (int,), "bpd_seed": (int,), "bpd_batch_size": (int,),
     "bayes_accuracy": _NUMBER, "bayes_num_images": (int,),
+    "bpd_noise_std": _NUMBER,
     "fid": _NUMBER, "fid_num_samples": (int,), "fid_temperature": _NUMBER, "fid_seed": (int,),
     "fid_weights": (str,), "fid_reference": (str,), "fid_reference_split": (str,),
     "fid_reference_num_images": (int,), "fid_reference_statistics": (str,), "extra": (list,),

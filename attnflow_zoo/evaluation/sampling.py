@@ -23,12 +23,22 @@ from ..progress import progress
 SUFFIXES = (".png", ".jpg", ".jpeg", ".npz")
 
 
+def draw_samples(model: Any, num_samples: int, **options: Any) -> Tensor:
+    """uint8 samples, num_samples×C×H×W, on the CPU: ``draw_checked_samples(...).images``
+    (the same keyword options)."""
+    return draw_checked_samples(model, num_samples, **options).images
+
+
 @torch.no_grad()
-def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed: int = 0,
-                 batch_size: int = 256, device: torch.device | str = "cpu",
-                 precision: str = "fp32", compile: bool = False,
-                 labels: Tensor | None = None) -> Tensor:
-    """uint8 samples, num_samples×C×H×W, on the CPU.
+def draw_checked_samples(model: Any, num_samples: int, *, temperature: float = 1.0,
+                         seed: int = 0, batch_size: int = 256,
+                         device: torch.device | str = "cpu", precision: str = "fp32",
+                         compile: bool = False, labels: Tensor | None = None,
+                         guidance: float = 0.0, denoise: bool = False,
+                         options: dict[str, Any] | None = None) -> quantize.CheckedImages:
+    """num_samples uint8 samples (C×H×W, on the CPU) and how many were non-finite or out of
+    range before the uint8 conversion (``data.quantize.checked_images``: such images are
+    counted and drawn marked, never as plain tiles).
 
     The draws come from one ``torch.Generator`` seeded with ``seed`` on the model's device, so a
     (seed, batch_size, device) triple always gives the same images. ``temperature`` scales the
@@ -37,7 +47,9 @@ def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed
     compiles the deterministic decoder (``compilation.compile_sampling``: the same noise, the
     same images to float tolerance; a last partial batch compiles once more). ``labels``: the
     class of each sample, (num_samples,), for a class-conditional model (None: every class in
-    turn, ``FlowModel.sample``'s default; see ``class_labels``).
+    turn, ``FlowModel.sample``'s default; see ``class_labels``). ``guidance``, ``denoise`` and
+    the family's ``options`` are ``FlowModel.sample``'s (guidance w; one score-based denoising
+    step of a noise-trained checkpoint; e.g. TarFlow's ``attention_temperature``, ``annealed``).
     """
     check_request(num_samples, temperature, batch_size)
     if labels is not None and tuple(labels.shape) != (num_samples,):
@@ -46,6 +58,11 @@ def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed
     autocast_for(device, precision)  # refuses an unknown precision before any work
     model = model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
+    extra = model.guidance_arguments(guidance, dict(options or {}))
+    if denoise:
+        model.denoising_std()  # refuses a likelihood checkpoint before any work
+    if extra and compile:
+        raise ConfigError("--compile samples without guidance; drop --compile or --guidance")
     generate = _generator(model, compile)
     out = []
     with progress("sample", total=num_samples) as advance:
@@ -55,11 +72,15 @@ def draw_samples(model: Any, num_samples: int, *, temperature: float = 1.0, seed
             if y is None and getattr(model, "num_classes", 0):  # FlowModel.sample's default
                 y = balanced_labels(n, model.num_classes).to(device)
             with autocast_for(device, precision):
-                x = generate(n, temperature, gen, y=y) if y is not None else \
-                    generate(n, temperature, gen)
-            out.append(quantize.from_model_space(upcast(x)).cpu())
+                x = generate(n, temperature, gen, y=y, **extra) if y is not None else \
+                    generate(n, temperature, gen, **extra)
+                if denoise:
+                    x = model.denoise(upcast(x), y)
+            checked = quantize.checked_images(upcast(x))
+            out.append(quantize.CheckedImages(checked.images.cpu(), checked.num_nonfinite,
+                                              checked.num_out_of_range))
             advance(n)
-    return torch.cat(out)
+    return quantize.CheckedImages.concat(out)
 
 
 def _generator(model: Any, compile: bool) -> Any:

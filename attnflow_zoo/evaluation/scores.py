@@ -178,6 +178,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], dataset: str | os.Pa
         g = torch.Generator(device=dev).manual_seed(seed)
         bayes = bayes_accuracy(model, images, labels, batch_size, g, show_progress=show_progress)
         result.update(bayes_accuracy=bayes["accuracy"], bayes_num_images=bayes["num_images"])
+    if model.noise_std > 0:
+        result["bpd_noise_std"] = model.noise_std
     if fid:
         result.update(standard_fid(
             model, dataset, num_samples=num_samples, temperature=temperature,

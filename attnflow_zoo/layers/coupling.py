@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core import ConditionalInvertibleModule, Guided, guide
+from ..core import ConditionalInvertibleModule, Guided, check_bound, guide, soft_cap
 from ..precision import upcast
 from .nets import ZeroConv2d
 from .normalization import ActNormNoLogdet
@@ -32,26 +32,36 @@ class CouplingNet(nn.Sequential):
 
 
 class AffineCoupling(ConditionalInvertibleModule):
-    """z_a = x_a,  z_b = x_b ⊙ σ(raw + 2) + shift,  (shift, raw) = NN([x_a, c]) interleaved.
+    """z_a = x_a,  z_b = x_b ⊙ s + shift,  log s = −c·tanh(−log σ(raw + 2)/c),
+    (shift, raw) = NN([x_a, ctx]) interleaved.
 
-    x_a is the first C − C//2 channels, x_b the last C//2; c is an optional context vector
+    x_a is the first C − C//2 channels, x_b the last C//2; ctx is an optional context vector
     (``context_channels`` > 0, e.g. a class embedding), B×E, broadcast over H×W and concatenated
-    to x_a as extra input channels of NN. logdet = Σ log σ(raw + 2) (a function of x_a and c).
-    The last conv of NN is zero-initialised, so at init z_b = σ(2)·x_b (near the identity).
+    to x_a as extra input channels of NN. logdet = Σ log s (a function of x_a and ctx).
+    The last conv of NN is zero-initialised, so at init z_b ≈ σ(2)·x_b (near the identity).
     Source: Mahajan et al., "Normalizing Flows with Multi-Scale Autoregressive Priors",
     CVPR 2020 (code visinf/mar-scf), after Glow's affine coupling.
+
+    **Decision** (``log_scale_bound`` c): mAR-SCF's and Glow's s = σ(raw + 2) (c = None, the
+    default of this class) has no floor, so the inverse x_b = (z_b − shift)/s amplifies without
+    bound. With c > 0 the log-scale is soft-clipped (``core.soft_cap`` of −log s) into (−c, 0):
+    s stays in (e^−c, 1), the inverse amplifies by at most e^c for any input, and where
+    |log s| ≪ c the map is the published one.
 
     Args:
         num_channels: C (≥ 2).
         hidden_channels: width of the conditioner.
         context_channels: E of the context vector; 0 (default) for an unconditional coupling.
+        log_scale_bound: c, or None for the unbounded published scale σ(raw + 2).
     """
 
     def __init__(self, num_channels: int, hidden_channels: int = 256,
-                 context_channels: int = 0) -> None:
+                 context_channels: int = 0, log_scale_bound: float | None = None) -> None:
         super().__init__()
         if num_channels < 2:
             raise ValueError("AffineCoupling needs at least 2 channels")
+        check_bound("log_scale_bound", log_scale_bound)
+        self.log_scale_bound = log_scale_bound
         self.num_a = num_channels - num_channels // 2
         self.context_channels = context_channels
         num_b = num_channels // 2
@@ -75,14 +85,29 @@ class AffineCoupling(ConditionalInvertibleModule):
         shift, raw = h[:, 0::2], h[:, 1::2]
         return shift, raw + 2.0
 
+    def extra_repr(self) -> str:
+        return f"log_scale_bound={self.log_scale_bound}"
+
+    def log_scale(self, pre: Tensor) -> Tensor:
+        """log s of the pre-activation raw + 2: log σ(pre), soft-clipped above −c if bounded."""
+        if self.log_scale_bound is None:
+            return F.logsigmoid(pre)
+        return -soft_cap(-F.logsigmoid(pre), self.log_scale_bound)
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x_a, x_b = x[:, : self.num_a], x[:, self.num_a :]
         shift, pre = self._params(x_a, context)
-        z_b = x_b * torch.sigmoid(pre) + shift
-        logdet = F.logsigmoid(pre).flatten(1).sum(1)
-        return torch.cat([x_a, z_b], 1), logdet
+        log_scale = self.log_scale(pre)
+        # The published map keeps its own operations (σ, not exp log σ): bit for bit as before.
+        scale = torch.sigmoid(pre) if self.log_scale_bound is None else torch.exp(log_scale)
+        z_b = x_b * scale + shift
+        return torch.cat([x_a, z_b], 1), log_scale.flatten(1).sum(1)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         z_a, z_b = z[:, : self.num_a], z[:, self.num_a :]
         shift, pre = self._params(z_a, context)
-        return torch.cat([z_a, (z_b - shift) / torch.sigmoid(pre)], 1)
+        if self.log_scale_bound is None:
+            x_b = (z_b - shift) / torch.sigmoid(pre)
+        else:
+            x_b = (z_b - shift) * torch.exp(-self.log_scale(pre))
+        return torch.cat([z_a, x_b], 1)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core import InvertibleModule
+from ..core import InvertibleModule, check_bound, soft_cap
 from ..errors import ConfigError, ShapeError
 from ..precision import full_precision, upcast
 from .reshape import patchify, unpatchify
@@ -102,6 +102,14 @@ class IMap(InvertibleModule):
     and held-out bpd no better than without attention; at c = 0 it moves (spread 8e-3) and
     held-out bpd is 0.5-0.7 bits/dim lower at equal samples (README, "The zoo").
 
+    **Decision** (``log_gate_bound`` c_g): the published gate has no floor (σ(a + b) → 0 as the
+    gate logit a + b → −∞, and a is linear in the input), so the inverse x_U = y_U/σ(a + b)
+    amplifies without bound. With c_g > 0 every log σ(·) above is soft-clipped,
+    log σ ↦ −c_g·tanh(−log σ/c_g) (``core.soft_cap``; the normalized gate divides by the same
+    clipped σ(c)), so each gate stays above e^−c_g (times 1/σ(c) when normalized) for any
+    input and the inverse amplifies by at most e^c_g per entry (times σ(c) when normalized).
+    None (the default of this class) is the published gate.
+
     Args:
         num_channels: C.
         height: H.
@@ -110,22 +118,25 @@ class IMap(InvertibleModule):
         mixing: "spatial" or "channel".
         init_logit: c, the initial s_c and b.
         gate: "sigmoid" (published) or "normalized" (σ(·)/σ(c), the identity at init).
+        log_gate_bound: c_g, or None for the unbounded published gate.
 
     Shapes: x, y: B×C×H×W; logdet: (B,).
     """
 
     def __init__(self, num_channels: int, height: int, width: int, parity: int = 0,
                  mixing: str = "spatial", init_logit: float = 4.0,
-                 gate: str = "sigmoid") -> None:
+                 gate: str = "sigmoid", log_gate_bound: float | None = None) -> None:
         super().__init__()
         if mixing not in IMAP_MIXINGS:
             raise ConfigError(f"IMap mixing must be one of {IMAP_MIXINGS}, got {mixing!r}")
         if gate not in IMAP_GATES:
             raise ConfigError(f"IMap gate must be one of {IMAP_GATES}, got {gate!r}")
+        check_bound("log_gate_bound", log_gate_bound)
         self.gate_kind = gate
+        self.log_gate_bound = log_gate_bound
         # log σ(c): subtracted from every log-gate by the normalized gate (0: the published one).
         c = torch.tensor(float(init_logit), dtype=torch.float64)
-        self.log_gate_offset = float(F.logsigmoid(c)) if gate == "normalized" else 0.0
+        self.log_gate_offset = (float(self._log_sigmoid(c)) if gate == "normalized" else 0.0)
         self.shape = (num_channels, height, width)
         self.parity = parity
         self.mixing = mixing
@@ -144,7 +155,7 @@ class IMap(InvertibleModule):
     def extra_repr(self) -> str:
         c, h, w = self.shape
         return (f"{c}×{h}×{w}, parity={self.parity}, mixing={self.mixing!r}, "
-                f"gate={self.gate_kind!r}")
+                f"gate={self.gate_kind!r}, log_gate_bound={self.log_gate_bound}")
 
     def gate(self, x_masked: Tensor) -> Tensor:
         """a = mean_c Conv1x1(M ⊙ x), B×1×H×W, from the masked input M ⊙ x."""
@@ -159,11 +170,17 @@ class IMap(InvertibleModule):
         s = self.log_scale.view(-1, 1, 1)
         return (1 - self.mask) * (a + self.gate_bias) + self.mask * s
 
+    def _log_sigmoid(self, pre: Tensor) -> Tensor:
+        """log σ(pre), soft-clipped into (−c_g, 0) when ``log_gate_bound`` is set."""
+        if self.log_gate_bound is None:
+            return F.logsigmoid(pre)
+        return -soft_cap(-F.logsigmoid(pre), self.log_gate_bound)
+
     def _gate_value(self, pre: Tensor) -> Tensor:
-        """σ(pre), or σ(pre)/σ(c) for the normalized gate."""
-        if self.log_gate_offset == 0.0:
+        """σ(pre), or σ(pre)/σ(c) for the normalized gate (σ soft-clipped when bounded)."""
+        if self.log_gate_offset == 0.0 and self.log_gate_bound is None:
             return torch.sigmoid(pre)
-        return torch.exp(F.logsigmoid(pre) - self.log_gate_offset)
+        return torch.exp(self._log_sigmoid(pre) - self.log_gate_offset)
 
     def gate_map(self, x: Tensor) -> Tensor:
         """The gate on the unmasked entries at every position, σ(a_p + b) (σ(a_p + b)/σ(c) for
@@ -180,8 +197,9 @@ class IMap(InvertibleModule):
         with full_precision(x):
             a = self.gate(x * self.mask)
         z = x * self._gate_value(self._preactivation(a))
-        logdet = (self.num_unmasked * F.logsigmoid(a + self.gate_bias).squeeze(1)).flatten(1).sum(1)
-        logdet = logdet + (self.num_masked * F.logsigmoid(self.log_scale)).sum()
+        logdet = (self.num_unmasked * self._log_sigmoid(a + self.gate_bias).squeeze(1)
+                  ).flatten(1).sum(1)
+        logdet = logdet + (self.num_masked * self._log_sigmoid(self.log_scale)).sum()
         if self.log_gate_offset != 0.0:
             logdet = logdet - self.log_gate_offset * self.mask.numel()
         return z, logdet

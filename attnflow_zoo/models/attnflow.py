@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import FlowSequential, InvertibleModule, diag_normal_logpdf
+from ..core import FlowSequential, InvertibleModule, check_bound
 from ..errors import ConfigError, ShapeError
 from ..layers.coupling import AffineCoupling
 from ..layers.linear import InvConv1x1
@@ -26,14 +26,16 @@ from ..layers.mixlogcdf import MixLogCDFCoupling
 from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import GaussianPrior, MARPrior
-from .attnflow_classes import ClassConditionalFlow, shifted
-from .base import FlowModel
-from .conditioning import ClassEmbedding, LevelConditions
+from .attnflow_classes import ClassConditionalFlow
+from .attnflow_latents import LatentsMixin
+from .base import FlowModel, check_noise_std
+from .conditioning import LevelConditions, Shift
 
 #: Coupling layers by config name: (num_channels, config) -> layer.
 COUPLINGS: dict[str, Callable[[int, "AttnFlowConfig"], InvertibleModule]] = {
     "affine": lambda c, cfg: AffineCoupling(
-        c, cfg.hidden_channels, cfg.class_embed_channels if cfg.condition_couplings else 0),
+        c, cfg.hidden_channels, cfg.class_embed_channels if cfg.condition_couplings else 0,
+        cfg.coupling_log_scale_bound),
     "mixlogcdf": lambda c, cfg: MixLogCDFCoupling(
         c, cfg.hidden_channels, cfg.mixlog_num_components, cfg.mixlog_num_blocks,
         cfg.mixlog_num_heads, cfg.mixlog_dropout),
@@ -74,6 +76,17 @@ class AttnFlowConfig:
             "sigmoid" (published: y = x·σ(·)); a Decision, see ``IMap``. Measured (issue 11,
             ``benchmarks/quality.py``, README "The zoo"): normalized, c = 0 learns faster than
             the published gate at c = 4, whose held-out curve equals MaR-Flow's.
+        coupling_log_scale_bound: c of the affine coupling's soft-clipped log-scale,
+            log s = −c·tanh(−log σ(raw + 2)/c) ∈ (−c, 0) (default 4: every coupling's inverse
+            amplifies by at most e^4 ≈ 55); None is mAR-SCF's unbounded s = σ(raw + 2), what
+            older checkpoints load as. A Decision, see ``AffineCoupling``.
+        imap_log_gate_bound: c_g of iMap's soft-clipped log-gates (default 4: each gate above
+            e^−4, times 1/σ(c) for the normalized gate); None is the published gate with no
+            floor, what older checkpoints load as. A Decision, see ``IMap``.
+        prior_log_std_bound: c of the Gaussian prior's log σ, soft-capped above (raw ≤ 0 as it
+            is, c·tanh(raw/c) above: σ < e^c; default 4); None is Glow's unbounded log σ, what
+            older checkpoints load as. The mAR prior needs none: its log σ is a conv of the
+            conv-LSTM's h ∈ (−1, 1), bounded by its weights. A Decision, see ``GaussianPrior``.
         itrans_patch_size: iTrans token patch size P (1 or 2; must divide each level's H, W).
         itrans_form: "convex" (default; A = (1 − β)I + β·softmax, starts at the identity) or
             "paper" (A = softmax + αI exactly as published); see ``ITrans``.
@@ -93,10 +106,11 @@ class AttnFlowConfig:
         condition_couplings: also feed the class embedding to every affine coupling's
             conditioner (then the flow's logdet depends on y); needs num_classes > 0 (off in
             the presets: measured worse on the digits, README).
-        class_prior_shift, class_dropout, class_head: the class also shifts every prior's mean
-            and log-scale per position; classifier-free label dropout p to a learned null
-            class K (p > 0); Glow's y_cond head on the top latent (``models.conditioning``,
-            ``models.attnflow_classes``). Old checkpoints: no shift, no null class.
+        class_prior_shift, class_dropout, class_head: per-position class shifts of every
+            prior, label dropout p to a null class (guidance), Glow's y_cond head
+            (``ClassConditionalFlow``).
+        noise_std: σ of the Gaussian noise the checkpoint was trained with (``FlowModel``'s
+            ``noise_std``; 0: uniform dequantisation). Set by training.
     """
 
     image_size: int = 32
@@ -114,12 +128,16 @@ class AttnFlowConfig:
     imap_mixing: str = "spatial"
     imap_init_logit: float = 0.0
     imap_gate: str = "normalized"
+    coupling_log_scale_bound: float | None = 4.0
+    imap_log_gate_bound: float | None = 4.0
+    prior_log_std_bound: float | None = 4.0
     #: What a config.json written before a key existed meant by its absence (the checkpoint's
     #: function, not today's default): the published σ gate at c = 4 before the normalized one;
-    #: no class prior shift and no null class before them.
-    LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {"imap_gate": "sigmoid", "imap_init_logit": 4.0,
-                                                    "class_prior_shift": False,
-                                                    "class_dropout": 0.0}
+    #: unbounded coupling scales, iMap gates and Gaussian-prior σ; no class shift, no null class.
+    LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {
+        "imap_gate": "sigmoid", "imap_init_logit": 4.0, "coupling_log_scale_bound": None,
+        "imap_log_gate_bound": None, "prior_log_std_bound": None, "class_prior_shift": False,
+        "class_dropout": 0.0}
     itrans_patch_size: int = 2
     itrans_form: str = "convex"
     itrans_init_mix: float = 0.05
@@ -132,6 +150,7 @@ class AttnFlowConfig:
     num_classes: int = 0
     class_embed_channels: int = 8
     condition_couplings: bool = False
+    noise_std: float = 0.0
     class_prior_shift: bool = True
     class_dropout: float = 0.1
     class_head: bool = False
@@ -144,6 +163,7 @@ class AttnFlowConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` on values the architecture cannot take."""
+        check_noise_std(self.noise_std)
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.coupling not in COUPLINGS:
@@ -162,6 +182,8 @@ class AttnFlowConfig:
         if self.imap_gate not in ("sigmoid", "normalized"):
             raise ConfigError(f"imap_gate must be 'sigmoid' or 'normalized', got "
                               f"{self.imap_gate!r}")
+        for name in ("coupling_log_scale_bound", "imap_log_gate_bound", "prior_log_std_bound"):
+            check_bound(name, getattr(self, name))
         if not 0 < self.itrans_init_mix < 0.5:
             raise ConfigError(f"itrans_init_mix must be in (0, 0.5), got "
                               f"{self.itrans_init_mix!r}")
@@ -201,7 +223,8 @@ def _attention_layer(cfg: AttnFlowConfig, channels: int, size: int, parity: int
                      ) -> InvertibleModule:
     if cfg.attention == "imap":
         return IMap(channels, size, size, parity=parity, mixing=cfg.imap_mixing,
-                    init_logit=cfg.imap_init_logit, gate=cfg.imap_gate)
+                    init_logit=cfg.imap_init_logit, gate=cfg.imap_gate,
+                    log_gate_bound=cfg.imap_log_gate_bound)
     return ITrans(channels, size, size, parity=parity, patch_size=cfg.itrans_patch_size,
                   form=cfg.itrans_form, init_mix=cfg.itrans_init_mix)
 
@@ -219,7 +242,7 @@ def flow_step(cfg: AttnFlowConfig, channels: int, size: int, parity: int,
     return FlowSequential(layers)
 
 
-class AttnFlow(ClassConditionalFlow, FlowModel):
+class AttnFlow(ClassConditionalFlow, LatentsMixin, FlowModel):
     """Multi-scale flow x -> (z_1, …, z_L) with a mAR (or Gaussian) prior on each factored half.
 
     Per level l: squeeze (C, H, W) -> (4C, H/2, W/2), K steps of
@@ -245,10 +268,7 @@ class AttnFlow(ClassConditionalFlow, FlowModel):
         self.levels = nn.ModuleList()
         self.priors = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
-        null = bool(cfg.num_classes) and cfg.class_dropout > 0
-        self.class_embedding = (ClassEmbedding(cfg.num_classes, cfg.class_embed_channels, null)
-                                if cfg.num_classes else None)
-        e = cfg.class_embed_channels if cfg.num_classes else 0
+        self.class_embedding, e = self.make_class_embedding()
         for lvl in range(cfg.num_levels):
             c, size = 4 * c, size // 2
             steps = [flow_step(cfg, c, size, k % 2, cfg.uses_attention(lvl))
@@ -260,12 +280,12 @@ class AttnFlow(ClassConditionalFlow, FlowModel):
             self.priors.append(self._make_prior(c_out, (0 if last else c_keep) + e, lvl))
             self.latent_shapes.append((c_out, size, size))
             c = c_keep
-        self.build_class_modules(null)
+        self.build_class_modules()
 
     def _make_prior(self, channels: int, cond_channels: int, level: int) -> nn.Module:
         cfg = self.config
         if cfg.prior == "gaussian":
-            return GaussianPrior(channels, cond_channels)
+            return GaussianPrior(channels, cond_channels, cfg.prior_log_std_bound)
         kernel, dilation = PRIOR_KERNELS[min(level, len(PRIOR_KERNELS) - 1)]
         return MARPrior(channels, cond_channels, cfg.prior_hidden_channels,
                         cfg.prior_num_layers, kernel, dilation,
@@ -274,27 +294,22 @@ class AttnFlow(ClassConditionalFlow, FlowModel):
 
     # --- the flow ---------------------------------------------------------------------------
     def encode(self, x: Tensor, y: Tensor | int | None = None
-               ) -> tuple[list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]],
-                          Tensor]:
+               ) -> tuple[list[tuple[Tensor, Tensor | None, Shift]], Tensor]:
         """x -> per level (z, cond, shift) (cond: what the level's prior is conditioned on, the
-        kept half z1 and, for a class-conditional model, the class embedding, None at the last
-        level of an unconditional model; shift: the class's (Δμ, Δlog σ) of that prior, or
-        None) and the flow's logdet (B,)."""
-        self._check_input(x)
-        conditions = self._conditions(self.class_context(y, x.shape[0]))
+        kept half z1 and the class embedding, each if any; shift: the class's (Δμ, Δlog σ) of
+        that prior, or None) and the flow's logdet (B,)."""
+        conditions = self.conditions(y, x.shape[0])
         outputs, logdet = self._flow_pass(x, conditions)
         return [(z, *conditions.prior(lvl, kept, *z.shape[2:]))
                 for lvl, (z, kept) in enumerate(outputs)], logdet
-
-    def _check_input(self, x: Tensor) -> None:
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ShapeError(f"expected input B×{'×'.join(map(str, self.input_shape))}, got "
-                             f"{tuple(x.shape)}")
 
     def _flow_pass(self, x: Tensor, conditions: LevelConditions
                    ) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
         """x -> per level (z_l, the kept half that continues, None at the last level) and the
         flow's logdet (B,), the couplings given ``conditions.flow()``."""
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ShapeError(f"expected input B×{'×'.join(map(str, self.input_shape))}, got "
+                             f"{tuple(x.shape)}")
         logdet = x.new_zeros(x.shape[0])
         outputs: list[tuple[Tensor, Tensor | None]] = []
         h = x
@@ -312,63 +327,10 @@ class AttnFlow(ClassConditionalFlow, FlowModel):
         pieces, logdet = self.encode(x, y)
         return torch.cat([z.flatten(1) for z, _, _ in pieces], 1), logdet
 
-    def encode_latents(self, x: Tensor, y: Tensor | int | None = None) -> list[Tensor]:
-        """x -> every latent of the flow, one tensor per level in level order
-        [z2_1, …, z2_{L−1}, z_L] (the factored-out halves, then the last level's output), of
-        shapes B×``latent_shapes[l]``; ``decode_latents`` inverts it. The flattened
-        concatenation is ``forward``'s z."""
-        return [z for z, _, _ in self.encode(x, y)[0]]
-
-    def decode_latents(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
-        """``encode_latents``' per-level latents -> x (B×C×H×W)."""
-        return self.decode(latents, y)
-
-    def latent_priors(self, latents: list[Tensor], y: Tensor | int | None = None
-                      ) -> list[tuple[Tensor, Tensor]]:
-        """Per level, the prior's teacher-forced (μ_l, log σ_l) of ``encode_latents``' latents,
-        each B×``latent_shapes[l]``: level l's prior sees the kept half rebuilt from the coarser
-        levels' latents (and e_y, and the class's shift), the mAR prior also z_l's earlier
-        channels."""
-        self._check_latents(latents)
-        params: dict[int, tuple[Tensor, Tensor]] = {}
-
-        def teacher_forced(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
-                           ) -> Tensor:
-            params[lvl] = shifted(self.priors[lvl].mean_and_log_std(latents[lvl], cond), shift)
-            return latents[lvl]
-
-        self._descend(teacher_forced, self._conditions(
-            self.class_context(y, latents[-1].shape[0])))
-        return [params[lvl] for lvl in range(len(self.levels))]
-
-    def unwhiten_latents(self, eps: list[Tensor], y: Tensor | int | None = None
-                         ) -> list[Tensor]:
-        """Whitened latents ε_l (``evaluation.latents.whiten``) -> the latents z_l, deepest
-        level first: z_l = μ_l + σ_l·ε_l, with μ_l, σ_l from the kept half that the deeper
-        levels decode to (and, for the mAR prior, channel by channel: ``MARPrior.unwhiten``)."""
-        self._check_latents(eps)
-        latents: dict[int, Tensor] = {}
-
-        def from_noise(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
-                       ) -> Tensor:
-            latents[lvl] = self.priors[lvl].unwhiten(eps[lvl], cond, shift)
-            return latents[lvl]
-
-        self._descend(from_noise, self._conditions(self.class_context(y, eps[-1].shape[0])))
-        return [latents[lvl] for lvl in range(len(self.levels))]
-
-    def _check_latents(self, latents: list[Tensor]) -> None:
-        if len(latents) != len(self.levels) or any(
-                tuple(z.shape[1:]) != s for z, s in zip(latents, self.latent_shapes, strict=False)):
-            raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
-                             f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
-
     def _descend(self, latent_at: Callable[..., Tensor], conditions: LevelConditions) -> Tensor:
         """x = f⁻¹ run deepest level first, level l's latent being
-        ``latent_at(l, cond_l, shift_l)`` (what level l's prior is conditioned on and the class's
-        shift of its parameters, as in ``encode``; ``conditions``: the labels' and guidance's,
-        ``LevelConditions``). The one descent of decoding, sampling, teacher-forced prior
-        parameters and unwhitening."""
+        ``latent_at(l, cond_l, shift_l)`` (as in ``encode``; ``conditions``: the labels' and
+        guidance's). The one descent of decoding, sampling, prior parameters and unwhitening."""
         flow_context = conditions.flow()
         h: Tensor | None = None
         for lvl in reversed(range(len(self.levels))):
@@ -388,31 +350,24 @@ class AttnFlow(ClassConditionalFlow, FlowModel):
     def decode(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
         """Per-level latents [z2_1, …, z2_{L−1}, z_L] -> x."""
         self._check_latents(latents)
-        return self._descend(lambda lvl, _cond, _shift: latents[lvl],
-                             self._conditions(self.class_context(y, latents[-1].shape[0])))
+        return self._descend(lambda lvl, _c, _s: latents[lvl], self.conditions(y, len(latents[-1])))
 
     def inverse(self, z: Tensor, y: Tensor | int | None = None) -> Tensor:
         """z (B×D, the layout of ``forward``) -> x (B×C×H×W)."""
         return self.decode(self.unflatten(z), y)
 
     # --- density and sampling ---------------------------------------------------------------
-    def log_prior(self, pieces: list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]]
-                  ) -> Tensor:
-        """Σ_l log p(z_l | cond_l) (with the class's shift of its parameters), (B,)."""
+    def log_prior(self, pieces: list[tuple[Tensor, Tensor | None, Shift]]) -> Tensor:
+        """Σ_l log p(z_l | cond_l) (the class's shift in its parameters), (B,)."""
         total = pieces[0][0].new_zeros(pieces[0][0].shape[0])
         for prior, (z, cond, shift) in zip(self.priors, pieces, strict=True):
-            if shift is None:
-                total = total + prior.log_prob(z, cond)
-            else:
-                mean, log_std = shifted(prior.mean_and_log_std(z, cond), shift)
-                total = total + diag_normal_logpdf(z, mean, log_std)
+            total = total + prior.log_prob(z, cond, shift)
         return total
 
     def log_density(self, x: Tensor, y: Tensor | int | None = None,
                     generator: torch.Generator | None = None) -> Tensor:
         """log p(x | y) in nats, (B,), for x in [−0.5, 0.5)^D (exact: ``generator`` is unused;
-        ``y`` only for a class-conditional model; y = K, the null class of a model trained with
-        label dropout, gives its unconditional density)."""
+        ``y`` only for a class-conditional model; y = K, a null class, gives p(x))."""
         pieces, logdet = self.encode(x, y)
         return self.log_prior(pieces) + logdet
 
@@ -423,13 +378,11 @@ class AttnFlow(ClassConditionalFlow, FlowModel):
         """x = f⁻¹(z), z drawn level by level from the priors, deepest first; B×C×H×W.
 
         ``temperature`` scales every prior's standard deviation; 0 gives the mean chain.
-        ``y``: the class of each sample (class-conditional models only). ``guidance``: w of
-        classifier-free guidance (a model trained with ``class_dropout`` > 0): every prior's
-        (μ, log σ) and, if the couplings are conditioned, every coupling's (shift, scale) is
-        θ_y + w·(θ_y − θ_∅), the class's and the null class's computed on the same sample;
-        w = 0 is the plain conditional sample. The noise is drawn first (``draw_noise``), then
-        turned into images by the deterministic ``generate_from_noise`` (what
-        ``torch.compile`` / a CUDA graph takes).
+        ``y``: the class of each sample (class-conditional models only); ``guidance``: w of
+        classifier-free guidance, every prior's and conditioned coupling's θ_y + w·(θ_y − θ_∅)
+        (``models.conditioning``; 0: the plain conditional sample). The noise is drawn first
+        (``draw_noise``), then turned into images by the deterministic ``generate_from_noise``
+        (what ``torch.compile`` / a CUDA graph takes).
         """
         noise = self.draw_noise(num_samples, temperature, generator)
         return self.generate_from_noise(num_samples, temperature, noise,
@@ -453,11 +406,10 @@ class AttnFlow(ClassConditionalFlow, FlowModel):
         """The images of ``draw_noise``'s noise: deterministic, static shapes, no host sync;
         ``context``: the labels (``class_context``) of a class-conditional model;
         ``guidance``: as in ``generate``."""
-        def sampled(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
-                    ) -> Tensor:
+        def sampled(lvl: int, cond: Tensor | None, shift: Shift) -> Tensor:
             _, height, width = self.latent_shapes[lvl]
             return self.priors[lvl].sample_from_noise(num_samples, height, width, cond,
                                                       temperature, noise[lvl], shift)
 
-        return self._descend(sampled, self._conditions(context, guidance))
+        return self._descend(sampled, self.level_conditions(context, guidance))
 

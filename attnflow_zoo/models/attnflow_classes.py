@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .conditioning import ClassPriorShift, LevelConditions
+from .conditioning import ClassEmbedding, ClassPriorShift, LevelConditions
 
 
 class ClassConditionalFlow:
@@ -16,12 +16,22 @@ class ClassConditionalFlow:
     ``latent_shapes`` and an ``AttnFlowConfig``; uses its ``encode``, ``_flow_pass``,
     ``log_prior``, ``log_density`` and ``check_labels``."""
 
-    def build_class_modules(self, null: bool) -> None:
+    def make_class_embedding(self) -> tuple[ClassEmbedding | None, int]:
+        """(the class embedding, with a null class when ``class_dropout`` > 0, or None; its
+        width E, 0 for an unconditional model)."""
+        cfg = self.config
+        if not cfg.num_classes:
+            return None, 0
+        return (ClassEmbedding(cfg.num_classes, cfg.class_embed_channels, cfg.class_dropout > 0),
+                cfg.class_embed_channels)
+
+    def build_class_modules(self) -> None:
         """The per-class modules after the flow's: the prior shifts (``class_prior_shift``; K
         rows, K + 1 with a null class) and the class head (``class_head``). Built last and
         without random draws: the other modules' initial weights are those of a model without
         them."""
         cfg = self.config
+        null = bool(cfg.num_classes) and cfg.class_dropout > 0
         self.class_shifts = (nn.ModuleList(ClassPriorShift(cfg.num_classes + int(null), shape)
                                            for shape in self.latent_shapes)
                              if cfg.num_classes and cfg.class_prior_shift else None)
@@ -34,7 +44,11 @@ class ClassConditionalFlow:
         what ``generate_from_noise`` takes as ``context``."""
         return self.check_labels(y, batch)
 
-    def _conditions(self, labels: Tensor | None, guidance: float = 0.0) -> LevelConditions:
+    def conditions(self, y: Tensor | int | None, batch: int) -> LevelConditions:
+        """What each level receives for the labels ``y`` of a batch (``check_labels``)."""
+        return self.level_conditions(self.class_context(y, batch))
+
+    def level_conditions(self, labels: Tensor | None, guidance: float = 0.0) -> LevelConditions:
         return LevelConditions(self.class_embedding, self.class_shifts, labels,
                                self.config.condition_couplings, guidance)
 
@@ -50,9 +64,8 @@ class ClassConditionalFlow:
         labels = torch.arange(k, device=x.device).repeat_interleave(b)
         if self.config.condition_couplings:
             return self.log_density(x.repeat(k, 1, 1, 1), labels).view(k, b).t()
-        self._check_input(x)
-        outputs, logdet = self._flow_pass(x, self._conditions(None))
-        conditions = self._conditions(labels)
+        outputs, logdet = self._flow_pass(x, self.level_conditions(None))
+        conditions = self.level_conditions(labels)
 
         def repeated(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.repeat(k, 1, 1, 1)
@@ -78,14 +91,6 @@ class ClassConditionalFlow:
                               "without a class loss, or build it with class_head=True")
         pieces, logdet = self.encode(x, y)
         return self.log_prior(pieces) + logdet, self.class_head(pieces[-1][0].mean((2, 3)))
-
-
-def shifted(params: tuple[Tensor, Tensor], shift: tuple[Tensor, Tensor] | None
-             ) -> tuple[Tensor, Tensor]:
-    """A prior's (μ, log σ) with a class's (Δμ, Δlog σ) added (unchanged without one)."""
-    if shift is None:
-        return params
-    return params[0] + shift[0], params[1] + shift[1]
 
 
 def _zero_linear(in_features: int, out_features: int) -> nn.Linear:

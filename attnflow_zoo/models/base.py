@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +42,8 @@ class FlowModel(nn.Module, ZooHubMixin):
     - ``log_density(x, y=None, generator=None) -> (B,)``: log p(x | y) in nats for x in the
       model's input space (``generator`` feeds stochastic log-determinant estimators, if the
       model has any);
-    - ``generate(num_samples, temperature, generator, y=None) -> x`` in the model's input space.
+    - ``generate(num_samples, temperature, generator, y=None) -> x`` in the model's input space;
+      a family with guidance takes ``guidance=w`` (and its own keyword options) too.
 
     Labels ``y``: a class-conditional model (``config.num_classes`` = K > 0) takes the class of
     each image, a (B,) integer tensor in 0..K−1 (or one int for the whole batch), in every call
@@ -69,6 +73,25 @@ class FlowModel(nn.Module, ZooHubMixin):
                  generator: torch.Generator | None = None,
                  y: Tensor | int | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    @property
+    def noise_std(self) -> float:
+        """σ of the Gaussian noise the checkpoint was trained on, x = x_bin + σ·ε in model
+        space (``config.noise_std``, recorded by training); 0: uniform dequantisation, a
+        likelihood checkpoint whose bits/dim is a discrete-data bits/dim."""
+        return float(getattr(self.config, "noise_std", 0.0) or 0.0)
+
+    def record_noise_std(self, noise_std: float) -> None:
+        """Record the training noise σ in the model's config (what ``fit`` does), so that a
+        saved checkpoint says which kind it is. ``ConfigError`` for σ > 0 on a config without a
+        ``noise_std`` field (it could not be saved)."""
+        check_noise_std(noise_std)
+        if noise_std == self.noise_std:
+            return
+        if not any(f.name == "noise_std" for f in dataclasses.fields(self.config)):
+            raise ConfigError(f"{type(self.config).__name__} has no noise_std field to record "
+                              "the training noise in; train it with noise_std = 0")
+        self.config = dataclasses.replace(self.config, noise_std=float(noise_std))
 
     # --- shared ----------------------------------------------------------------------------
     @property
@@ -187,17 +210,72 @@ class FlowModel(nn.Module, ZooHubMixin):
     @torch.no_grad()
     def sample(self, num_samples: int, temperature: float = 1.0,
                generator: torch.Generator | None = None,
-               y: Tensor | int | None = None) -> Tensor:
+               y: Tensor | int | None = None, guidance: float = 0.0, denoise: bool = False,
+               **options: Any) -> Tensor:
         """Draw uint8 images, B×C×H×W; ``temperature`` scales the prior's standard deviation.
 
         ``y``: the class of each sample for a class-conditional model ((B,) or one int); None
         draws every class in turn (y_i = i mod K). An unconditional model takes no labels.
+        ``guidance``: w of the family's guidance (classifier-free for class-conditional models;
+        TarFlow's attention-temperature guidance for unconditional ones), 0 for none.
+        ``denoise``: one score step x ← x + σ²∇ₓ log p(x | y) before quantising (``denoise``;
+        noise-trained checkpoints). ``options``: the family's own sampling options, passed to
+        its ``generate`` (TarFlow: ``attention_temperature``, ``annealed``).
+        A sample that was non-finite or out of range before the uint8 conversion is marked,
+        never a plain (black) tile (``data.quantize.checked_images``, which also counts them:
+        ``checked_images(model.generate(...))``).
         """
         check_sampling(num_samples, temperature)
         if y is None and self.num_classes:
             y = balanced_labels(num_samples, self.num_classes)
-        x = self.generate(num_samples, temperature=temperature, generator=generator, y=y)
-        return quantize.from_model_space(x)
+        x = self.generate(num_samples, temperature=temperature, generator=generator, y=y,
+                          **self.guidance_arguments(guidance, options))
+        if denoise:
+            x = self.denoise(x, y)
+        return quantize.checked_images(x).images
+
+    def guidance_arguments(self, guidance: float, options: dict[str, Any]) -> dict[str, Any]:
+        """The keywords ``generate`` gets for ``guidance`` and ``options``: none without them
+        (every family's plain call); ``ConfigError`` if this family's ``generate`` does not
+        take them."""
+        if not guidance and not options:
+            return {}
+        params = inspect.signature(self.generate).parameters
+        unknown = sorted(set(options) - set(params))
+        if "guidance" not in params or unknown:
+            what = f"the option(s) {', '.join(unknown)}" if unknown else "guidance"
+            raise ConfigError(f"{type(self).__name__} sampling takes no {what}; sample it "
+                              "without")
+        return {"guidance": guidance, **options}
+
+    def denoising_std(self) -> float:
+        """σ of ``denoise``: the training noise; ``ConfigError`` for a likelihood checkpoint
+        (uniform dequantisation, σ = 0), which has no Gaussian noise to remove."""
+        if self.noise_std <= 0:
+            raise ConfigError("denoising needs a checkpoint trained with Gaussian noise "
+                              "(noise_std > 0); this one was trained with uniform "
+                              "dequantisation: sample it without denoising")
+        return self.noise_std
+
+    def denoise(self, x: Tensor, y: Tensor | int | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        """One score-based denoising step, x + σ²·∇ₓ log p(x | y) with σ = ``noise_std``
+        (Tweedie's formula for x = x₀ + σε, ε ~ N(0, I): E[x₀ | x] = x + σ²∇ log p_σ(x); TarFlow,
+        SPEC §6). Model space in and out, B×C×H×W; differentiates ``log_density`` once.
+        ``ConfigError`` for a checkpoint trained without Gaussian noise (σ = 0)."""
+        sigma = self.denoising_std()
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            log_p = self.log_density(x, y, generator=generator).sum()
+            (score,) = torch.autograd.grad(log_p, x)
+        return (x + sigma ** 2 * score).detach()
+
+
+def check_noise_std(noise_std: float) -> None:
+    """``ConfigError`` unless the training noise σ is a finite number ≥ 0."""
+    if isinstance(noise_std, bool) or not isinstance(noise_std, int | float) or not (
+            math.isfinite(noise_std) and noise_std >= 0):
+        raise ConfigError(f"noise_std must be a finite number ≥ 0, got {noise_std!r}")
 
 
 def check_sampling(num_samples: int, temperature: float) -> None:

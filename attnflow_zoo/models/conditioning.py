@@ -31,8 +31,12 @@ from torch.nn import functional as F
 from ..core import Guided, guide
 from ..errors import ConfigError
 
-__all__ = ["ClassEmbedding", "ClassPriorShift", "Guided", "LevelConditions", "balanced_labels",
-           "drop_labels", "guide", "null_labels", "prior_condition", "training_labels"]
+#: A class's (Δμ, Δlog σ) of one level's prior (B×C×H×W each), or None.
+Shift = tuple[Tensor, Tensor] | None
+
+__all__ = ["ClassEmbedding", "ClassPriorShift", "Guided", "LevelConditions", "Shift",
+           "balanced_labels", "drop_labels", "guide", "null_labels", "prior_condition",
+           "training_labels"]
 
 
 class ClassEmbedding(nn.Module):

@@ -22,7 +22,7 @@ from ..layers.residual_attention import KINDS, ResidualAttention
 from ..layers.spectral import SNConv1x1, SNConv2d
 from ..logdet_estimators import cpu_twin
 from ..registry import TINY_RECIPE, Recipe, register_model
-from .base import FlowModel, image_hw
+from .base import FlowModel, check_noise_std, image_hw
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class ResFlowConfig:
         num_series_terms, num_probes: of the estimators (5 terms, 1 probe).
         inverse_max_iter, inverse_tol: of every fixed-point inverse (100 iterations).
         num_power_iterations: of the spectral normalisation (5).
+        noise_std: σ of the Gaussian noise the checkpoint was trained with (``FlowModel``'s
+            ``noise_std``; 0: uniform dequantisation). Set by training.
     """
 
     in_channels: int = 3
@@ -57,8 +59,10 @@ class ResFlowConfig:
     inverse_max_iter: int = 100
     inverse_tol: float = 1e-6
     num_power_iterations: int = 5
+    noise_std: float = 0.0
 
     def __post_init__(self) -> None:
+        check_noise_std(self.noise_std)
         if not isinstance(self.image_size, int):
             object.__setattr__(self, "image_size", image_hw(self.image_size))
 

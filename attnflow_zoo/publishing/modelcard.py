@@ -29,7 +29,7 @@ from ..data.datasets import DATASETS, card_info
 from ..evaluation.results import check_metrics, refuse_pipeline_fid
 from ..progress import clock
 
-FAMILIES = ("attnflow", "marflow", "validator", "resflow")
+FAMILIES = ("attnflow", "marflow", "validator", "resflow", "tarflow")
 _PACKAGES = {"cards": "attnflow_zoo._cards", "dataset_license": "attnflow_zoo._licenses"}
 ATTENTION_NAMES = {"imap": "iMap", "itrans": "iTrans", "none": "none", "dot": "dot",
                    "embedded": "embedded", "gaussian": "gaussian", "concat": "concat"}
@@ -65,7 +65,7 @@ def family_of(preset: str | None, architecture: str) -> str:
     if preset and preset.split("_")[0] in FAMILIES:
         return preset.split("_")[0]
     arch = architecture.lower()
-    for family, marker in (("validator", "valid"), ("resflow", "resflow"),
+    for family, marker in (("validator", "valid"), ("resflow", "resflow"), ("tarflow", "tarflow"),
                            ("resflow", "iresnet"), ("marflow", "marflow"),
                            ("attnflow", "attnflow")):
         if marker in arch:
@@ -163,9 +163,11 @@ def card_spec(preset: str | None, architecture: str = "", config: dict[str, Any]
     if isinstance(config.get("lipschitz"), str):
         decisions.append(f"This checkpoint: lipschitz = {config['lipschitz']}.")
     spec["decisions"] = decisions
-    if spec["dataset_key"] != "cifar10":
-        # SPEC §5's reference numbers are CIFAR-10 results; beside other data they mislead.
+    if spec["dataset_key"] != spec.get("reference_dataset", "cifar10"):
+        # The family's reference numbers are on one dataset (SPEC §5's on CIFAR-10); beside
+        # other data they mislead.
         spec["reference_results"] = (entry or {}).get("reference_results", [])
+    spec.setdefault("reference_caption", "CIFAR-10 test; FID on 50k samples")
     variant = "tiny" if "tiny" in tokens else "small" if "small" in tokens else None
     spec.setdefault("variant_note", {
         "tiny": "a test-size preset, not trained for quality",
@@ -178,17 +180,37 @@ def card_spec(preset: str | None, architecture: str = "", config: dict[str, Any]
 
 
 # --- what was measured ---------------------------------------------------------------------------
-def _metric_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
+def noise_of(config: dict[str, Any], metrics: dict[str, Any]) -> float:
+    """σ of the Gaussian noise a checkpoint was trained with (its config's ``noise_std``, or
+    the metrics' ``bpd_noise_std``); 0 for a likelihood checkpoint."""
+    return float(config.get("noise_std") or metrics.get("bpd_noise_std") or 0.0)
+
+
+def checkpoint_kind(noise_std: float) -> str:
+    """The card's sentence on which kind of checkpoint it is (likelihood or sample quality)."""
+    if noise_std > 0:
+        return (f"a sample-quality checkpoint: trained on the 8-bit bins' centres plus Gaussian "
+                f"noise σ = {noise_std:g} (model space), for sampling with denoising; its "
+                "bits/dim is not a discrete-data bits/dim and is not comparable with "
+                "likelihood checkpoints or the papers' bits/dim")
+    return ("a likelihood checkpoint: trained with uniform dequantisation; its bits/dim is a "
+            "discrete-data bits/dim")
+
+
+def _metric_rows(m: dict[str, Any], noise_std: float = 0.0) -> list[dict[str, Any]]:
     rows = []
     if "bpd" in m:
         est = m["bpd_estimator"]
         k = m.get("bpd_num_importance_samples")
         est += f" (K = {k})" if k and k > 1 else ""
         n = f"{m['bpd_num_images']:,} images, " if "bpd_num_images" in m else ""
+        kind = (f"; NOT a discrete-data bits/dim: the checkpoint was trained with Gaussian "
+                f"noise σ = {noise_std:g}" if noise_std > 0 else "")
         rows.append({"name": "bits/dim", "value": f"{m['bpd']:.4f}",
                      "split": m.get("split", "test"),
                      "protocol": f"{n}{est} estimate, uniform dequantisation"
-                                 + (f", noise seed {m['bpd_seed']}" if "bpd_seed" in m else "")})
+                                 + (f", noise seed {m['bpd_seed']}" if "bpd_seed" in m else "")
+                                 + kind})
     if "fid" in m:
         ref = m.get("fid_reference", "train split")
         n_ref = (f" ({m['fid_reference_num_images']:,} images)"
@@ -231,9 +253,15 @@ def run_lines(run: dict[str, Any], data_text: str, deviations: list[str] | None)
         ema = f"EMA {tc['ema_decay']:g}" if tc.get("ema_decay") else "no EMA"
         aug = (f"shift <= {tc.get('max_shift')} px, flips {'on' if tc.get('flip') else 'off'}"
                if tc.get("augment") else "no augmentation")
-        lines.append(f"Optimisation: Adamax lr {tc.get('lr')}, warm-up {tc.get('warmup_steps')} "
-                     f"steps, {tc.get('schedule', 'constant')} schedule, {ema}; {aug}; "
-                     f"precision {_precision(tc)}; seed {tc.get('seed')}.")
+        name = {"adam": "Adam", "adamw": "AdamW"}.get(tc.get("optimizer", ""), "Adamax")
+        betas = f" betas {tuple(tc['betas'])}" if tc.get("betas") else ""
+        decay = f" weight decay {tc['weight_decay']:g}," if tc.get("weight_decay") else ""
+        noise = (f"; Gaussian input noise σ = {tc['noise_std']:g}" if tc.get("noise_std")
+                 else "")
+        lines.append(f"Optimisation: {name}{betas} lr {tc.get('lr')},{decay} warm-up "
+                     f"{tc.get('warmup_steps')} steps, {tc.get('schedule', 'constant')} "
+                     f"schedule, {ema}; {aug}{noise}; precision {_precision(tc)}; seed "
+                     f"{tc.get('seed')}.")
     hw = []
     if run.get("device"):
         hw.append(f"{run.get('world_size', 1)} × {run['device']}")
@@ -286,7 +314,7 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
             the run departs from it (``recipes.describe`` / ``recipes.deviations``).
         left_out: notes on measured numbers not shown (e.g. a pipeline-test FID).
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     metrics = check_metrics(dict(metrics or {}))
@@ -295,34 +323,9 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
     ds = spec["dataset"]
     scored = _scored_on(metrics) or ds
     model_name = repo_id.split("/")[-1]
-    results = []
-    local = scored.get("local_path")
+    noise = noise_of(cfg, metrics)
     num_classes = int(cfg.get("num_classes") or 0)
-    # The Hub has no class-conditional image generation task: such a model gets no pipeline
-    # tag, and its model-index a task of its own name.
-    task_type, task_name = ((("class-conditional-image-generation",
-                              "Class-conditional Image Generation")) if num_classes else
-                            ("unconditional-image-generation", "Unconditional Image Generation"))
-    common = {"task_type": task_type, "task_name": task_name,
-              "dataset_type": "imagefolder" if local else (scored.get("hub_id") or "unknown"),
-              "dataset_name": local or scored["name"],
-              "dataset_config": scored.get("hub_config")}
-    if "bpd" in metrics:
-        results.append(EvalResult(**common, dataset_split=metrics.get("split", "test"),
-                                  metric_type="bits_per_dim",
-                                  metric_name=f"Bits per dimension ({metrics['bpd_estimator']})",
-                                  metric_value=float(metrics["bpd"])))
-    if "fid" in metrics:
-        results.append(EvalResult(**common,
-                                  dataset_split=metrics.get("fid_reference_split", "train"),
-                                  metric_type="fid",
-                                  metric_name=f"FID ({metrics['fid_num_samples']} samples)",
-                                  metric_value=float(metrics["fid"])))
-    if "bayes_accuracy" in metrics:
-        results.append(EvalResult(**common, dataset_split=metrics.get("split", "test"),
-                                  metric_type="accuracy",
-                                  metric_name="Bayes-rule accuracy (argmax_y log p(x | y))",
-                                  metric_value=float(metrics["bayes_accuracy"])))
+    results = _eval_results(metrics, scored, noise, num_classes)
     arxiv = list(spec.get("arxiv", []))
     tags = sorted(set(spec.get("tags", [])) | BASE_TAGS | {f"arxiv:{a}" for a in arxiv}
                   | ({"class-conditional"} if num_classes else set()))
@@ -330,12 +333,13 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
     card_data = ModelCardData(
         license=license, library_name="attnflow_zoo", tags=tags,
         datasets=[actual["hub_id"]] if actual and actual.get("hub_id") else None,
-        pipeline_tag=None if num_classes else task_type,
+        pipeline_tag=None if num_classes else TASKS[False][0],
         model_name=model_name if results else None, eval_results=results or None)
     ours = None
     same_data = spec["dataset_key"] == (metrics.get("dataset") or spec["dataset_key"])
     if ("bpd" in metrics or "fid" in metrics) and same_data:
-        ours = {"bpd": f"{metrics['bpd']:.3f}" if "bpd" in metrics else "-",
+        comparable = "bpd" in metrics and noise == 0
+        ours = {"bpd": f"{metrics['bpd']:.3f}" if comparable else "-",
                 "fid": f"{metrics['fid']:.1f}" if "fid" in metrics else "-"}
     data_text = ", ".join(x for x in (ds["name"], ds.get("image_shape"), ds.get("splits")) if x)
     recipe = recipe or {}
@@ -351,11 +355,52 @@ def render_card(*, architecture: str, config: Any, preset: str | None, repo_id: 
         architecture_notes=spec.get("architecture_notes", []),
         decisions=spec.get("decisions", []),
         config_json=json.dumps(cfg, indent=2, sort_keys=True),
-        metrics_rows=_metric_rows(metrics), metrics_step=metrics.get("step"),
+        metrics_rows=_metric_rows(metrics, noise), metrics_step=metrics.get("step"),
+        checkpoint_kind=checkpoint_kind(noise) if spec["family"] == "tarflow" or noise else "",
+        reference_caption=spec["reference_caption"],
         left_out=left_out or [], training_rows=_training_rows(run),
         reference_results=spec.get("reference_results", []) if ds["name"] else [],
         ours=ours if spec.get("reference_results") else None, license=license,
         citation=spec.get("citation", ""))
+
+
+#: (task_type, task_name) of the model-index: the Hub has no class-conditional image generation
+#: task, so a class-conditional model gets a task of its own name (and no pipeline tag).
+TASKS = {False: ("unconditional-image-generation", "Unconditional Image Generation"),
+         True: ("class-conditional-image-generation", "Class-conditional Image Generation")}
+
+
+def _eval_results(metrics: dict[str, Any], scored: dict[str, Any], noise_std: float,
+                  num_classes: int = 0) -> list[Any]:
+    """The ``model-index`` entries of measured metrics: bits/dim only for a likelihood
+    checkpoint (a noise-trained one's is not a discrete-data bits/dim), FID for either, a
+    class-conditional model's Bayes-rule accuracy."""
+    from huggingface_hub import EvalResult
+
+    local = scored.get("local_path")
+    task_type, task_name = TASKS[bool(num_classes)]
+    common = {"task_type": task_type, "task_name": task_name,
+              "dataset_type": "imagefolder" if local else (scored.get("hub_id") or "unknown"),
+              "dataset_name": local or scored["name"],
+              "dataset_config": scored.get("hub_config")}
+    results = []
+    if "bpd" in metrics and noise_std == 0:
+        results.append(EvalResult(**common, dataset_split=metrics.get("split", "test"),
+                                  metric_type="bits_per_dim",
+                                  metric_name=f"Bits per dimension ({metrics['bpd_estimator']})",
+                                  metric_value=float(metrics["bpd"])))
+    if "fid" in metrics:
+        results.append(EvalResult(**common,
+                                  dataset_split=metrics.get("fid_reference_split", "train"),
+                                  metric_type="fid",
+                                  metric_name=f"FID ({metrics['fid_num_samples']} samples)",
+                                  metric_value=float(metrics["fid"])))
+    if "bayes_accuracy" in metrics:
+        results.append(EvalResult(**common, dataset_split=metrics.get("split", "test"),
+                                  metric_type="accuracy",
+                                  metric_name="Bayes-rule accuracy (argmax_y log p(x | y))",
+                                  metric_value=float(metrics["bayes_accuracy"])))
+    return results
 
 
 def _precision(train_config: dict[str, Any]) -> str:

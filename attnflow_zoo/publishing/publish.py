@@ -25,7 +25,8 @@ CARD_NAME = "README.md"
 
 
 def check_round_trip(model: Any, num_images: int = 4, seed: int = 0) -> float:
-    """Max |inverse(forward(x)) − x| on a few dequantised random images; raises
+    """Max |inverse(forward(x)) − x| on a few dequantised random images (labelled every class
+    in turn for a class-conditional model); raises
     ``CheckpointError`` above half a quantisation step (1/512), where samples would change."""
     shape = getattr(model, "input_shape", None)
     if shape is None:
@@ -34,11 +35,13 @@ def check_round_trip(model: Any, num_images: int = 4, seed: int = 0) -> float:
     gen = torch.Generator().manual_seed(seed)
     x_u8 = torch.randint(0, 256, (num_images, *shape), generator=gen, dtype=torch.uint8)
     x = quantize.to_model_space(x_u8, gen).to(_device_of(model))
+    k = int(getattr(model, "num_classes", 0) or 0)
+    labels = (torch.arange(num_images) % k,) if k else ()  # a class-conditional model's
     with torch.no_grad():
-        out = model(x)
+        out = model(x, *labels)
         # Density models return (z, logdet); a bare bijection (the validator) returns z.
         z, logdet = out if isinstance(out, tuple) else (out, None)
-        x_rec = model.inverse(z)
+        x_rec = model.inverse(z, *labels)
     if logdet is not None and not torch.isfinite(logdet).all():
         raise CheckpointError("the checkpoint gives a non-finite log-determinant; "
                               "refusing to push it")

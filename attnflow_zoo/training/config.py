@@ -12,6 +12,7 @@ import torch
 
 from ..errors import ConfigError
 from ..precision import PRECISIONS
+from ..registry import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,18 @@ class TrainConfig:
         steps: optimizer steps in total (wins over ``epochs``).
         epochs: passes over the training set (each epoch = N // batch_size steps).
         batch_size: global batch (split evenly over ranks under torchrun).
-        lr: Adamax learning rate after warm-up (mAR-SCF: 8e-4).
+        optimizer: "adamax" (mAR-SCF's, the default), "adam" or "adamw" (TarFlow's).
+        betas: the optimizer's (β₁, β₂); None: torch's default for it.
+        weight_decay: the optimizer's weight decay (AdamW: decoupled), 0 for none.
+        lr: learning rate after warm-up (mAR-SCF: Adamax 8e-4).
         warmup_steps: linear warm-up length in optimizer steps (the original counted images).
         schedule: "constant" or "cosine" (timm schedulers) after warm-up.
         min_lr: the cosine schedule's final lr.
         grad_clip: max global grad norm, or None for no clipping.
         ema_decay: EMA decay of the weights (timm ModelEmaV3 with warm-up), None for no EMA.
+        noise_std: σ > 0 trains on x = (x_u8 + ½)/256 − ½ + σ·ε, ε ~ N(0, I) (TarFlow's
+            Gaussian noise augmentation for sample quality, SPEC §6; the model's
+            ``noise_std`` records it); 0: uniform dequantisation (a likelihood run).
         augment: random shift ≤ ``max_shift`` px with edge padding (+ flip if ``flip``).
         flip: horizontal flips; None: the dataset's rule (``data.default_flip``: on for CIFAR-10
             and CelebA, off for digits, local folders and in-memory data).
@@ -67,12 +74,16 @@ class TrainConfig:
     steps: int | None = None
     epochs: int | None = None
     batch_size: int = 64
+    optimizer: str = "adamax"
+    betas: tuple[float, float] | None = None
+    weight_decay: float = 0.0
     lr: float = 8e-4
     warmup_steps: int = 200
     schedule: str = "constant"
     min_lr: float = 0.0
     grad_clip: float | None = None
     ema_decay: float | None = 0.999
+    noise_std: float = 0.0
     augment: bool = True
     max_shift: int = 3
     flip: bool | None = None
@@ -94,6 +105,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps is None and self.epochs is None:
             raise ConfigError("give the training length: steps or epochs")
+        self._check_optimizer()
         for name in ("steps", "epochs", "batch_size", "checkpoint_every", "log_every",
                      "eval_every", "eval_batch_size", "max_nonfinite", "keep_checkpoints"):
             value = getattr(self, name)
@@ -125,6 +137,20 @@ class TrainConfig:
             raise ConfigError(f"max_seconds must be a positive number of seconds (or None), got "
                               f"{self.max_seconds}")
 
+    def _check_optimizer(self) -> None:
+        if isinstance(self.betas, list):  # as JSON gives it back
+            object.__setattr__(self, "betas", tuple(self.betas))
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                              f"{self.optimizer!r}")
+        if self.betas is not None and not (isinstance(self.betas, tuple) and len(self.betas) == 2
+                                           and all(0 <= b < 1 for b in self.betas)):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        for name in ("weight_decay", "noise_std"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a number ≥ 0, got {value!r}")
+
     def validation_count(self, num_images: int) -> int:
         """How many of ``num_images`` training images the validation split takes."""
         if self.validation == 0:
@@ -139,8 +165,12 @@ class TrainConfig:
         return cls(**legacy_settings(settings))
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as a JSON-plain dict (``TrainConfig(**d)`` rebuilds them)."""
-        return dataclasses.asdict(self)
+        """The settings as a JSON-plain dict (``TrainConfig(**d)`` rebuilds them; tuples as
+        lists, as they come back from run.json)."""
+        out = dataclasses.asdict(self)
+        if out["betas"] is not None:
+            out["betas"] = list(out["betas"])
+        return out
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (validated again)."""

@@ -10,9 +10,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..data import datasets
+from ..core import randn_like_on
+from ..data import datasets, quantize
 from ..errors import DataError
 from .config import TrainConfig
+
+
+def model_input(x_u8: Tensor, generator: torch.Generator | None, noise_std: float = 0.0
+                ) -> Tensor:
+    """The model-space batch a step trains on: the uniformly dequantised images
+    (``quantize.to_model_space``) for σ = 0, else the bins' centres plus N(0, σ²) noise
+    (``quantize.bin_centres`` + σ·ε; TarFlow's noise augmentation, SPEC §6)."""
+    if noise_std == 0:
+        return quantize.to_model_space(x_u8, generator)
+    x = quantize.bin_centres(x_u8)
+    return x + noise_std * randn_like_on(tuple(x.shape), x, generator)
 
 
 def carve_validation(images: Tensor, config: TrainConfig) -> tuple[Tensor, Tensor | None]:

@@ -1,8 +1,10 @@
 """``fit``: maximum-likelihood training with warm-up, EMA, checkpoints, exact resume and DDP.
 
-The recipe is mAR-SCF's (Mahajan et al., CVPR 2020; SPEC §3): Adamax, lr 8e-4, linear warm-up,
-random shift ≤ 3 px + flip. Warm-up is counted in optimizer steps here (the original counted
-images: ``warmup_steps = warmup_images / batch_size``).
+The default recipe is mAR-SCF's (Mahajan et al., CVPR 2020; SPEC §3): Adamax, lr 8e-4, linear
+warm-up, random shift ≤ 3 px + flip; the optimizer (Adamax, Adam, AdamW with betas and weight
+decay) and the input noise (uniform dequantisation, or TarFlow's Gaussian noise, which the model's
+``noise_std`` then records) are ``TrainConfig`` settings. Warm-up is counted in optimizer steps
+here (the original counted images: ``warmup_steps = warmup_images / batch_size``).
 
 Randomness is counter-based: the generator of step ``s`` is seeded from ``(seed, s)`` and the
 shuffling of epoch ``e`` from ``(seed, e)``, so the RNG state of a run is its step count and
@@ -47,7 +49,7 @@ from .. import checkpoint
 from .._io import check_writable
 from ..compilation import compile_training
 from ..core import initialize_from_data, resolve_device
-from ..data import datasets, quantize
+from ..data import datasets
 from ..data.augment import augment
 from ..data.labels import labels_for
 from ..errors import CheckpointError, DataError, TrainingError
@@ -55,10 +57,10 @@ from ..metrics import evaluate_bpd
 from ..models.conditioning import training_labels
 from ..progress import clock, note, progress
 from .config import TrainConfig, check_device, check_resume
-from .datasets import carve_validation, data_record, run_settings
+from .datasets import carve_validation, data_record, model_input, run_settings
 from .distributed import DistContext, all_mean, barrier, init_distributed
 from .interrupt import TrainingInterrupted, stop_requests
-from .optim import make_ema, make_scheduler, param_groups
+from .optim import make_ema, make_optimizer, make_scheduler, param_groups
 from .record import device_name, versions
 from .run import RunFolder, check_fresh
 from .state import load_newest_intact, recorded_settings
@@ -225,9 +227,8 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         check_fresh(out)
     model.to(dev)
     model.train()
-    # capturable: Adamax keeps its step count on the GPU (no host read in the step).
-    optimizer = torch.optim.Adamax(param_groups(model, config), lr=config.lr,
-                                   capturable=dev.type == "cuda")
+    model.record_noise_std(config.noise_std)  # before the EMA copies the model and its config
+    optimizer = make_optimizer(param_groups(model, config), config, dev)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     num_dims = math.prod(model.input_shape)
 
@@ -255,7 +256,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
         # statistics over ranks, which makes them the global batch's.
         g = _step_generator(config.seed, 0, dev)
         x_u8, y = _batch(train_data, train_labels, 0, config, steps_per_epoch, dev)
-        x, y = _local_rows(quantize.to_model_space(x_u8, g), ctx), _local_rows(y, ctx)
+        x, y = _local_rows(model_input(x_u8, g, config.noise_std), ctx), _local_rows(y, ctx)
         initialize_from_data(model, lambda: model.log_density(x, y, generator=g))
         if config.ema_decay is not None:
             ema = make_ema(model, config)
@@ -337,7 +338,7 @@ def _fit_locked(model, train_data, val_data, eval_data, config, ctx, dev, out, f
             g = _step_generator(config.seed, step + 1, dev)
             if config.augment:
                 x_u8 = augment(x_u8, g, max_shift=config.max_shift, flip=config.flip)
-            x = quantize.to_model_space(x_u8, g)
+            x = model_input(x_u8, g, config.noise_std)
             # Classifier-free label dropout on the global batch, outside the compiled step.
             y = training_labels(model, y, g)
             x, y = _local_rows(x, ctx), _local_rows(y, ctx)

@@ -1,12 +1,29 @@
-"""The optimiser side of a run, built from its ``TrainConfig``: the parameter groups, the
-learning-rate schedule and the EMA of the weights (both timm's)."""
+"""The optimiser side of a run, built from its ``TrainConfig``: the optimizer and its parameter
+groups, the learning-rate schedule and the EMA of the weights (both timm's)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from .config import TrainConfig
+
+_OPTIMIZERS = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam,
+               "adamw": torch.optim.AdamW}
+
+
+def make_optimizer(params: Iterable[nn.Parameter] | list[dict], config: TrainConfig,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """``config.optimizer`` at ``config.lr`` with its ``betas`` (None: torch's default) and
+    ``weight_decay``. capturable on CUDA: the step count stays on the GPU (no host read in
+    the step)."""
+    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay,
+              "capturable": device.type == "cuda"}
+    if config.betas is not None:
+        kwargs["betas"] = tuple(config.betas)
+    return _OPTIMIZERS[config.optimizer](params, **kwargs)
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:

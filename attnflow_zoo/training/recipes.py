@@ -33,9 +33,9 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 #: TrainConfig fields a recipe sets (compared when a run is checked against its recipe).
-RECIPE_SETTINGS = ("steps", "epochs", "batch_size", "lr", "warmup_steps", "schedule",
-                   "grad_clip", "ema_decay", "augment", "max_shift", "flip", "precision",
-                   "class_loss_weight", "class_lr_scale")
+RECIPE_SETTINGS = ("steps", "epochs", "batch_size", "optimizer", "betas", "weight_decay", "lr",
+                   "warmup_steps", "schedule", "grad_clip", "ema_decay", "noise_std", "augment",
+                   "max_shift", "flip", "precision", "class_loss_weight", "class_lr_scale")
 
 
 def recipe_of(preset: str) -> Recipe:
@@ -93,7 +93,10 @@ def recipe_settings(recipe: Recipe) -> dict[str, Any]:
     """The ``TrainConfig`` fields a (density) recipe sets (module rule), unchecked."""
     return {
         "steps": recipe.steps, "epochs": None if recipe.steps is not None else recipe.epochs,
-        "batch_size": recipe.batch_size, "lr": float(recipe.lr),
+        "batch_size": recipe.batch_size, "optimizer": recipe.optimizer,
+        "betas": None if recipe.betas is None else list(recipe.betas),
+        "weight_decay": float(recipe.weight_decay), "noise_std": float(recipe.noise_std),
+        "lr": float(recipe.lr),
         "warmup_steps": warmup_steps(recipe.warmup_images, recipe.batch_size),
         "schedule": recipe.schedule, "grad_clip": recipe.grad_clip,
         "ema_decay": recipe.ema_decay, "augment": recipe.max_shift > 0 or recipe.flip is not False,
@@ -110,9 +113,6 @@ def config_from_recipe(recipe: Recipe, world_size: int = 1, **train_overrides: A
     if recipe.task != "density":
         raise ConfigError(f"recipe {recipe.name!r} is Zha et al.'s invertibility experiment: "
                           "run it with `attnflow validate`, not `attnflow train`")
-    if recipe.optimizer != "adamax":
-        raise ConfigError(f"recipe {recipe.name!r} uses {recipe.optimizer}; training runs "
-                          "Adamax only")
     if world_size < 1 or recipe.batch_size % world_size:
         raise ConfigError(f"the global batch {recipe.batch_size} does not split over "
                           f"{world_size} processes; set batch_size to a multiple of "
@@ -191,6 +191,8 @@ def summary(recipe: Recipe | None) -> str:
         return "-"
     length = f"{recipe.steps} steps" if recipe.steps is not None else f"{recipe.epochs} ep"
     parts = [f"{recipe.optimizer} {recipe.lr:g}", f"b{recipe.batch_size}", length]
+    if recipe.noise_std:
+        parts.append(f"noise σ {recipe.noise_std:g}")
     if recipe.warmup_images:
         parts.append(f"wu {_count(recipe.warmup_images)} img")
     if recipe.task == "invertibility":
@@ -230,8 +232,9 @@ def describe(recipe: Recipe) -> list[str]:
            f"{recipe.fid_temperature:g} against the {recipe.fid_reference_split} split's "
            "Inception statistics" if recipe.fid_num_samples else "")
     return [*lines,
-            f"{recipe.optimizer.capitalize()}, lr {recipe.lr:g} after {warm}; {recipe.schedule} "
+            f"{_optimizer_text(recipe)}, lr {recipe.lr:g} after {warm}; {recipe.schedule} "
             "lr after it; the lr is not rescaled with the batch.",
+            _noise_text(recipe),
             f"Global batch {recipe.batch_size} (split over the processes under torchrun), "
             f"{length}, {recipe.precision}"
             + (f", gradient norm clipped at {recipe.grad_clip:g}" if recipe.grad_clip else "")
@@ -239,6 +242,22 @@ def describe(recipe: Recipe) -> list[str]:
             f"Augmentation: {aug}; {ema}.",
             f"Scoring: {recipe.eval_split}-split bits/dim ({recipe.bpd_estimator} "
             f"dequantisation estimate){fid}."]
+
+
+def _optimizer_text(recipe: Recipe) -> str:
+    name = {"adamax": "Adamax", "adam": "Adam", "adamw": "AdamW"}[recipe.optimizer]
+    betas = f" betas ({recipe.betas[0]:g}, {recipe.betas[1]:g})" if recipe.betas else ""
+    decay = f", weight decay {recipe.weight_decay:g}" if recipe.weight_decay else ""
+    return f"{name}{betas}{decay}"
+
+
+def _noise_text(recipe: Recipe) -> str:
+    if not recipe.noise_std:
+        return ("Input: uniform dequantisation (a likelihood recipe: its bits/dim is a "
+                "discrete-data bits/dim).")
+    return (f"Input: the 8-bit bins' centres plus Gaussian noise σ = {recipe.noise_std:g} in "
+            "model space (a sample-quality recipe: the checkpoint's bits/dim is not a "
+            "discrete-data bits/dim and is not comparable with likelihood checkpoints).")
 
 
 def deviations(recipe: Recipe, run: dict[str, Any]) -> list[str]:

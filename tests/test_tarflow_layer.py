@@ -1,0 +1,163 @@
+"""The TarFlow block (SPEC §6): round trip, brute-force log-det, a block-triangular Jacobian in
+token order, the cached inverse equal to the cache-free one (guidance included), any batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from attnflow_zoo.errors import ShapeError
+from attnflow_zoo.layers.tarflow import Guidance, TarFlowBlock
+from attnflow_zoo.precision import autocast_for
+from attnflow_zoo.testing import (
+    check_batch_independence,
+    check_gradients,
+    check_invertible,
+    check_logdet,
+    perturb_parameters,
+)
+
+T, D, W = 5, 3, 16
+
+
+def _block(reverse: bool = False, affine: bool = True, dtype: torch.dtype = torch.float64,
+           seed: int = 0) -> TarFlowBlock:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        block = TarFlowBlock(D, T, W, num_layers=2, head_dim=8, expansion=2, reverse=reverse,
+                             affine=affine)
+    perturb_parameters(block, 0.05, torch.Generator().manual_seed(seed + 1))
+    return block.to(dtype).eval()
+
+
+def _tokens(b: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> Tensor:
+    return torch.randn(b, T, D, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+class _Flat(nn.Module):
+    """The block on flattened tokens B×(T·d), with one fixed context vector (1×W) for every
+    sample (for the brute-force checks, which differentiate a B×D map one sample at a time)."""
+
+    def __init__(self, block: TarFlowBlock, context: Tensor | None = None) -> None:
+        super().__init__()
+        self.block = block
+        self.context = context
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        ctx = None if self.context is None else self.context.expand(x.shape[0], -1)
+        z, logdet = self.block(x.view(-1, T, D), ctx)
+        return z.flatten(1), logdet
+
+
+CASES = [(False, True), (True, True), (False, False)]
+
+
+@pytest.mark.parametrize(("reverse", "affine"), CASES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_round_trip_and_logdet(reverse: bool, affine: bool, batch: int) -> None:
+    block = _block(reverse, affine)
+    x = _tokens(batch)
+    check_invertible(block, x)
+    check_invertible(block.float(), x.float(), atol=1e-5)
+    block.double()
+    check_logdet(_Flat(block), x.flatten(1), rtol=1e-10, atol=1e-10)
+    context = torch.randn(1, W, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    check_logdet(_Flat(block, context), x.flatten(1), rtol=1e-10, atol=1e-10)
+    context = context.expand(batch, -1)
+    z, _ = block(x, context)
+    torch.testing.assert_close(block.inverse(z, context), x, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_jacobian_is_block_triangular_in_token_order(reverse: bool) -> None:
+    """∂z_t/∂x_s = 0 for every token s after t in the block's order (before t for a reversed
+    block), and each diagonal block ∂z_t/∂x_t is diagonal; the later-token blocks are not
+    zero (the map is autoregressive, not token-wise)."""
+    block = _block(reverse)
+    x = _tokens(1, seed=4)[0]
+    jac = torch.autograd.functional.jacobian(lambda v: block(v[None])[0][0], x)  # T×d×T×d
+    order = list(range(T))[::-1] if reverse else list(range(T))
+    rank = {tok: i for i, tok in enumerate(order)}
+    for t in range(T):
+        for s in range(T):
+            blk = jac[t, :, s, :]
+            if rank[s] > rank[t]:
+                assert blk.abs().max() == 0, (t, s)
+            elif s == t:
+                assert (blk - torch.diag(torch.diagonal(blk))).abs().max() == 0
+            elif rank[s] == rank[t] - 1:
+                assert blk.abs().max() > 1e-6, (t, s)
+
+
+@pytest.mark.parametrize(("reverse", "affine"), CASES)
+def test_cached_inverse_equals_cache_free_inverse(reverse: bool, affine: bool) -> None:
+    block = _block(reverse, affine)
+    z = _tokens(3, seed=5)
+    context = torch.randn(3, W, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    null = torch.randn(3, W, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    for ctx, guidance in [(None, None), (context, None),
+                          (context, Guidance(2.0, context=null)),
+                          (context, Guidance(1.5, context=null, annealed=True)),
+                          (None, Guidance(0.7, attention_temperature=1.4))]:
+        cached = block.inverse(z, ctx, guidance)
+        reference = block.inverse_uncached(z, ctx, guidance)
+        torch.testing.assert_close(cached, reference, rtol=0, atol=1e-12)
+    # Guidance changes the result; a weight of 0 is no guidance.
+    plain = block.inverse(z, context)
+    assert (block.inverse(z, context, Guidance(2.0, context=null)) - plain).abs().max() > 1e-6
+    torch.testing.assert_close(block.inverse(z, context, Guidance(0.0, context=null)), plain,
+                               rtol=0, atol=0)
+
+
+def test_one_cache_serves_every_call_and_a_wrong_one_is_refused() -> None:
+    block = _block()
+    z = _tokens(2, seed=8)
+    cache = block.new_cache(2, z)
+    first = block.inverse(z, cache=cache)
+    torch.testing.assert_close(block.inverse(_tokens(2, seed=9), cache=cache),
+                               block.inverse(_tokens(2, seed=9)), rtol=0, atol=0)
+    torch.testing.assert_close(block.inverse(z, cache=cache), first, rtol=0, atol=0)
+    with pytest.raises(ShapeError):
+        block.inverse(_tokens(3), cache=cache)
+
+
+def test_identity_at_init_and_batch_independence() -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        block = TarFlowBlock(D, T, W, num_layers=1, head_dim=8).double()
+    x = _tokens(4)
+    z, logdet = block(x)
+    assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(4, dtype=torch.float64))
+    check_batch_independence(_block(True), _tokens(4, seed=2))
+
+
+def test_gradients_reach_every_parameter() -> None:
+    block = _block(dtype=torch.float32)
+    context = torch.randn(1, W)
+    check_gradients(_Flat(block, context), _tokens(3, torch.float32).flatten(1))
+
+
+def test_wrong_shape_is_refused() -> None:
+    with pytest.raises(ShapeError):
+        _block()(torch.zeros(2, T + 1, D, dtype=torch.float64))
+
+
+def test_bf16_keeps_the_affine_map_and_logdet_in_float32() -> None:
+    block = _block(dtype=torch.float32)
+    x = _tokens(2, torch.float32)
+    with autocast_for("cpu", "bf16"):
+        z, logdet = block(x)
+        x_rec = block.inverse(z)
+    assert z.dtype == logdet.dtype == x_rec.dtype == torch.float32
+    assert (x_rec - x).abs().max() < 1e-2
+
+
+def test_attention_maps_are_causal_in_the_block_order() -> None:
+    for reverse in (False, True):
+        maps = list(_block(reverse).attention_maps(_tokens(2)))
+        assert len(maps) == 2 and maps[0].shape == (2, T, T)
+        torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, T, dtype=maps[0].dtype))
+        upper = torch.ones(T, T, dtype=torch.bool).triu(1)
+        future = upper.T if reverse else upper
+        assert maps[0][:, future].abs().max() == 0
