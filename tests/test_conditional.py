@@ -430,6 +430,8 @@ def test_guidance_needs_a_null_class() -> None:
     assert model.null_class is None and model.class_embedding.table.weight.shape[0] == 3
     with pytest.raises(ConfigError, match="guidance needs a model trained with label dropout"):
         model.generate(2, y=0, guidance=1.0)
+    with pytest.raises(ConfigError, match="guidance needs a class-conditional model"):
+        az.create_model("attnflow_imap_tiny").generate(2, guidance=1.0)
 
 
 def test_fit_drops_labels_to_the_null_class() -> None:

@@ -146,6 +146,10 @@ class LevelConditions:
         self.labels, self.shifts, self.couplings, self.weight = labels, shifts, couplings, guidance
         self.e = self.e_null = self.null = None
         if labels is None or embedding is None:
+            if guidance:
+                raise ConfigError("classifier-free guidance needs a class-conditional model "
+                                  "trained with label dropout; this one is unconditional: "
+                                  "sample it with guidance 0")
             return
         self.e = embedding(labels)
         if guidance:
