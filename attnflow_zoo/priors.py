@@ -30,13 +30,16 @@ class Prior(nn.Module):
     """Abstract base of the zoo's priors: p(z | cond) = Π N(z; μ, σ²), a diagonal normal whose
     (μ, log σ) each subclass computes in ``mean_and_log_std``."""
 
-    def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None
+    def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None,
+                         shift: tuple[Tensor, Tensor] | None = None
                          ) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        """Teacher-forced (μ, log σ), B×C×H×W, with ``shift`` (module docstring) in them."""
         raise NotImplementedError
 
-    def log_prob(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+    def log_prob(self, z: Tensor, cond: Tensor | None = None,
+                 shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """log p(z | cond) in nats, shape (B,)."""
-        mean, log_std = self.mean_and_log_std(z, cond)
+        mean, log_std = self.mean_and_log_std(z, cond, shift)
         return diag_normal_logpdf(z, mean, log_std)
 
     def draw_noise(self, num_samples: int, height: int, width: int,
@@ -63,13 +66,14 @@ class Prior(nn.Module):
                  else self.draw_noise(num_samples, height, width, generator))
         return self.sample_from_noise(num_samples, height, width, cond, temperature, noise)
 
-    def whiten(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+    def whiten(self, z: Tensor, cond: Tensor | None = None,
+               shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """ε = (z − μ)/σ with the teacher-forced (μ, σ) of ``mean_and_log_std``, B×C×H×W.
 
         For an autoregressive prior μ_c, σ_c depend on z_{<c} only, so ε is the noise that
         ``unwhiten`` (and ``sample`` at T = 1) turns back into z.
         """
-        mean, log_std = self.mean_and_log_std(z, cond)
+        mean, log_std = self.mean_and_log_std(z, cond, shift)
         return (z - mean) * torch.exp(-log_std)
 
     def unwhiten(self, eps: Tensor, cond: Tensor | None = None,
@@ -144,9 +148,11 @@ class MARPrior(Prior):
             raise ValueError("this prior is conditional: pass cond (the kept half z1)")
         return self.in_cond(self.embed(cond))
 
-    def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Teacher-forced (μ, log σ) of every channel given the channels before it; B×C×H×W,
-        float32 under autocast (the convolutions run in the autocast dtype)."""
+    def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None,
+                         shift: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced (μ, log σ) of every channel given the channels before it (plus
+        ``shift``); B×C×H×W, float32 under autocast (the convolutions run in the autocast
+        dtype)."""
         b, c, h, w = z.shape
         if c != self.num_channels:
             raise ShapeError(f"prior expects {self.num_channels} channels, got {c}")
@@ -159,7 +165,10 @@ class MARPrior(Prior):
         h_seq = self.lstm(x_seq)
         out = upcast(self.out(h_seq.reshape(c * b, -1, h, w))).view(c, b, 2, h, w)
         mean, log_std = out.unbind(2)
-        return mean.transpose(0, 1), log_std.transpose(0, 1)
+        mean, log_std = mean.transpose(0, 1), log_std.transpose(0, 1)
+        if shift is None:
+            return mean, log_std
+        return mean + shift[0], log_std + shift[1]
 
     def draw_noise(self, num_samples: int, height: int, width: int,
                    generator: torch.Generator | None = None) -> Tensor:
@@ -260,25 +269,31 @@ class GaussianPrior(Prior):
 
     def _params(self, b: int, h: int, w: int, cond: Tensor | Guided | None,
                 shift: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(μ, log σ): the raw parameters (guided, shifted), log σ soft-capped last, so the
+        bound holds for every class and guidance weight."""
+        mean, log_std = self._raw(b, h, w, cond)
         if shift is not None:
-            mean, log_std = self._params(b, h, w, cond)
-            return mean + shift[0], log_std + shift[1]
+            mean, log_std = mean + shift[0], log_std + shift[1]
+        return mean, soft_cap(log_std, self.log_std_bound)
+
+    def _raw(self, b: int, h: int, w: int, cond: Tensor | Guided | None
+             ) -> tuple[Tensor, Tensor]:
         if isinstance(cond, Guided):
-            return guide(self._params(b, h, w, cond.cond), self._params(b, h, w, cond.uncond),
+            return guide(self._raw(b, h, w, cond.cond), self._raw(b, h, w, cond.uncond),
                          cond.weight)
         if self.cond_channels == 0:
-            log_std = soft_cap(self.log_std, self.log_std_bound)
-            return (self.mean.expand(b, -1, h, w), log_std.expand(b, -1, h, w))
+            return (self.mean.expand(b, -1, h, w), self.log_std.expand(b, -1, h, w))
         if cond is None:
             raise ValueError("this prior is conditional: pass cond (the kept half z1)")
         out = upcast(self.net(cond))
-        return out[:, 0::2], soft_cap(out[:, 1::2], self.log_std_bound)
+        return out[:, 0::2], out[:, 1::2]
 
-    def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def mean_and_log_std(self, z: Tensor, cond: Tensor | None = None,
+                         shift: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """(μ, log σ), B×C×H×W."""
         if z.shape[1] != self.num_channels:
             raise ShapeError(f"prior expects {self.num_channels} channels, got {z.shape[1]}")
-        return self._params(z.shape[0], z.shape[2], z.shape[3], cond)
+        return self._params(z.shape[0], z.shape[2], z.shape[3], cond, shift)
 
     def draw_noise(self, num_samples: int, height: int, width: int,
                    generator: torch.Generator | None = None) -> Tensor:

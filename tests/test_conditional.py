@@ -90,10 +90,11 @@ def test_there_are_conditional_presets() -> None:
     for dataset in ("cifar10", "svhn", "mnist"):
         for size in ("", "_small"):
             cfg = registry.preset_config(f"attnflow_imap_cond_{dataset}{size}")
-            # Issue 20: the class conditions every prior and every coupling, with a null class.
+            # Issue 20: the class sets every prior's mean and log-scale; a null class.
             assert cfg.num_classes == 10 and cfg == registry.preset_config(
-                f"attnflow_imap_{dataset}{size}", num_classes=10, condition_couplings=True)
+                f"attnflow_imap_{dataset}{size}", num_classes=10)
             assert cfg.class_prior_shift and cfg.class_dropout == 0.1
+            assert not cfg.condition_couplings
 
 
 @pytest.mark.parametrize("name", COND_TINY)
@@ -108,7 +109,7 @@ def test_round_trip_and_logdet_at_every_class(name: str) -> None:
 def test_priors_only_conditioning_leaves_the_flow_alone() -> None:
     """With the priors conditioned and the couplings not, z and log|det ∂z/∂x| are the same for
     every class: y changes log p(x | y) through the priors alone."""
-    model = _model("attnflow_imap_cond_tiny", condition_couplings=False)
+    model = _model("attnflow_imap_cond_tiny")
     x = _x(model, 3)
     z0, logdet0 = model(x, 0)
     logps = [model.log_density(x, y) for y in range(model.num_classes)]
@@ -429,6 +430,8 @@ def test_guidance_needs_a_null_class() -> None:
     assert model.null_class is None and model.class_embedding.table.weight.shape[0] == 3
     with pytest.raises(ConfigError, match="guidance needs a model trained with label dropout"):
         model.generate(2, y=0, guidance=1.0)
+    with pytest.raises(ConfigError, match="guidance needs a class-conditional model"):
+        az.create_model("attnflow_imap_tiny").generate(2, guidance=1.0)
 
 
 def test_fit_drops_labels_to_the_null_class() -> None:
@@ -598,3 +601,21 @@ def test_class_parameters_get_their_own_learning_rate() -> None:
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert len(param_groups(model, config.replace(class_lr_scale=1.0))) == 1
     assert len(param_groups(az.create_model("attnflow_imap_tiny"), config)) == 1
+
+
+def test_train_conditional_adds_the_class_head_its_class_loss_needs() -> None:
+    """What `attnflow train --conditional` adds to a preset besides its classes: the class
+    head, when its training has a class loss (the digits recipe has one)."""
+    from attnflow_zoo import registry
+    from attnflow_zoo.training.preset import conditional_overrides
+    from attnflow_zoo.training.recipes import plan
+
+    entry = registry.get_entry("attnflow_imap_digits")
+    digits = plan("attnflow_imap_digits").config
+    assert digits.class_loss_weight > 0 and digits.class_lr_scale > 1
+    assert conditional_overrides(entry, {"num_classes": 10}, digits) == {
+        "class_head": True}
+    plain = digits.replace(class_loss_weight=0.0)
+    assert conditional_overrides(entry, {"num_classes": 10}, plain) == {}
+    assert conditional_overrides(entry,
+                                 {"num_classes": 10, "class_head": False}, digits) == {}

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core import FlowSequential, InvertibleModule, check_bound, diag_normal_logpdf
+from ..core import FlowSequential, InvertibleModule, check_bound
 from ..errors import ConfigError, ShapeError, check_choice
 from ..layers.coupling import AffineCoupling
 from ..layers.linear import InvConv1x1
@@ -33,8 +33,10 @@ from ..layers.mixlogcdf import MixLogCDFCoupling
 from ..layers.normalization import ActNorm
 from ..layers.reshape import Squeeze, merge_channels, split_channels
 from ..priors import OUTPUT_INITS, GaussianPrior, MARPrior
+from .attnflow_classes import ClassConditionalFlow
+from .attnflow_latents import LatentsMixin
 from .base import FlowModel, check_noise_std
-from .conditioning import ClassEmbedding, ClassPriorShift, LevelConditions
+from .conditioning import LevelConditions, Shift
 
 #: Coupling layers by config name: (num_channels, config) -> layer.
 COUPLINGS: dict[str, Callable[[int, "AttnFlowConfig"], InvertibleModule]] = {
@@ -106,8 +108,8 @@ class AttnFlowConfig:
             (see ``models.conditioning``); 0 (default) is unconditional.
         class_embed_channels: E, the width of the class embedding.
         condition_couplings: also feed the class embedding to every affine coupling's
-            conditioner (then the flow's logdet depends on y); needs num_classes > 0. On in
-            every ``_cond_`` preset and for ``attnflow train --conditional``.
+            conditioner (then the flow's logdet depends on y); needs num_classes > 0. Off in
+            the presets (measured worse on the digits: README, class-conditional models).
         class_prior_shift: the class also sets every level's prior mean and log-scale directly,
             a learned (Δμ_y, Δlog σ_y) per class and latent position (``ClassPriorShift``;
             a class-conditional model only). Old checkpoints: off.
@@ -142,12 +144,11 @@ class AttnFlowConfig:
     prior_log_std_bound: float | None = 4.0
     #: What a config.json written before a key existed meant by its absence (the checkpoint's
     #: function, not today's default): the published σ gate at c = 4 before the normalized one;
-    #: unbounded coupling scales, iMap gates and Gaussian-prior σ before the soft clips; no
-    #: class prior shift and no null class before them.
+    #: unbounded coupling scales, iMap gates and Gaussian-prior σ; no class shift, no null class.
     LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {
         "imap_gate": "sigmoid", "imap_init_logit": 4.0, "coupling_log_scale_bound": None,
-        "imap_log_gate_bound": None, "prior_log_std_bound": None,
-        "class_prior_shift": False, "class_dropout": 0.0}
+        "imap_log_gate_bound": None, "prior_log_std_bound": None, "class_prior_shift": False,
+        "class_dropout": 0.0}
     itrans_patch_size: int = 2
     itrans_form: str = "convex"
     itrans_init_mix: float = 0.05
@@ -244,7 +245,7 @@ def flow_step(cfg: AttnFlowConfig, channels: int, size: int, parity: int,
     return FlowSequential(layers)
 
 
-class AttnFlow(FlowModel):
+class AttnFlow(ClassConditionalFlow, LatentsMixin, FlowModel):
     """Multi-scale flow x -> (z_1, …, z_L) with a mAR (or Gaussian) prior on each factored half.
 
     Per level l: squeeze (C, H, W) -> (4C, H/2, W/2), K steps of
@@ -270,10 +271,7 @@ class AttnFlow(FlowModel):
         self.levels = nn.ModuleList()
         self.priors = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
-        null = bool(cfg.num_classes) and cfg.class_dropout > 0
-        self.class_embedding = (ClassEmbedding(cfg.num_classes, cfg.class_embed_channels, null)
-                                if cfg.num_classes else None)
-        e = cfg.class_embed_channels if cfg.num_classes else 0
+        self.class_embedding, e = self.make_class_embedding()
         for lvl in range(cfg.num_levels):
             c, size = 4 * c, size // 2
             steps = [flow_step(cfg, c, size, k % 2, cfg.uses_attention(lvl))
@@ -285,13 +283,7 @@ class AttnFlow(FlowModel):
             self.priors.append(self._make_prior(c_out, (0 if last else c_keep) + e, lvl))
             self.latent_shapes.append((c_out, size, size))
             c = c_keep
-        # Built last and without random draws: the other modules' initial weights are those of a
-        # model without them.
-        self.class_shifts = (nn.ModuleList(ClassPriorShift(cfg.num_classes + int(null), shape)
-                                           for shape in self.latent_shapes)
-                             if cfg.num_classes and cfg.class_prior_shift else None)
-        self.class_head = (_zero_linear(self.latent_shapes[-1][0], cfg.num_classes)
-                           if cfg.num_classes and cfg.class_head else None)
+        self.build_class_modules()
 
     def _make_prior(self, channels: int, cond_channels: int, level: int) -> nn.Module:
         cfg = self.config
@@ -304,38 +296,23 @@ class AttnFlow(FlowModel):
                         cfg.prior_output_init)
 
     # --- the flow ---------------------------------------------------------------------------
-    def class_context(self, y: Tensor | int | None, batch: int) -> Tensor | None:
-        """The labels of a class-conditional model as every conditioned computation takes them
-        (``check_labels``: (B,) int64, the null class included), None for an unconditional one;
-        what ``generate_from_noise`` takes as ``context``."""
-        return self.check_labels(y, batch)
-
-    def _conditions(self, labels: Tensor | None, guidance: float = 0.0) -> LevelConditions:
-        return LevelConditions(self.class_embedding, self.class_shifts, labels,
-                               self.config.condition_couplings, guidance)
-
     def encode(self, x: Tensor, y: Tensor | int | None = None
-               ) -> tuple[list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]],
-                          Tensor]:
+               ) -> tuple[list[tuple[Tensor, Tensor | None, Shift]], Tensor]:
         """x -> per level (z, cond, shift) (cond: what the level's prior is conditioned on, the
-        kept half z1 and, for a class-conditional model, the class embedding, None at the last
-        level of an unconditional model; shift: the class's (Δμ, Δlog σ) of that prior, or
-        None) and the flow's logdet (B,)."""
-        self._check_input(x)
-        conditions = self._conditions(self.class_context(y, x.shape[0]))
+        kept half z1 and the class embedding, each if any; shift: the class's (Δμ, Δlog σ) of
+        that prior, or None) and the flow's logdet (B,)."""
+        conditions = self.conditions(y, x.shape[0])
         outputs, logdet = self._flow_pass(x, conditions)
         return [(z, *conditions.prior(lvl, kept, *z.shape[2:]))
                 for lvl, (z, kept) in enumerate(outputs)], logdet
-
-    def _check_input(self, x: Tensor) -> None:
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ShapeError(f"expected input B×{'×'.join(map(str, self.input_shape))}, got "
-                             f"{tuple(x.shape)}")
 
     def _flow_pass(self, x: Tensor, conditions: LevelConditions
                    ) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
         """x -> per level (z_l, the kept half that continues, None at the last level) and the
         flow's logdet (B,), the couplings given ``conditions.flow()``."""
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ShapeError(f"expected input B×{'×'.join(map(str, self.input_shape))}, got "
+                             f"{tuple(x.shape)}")
         logdet = x.new_zeros(x.shape[0])
         outputs: list[tuple[Tensor, Tensor | None]] = []
         h = x
@@ -353,63 +330,10 @@ class AttnFlow(FlowModel):
         pieces, logdet = self.encode(x, y)
         return torch.cat([z.flatten(1) for z, _, _ in pieces], 1), logdet
 
-    def encode_latents(self, x: Tensor, y: Tensor | int | None = None) -> list[Tensor]:
-        """x -> every latent of the flow, one tensor per level in level order
-        [z2_1, …, z2_{L−1}, z_L] (the factored-out halves, then the last level's output), of
-        shapes B×``latent_shapes[l]``; ``decode_latents`` inverts it. The flattened
-        concatenation is ``forward``'s z."""
-        return [z for z, _, _ in self.encode(x, y)[0]]
-
-    def decode_latents(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
-        """``encode_latents``' per-level latents -> x (B×C×H×W)."""
-        return self.decode(latents, y)
-
-    def latent_priors(self, latents: list[Tensor], y: Tensor | int | None = None
-                      ) -> list[tuple[Tensor, Tensor]]:
-        """Per level, the prior's teacher-forced (μ_l, log σ_l) of ``encode_latents``' latents,
-        each B×``latent_shapes[l]``: level l's prior sees the kept half rebuilt from the coarser
-        levels' latents (and e_y, and the class's shift), the mAR prior also z_l's earlier
-        channels."""
-        self._check_latents(latents)
-        params: dict[int, tuple[Tensor, Tensor]] = {}
-
-        def teacher_forced(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
-                           ) -> Tensor:
-            params[lvl] = _shifted(self.priors[lvl].mean_and_log_std(latents[lvl], cond), shift)
-            return latents[lvl]
-
-        self._descend(teacher_forced, self._conditions(
-            self.class_context(y, latents[-1].shape[0])))
-        return [params[lvl] for lvl in range(len(self.levels))]
-
-    def unwhiten_latents(self, eps: list[Tensor], y: Tensor | int | None = None
-                         ) -> list[Tensor]:
-        """Whitened latents ε_l (``evaluation.latents.whiten``) -> the latents z_l, deepest
-        level first: z_l = μ_l + σ_l·ε_l, with μ_l, σ_l from the kept half that the deeper
-        levels decode to (and, for the mAR prior, channel by channel: ``MARPrior.unwhiten``)."""
-        self._check_latents(eps)
-        latents: dict[int, Tensor] = {}
-
-        def from_noise(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
-                       ) -> Tensor:
-            latents[lvl] = self.priors[lvl].unwhiten(eps[lvl], cond, shift)
-            return latents[lvl]
-
-        self._descend(from_noise, self._conditions(self.class_context(y, eps[-1].shape[0])))
-        return [latents[lvl] for lvl in range(len(self.levels))]
-
-    def _check_latents(self, latents: list[Tensor]) -> None:
-        if len(latents) != len(self.levels) or any(
-                tuple(z.shape[1:]) != s for z, s in zip(latents, self.latent_shapes, strict=False)):
-            raise ShapeError(f"expected {len(self.levels)} latents of shapes B×C×H×W with (C, H, "
-                             f"W) = {self.latent_shapes}, got {[tuple(z.shape) for z in latents]}")
-
     def _descend(self, latent_at: Callable[..., Tensor], conditions: LevelConditions) -> Tensor:
         """x = f⁻¹ run deepest level first, level l's latent being
-        ``latent_at(l, cond_l, shift_l)`` (what level l's prior is conditioned on and the class's
-        shift of its parameters, as in ``encode``; ``conditions``: the labels' and guidance's,
-        ``LevelConditions``). The one descent of decoding, sampling, teacher-forced prior
-        parameters and unwhitening."""
+        ``latent_at(l, cond_l, shift_l)`` (as in ``encode``; ``conditions``: the labels' and
+        guidance's). The one descent of decoding, sampling, prior parameters and unwhitening."""
         flow_context = conditions.flow()
         h: Tensor | None = None
         for lvl in reversed(range(len(self.levels))):
@@ -429,74 +353,26 @@ class AttnFlow(FlowModel):
     def decode(self, latents: list[Tensor], y: Tensor | int | None = None) -> Tensor:
         """Per-level latents [z2_1, …, z2_{L−1}, z_L] -> x."""
         self._check_latents(latents)
-        return self._descend(lambda lvl, _cond, _shift: latents[lvl],
-                             self._conditions(self.class_context(y, latents[-1].shape[0])))
+        return self._descend(lambda lvl, _c, _s: latents[lvl], self.conditions(y, len(latents[-1])))
 
     def inverse(self, z: Tensor, y: Tensor | int | None = None) -> Tensor:
         """z (B×D, the layout of ``forward``) -> x (B×C×H×W)."""
         return self.decode(self.unflatten(z), y)
 
     # --- density and sampling ---------------------------------------------------------------
-    def log_prior(self, pieces: list[tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]]
-                  ) -> Tensor:
-        """Σ_l log p(z_l | cond_l) (with the class's shift of its parameters), (B,)."""
+    def log_prior(self, pieces: list[tuple[Tensor, Tensor | None, Shift]]) -> Tensor:
+        """Σ_l log p(z_l | cond_l) (the class's shift in its parameters), (B,)."""
         total = pieces[0][0].new_zeros(pieces[0][0].shape[0])
         for prior, (z, cond, shift) in zip(self.priors, pieces, strict=True):
-            if shift is None:
-                total = total + prior.log_prob(z, cond)
-            else:
-                mean, log_std = _shifted(prior.mean_and_log_std(z, cond), shift)
-                total = total + diag_normal_logpdf(z, mean, log_std)
+            total = total + prior.log_prob(z, cond, shift)
         return total
 
     def log_density(self, x: Tensor, y: Tensor | int | None = None,
                     generator: torch.Generator | None = None) -> Tensor:
         """log p(x | y) in nats, (B,), for x in [−0.5, 0.5)^D (exact: ``generator`` is unused;
-        ``y`` only for a class-conditional model; y = K, the null class of a model trained with
-        label dropout, gives its unconditional density)."""
+        ``y`` only for a class-conditional model; y = K, a null class, gives p(x))."""
         pieces, logdet = self.encode(x, y)
         return self.log_prior(pieces) + logdet
-
-    def class_log_likelihoods(self, x: Tensor) -> Tensor:
-        """log p(x | y) for every class y = 0..K−1, B×K nats (Bayes' rule: p(y | x) is its
-        softmax under a uniform p(y)). With unconditioned couplings the flow runs once and only
-        the priors run per class (the logdet is the same for every y); otherwise the whole
-        model runs on the batch repeated K times."""
-        k, b = self.num_classes, x.shape[0]
-        if k == 0:
-            raise ConfigError("class log-likelihoods need a class-conditional model "
-                              "(num_classes > 0)")
-        labels = torch.arange(k, device=x.device).repeat_interleave(b)
-        if self.config.condition_couplings:
-            return self.log_density(x.repeat(k, 1, 1, 1), labels).view(k, b).t()
-        self._check_input(x)
-        outputs, logdet = self._flow_pass(x, self._conditions(None))
-        conditions = self._conditions(labels)
-
-        def repeated(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.repeat(k, 1, 1, 1)
-
-        pieces = [(repeated(z), *conditions.prior(lvl, repeated(kept), *z.shape[2:]))
-                  for lvl, (z, kept) in enumerate(outputs)]
-        return (self.log_prior(pieces).view(k, b) + logdet).t()
-
-    def class_parameters(self) -> list[nn.Parameter]:
-        """The parameters that exist for the class alone: the class embedding, the per-class
-        prior shifts and the class head (empty for an unconditional model); what
-        ``TrainConfig.class_lr_scale`` trains at its own lr."""
-        modules = (self.class_embedding, self.class_shifts, self.class_head)
-        return [p for m in modules if m is not None for p in m.parameters()]
-
-    def log_density_and_logits(self, x: Tensor, y: Tensor | int | None = None,
-                               generator: torch.Generator | None = None
-                               ) -> tuple[Tensor, Tensor]:
-        """(log p(x | y), (B,); the class head's logits of the top latent z_L, B×K), one pass.
-        With conditioned couplings z_L is computed with y, so the logits can see the label."""
-        if self.class_head is None:
-            raise ConfigError("this model has no class head (class_head=False): train it "
-                              "without a class loss, or build it with class_head=True")
-        pieces, logdet = self.encode(x, y)
-        return self.log_prior(pieces) + logdet, self.class_head(pieces[-1][0].mean((2, 3)))
 
     @torch.no_grad()
     def generate(self, num_samples: int, temperature: float = 1.0,
@@ -505,13 +381,11 @@ class AttnFlow(FlowModel):
         """x = f⁻¹(z), z drawn level by level from the priors, deepest first; B×C×H×W.
 
         ``temperature`` scales every prior's standard deviation; 0 gives the mean chain.
-        ``y``: the class of each sample (class-conditional models only). ``guidance``: w of
-        classifier-free guidance (a model trained with ``class_dropout`` > 0): every prior's
-        (μ, log σ) and, if the couplings are conditioned, every coupling's (shift, scale) is
-        θ_y + w·(θ_y − θ_∅), the class's and the null class's computed on the same sample;
-        w = 0 is the plain conditional sample. The noise is drawn first (``draw_noise``), then
-        turned into images by the deterministic ``generate_from_noise`` (what
-        ``torch.compile`` / a CUDA graph takes).
+        ``y``: the class of each sample (class-conditional models only); ``guidance``: w of
+        classifier-free guidance, every prior's and conditioned coupling's θ_y + w·(θ_y − θ_∅)
+        (``models.conditioning``; 0: the plain conditional sample). The noise is drawn first
+        (``draw_noise``), then turned into images by the deterministic ``generate_from_noise``
+        (what ``torch.compile`` / a CUDA graph takes).
         """
         noise = self.draw_noise(num_samples, temperature, generator)
         return self.generate_from_noise(num_samples, temperature, noise,
@@ -535,26 +409,10 @@ class AttnFlow(FlowModel):
         """The images of ``draw_noise``'s noise: deterministic, static shapes, no host sync;
         ``context``: the labels (``class_context``) of a class-conditional model;
         ``guidance``: as in ``generate``."""
-        def sampled(lvl: int, cond: Tensor | None, shift: tuple[Tensor, Tensor] | None
-                    ) -> Tensor:
+        def sampled(lvl: int, cond: Tensor | None, shift: Shift) -> Tensor:
             _, height, width = self.latent_shapes[lvl]
             return self.priors[lvl].sample_from_noise(num_samples, height, width, cond,
                                                       temperature, noise[lvl], shift)
 
-        return self._descend(sampled, self._conditions(context, guidance))
+        return self._descend(sampled, self.level_conditions(context, guidance))
 
-
-def _shifted(params: tuple[Tensor, Tensor], shift: tuple[Tensor, Tensor] | None
-             ) -> tuple[Tensor, Tensor]:
-    """A prior's (μ, log σ) with a class's (Δμ, Δlog σ) added (unchanged without one)."""
-    if shift is None:
-        return params
-    return params[0] + shift[0], params[1] + shift[1]
-
-
-def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
-    """nn.Linear with zero weight and bias, made without random draws."""
-    layer = nn.Linear(in_features, out_features, device="meta")
-    layer.weight = nn.Parameter(torch.zeros(out_features, in_features))
-    layer.bias = nn.Parameter(torch.zeros(out_features))
-    return layer

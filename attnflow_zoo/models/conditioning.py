@@ -1,19 +1,25 @@
-"""Class conditioning of a multi-scale flow: a learned class embedding, and what the priors and
-the couplings receive from it.
+"""Class conditioning of a multi-scale flow: a learned class embedding, what the priors and the
+couplings receive from it, and classifier-free guidance.
 
 A class-conditional ``AttnFlow`` models p(x | y) = p(z | y) · |det ∂z/∂x| with
 
 - every prior conditioned on e_y: the prior of level l sees cond_l = [z1_l, E_y] (the kept half
   and the embedding broadcast over the level's H×W as E extra channels; E_y alone at the last
   level, which has no kept half). The mAR prior's input is Conv_in([z_{c−1}, emb(cond_l)]) and
-  the Gaussian prior's (μ, log σ) = ZeroConv(cond_l), so y enters the mAR prior's input and the
-  Gaussian prior's parameters through the conditioning path they already have;
-- optionally (``condition_couplings``) every affine coupling's conditioner, NN([x_a, E_y]).
+  the Gaussian prior's (μ, log σ) = ZeroConv(cond_l);
+- (``class_prior_shift``) the class setting every prior's mean and log-scale directly, per
+  position: (μ, log σ) + (Δμ_y, Δlog σ_y) (``ClassPriorShift``);
+- (``condition_couplings``) every affine coupling's conditioner, NN([x_a, E_y]).
 
-Only the couplings make the flow's map depend on y; with priors-only conditioning,
-log|det ∂z/∂x| is the same for every y. For each y the map x -> z is a bijection, so p(· | y)
-is a density whenever each prior factor p(z_l | cond_l) is one (a product of normalised
-Gaussians, autoregressive over channels for the mAR prior).
+Only the couplings make the flow's map depend on y; without them log|det ∂z/∂x| is the same for
+every y. For each y the map x -> z is a bijection, so p(· | y) is a density whenever each prior
+factor p(z_l | cond_l, y) is one (a product of normalised Gaussians, autoregressive over
+channels for the mAR prior; the shifts depend on y only, so they keep it one).
+
+Classifier-free guidance (Ho & Salimans 2022): trained with each label dropped to a learned null
+class K with probability p (``drop_labels``), the model is p(x | y) and p(x) = p(x | ∅) in one;
+a guided sample takes every prior's and coupling's parameters as θ_y + w·(θ_y − θ_∅)
+(``guide``, ``Guided``), computed on the same partial sample, level by level.
 """
 
 from __future__ import annotations
@@ -24,6 +30,13 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..guidance import Guided, guide  # noqa: F401 - the guidance API, re-exported
+
+#: A class's (Δμ, Δlog σ) of one level's prior (B×C×H×W each), or None.
+Shift = tuple[Tensor, Tensor] | None
+
+__all__ = ["ClassEmbedding", "ClassPriorShift", "Guided", "LevelConditions", "Shift",
+           "balanced_labels", "drop_labels", "guide", "null_labels", "prior_condition",
+           "training_labels"]
 
 
 class ClassEmbedding(nn.Module):
@@ -133,6 +146,10 @@ class LevelConditions:
         self.labels, self.shifts, self.couplings, self.weight = labels, shifts, couplings, guidance
         self.e = self.e_null = self.null = None
         if labels is None or embedding is None:
+            if guidance:
+                raise ConfigError("classifier-free guidance needs a class-conditional model "
+                                  "trained with label dropout; this one is unconditional: "
+                                  "sample it with guidance 0")
             return
         self.e = embedding(labels)
         if guidance:

@@ -14,7 +14,7 @@ _OPTIMIZERS = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam,
                "adamw": torch.optim.AdamW}
 
 
-def make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig,
+def make_optimizer(params: Iterable[nn.Parameter] | list[dict], config: TrainConfig,
                    device: torch.device) -> torch.optim.Optimizer:
     """``config.optimizer`` at ``config.lr`` with its ``betas`` (None: torch's default) and
     ``weight_decay``. capturable on CUDA: the step count stays on the GPU (no host read in

@@ -89,17 +89,21 @@ def _classes(plan: Plan, dataset: str | os.PathLike[str], conditional: bool) -> 
         raise DataError(f"{dataset} has no class labels (no `label` column or class folders "
                         "root/{split}/{class}/), so `conditional` cannot train on it; drop "
                         "`conditional` or use a labelled dataset")
-    return {"num_classes": found, **conditional_overrides(plan.entry, plan.model_overrides)}
+    more = {**plan.model_overrides, "num_classes": found}
+    return {"num_classes": found, **conditional_overrides(plan.entry, more, plan.config)}
 
 
-def conditional_overrides(entry: registry.ModelEntry, overrides: dict[str, Any]
-                          ) -> dict[str, Any]:
-    """What ``conditional`` adds to a preset besides ``num_classes``: the class conditions the
-    couplings too (``condition_couplings``) where the preset has affine couplings, as in the
-    ``_cond_`` presets (issue 20: with the priors alone the class barely conditions)."""
-    config = registry.entry_config(entry, **overrides)
-    if getattr(config, "coupling", None) == "affine" and "condition_couplings" not in overrides:
-        return {"condition_couplings": True}
+def conditional_overrides(entry: registry.ModelEntry, overrides: dict[str, Any],
+                          config: TrainConfig) -> dict[str, Any]:
+    """What ``conditional`` adds to a preset besides ``num_classes``: the class head that its
+    training's ``class_loss_weight`` > 0 needs (Glow's y_cond). The couplings stay
+    unconditioned, as in the ``_cond_`` presets: with the class loss, conditioned couplings let
+    the top latent carry the label itself, and Bayes' rule gains nothing (README,
+    "Class-conditional models")."""
+    arch = registry.entry_config(entry, **overrides)
+    if config.class_loss_weight > 0 and hasattr(arch, "class_head") \
+            and "class_head" not in overrides:
+        return {"class_head": True}
     return {}
 
 

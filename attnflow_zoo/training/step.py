@@ -36,17 +36,19 @@ class LogDensity(nn.Module):
     """A FlowModel's training objective as a module's ``forward`` (what DDP and
     ``torch.compile`` wrap): ``(x, y, generator=g) -> model.log_density(x, y, generator=g)``.
 
-    With ``class_loss_weight`` w > 0 (a class-conditional model with a class head), the
-    objective is log p(x | y) − w·D·CE(logits, y) in nats, so that its bits/dim is
+    With ``class_loss_weight`` w > 0 and a class-conditional model (which then needs a class
+    head), the objective is log p(x | y) − w·D·CE(logits, y) in nats, so that its bits/dim is
     bits/dim + w·CE in bits per image (Glow's ``weight_y``); rows whose label is the null class
-    (label dropout) have no cross-entropy.
+    (label dropout) have no cross-entropy. An unconditional model has no class: the weight
+    does nothing (a recipe's weight is for its conditional variants).
     """
 
     def __init__(self, model: nn.Module, class_loss_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
-        self.class_loss_weight = class_loss_weight
-        if class_loss_weight and getattr(model, "class_head", None) is None:
+        conditional = bool(getattr(model, "num_classes", 0))
+        self.class_loss_weight = class_loss_weight if conditional else 0.0
+        if self.class_loss_weight and getattr(model, "class_head", None) is None:
             raise ConfigError("class_loss_weight > 0 needs a class-conditional model with a "
                               "class head (class_head=True); set the weight to 0")
 
