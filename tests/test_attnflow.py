@@ -144,8 +144,8 @@ def test_temperature_zero_gives_the_prior_mean(name: str) -> None:
     x_other = model.generate(2, temperature=0.0, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(x, x_other, rtol=0, atol=0)
     pieces, _ = model.encode(x)
-    for prior, (z, cond) in zip(model.priors, pieces, strict=True):
-        mean, _ = prior.mean_and_log_std(z, cond)
+    for prior, (z, cond, shift) in zip(model.priors, pieces, strict=True):
+        mean, _ = prior.mean_and_log_std(z, cond, shift)
         torch.testing.assert_close(z, mean, rtol=1e-7, atol=1e-7)
 
 
@@ -165,7 +165,7 @@ def test_latent_layout_is_documented() -> None:
     z, _ = model(x)
     pieces, _ = model.encode(x)
     assert model.latent_shapes == [(6, 4, 4), (24, 2, 2)]
-    torch.testing.assert_close(z, torch.cat([p.flatten(1) for p, _ in pieces], 1))
+    torch.testing.assert_close(z, torch.cat([p.flatten(1) for p, *_ in pieces], 1))
     for piece, latent in zip(pieces, model.unflatten(z), strict=True):
         torch.testing.assert_close(piece[0], latent)
 
