@@ -261,7 +261,8 @@ def sample_quality(args: argparse.Namespace, checkpoint: Path, seed: int) -> dic
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         result = json.loads(out.read_text())
     run = result["runs"][0]
-    return {"fd": run["fd"], "fd_floor": result["floor"], "fd_nonfinite": run["nonfinite"]}
+    return {"fd": run["fd"], "fd_floor": result["floor"], "fd_nonfinite": run["nonfinite"],
+            "fd_samples": run["num_samples"], "fd_temperature": run["temperature"]}
 
 
 def run_zoo(family: Family, config, train: Tensor, test: Tensor, seed: int, out: Path) -> dict:
@@ -433,11 +434,11 @@ def timing(args: argparse.Namespace) -> dict:
 
 # --- tables ---------------------------------------------------------------------------------------
 
-def _ms(values: list[float]) -> str:
+def _ms(values: list[float], digits: int = 3) -> str:
     if not values:
         return "—"
     sd = st.stdev(values) if len(values) > 1 else float("nan")
-    return f"{st.mean(values):.3f} ± {sd:.3f}"
+    return f"{st.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def _paired(rows: list[dict], ref: list[dict], field_name: str) -> list[float]:
@@ -471,7 +472,7 @@ def leaderboard(rows: list[dict], timing_event: dict | None) -> str:
     has_fd = any(r.get("fd") is not None for r in rows)
     head = ["family", "configuration", "seeds", "held-out bits/dim", "Δ vs MaR-Flow (paired)",
             "bits/dim verdict"]
-    head += ["FD (T = 1)", "ΔFD vs MaR-Flow (paired)"] if has_fd else []
+    head += ["FD (T = 1)", "ΔFD vs MaR-Flow (paired)", "non-finite samples"] if has_fd else []
     head += ["params", "train time / image", "sampling time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     params = (timing_event or {}).get("params", {})
@@ -482,8 +483,11 @@ def leaderboard(rows: list[dict], timing_event: dict | None) -> str:
                  _ms([r["held_out_bpd"] for r in rs]), _ms(d) if d else "—", verdict(d)]
         if has_fd:
             fd = _paired(rs, ref, "fd") if key != "marflow" else []
-            cells += [_ms([r["fd"] for r in rs if r.get("fd") is not None]),
-                      _ms(fd) if fd else "—"]
+            bad = [r["fd_nonfinite"] for r in rs if r.get("fd") is not None]
+            cells += [_ms([r["fd"] for r in rs if r.get("fd") is not None], 0),
+                      _ms(fd, 0) if fd else "—",
+                      f"{st.mean(bad):.0f}" + (f" of {rs[0]['fd_samples']}" if "fd_samples"
+                                               in rs[0] else "") if bad else "—"]
         n = params.get(key, rs[0]["params"])
         n_ref = params.get("marflow") or (ref[0]["params"] if ref else None)
         cells += [f"{n / 1e6:.2f}M" + (f" ({n / n_ref:.2f}×)" if n_ref else ""),
@@ -493,11 +497,11 @@ def leaderboard(rows: list[dict], timing_event: dict | None) -> str:
 
 
 def per_seed(rows: list[dict]) -> str:
-    lines = ["| family | seed | steps × batch | held-out bits/dim | FD | train s | recipe | load "
-             "(start → end) |", "|" + "---|" * 8]
+    lines = ["| family | seed | steps × batch | held-out bits/dim | FD (non-finite) | train s | "
+             "recipe | load (start → end) |", "|" + "---|" * 8]
     for key in FAMILIES:
         for r in sorted((r for r in rows if r["family"] == key), key=lambda r: r["seed"]):
-            fd = f"{r['fd']:.3f}" if r.get("fd") is not None else "—"
+            fd = (f"{r['fd']:.0f} ({r['fd_nonfinite']})" if r.get("fd") is not None else "—")
             lines.append(f"| {r['label']} | {r['seed']} | {r['steps']} × {r['batch']} | "
                          f"{r['held_out_bpd']:.4f} | {fd} | {r['train_s']:.0f} | {r['recipe']} | "
                          f"{r['load_start'][0]} → {r['load_end'][0]} |")
@@ -532,6 +536,11 @@ def report(path: str) -> None:
     for s in starts[-1:]:
         print(f"run: {s['images']} images per family, seeds {s['seeds']}, {s['jobs']} job(s) × "
               f"{s['threads']} thread(s), load at start {s['load']}")
+    floors = {r["fd_floor"] for r in rows if r.get("fd_floor") is not None}
+    if floors:
+        print(f"FD floor (real held-out digits against the training digits): "
+              f"{', '.join(f'{f:.2f}' for f in floors)}; non-finite samples are set to 0 "
+              "(black) and kept, as sample_quality.py does")
     if timing_event:
         print(f"speed: {timing_event['rounds']} interleaved rounds, {timing_event['threads']} "
               f"thread(s), load {timing_event['load']}; ratios to MaR-Flow = median over rounds")
@@ -572,6 +581,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> None:
     if args.rounds and not timed:
         jobs.insert(len(jobs) // 2, ("timing", 0))
     log_event(args.log, {"event": "start", "images": args.images, "seeds": args.seeds,
+                         "fd_samples": args.fd_samples, "fd_temperature": args.fd_temperature,
                          "jobs": args.jobs, "threads": args.threads, "load": load(),
                          "families": args.families, "pending": len(jobs)})
     print(f"{len(jobs)} job(s), {args.jobs} at a time; load {load()}", flush=True)
