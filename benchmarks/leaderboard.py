@@ -31,10 +31,12 @@ Protocol (issue 21, point 6; point 5(c) for TarFlow against the real apple/ml-ta
 Every finished run is appended to ``--log`` (JSON lines) at once, so a killed run keeps its rows;
 ``--from-log`` prints the tables of a log, a rerun with the same ``--log`` skips the runs it holds.
 
-    OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --images 4800 --seeds 0 1 2 --jobs 2 \\
-        --log /work/runs-board/leaderboard.jsonl --marscf-dir /work/peers/mar-scf \\
-        --mltarflow-dir /tmp/ml-tarflow
-    python benchmarks/leaderboard.py --from-log /work/runs-board/leaderboard.jsonl
+    OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --images 3200 --seeds 0 1 2 --jobs 2 \\
+        --log runs/leaderboard.jsonl --marscf-dir ../mar-scf --mltarflow-dir ../ml-tarflow \\
+        --sample-quality benchmarks/sample_quality.py          # the README's leaderboard
+    OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --families tarflow mltarflow \\
+        --images 12800 --rounds 0 --log runs/tarflow_vs_peer.jsonl   # issue 21 5(c), longer
+    python benchmarks/leaderboard.py --from-log runs/leaderboard.jsonl
 """
 
 from __future__ import annotations
