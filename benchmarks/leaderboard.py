@@ -35,7 +35,8 @@ Every finished run is appended to ``--log`` (JSON lines) at once, so a killed ru
         --log runs/leaderboard.jsonl --marscf-dir ../mar-scf --mltarflow-dir ../ml-tarflow \\
         --sample-quality benchmarks/sample_quality.py          # the README's leaderboard
     OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --families tarflow mltarflow \\
-        --images 12800 --rounds 0 --log runs/tarflow_vs_peer.jsonl   # issue 21 5(c), longer
+        tarflow_peerinit --images 12800 --seeds 0 1 2 3 4 --rounds 0 \\
+        --log runs/tarflow_vs_peer.jsonl                       # issue 21 5(c), longer
     python benchmarks/leaderboard.py --from-log runs/leaderboard.jsonl
 """
 
@@ -538,7 +539,7 @@ def tarflow_vs_peer(rows: list[dict]) -> str:
         d = [x - y for x, y in zip(a, b, strict=True)]
         ok = st.mean(a) <= st.mean(b) + st.stdev(b)
         lines.append(f"| {FAMILIES[key].label} | {', '.join(map(str, seeds))} | {_ms(a)} | "
-                     f"{_ms(b)} | {_ms(d)} | {max(abs(x) for x in d):.3f} | "
+                     f"{_ms(b)} | {_ms(d)} | {max(abs(x) for x in d):.2g} | "
                      f"{'yes' if ok else 'no'} |")
     if not lines:
         return ""
