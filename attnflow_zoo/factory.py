@@ -86,6 +86,10 @@ class _NoInitialisers(TorchFunctionMode):
           if name.endswith("_") and not name.startswith("_") and callable(f)),
         torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_})
 
+    #: Random draws on the meta device: an empty tensor of the size asked for (the values
+    #: are not kept there anyway).
+    DRAWS = frozenset({torch.randn, torch.rand})
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -93,7 +97,22 @@ class _NoInitialisers(TorchFunctionMode):
             target = args[0] if args else kwargs["tensor"]
             if target.is_meta:
                 return target
+        if func in self.DRAWS and _on_meta(kwargs):
+            kwargs.pop("generator", None)
+            return torch.empty(*args, **kwargs)
+        if func is torch.norm_except_dim and args[0].is_meta:
+            # weight_norm's g = ‖v‖ over every dim but ``dim``: its shape only.
+            v, dim = args[0], args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            return v.new_empty([n if i == dim else 1 for i, n in enumerate(v.shape)])
         return func(*args, **kwargs)
+
+
+def _on_meta(kwargs: dict[str, Any]) -> bool:
+    """Whether a factory call with ``kwargs`` makes a tensor on the meta device (the device
+    context's default, or asked for)."""
+    device = kwargs.get("device")
+    return torch.device(device).type == "meta" if device is not None else \
+        torch.get_default_device().type == "meta"
 
 
 def describe_models(pattern: str = "*", count_params: bool = True) -> list[dict[str, str]]:

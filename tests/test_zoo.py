@@ -186,3 +186,14 @@ def test_every_preset_builds_on_the_meta_device() -> None:
     entry = az.registry.get_entry(name)
     real = sum(p.numel() for p in az.create_model(name).parameters())
     assert az.factory.count_parameters(entry.model_cls, entry.config) == real
+
+
+@pytest.mark.parametrize("name", az.list_models("*_tiny"))
+def test_meta_counts_equal_real_builds(name: str) -> None:
+    """The meta build's shortcuts (no initialisers; random draws and weight norms as empty
+    tensors of their shapes) leave every parameter's shape as a real build makes it."""
+    entry = az.registry.get_entry(name)
+    meta = az.factory.meta_build(entry.model_cls, entry.config)
+    real = az.create_model(name)
+    assert {k: tuple(v.shape) for k, v in meta.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in real.state_dict().items()}
