@@ -25,19 +25,22 @@ class InvConv1x1(InvertibleModule):
     def __init__(self, num_channels: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         c = num_channels
-        w = torch.linalg.qr(torch.randn(c, c, generator=generator, dtype=torch.float64))[0]
-        p, lower, upper = torch.linalg.lu(w)
+        # The initial factors are computed on the CPU in float64 and then put on the default
+        # device: the same values wherever the model is built, and on the meta device (where
+        # `attnflow models` counts parameters) no decomposition runs through Python.
+        on = torch.get_default_device()
+        cpu = {"device": "cpu"}
+        rand = torch.randn(c, c, generator=generator, dtype=torch.float64, **cpu)
+        p, lower, upper = torch.linalg.lu(torch.linalg.qr(rand)[0])
         s = torch.diagonal(upper)
-        # The masks by index comparison, not tril / triu / eye: the same values, and a fraction
-        # of the time on the meta device, where `attnflow models` builds every preset.
-        row, col = torch.arange(c)[:, None], torch.arange(c)
-        self.register_buffer("perm", p.float())
-        self.register_buffer("sign_s", torch.sign(s).float())
-        self.register_buffer("lower_mask", (row > col).float())
-        self.register_buffer("eye", (row == col).float())
-        self.lower = nn.Parameter(lower.float())
-        self.upper = nn.Parameter(torch.where(row < col, upper, 0.0).float())
-        self.log_s = nn.Parameter(torch.log(torch.abs(s)).float())
+        row, col = torch.arange(c, **cpu)[:, None], torch.arange(c, **cpu)
+        self.register_buffer("perm", p.float().to(on))
+        self.register_buffer("sign_s", torch.sign(s).float().to(on))
+        self.register_buffer("lower_mask", (row > col).float().to(on))
+        self.register_buffer("eye", (row == col).float().to(on))
+        self.lower = nn.Parameter(lower.float().to(on))
+        self.upper = nn.Parameter(torch.where(row < col, upper, 0.0).float().to(on))
+        self.log_s = nn.Parameter(torch.log(torch.abs(s)).float().to(on))
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         lower = self.lower * self.lower_mask + self.eye
