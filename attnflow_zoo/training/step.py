@@ -46,7 +46,7 @@ class LogDensity(nn.Module):
     def __init__(self, model: nn.Module, class_loss_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
-        conditional = bool(getattr(model, "num_classes", 0))
+        conditional = bool(model.num_classes)
         self.class_loss_weight = class_loss_weight if conditional else 0.0
         if self.class_loss_weight and getattr(model, "class_head", None) is None:
             raise ConfigError("class_loss_weight > 0 needs a class-conditional model with a "
