@@ -35,6 +35,7 @@ from ..core import ConditionalInvertibleModule
 from ..errors import ConfigError, ShapeError
 from ..guidance import guide
 from ..precision import compute_dtype, upcast
+from .tarflow_step import TokenStep
 
 
 class KVCache:
@@ -271,23 +272,23 @@ class TarFlowBlock(ConditionalInvertibleModule):
                 guidance_cache: KVCache | None = None) -> Tensor:
         """z (B×T×d) -> x, token by token with key/value caches (allocated here unless given:
         ``cache`` for this pass, ``guidance_cache`` for the unguided pass of ``guidance``).
-        Not differentiable through the caches (they are written in place): for gradients use
-        ``inverse_uncached``."""
+        Not differentiable (the caches are written in place; the loop runs in inference
+        mode): for gradients use ``inverse_uncached``."""
         self._check(z)
         v = self.permute(z)
         guided = guidance is not None and guidance.weight != 0
-        cache = self._cache_for(v, cache)
-        guidance_cache = self._cache_for(v, guidance_cache) if guided else None
-        inputs = self._step_inputs(context)
-        guided_inputs = self._step_inputs(guidance.context) if guided else None
-        tokens = [v[:, 0]]
-        for t in range(self.num_tokens - 1):
-            a, b = self._step(tokens[t], inputs[t], t, cache)
-            if guided:
-                a_u, b_u = self._step(tokens[t], guided_inputs[t], t, guidance_cache,
-                                      guidance.attention_temperature)
-                a, b = guide((a, b), (a_u, b_u), guidance.weight_at(t + 1, self.num_tokens))
-            tokens.append(torch.addcmul(b, v[:, t + 1], torch.exp(a)))
+        step = TokenStep(self, self._cache_for(v, cache).kv, self._step_inputs(context))
+        unguided = TokenStep(self, self._cache_for(v, guidance_cache).kv,
+                             self._step_inputs(guidance.context),
+                             guidance.attention_temperature) if guided else None
+        with torch.inference_mode():
+            tokens = [v[:, 0]]
+            for t in range(self.num_tokens - 1):
+                a, b = step(tokens[t], t)
+                if unguided is not None:
+                    a, b = guide((a, b), unguided(tokens[t], t),
+                                 guidance.weight_at(t + 1, self.num_tokens))
+                tokens.append(torch.addcmul(b, v[:, t + 1], torch.exp(a)))
         return self.permute(torch.stack(tokens, 1))
 
     def _step_inputs(self, context: Tensor | None) -> Tensor:
@@ -295,15 +296,6 @@ class TarFlowBlock(ConditionalInvertibleModule):
         or T×B×W, computed once per inverse."""
         pos = self.positions()
         return pos if context is None else pos[:, None, :] + context[None]
-
-    def _step(self, token: Tensor, bias: Tensor, t: int, cache: KVCache,
-              temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-        """(a_{t+1}, b_{t+1}), B×d each, from token t (B×d; ``bias``: its position (+ context)
-        embedding) and the cached tokens < t."""
-        h = F.linear(token, self.proj_in.weight, self.proj_in.bias) + bias
-        for i, layer in enumerate(self.layers):
-            h = layer.step(h, cache, i, t, temperature)
-        return self._scale_shift(h)
 
     def _cache_for(self, v: Tensor, cache: KVCache | None) -> KVCache:
         dtype = compute_dtype(v)
