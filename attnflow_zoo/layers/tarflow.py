@@ -276,20 +276,26 @@ class TarFlowBlock(ConditionalInvertibleModule):
         mode): for gradients use ``inverse_uncached``."""
         self._check(z)
         v = self.permute(z)
+        with torch.inference_mode():
+            tokens = self._inverse_tokens(v, context, guidance, cache, guidance_cache)
+        return self.permute(torch.stack(tokens, 1))
+
+    def _inverse_tokens(self, v: Tensor, context: Tensor | None, guidance: Guidance | None,
+                        cache: KVCache | None, guidance_cache: KVCache | None) -> list[Tensor]:
+        """The tokens u_0..u_{T−1} (B×d each, the block's order) from v = π(z)."""
         guided = guidance is not None and guidance.weight != 0
         step = TokenStep(self, self._cache_for(v, cache).kv, self._step_inputs(context))
         unguided = TokenStep(self, self._cache_for(v, guidance_cache).kv,
                              self._step_inputs(guidance.context),
                              guidance.attention_temperature) if guided else None
-        with torch.inference_mode():
-            tokens = [v[:, 0]]
-            for t in range(self.num_tokens - 1):
-                a, b = step(tokens[t], t)
-                if unguided is not None:
-                    a, b = guide((a, b), unguided(tokens[t], t),
-                                 guidance.weight_at(t + 1, self.num_tokens))
-                tokens.append(torch.addcmul(b, v[:, t + 1], torch.exp(a)))
-        return self.permute(torch.stack(tokens, 1))
+        tokens = [v[:, 0]]
+        for t in range(self.num_tokens - 1):
+            a, b = step(tokens[t], t)
+            if unguided is not None:
+                a, b = guide((a, b), unguided(tokens[t], t),
+                             guidance.weight_at(t + 1, self.num_tokens))
+            tokens.append(torch.addcmul(b, v[:, t + 1], torch.exp(a)))
+        return tokens
 
     def _step_inputs(self, context: Tensor | None) -> Tensor:
         """What each step adds to W_in u_t: the position embeddings (and the context), T×W

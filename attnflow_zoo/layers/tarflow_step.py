@@ -55,6 +55,10 @@ def _norm(module: torch.nn.LayerNorm) -> tuple[Tensor, Tensor, float]:
 class TokenStep:
     """(a_{t+1}, b_{t+1}) of a block from its token t, over a key/value cache (module doc).
 
+    The last layer's MLP output and the head are one affine map of (h, GELU(·)) and are
+    applied as such: W_out(h + W_2 g + b_2) + b_out = W_out h + (W_out W_2) g + (W_out b_2 +
+    b_out), with W_out W_2 (2d × hidden) formed once per inverse.
+
     Args:
         block: the ``TarFlowBlock`` (its weights are read now; do not change them while the
             step is in use).
@@ -72,35 +76,55 @@ class TokenStep:
         self.affine = block.affine
         self.embeddings = embeddings
         self.proj_in = _linear(block.proj_in)
-        self.proj_out = _linear(block.proj_out)
         self.layers = [
-            _LayerWeights(_norm(layer.attention.norm), _linear(layer.attention.qkv),
+            _LayerWeights(_norm(layer.attention.norm), self._qkv(layer.attention.qkv),
                           _linear(layer.attention.proj), _norm(layer.mlp.norm),
                           _linear(layer.mlp.hidden), _linear(layer.mlp.out), kv[i],
                           kv[i, 0].view(batch * heads, length, head_dim),
                           kv[i, 1].view(batch * heads, length, head_dim))
             for i, layer in enumerate(block.layers)]
+        w_out, mlp_out = block.proj_out.weight, block.layers[-1].mlp.out
+        self.head = (torch.addmv(block.proj_out.bias, w_out, mlp_out.bias), w_out.t(),
+                     (w_out @ mlp_out.weight).t())
+
+    def _qkv(self, qkv: torch.nn.Linear) -> tuple[Tensor, Tensor]:
+        """(bias, Wᵀ) of W_qkv with its rows in head-major order (per head: q, k, v, so that
+        the q of all B·H heads is one strided (B·H)×1×d_h view of the product) and the q rows
+        scaled by 1/(√d_h·τ)."""
+        _, heads, head_dim = self.shape
+        scale = torch.ones(3, 1, 1, dtype=qkv.weight.dtype, device=qkv.weight.device)
+        scale[0] = self.scale
+        weight = (qkv.weight.view(3, heads, head_dim, -1) * scale[..., None]).transpose(0, 1)
+        bias = (qkv.bias.view(3, heads, head_dim) * scale).transpose(0, 1)
+        return bias.reshape(-1), weight.reshape(3 * heads * head_dim, -1).t()
 
     def __call__(self, token: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """(a_{t+1}, b_{t+1}), B×d each (float32 under autocast), from token t (B×d)."""
         h = torch.addmm(self.proj_in[0], token, self.proj_in[1]) + self.embeddings[t]
-        for weights in self.layers:
-            h = self._layer(h, weights, t)
-        out = upcast(torch.addmm(self.proj_out[0], h, self.proj_out[1]))
+        for weights in self.layers[:-1]:
+            h = self._attend(h, weights, t)
+            h += torch.addmm(weights.out[0], self._hidden(h, weights), weights.out[1])
+        last = self.layers[-1]
+        h = self._attend(h, last, t)
+        bias, w_out, w_fold = self.head
+        out = upcast(torch.addmm(torch.addmm(bias, h, w_out), self._hidden(h, last), w_fold))
         if self.affine:
             a, b = out.chunk(2, -1)
             return a, b
         return torch.zeros_like(out), out
 
-    def _layer(self, h: Tensor, w: _LayerWeights, t: int) -> Tensor:
+    def _attend(self, h: Tensor, w: _LayerWeights, t: int) -> Tensor:
+        """h + W_o·attention(LN₁(h)) at token t, writing its key and value into the cache."""
         batch, heads, head_dim = self.shape
-        width = heads * head_dim
-        qkv = torch.addmm(w.qkv[0], F.layer_norm(h, (width,), *w.norm1), w.qkv[1])
-        w.kv[:, :, :, t].copy_(qkv.view(batch, 3, heads, head_dim)[:, 1:].transpose(0, 1))
-        q = (qkv[:, :width] * self.scale).view(batch * heads, 1, head_dim)
+        qkv = torch.addmm(w.qkv[0], F.layer_norm(h, (heads * head_dim,), *w.norm1), w.qkv[1])
+        qkv = qkv.view(batch, heads, 3, head_dim)
+        w.kv[:, :, :, t].copy_(qkv[:, :, 1:].permute(2, 0, 1, 3))
+        q = qkv.view(batch * heads, 3, head_dim)[:, :1]
         p = torch.bmm(q, w.keys[:, :t + 1].transpose(1, 2)).softmax(-1)
-        o = torch.bmm(p, w.values[:, :t + 1]).view(batch, width)
-        h = h + torch.addmm(w.proj[0], o, w.proj[1])
-        hidden = F.gelu(torch.addmm(w.hidden[0], F.layer_norm(h, (width,), *w.norm2),
-                                    w.hidden[1]))
-        return h + torch.addmm(w.out[0], hidden, w.out[1])
+        o = torch.bmm(p, w.values[:, :t + 1]).view(batch, heads * head_dim)
+        return h + torch.addmm(w.proj[0], o, w.proj[1])
+
+    def _hidden(self, h: Tensor, w: _LayerWeights) -> Tensor:
+        """GELU(W_1 LN₂(h) + b_1)."""
+        return F.gelu(torch.addmm(w.hidden[0], F.layer_norm(h, h.shape[-1:], *w.norm2),
+                                  w.hidden[1]))
