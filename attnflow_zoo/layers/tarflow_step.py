@@ -40,8 +40,8 @@ class _LayerWeights(NamedTuple):
     hidden: tuple[Tensor, Tensor]
     out: tuple[Tensor, Tensor]
     kv: Tensor  # 2×B×H×T×d_h: this layer's keys and values
-    keys: Tensor  # (B·H)×T×d_h views of kv[0] / kv[1]
-    values: Tensor
+    keys: Tensor  # (B·H)×d_h×T: kv[0] transposed (a view)
+    values: Tensor  # (B·H)×T×d_h: kv[1] (a view)
 
 
 def _linear(module: torch.nn.Linear) -> tuple[Tensor, Tensor]:
@@ -80,7 +80,7 @@ class TokenStep:
             _LayerWeights(_norm(layer.attention.norm), self._qkv(layer.attention.qkv),
                           _linear(layer.attention.proj), _norm(layer.mlp.norm),
                           _linear(layer.mlp.hidden), _linear(layer.mlp.out), kv[i],
-                          kv[i, 0].view(batch * heads, length, head_dim),
+                          kv[i, 0].view(batch * heads, length, head_dim).transpose(1, 2),
                           kv[i, 1].view(batch * heads, length, head_dim))
             for i, layer in enumerate(block.layers)]
         w_out, mlp_out = block.proj_out.weight, block.layers[-1].mlp.out
@@ -101,10 +101,10 @@ class TokenStep:
     def __call__(self, token: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """(a_{t+1}, b_{t+1}), B×d each (float32 under autocast), from token t (B×d)."""
         h = torch.addmm(self.proj_in[0], token, self.proj_in[1]) + self.embeddings[t]
-        for weights in self.layers[:-1]:
+        *inner, last = self.layers
+        for weights in inner:
             h = self._attend(h, weights, t)
             h += torch.addmm(weights.out[0], self._hidden(h, weights), weights.out[1])
-        last = self.layers[-1]
         h = self._attend(h, last, t)
         bias, w_out, w_fold = self.head
         out = upcast(torch.addmm(torch.addmm(bias, h, w_out), self._hidden(h, last), w_fold))
@@ -118,9 +118,9 @@ class TokenStep:
         batch, heads, head_dim = self.shape
         qkv = torch.addmm(w.qkv[0], F.layer_norm(h, (heads * head_dim,), *w.norm1), w.qkv[1])
         qkv = qkv.view(batch, heads, 3, head_dim)
-        w.kv[:, :, :, t].copy_(qkv[:, :, 1:].permute(2, 0, 1, 3))
+        w.kv.select(3, t).copy_(qkv[:, :, 1:].permute(2, 0, 1, 3))
         q = qkv.view(batch * heads, 3, head_dim)[:, :1]
-        p = torch.bmm(q, w.keys[:, :t + 1].transpose(1, 2)).softmax(-1)
+        p = torch.bmm(q, w.keys[:, :, :t + 1]).softmax(-1)
         o = torch.bmm(p, w.values[:, :t + 1]).view(batch, heads * head_dim)
         return h + torch.addmm(w.proj[0], o, w.proj[1])
 
