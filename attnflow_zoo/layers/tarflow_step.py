@@ -39,7 +39,7 @@ class _LayerWeights(NamedTuple):
     norm2: tuple[Tensor, Tensor, float]
     hidden: tuple[Tensor, Tensor]
     out: tuple[Tensor, Tensor]
-    kv: Tensor  # 2×B×H×T×d_h: this layer's keys and values
+    kv: Tensor  # 2×(B·H)×T×d_h: this layer's keys and values (a view of the cache)
     keys: Tensor  # (B·H)×d_h×T: kv[0] transposed (a view)
     values: Tensor  # (B·H)×T×d_h: kv[1] (a view)
 
@@ -74,12 +74,13 @@ class TokenStep:
         self.shape = (batch, heads, head_dim)
         self.scale = head_dim ** -0.5 / temperature
         self.affine = block.affine
-        self.embeddings = embeddings
+        self.embeddings = embeddings.unbind(0)
         self.proj_in = _linear(block.proj_in)
         self.layers = [
             _LayerWeights(_norm(layer.attention.norm), self._qkv(layer.attention.qkv),
                           _linear(layer.attention.proj), _norm(layer.mlp.norm),
-                          _linear(layer.mlp.hidden), _linear(layer.mlp.out), kv[i],
+                          _linear(layer.mlp.hidden), _linear(layer.mlp.out),
+                          kv[i].view(2, batch * heads, length, head_dim),
                           kv[i, 0].view(batch * heads, length, head_dim).transpose(1, 2),
                           kv[i, 1].view(batch * heads, length, head_dim))
             for i, layer in enumerate(block.layers)]
@@ -117,9 +118,9 @@ class TokenStep:
         """h + W_o·attention(LN₁(h)) at token t, writing its key and value into the cache."""
         batch, heads, head_dim = self.shape
         qkv = torch.addmm(w.qkv[0], F.layer_norm(h, (heads * head_dim,), *w.norm1), w.qkv[1])
-        qkv = qkv.view(batch, heads, 3, head_dim)
-        w.kv.select(3, t).copy_(qkv[:, :, 1:].permute(2, 0, 1, 3))
-        q = qkv.view(batch * heads, 3, head_dim)[:, :1]
+        qkv = qkv.view(batch * heads, 3, head_dim)
+        w.kv.select(2, t).copy_(qkv[:, 1:].transpose(0, 1))
+        q = qkv[:, :1]
         p = torch.bmm(q, w.keys[:, :, :t + 1]).softmax(-1)
         o = torch.bmm(p, w.values[:, :t + 1]).view(batch, heads * head_dim)
         return h + torch.addmm(w.proj[0], o, w.proj[1])
