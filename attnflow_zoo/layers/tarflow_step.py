@@ -74,6 +74,7 @@ class TokenStep:
         self.shape = (batch, heads, head_dim)
         self.scale = head_dim ** -0.5 / temperature
         self.affine = block.affine
+        self.token_dim = block.token_dim
         self.embeddings = embeddings.unbind(0)
         self.proj_in = _linear(block.proj_in)
         self.layers = [
@@ -110,8 +111,7 @@ class TokenStep:
         bias, w_out, w_fold = self.head
         out = upcast(torch.addmm(torch.addmm(bias, h, w_out), self._hidden(h, last), w_fold))
         if self.affine:
-            a, b = out.chunk(2, -1)
-            return a, b
+            return out[:, :self.token_dim], out[:, self.token_dim:]
         return torch.zeros_like(out), out
 
     def _attend(self, h: Tensor, w: _LayerWeights, t: int) -> Tensor:
