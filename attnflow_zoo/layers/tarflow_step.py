@@ -9,11 +9,13 @@ writes its key and value of u_t into the cache and attends to the tokens 0..t he
                 h ← h + W_o o,   h ← h + W_2 GELU(W_1 LN₂(h))
     (a_{t+1}, b_{t+1}) = W_out h
 
-which is the parallel causal pass (``TarFlowBlock.conditioner``) at token t. ``TokenStep`` reads
-a block's weights once per inverse, as plain tensors (the weight matrices as transposed views),
-so that the per-token loop is tensor operations only: no module calls, no parameter look-ups.
-The attention is two batched products over the B·H heads, each reading the cached keys and
-values of tokens 0..t as one contiguous block per head.
+which is the parallel causal pass (``TarFlowBlock.conditioner``) at token t, in exact arithmetic
+(the order of some roundings differs). ``TokenStep`` reads a block's weights once per inverse,
+as plain tensors (views, or arranged once: W_qkv's rows head-major with 1/(√d_h·τ) folded into
+the q rows; the last layer's W_2 folded into the head), so that the per-token loop is tensor
+operations only: no module calls, no parameter look-ups. The attention is two batched products
+over the B·H heads, each reading the cached keys and values of tokens 0..t as one contiguous
+block per head.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class _LayerWeights(NamedTuple):
     qkv: tuple[Tensor, Tensor]  # (bias, W_qkvᵀ)
     proj: tuple[Tensor, Tensor]
     norm2: tuple[Tensor, Tensor, float]
-    hidden: tuple[Tensor, Tensor]
+    hidden: tuple[Tensor, Tensor]  # (b_1 as a column, W_1): the product is formed transposed
     out: tuple[Tensor, Tensor]
     kv: Tensor  # 2×(B·H)×T×d_h: this layer's keys and values (a view of the cache)
     keys: Tensor  # (B·H)×d_h×T: kv[0] transposed (a view)
@@ -80,7 +82,8 @@ class TokenStep:
         self.layers = [
             _LayerWeights(_norm(layer.attention.norm), self._qkv(layer.attention.qkv),
                           _linear(layer.attention.proj), _norm(layer.mlp.norm),
-                          _linear(layer.mlp.hidden), _linear(layer.mlp.out),
+                          (layer.mlp.hidden.bias[:, None], layer.mlp.hidden.weight),
+                          _linear(layer.mlp.out),
                           kv[i].view(2, batch * heads, length, head_dim),
                           kv[i, 0].view(batch * heads, length, head_dim).transpose(1, 2),
                           kv[i, 1].view(batch * heads, length, head_dim))
@@ -126,6 +129,9 @@ class TokenStep:
         return h + torch.addmm(w.proj[0], o, w.proj[1])
 
     def _hidden(self, h: Tensor, w: _LayerWeights) -> Tensor:
-        """GELU(W_1 LN₂(h) + b_1)."""
-        return F.gelu(torch.addmm(w.hidden[0], F.layer_norm(h, h.shape[-1:], *w.norm2),
-                                  w.hidden[1]))
+        """GELU(W_1 LN₂(h) + b_1), B×hidden (a transposed view)."""
+        # Formed transposed, (W_1 LN₂(h)ᵀ + b_1)ᵀ: GELU of the strided view runs ATen's
+        # elementwise kernel rather than oneDNN's, whose per-call set-up outweighs a GELU of
+        # B×hidden numbers; the products that take it read the transposed layout as is.
+        pre = torch.addmm(w.hidden[0], w.hidden[1], F.layer_norm(h, h.shape[-1:], *w.norm2).t())
+        return F.gelu(pre.t())
