@@ -110,6 +110,24 @@ def test_cached_inverse_equals_cache_free_inverse(reverse: bool, affine: bool) -
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_cached_inverse_at_other_depths_returns_a_plain_tensor(num_layers: int) -> None:
+    """The step folds the last layer's MLP output into the head (no earlier layer at depth 1,
+    two at depth 3); the loop runs in inference mode, its result is an ordinary tensor."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        block = TarFlowBlock(D, T, W, num_layers=num_layers, head_dim=4, expansion=3)
+    perturb_parameters(block, 0.05, torch.Generator().manual_seed(4))
+    block = block.double().eval()
+    z = _tokens(2, seed=11)
+    x = block.inverse(z)
+    torch.testing.assert_close(x, block.inverse_uncached(z), rtol=0, atol=1e-12)
+    assert not x.is_inference()
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(block(x)[1].sum(), [x])
+    assert torch.isfinite(grad).all()
+
+
 def test_one_cache_serves_every_call_and_a_wrong_one_is_refused() -> None:
     block = _block()
     z = _tokens(2, seed=8)

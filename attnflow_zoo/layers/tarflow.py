@@ -11,10 +11,10 @@ x ∈ R^{B×T×d} (patches of an image) a block computes, in its own token order
 
 The Jacobian ∂z/∂u is block lower-triangular with diagonal blocks diag(exp(−a_t)), hence the
 log-determinant. ``forward`` is one parallel pass (a causal mask); ``inverse`` recovers u token
-by token, u_t = z_t ⊙ exp(a_t) + b_t, each step one token's pass through the transformer with
-the keys and values of the earlier tokens read from a preallocated ``KVCache`` (no module holds
-sampling state; the cache is an argument). W_out starts at zero, so every block starts as the
-identity.
+by token, u_t = z_t ⊙ exp(a_t) + b_t, each step one token's pass through the transformer
+(``tarflow_step.TokenStep``) with the keys and values of the earlier tokens read from a
+preallocated ``KVCache`` (no module holds sampling state; the cache is an argument). W_out
+starts at zero, so every block starts as the identity.
 
 Guidance (``Guidance``) mixes, at each inverse step, the (a, b) of this pass with those of a
 second, unguided pass: a ← a + w(a − a_u), b ← b + w(b − b_u), the unguided pass running with
@@ -35,6 +35,7 @@ from ..core import ConditionalInvertibleModule
 from ..errors import ConfigError, ShapeError
 from ..guidance import guide
 from ..precision import compute_dtype, upcast
+from .tarflow_step import TokenStep
 
 
 class KVCache:
@@ -123,23 +124,6 @@ class CausalSelfAttention(nn.Module):
                                            scale=self.head_dim ** -0.5 / temperature)
         return self.proj(o.transpose(1, 2).reshape(b, t, width))
 
-    def step(self, h: Tensor, cache: KVCache, layer: int, position: int,
-             temperature: float = 1.0) -> Tensor:
-        """One token B×W at ``position``: its key and value go into layer ``layer`` of the
-        cache (one copy), and it attends to tokens 0..position there. The same map as
-        ``forward`` at that token, with fewer operations per call (the inverse's inner loop)."""
-        b, width = h.shape
-        qkv = F.linear(F.layer_norm(h, (width,), self.norm.weight, self.norm.bias,
-                                    self.norm.eps), self.qkv.weight, self.qkv.bias)
-        qkv = qkv.view(b, 3, self.num_heads, self.head_dim)
-        kv = cache.kv[layer]
-        kv[:, :, :, position].copy_(qkv[:, 1:].transpose(0, 1))
-        end = position + 1
-        o = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv[0, :, :, :end],
-                                           kv[1, :, :, :end],
-                                           scale=self.head_dim ** -0.5 / temperature)
-        return F.linear(o.view(b, width), self.proj.weight, self.proj.bias)
-
     def weights(self, h: Tensor, temperature: float = 1.0) -> Tensor:
         """The causal softmax weights of a B×T×W input, B×H×T×T (rows = queries)."""
         q, k, _ = self.heads(h)
@@ -174,12 +158,6 @@ class TransformerLayer(nn.Module):
     def forward(self, h: Tensor, temperature: float = 1.0) -> Tensor:
         """B×T×W -> B×T×W, every token at once."""
         h = h + self.attention(h, temperature)
-        return h + self.mlp(h)
-
-    def step(self, h: Tensor, cache: KVCache, layer: int, position: int,
-             temperature: float = 1.0) -> Tensor:
-        """One token B×W (``CausalSelfAttention.step``)."""
-        h = h + self.attention.step(h, cache, layer, position, temperature)
         return h + self.mlp(h)
 
 
@@ -271,39 +249,37 @@ class TarFlowBlock(ConditionalInvertibleModule):
                 guidance_cache: KVCache | None = None) -> Tensor:
         """z (B×T×d) -> x, token by token with key/value caches (allocated here unless given:
         ``cache`` for this pass, ``guidance_cache`` for the unguided pass of ``guidance``).
-        Not differentiable through the caches (they are written in place): for gradients use
-        ``inverse_uncached``."""
+        Not differentiable (the caches are written in place; the loop runs in inference
+        mode): for gradients use ``inverse_uncached``."""
         self._check(z)
         v = self.permute(z)
-        guided = guidance is not None and guidance.weight != 0
-        cache = self._cache_for(v, cache)
-        guidance_cache = self._cache_for(v, guidance_cache) if guided else None
-        inputs = self._step_inputs(context)
-        guided_inputs = self._step_inputs(guidance.context) if guided else None
-        tokens = [v[:, 0]]
-        for t in range(self.num_tokens - 1):
-            a, b = self._step(tokens[t], inputs[t], t, cache)
-            if guided:
-                a_u, b_u = self._step(tokens[t], guided_inputs[t], t, guidance_cache,
-                                      guidance.attention_temperature)
-                a, b = guide((a, b), (a_u, b_u), guidance.weight_at(t + 1, self.num_tokens))
-            tokens.append(torch.addcmul(b, v[:, t + 1], torch.exp(a)))
+        with torch.inference_mode():
+            tokens = self._inverse_tokens(v, context, guidance, cache, guidance_cache)
         return self.permute(torch.stack(tokens, 1))
+
+    def _inverse_tokens(self, v: Tensor, context: Tensor | None, guidance: Guidance | None,
+                        cache: KVCache | None, guidance_cache: KVCache | None) -> list[Tensor]:
+        """The tokens u_0..u_{T−1} (B×d each, the block's order) from v = π(z)."""
+        guided = guidance is not None and guidance.weight != 0
+        step = TokenStep(self, self._cache_for(v, cache).kv, self._step_inputs(context))
+        unguided = TokenStep(self, self._cache_for(v, guidance_cache).kv,
+                             self._step_inputs(guidance.context),
+                             guidance.attention_temperature) if guided else None
+        given = v.unbind(1)
+        tokens = [given[0]]
+        for t in range(self.num_tokens - 1):
+            a, b = step(tokens[t], t)
+            if unguided is not None:
+                a, b = guide((a, b), unguided(tokens[t], t),
+                             guidance.weight_at(t + 1, self.num_tokens))
+            tokens.append(torch.addcmul(b, given[t + 1], torch.exp(a)))
+        return tokens
 
     def _step_inputs(self, context: Tensor | None) -> Tensor:
         """What each step adds to W_in u_t: the position embeddings (and the context), T×W
         or T×B×W, computed once per inverse."""
         pos = self.positions()
         return pos if context is None else pos[:, None, :] + context[None]
-
-    def _step(self, token: Tensor, bias: Tensor, t: int, cache: KVCache,
-              temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-        """(a_{t+1}, b_{t+1}), B×d each, from token t (B×d; ``bias``: its position (+ context)
-        embedding) and the cached tokens < t."""
-        h = F.linear(token, self.proj_in.weight, self.proj_in.bias) + bias
-        for i, layer in enumerate(self.layers):
-            h = layer.step(h, cache, i, t, temperature)
-        return self._scale_shift(h)
 
     def _cache_for(self, v: Tensor, cache: KVCache | None) -> KVCache:
         dtype = compute_dtype(v)
