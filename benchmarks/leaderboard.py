@@ -197,22 +197,12 @@ def build_peer(family: Family, args: argparse.Namespace, seed: int) -> Peer:
 
     tf = tarflow_peer.load_peer(args.mltarflow_dir)
     config = preset_config(family.preset)
-    original = tf.MetaBlock
-
-    class MetaBlock(original):  # their Model has no head_dim argument: pass ours at build time
-        def __init__(self, *a: Any, **k: Any) -> None:
-            super().__init__(*a, head_dim=config.head_dim, expansion=config.expansion, **k)
-
-    tf.MetaBlock = MetaBlock
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = tf.Model(in_channels=config.in_channels, img_size=config.image_size,
-                           patch_size=config.patch_size, channels=config.width,
-                           num_blocks=config.num_blocks, layers_per_block=config.layers_per_block,
-                           nvp=config.affine)
-    finally:
-        tf.MetaBlock = original
+    with tarflow_peer.their_head_width(tf, config), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = tf.Model(in_channels=config.in_channels, img_size=config.image_size,
+                       patch_size=config.patch_size, channels=config.width,
+                       num_blocks=config.num_blocks, layers_per_block=config.layers_per_block,
+                       nvp=config.affine)
     return Peer(net, "mltarflow")
 
 

@@ -104,12 +104,30 @@ def float64_peer() -> Iterator[None]:
         torch.Tensor.float = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def their_head_width(tf: types.ModuleType, config: az.TarFlowConfig) -> Iterator[None]:
+    """Their ``Model`` built inside gets ``config``'s head width and MLP expansion: it has no
+    such arguments, so its ``MetaBlock`` is given them at build time (the module is restored
+    after; nothing of theirs is edited)."""
+    original = tf.MetaBlock
+
+    class MetaBlock(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *a: object, **k: object) -> None:
+            super().__init__(*a, head_dim=config.head_dim, expansion=config.expansion, **k)
+
+    tf.MetaBlock = MetaBlock
+    try:
+        yield
+    finally:
+        tf.MetaBlock = original
+
+
 def build_pair(tf: types.ModuleType, config: az.TarFlowConfig, seed: int = 0,
                spread: float = 0.02) -> tuple[nn.Module, az.TarFlow]:
     """(their ``Model``, our ``TarFlow``) with the same weights: theirs drawn at random (their
     init, every weight moved by N(0, spread²), output heads ×0.3), saved with ``torch.save``
     and converted by ``attnflow convert``'s ``convert_ml_tarflow``."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), their_head_width(tf, config):
         torch.manual_seed(seed)
         theirs = tf.Model(in_channels=config.in_channels, img_size=config.image_size,
                           patch_size=config.patch_size, channels=config.width,

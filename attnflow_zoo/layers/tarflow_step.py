@@ -20,16 +20,13 @@ block per head.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from ..precision import upcast
-
-if TYPE_CHECKING:
-    from .tarflow import TarFlowBlock
 
 
 class _LayerWeights(NamedTuple):
@@ -70,7 +67,7 @@ class TokenStep:
         temperature: τ, dividing the attention logits.
     """
 
-    def __init__(self, block: TarFlowBlock, kv: Tensor, embeddings: Tensor,
+    def __init__(self, block: torch.nn.Module, kv: Tensor, embeddings: Tensor,
                  temperature: float = 1.0) -> None:
         _, _, batch, heads, length, head_dim = kv.shape
         self.shape = (batch, heads, head_dim)
