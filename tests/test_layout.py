@@ -16,7 +16,7 @@ PACKAGE = ROOT / "attnflow_zoo"
 CLI = ROOT / "cli"
 
 #: The floor of the house: these import only each other (and torch / the standard library).
-GROUND = ("errors", "settings", "_io", "stages", "progress", "precision", "compilation",
+GROUND = ("errors", "settings", "_io", "progress", "precision", "compilation",
           "online", "resources", "guidance", "core", "layers", "logdet_estimators", "priors")
 
 

@@ -15,7 +15,6 @@ from ..core import resolve_device
 from ..data import quantize
 from ..errors import ConfigError
 from ..models.base import check_sampling
-from ..models.conditioning import balanced_labels
 from ..precision import autocast_for, upcast
 from ..progress import progress
 from ..resources import check_memory
@@ -73,9 +72,8 @@ def draw_checked_samples(model: Any, num_samples: int, *, temperature: float = 1
     with progress("sample", total=num_samples) as advance:
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
-            y = None if labels is None else labels[start:start + n].to(device)
-            if y is None and model.num_classes:  # FlowModel.sample's default
-                y = balanced_labels(n, model.num_classes).to(device)
+            y = model.default_labels(n, device) if labels is None else \
+                labels[start:start + n].to(device)
             with autocast_for(device, precision):
                 x = generate(n, temperature, gen, y=y, **extra) if y is not None else \
                     generate(n, temperature, gen, **extra)

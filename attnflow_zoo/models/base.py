@@ -213,6 +213,14 @@ class FlowModel(nn.Module, ZooHubMixin):
         return metrics.bits_per_dim(self.log_prob(x_u8, y, generator=generator, grad=grad),
                                     math.prod(self.input_shape))
 
+    def default_labels(self, num_samples: int, device: torch.device | str | None = None
+                       ) -> Tensor | None:
+        """The labels a sample is drawn for when none are given: every class in turn
+        (``balanced_labels``) for a class-conditional model, None for an unconditional one."""
+        if not self.num_classes:
+            return None
+        return balanced_labels(num_samples, self.num_classes).to(device)
+
     @torch.no_grad()
     def sample(self, num_samples: int, temperature: float = 1.0,
                generator: torch.Generator | None = None,
@@ -232,8 +240,8 @@ class FlowModel(nn.Module, ZooHubMixin):
         ``checked_images(model.generate(...))``).
         """
         check_sampling(num_samples, temperature)
-        if y is None and self.num_classes:
-            y = balanced_labels(num_samples, self.num_classes)
+        if y is None:
+            y = self.default_labels(num_samples)
         x = self.generate(num_samples, temperature=temperature, generator=generator, y=y,
                           **self.guidance_arguments(guidance, options))
         if denoise:

@@ -41,6 +41,7 @@ def round_trip_inputs(model: Any, run: dict[str, Any] | None,
     ``ROUND_TRIP_TEMPERATURE`` (seeded; every class in turn), else (a model that cannot
     sample) uniform random images."""
     shape = tuple(model.input_shape)
+    device = _device_of(model)
     k = model.num_classes
     turns = torch.arange(num_images) % k if k else None  # every class in turn
     data = (run or {}).get("dataset") or {}
@@ -54,7 +55,7 @@ def round_trip_inputs(model: Any, run: dict[str, Any] | None,
         else:
             return (images, labels if k else None,
                     f"{len(images)} {split} images of {source}, its training data")
-    gen = torch.Generator(device=_device_of(model)).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     if callable(getattr(model, "sample", None)):
         with torch.no_grad():
             images = model.sample(num_images, temperature=ROUND_TRIP_TEMPERATURE, generator=gen,

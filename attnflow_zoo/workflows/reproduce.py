@@ -36,10 +36,10 @@ from ..errors import ConfigError, check_choice
 from ..evaluation import results, scores
 from ..publishing import publish
 from ..registry import Recipe
-from ..stages import StageRecord
 from ..training import recipes, train_preset
 from ..training.distributed import DistContext
 from ..training.run import default_run_dir
+from .stages import StageRecord
 
 STATE_NAME = "reproduce.json"
 METRICS_NAME = results.METRICS_NAME

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_text
-from .errors import ConfigError
+from .._io import atomic_write_text
+from ..errors import ConfigError
 
 FORMAT = 1
 
