@@ -286,16 +286,22 @@ def test_bad_input_is_one_line_and_writes_nothing(case, mnist_folder, tmp_path, 
     assert _snapshot(tmp_path) == before  # no --out, no half-written file
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 256 KiB tmpfs (needs root, as in CI); skipped where it cannot be mounted."""
+def _tmpfs(tmp_path, size: str):
+    """A tmpfs of ``size`` under ``tmp_path`` (needs root, as in CI), unmounted after; the test
+    is skipped where it cannot be mounted."""
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs."""
+    yield from _tmpfs(tmp_path, "256k")
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_file(full_disk, mnist_folder, capsys):
@@ -381,15 +387,8 @@ def test_a_full_disk_at_the_safetensors_write_is_one_line_saying_what_was_kept(
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1.6 MB tmpfs: room for one checkpoint of the tiny model, not two (needs root, as in
-    CI); skipped where it cannot be mounted."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    """A 1.6 MB tmpfs: room for one checkpoint of the tiny model, not two."""
+    yield from _tmpfs(tmp_path, "1600k")
 
 
 def test_a_really_full_disk_while_checkpointing_is_one_line(small_disk, mnist_folder, capsys):
