@@ -33,6 +33,13 @@ class OutputError(AttnFlowError, OSError):
     """A file or folder that cannot be written (permissions, a file in the way, a full disk)."""
 
 
+def check_positive_int(name: str, value: object) -> None:
+    """``ConfigError`` unless ``value`` is an int ≥ 1 (a bool is not one): the one check of a
+    count, a size or a batch."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 def check_choice(name: str, value: object, allowed: Iterable[object]) -> None:
     """``ConfigError`` unless ``value`` is one of ``allowed`` (a vocabulary's one check)."""
     allowed = tuple(allowed)

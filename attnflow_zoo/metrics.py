@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import check_positive_int
 from .progress import progress
 
 LOG_256 = math.log(256.0)
@@ -38,8 +38,7 @@ def evaluate_bpd(model: nn.Module, images_u8: Tensor, batch_size: int = 256,
     ``eval_batch_size`` and ``attnflow evaluate`` uses the same defaults. ``labels``: the
     images' classes, (N,), for a class-conditional model (bits/dim of x given its class).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointError, ConfigError, check_choice
+from .errors import CheckpointError, ConfigError, check_choice, check_positive_int
 from .settings import TrainingSettings
 
 TASKS = ("density", "invertibility")
@@ -67,9 +67,8 @@ class Recipe(TrainingSettings):
         check_choice("recipe task", self.task, TASKS)
         for name in ("batch_size", "epochs", "steps", "train_limit", "fid_num_samples"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value <= 0):
-                raise ConfigError(f"recipe {name} must be a positive integer, got {value!r}")
+            if value is not None:
+                check_positive_int(f"recipe {name}", value)
         for name in ("warmup_images", "max_shift"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

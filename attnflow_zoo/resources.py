@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, check_positive_int
 from .progress import note
 
 #: Seconds over which ``choose_threads`` counts the busy cores.
@@ -120,8 +120,7 @@ def choose_threads(threads: int | None = None, window: float = WINDOW) -> Thread
     """
     cores = usable_cores()
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+        check_positive_int("threads", threads)
         return ThreadChoice(threads, cores, None, "asked")
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) >= 1:

@@ -13,7 +13,7 @@ from .._io import atomic_path, check_writable
 from ..compilation import compile_sampling
 from ..core import resolve_device
 from ..data import quantize
-from ..errors import ConfigError
+from ..errors import ConfigError, check_positive_int
 from ..models.base import check_sampling
 from ..precision import autocast_for, upcast
 from ..progress import progress
@@ -129,8 +129,7 @@ def check_request(num_samples: int, temperature: float, batch_size: int) -> None
     if temperature == 0:
         raise ConfigError("the temperature must be positive for sampling to files (0 gives the "
                           "mode chain: use model.sample(n, temperature=0) for that)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"the batch size must be a positive integer, got {batch_size!r}")
+    check_positive_int("the batch size", batch_size)
 
 
 def check_output(path: str | Path) -> Path:

@@ -23,7 +23,7 @@ from ..checkpoint import Checkpoint
 from ..core import resolve_device
 from ..data import datasets
 from ..data.labels import labels_for
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, check_positive_int
 from ..factory import load_checkpoint
 from ..hub import open_checkpoint
 from ..metrics import evaluate_bpd
@@ -49,8 +49,7 @@ def bayes_accuracy(model: nn.Module, images_u8: Tensor, labels: Tensor, batch_si
     if k < 2:
         raise ConfigError("Bayes-rule accuracy needs a class-conditional model (num_classes ≥ "
                           f"2), this one has {k} classes")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     was_training = model.training
     model.eval()
     predicted = []
@@ -146,9 +145,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str] | Checkpoint,
     """
     dev = resolve_device(device)
     for name, value in (("batch_size", batch_size), ("limit", limit)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
-            raise ConfigError(f"`{name}` must be a positive integer, got {value}")
+        if value is not None:
+            check_positive_int(f"`{name}`", value)
     if fid:
         check_request(num_samples, temperature, batch_size)
         if not random_inception:

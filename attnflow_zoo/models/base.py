@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .. import metrics
 from ..core import initialize_from_data
 from ..data import quantize
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, ShapeError, check_positive_int
 from ..hub import ZooHubMixin
 from .conditioning import balanced_labels
 
@@ -294,9 +294,7 @@ def check_noise_std(noise_std: float) -> None:
 
 def check_sampling(num_samples: int, temperature: float) -> None:
     """``ConfigError`` unless ``num_samples`` ≥ 1 and 0 ≤ ``temperature`` < ∞."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"the number of samples must be a positive integer, got "
-                          f"{num_samples!r}")
+    check_positive_int("the number of samples", num_samples)
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ConfigError(f"the temperature must be a finite number ≥ 0 (1 is the model's "
                           f"distribution, 0 its mode chain), got {temperature!r}")

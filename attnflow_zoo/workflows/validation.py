@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .._io import atomic_path, atomic_write_text, check_writable, make_dir
 from ..core import resolve_device
 from ..data import datasets, quantize
-from ..errors import ConfigError, DataError, ShapeError
+from ..errors import ConfigError, DataError, ShapeError, check_positive_int
 from ..layers.residual import InverseNotConvergedWarning
 from ..layers.residual_attention import KINDS
 from ..models.base import image_hw
@@ -263,9 +263,8 @@ def check_settings(**values: int | None) -> None:
     """``ConfigError`` unless every given count (epochs, batch size, limit, …) is ≥ 1: zero epochs
     would "invert" an untrained layer, the identity, and report a perfect PSNR."""
     for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if value is not None:
+            check_positive_int(name, value)
 
 
 def save_comparison(originals: Tensor, reconstructions: Tensor, path: str | Path,
