@@ -35,7 +35,7 @@ from ..core import ConditionalInvertibleModule
 from ..errors import ConfigError, ShapeError
 from ..guidance import guide
 from ..precision import compute_dtype, upcast
-from .tarflow_step import TokenStep
+from .tarflow_step import TokenStep, scale_shift
 
 
 class KVCache:
@@ -214,11 +214,7 @@ class TarFlowBlock(ConditionalInvertibleModule):
 
     def _scale_shift(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """(a, b) of the head's output for the NEXT token, in float32 (float64 models: 64)."""
-        out = upcast(self.proj_out(h))
-        if self.affine:
-            a, b = out.chunk(2, -1)
-            return a, b
-        return torch.zeros_like(out), out
+        return scale_shift(upcast(self.proj_out(h)), self.affine)
 
     def conditioner(self, u: Tensor, context: Tensor | None = None,
                     temperature: float = 1.0) -> tuple[Tensor, Tensor]:

@@ -47,6 +47,15 @@ def _linear(module: torch.nn.Linear) -> tuple[Tensor, Tensor]:
     return module.bias, module.weight.t()
 
 
+def scale_shift(out: Tensor, affine: bool) -> tuple[Tensor, Tensor]:
+    """(a, b) of a block's head output (…×2d: a then b; …×d and a = 0 for a volume-preserving
+    block), as views."""
+    if not affine:
+        return torch.zeros_like(out), out
+    d = out.shape[-1] // 2
+    return out[..., :d], out[..., d:]
+
+
 def _norm(module: torch.nn.LayerNorm) -> tuple[Tensor, Tensor, float]:
     return module.weight, module.bias, module.eps
 
@@ -73,7 +82,6 @@ class TokenStep:
         self.shape = (batch, heads, head_dim)
         self.scale = head_dim ** -0.5 / temperature
         self.affine = block.affine
-        self.token_dim = block.token_dim
         self.embeddings = embeddings.unbind(0)
         self.proj_in = _linear(block.proj_in)
         self.layers = [
@@ -110,9 +118,7 @@ class TokenStep:
         h = self._attend(h, last, t)
         bias, w_out, w_fold = self.head
         out = upcast(torch.addmm(torch.addmm(bias, h, w_out), self._hidden(h, last), w_fold))
-        if self.affine:
-            return out[:, :self.token_dim], out[:, self.token_dim:]
-        return torch.zeros_like(out), out
+        return scale_shift(out, self.affine)
 
     def _attend(self, h: Tensor, w: _LayerWeights, t: int) -> Tensor:
         """h + W_o·attention(LN₁(h)) at token t, writing its key and value into the cache."""
