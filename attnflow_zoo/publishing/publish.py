@@ -43,7 +43,7 @@ def round_trip_inputs(model: Any, run: dict[str, Any] | None,
     shape = tuple(model.input_shape)
     device = _device_of(model)
     k = model.num_classes
-    turns = torch.arange(num_images) % k if k else None  # every class in turn
+    turns = model.default_labels(num_images) if k else None  # every class in turn
     data = (run or {}).get("dataset") or {}
     source = data.get("name") or data.get("path")
     if source:
@@ -84,7 +84,7 @@ def check_round_trip(model: Any, images_u8: Tensor | None = None, labels: Tensor
     x = quantize.to_model_space(images_u8, gen).to(_device_of(model))
     k = model.num_classes
     if k and labels is None:
-        labels = torch.arange(len(images_u8)) % k
+        labels = model.default_labels(len(images_u8))  # a conditional model is a FlowModel
     given = (labels.to(x.device),) if k else ()  # a class-conditional model's
     with torch.no_grad():
         out = model(x, *given)
