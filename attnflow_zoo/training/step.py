@@ -15,7 +15,12 @@ keeps the update, 1 restores the copy; both exact). A skipped step therefore cha
 Adamax's moments decay as for a zero gradient and its step count advances (the one difference
 from a skip that reads the flag on the host). Counters of skipped and consecutive skipped steps
 and the loss sum of the logging window are device tensors that ``read`` fetches in one
-transfer at logging and checkpoint steps. The copy costs one set of weights in memory.
+transfer at logging and checkpoint steps.
+
+Memory: the copy is taken after the backward pass and dropped at the end of the step, and the
+gradients are set to None once the optimizer has used them. Neither lives through the forward
+and backward passes, whose activations set the peak; the copy reuses the activations' freed
+memory.
 """
 
 from __future__ import annotations
@@ -93,7 +98,6 @@ class TrainStep:
         self.autocast_cache = True  # False while a CUDA graph captures the step
         dev = self.params[0].device
         self.device = dev
-        self.backup = [torch.empty_like(p) for p in self.params]
         zero = torch.zeros((), dtype=torch.int64, device=dev)
         self.skipped, self.consecutive, self.worst, self.good = (zero.clone() for _ in range(4))
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -107,7 +111,7 @@ class TrainStep:
         with autocast_for(self.device, self.precision, cache_enabled=self.autocast_cache):
             log_p = self.log_density(x, y, generator=generator)
         loss = metrics.bits_per_dim(log_p.float(), self.num_dims).mean()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad(set_to_none=True)  # none held unless a step was cut short
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -119,13 +123,15 @@ class TrainStep:
             for p in self.params:
                 if p.grad is not None:
                     p.grad.masked_fill_(skip, 0.0)
-            torch._foreach_copy_(self.backup, self.params)
+            backup = [p.detach().clone() for p in self.params]
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            torch._foreach_lerp_(self.params, self.backup, skip.to(self.params[0].dtype))
+            torch._foreach_lerp_(self.params, backup, skip.to(self.params[0].dtype))
+            del backup
+            self.optimizer.zero_grad(set_to_none=True)
             self.skipped += skip
             self.consecutive.add_(1).mul_(skip)
             torch.maximum(self.worst, self.consecutive, out=self.worst)
