@@ -14,6 +14,9 @@ stay float64):
   under bf16 is good to ~1e-3 (tests/test_precision.py), not 1e-6;
 - iTrans's softmax, A·X₂ and its log-determinant (the LU runs in float64 in any case);
 - iMap's gate (cheap; its inverse recomputes it from an input equal only up to rounding);
+- on the CPU, TarFlow's causal attention (softmax(QKᵀ)V, its inputs upcast): PyTorch's bf16
+  attention kernels for the CPU are slower than its float32 ones (README, "TarFlow"); on
+  CUDA it runs in the autocast dtype;
 - the conv-LSTM's cell state c and its gate nonlinearities (low-precision gate *convolutions*
   only).
 

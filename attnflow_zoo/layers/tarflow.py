@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from ..core import ConditionalInvertibleModule
 from ..errors import ConfigError, ShapeError
 from ..guidance import guide
-from ..precision import compute_dtype, upcast
+from ..precision import compute_dtype, full_precision, upcast
 from .tarflow_step import TokenStep, scale_shift
 
 
@@ -120,8 +120,14 @@ class CausalSelfAttention(nn.Module):
         """B×T×W -> B×T×W, every token at once (causal)."""
         b, t, width = h.shape
         q, k, v = self.heads(h)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           scale=self.head_dim ** -0.5 / temperature)
+        if h.device.type == "cpu":  # float32 attention there (precision's rule, CPU)
+            with full_precision(h):
+                o = F.scaled_dot_product_attention(upcast(q), upcast(k), upcast(v),
+                                                   is_causal=True,
+                                                   scale=self.head_dim ** -0.5 / temperature)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               scale=self.head_dim ** -0.5 / temperature)
         return self.proj(o.transpose(1, 2).reshape(b, t, width))
 
     def weights(self, h: Tensor, temperature: float = 1.0) -> Tensor:
