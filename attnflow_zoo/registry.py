@@ -166,6 +166,10 @@ def get_entry(name: str) -> ModelEntry:
     if name not in _PRESETS:
         close = difflib.get_close_matches(name, list(_PRESETS), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
+        if not _PRESETS:
+            hint = (" No preset is registered yet: the model modules register them when "
+                    "attnflow_zoo.factory is imported (az.create_model and az.list_models "
+                    "import it).")
         raise ConfigError(f"unknown model {name!r}.{hint} `attnflow models` lists the zoo.")
     return _PRESETS[name]
 

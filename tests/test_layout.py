@@ -220,3 +220,16 @@ def test_every_public_module_is_reachable_from_the_package() -> None:
         if not short or short.startswith("_"):
             continue
         assert getattr(az, short).__name__.split(".")[-1] == short, name
+
+
+def test_an_empty_registry_says_where_presets_come_from() -> None:
+    """In a fresh interpreter the registry alone holds no preset (the model modules register
+    them when ``factory`` is imported): it says so rather than "unknown model", and after
+    ``az.list_models()`` the same lookup finds the preset."""
+    code = ("import attnflow_zoo.registry as r, attnflow_zoo as az\n"
+            "try:\n    r.get_entry('tarflow_digits')\nexcept az.ConfigError as e:\n    print(e)\n"
+            "az.list_models()\nprint(r.preset_config('tarflow_digits').width)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()
+    assert "No preset is registered yet" in out[0] and "attnflow_zoo.factory" in out[0]
+    assert out[1] == "128"
