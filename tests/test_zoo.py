@@ -6,6 +6,9 @@ label per image, every class in turn, in the density calls."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,8 +181,15 @@ def test_configs_are_frozen(name: str) -> None:
 def test_every_preset_builds_on_the_meta_device() -> None:
     """`attnflow models` counts parameters on the meta device (no memory, no fallback): no
     constructor may read a tensor's value (``float(t)``, ``t.item()``), or its preset would fail
-    here. The count is the one a real build gives."""
-    rows = az.describe_models()
+    here. The count is the one a real build gives. The listing is made in a fresh interpreter:
+    no preset's meta build may run one of torch's Python meta kernels, whose first use imports
+    torch._dynamo (seconds of the listing)."""
+    code = ("import json, sys, attnflow_zoo as az; rows = az.describe_models(); "
+            "print(json.dumps([rows, 'torch._dynamo' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    rows, dynamo = json.loads(out.strip().splitlines()[-1])
+    assert not dynamo
     assert [r["name"] for r in rows] == az.list_models()
     assert all(r["params"] != "-" for r in rows)
     name = "attnflow_imap_tiny"

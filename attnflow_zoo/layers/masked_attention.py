@@ -56,10 +56,13 @@ def checkerboard_mask(num_channels: int, height: int, width: int, parity: int = 
         raise ConfigError(f"mask parity must be 0 or 1, got {parity!r}")
     if min(num_channels, height, width) < 1:
         raise ConfigError(f"mask shape must be positive, got {num_channels}×{height}×{width}")
-    c = torch.arange(num_channels, device=device).view(-1, 1, 1)
-    i = torch.arange(height, device=device).view(1, -1, 1)
-    j = torch.arange(width, device=device).view(1, 1, -1)
-    return ((c + i + j + parity) % 2).to(dtype or torch.get_default_dtype())
+    # Formed on the CPU and moved: an arange on the meta device (a preset built for its
+    # shapes) runs a Python decomposition whose first use imports torch._dynamo.
+    c = torch.arange(num_channels, device="cpu").view(-1, 1, 1)
+    i = torch.arange(height, device="cpu").view(1, -1, 1)
+    j = torch.arange(width, device="cpu").view(1, 1, -1)
+    return ((c + i + j + parity) % 2).to(device=device or torch.get_default_device(),
+                                         dtype=dtype or torch.get_default_dtype())
 
 
 def _check_shape(x: Tensor, shape: tuple[int, int, int], layer: str) -> None:
@@ -142,12 +145,13 @@ class IMap(InvertibleModule):
         self.shape = (num_channels, height, width)
         self.parity = parity
         self.mixing = mixing
-        mask = checkerboard_mask(num_channels, height, width, parity)
-        self.register_buffer("mask", mask, persistent=False)
+        mask = checkerboard_mask(num_channels, height, width, parity, device="cpu")
+        here = torch.get_default_device()  # counted on the CPU: see checkerboard_mask
+        self.register_buffer("mask", mask.to(here), persistent=False)
         # Per-pixel count of unmasked channels and per-channel count of masked pixels: the
         # logdet weights, which differ from C/2 and H·W/2 when C or H·W is odd.
-        self.register_buffer("num_unmasked", (1 - mask).sum(0), persistent=False)
-        self.register_buffer("num_masked", mask.sum((1, 2)), persistent=False)
+        self.register_buffer("num_unmasked", (1 - mask).sum(0).to(here), persistent=False)
+        self.register_buffer("num_masked", mask.sum((1, 2)).to(here), persistent=False)
         num_mix = height * width if mixing == "spatial" else num_channels
         self.weight = nn.Parameter(torch.zeros((num_mix, num_mix) if mixing == "spatial"
                                                else (num_mix,)))
@@ -362,7 +366,8 @@ class ITrans(InvertibleModule):
         self.register_buffer("unmasked_index", order[:, : self.half_dim].contiguous(),
                              persistent=False)
         num_tokens = token_mask.shape[0]
-        self.register_buffer("eye", torch.eye(num_tokens), persistent=False)
+        eye = torch.eye(num_tokens, device="cpu")  # made on the CPU: see checkerboard_mask
+        self.register_buffer("eye", eye.to(torch.get_default_device()), persistent=False)
         self.query = nn.Conv2d(num_channels, num_channels, 1, bias=False)
         self.key = nn.Conv2d(num_channels, num_channels, 1, bias=False)
         self.log_temperature = nn.Parameter(torch.tensor(0.5 * math.log(dim)))

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 
 def _normalize(x: Tensor) -> Tensor:
+    if x.is_meta:  # no values to scale (a norm on meta imports torch._dynamo on first use)
+        return x
     return x / x.norm().clamp_min(1e-12)
 
 

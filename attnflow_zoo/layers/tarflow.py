@@ -197,7 +197,9 @@ class TarFlowBlock(ConditionalInvertibleModule):
         self.reverse = reverse
         self.affine = affine
         self.proj_in = nn.Linear(token_dim, width)
-        self.pos_embed = nn.Parameter(torch.randn(num_tokens, width) * 1e-2)
+        # Scaled in place: on the meta device an out-of-place product runs a Python kernel
+        # whose first use imports torch._dynamo (seconds, in `attnflow models`).
+        self.pos_embed = nn.Parameter(torch.randn(num_tokens, width).mul_(1e-2))
         self.layers = nn.ModuleList(TransformerLayer(width, head_dim, expansion)
                                     for _ in range(num_layers))
         self.proj_out = nn.Linear(width, token_dim * (2 if affine else 1))
