@@ -22,6 +22,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 _LIVE: list = []  # the rich Progress being shown, so that notes print above it
+#: How notes are worded for their reader: empty, the library's words (argument names); a front
+#: end sets its own once (``word_notes``): the CLI, its flags.
+_WORDING: list[Callable[[str], str]] = []
 #: Off a terminal, seconds before a loop without ``every`` shows its first line.
 FIRST = 5.0
 
@@ -35,8 +38,15 @@ def _stamp() -> str:
     return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def word_notes(wording: Callable[[str], str] | None) -> None:
+    """Word every later ``note`` with ``wording`` (None: in the library's words again)."""
+    _WORDING[:] = [] if wording is None else [wording]
+
+
 def note(message: str) -> None:
     """One line on stderr: above the live bar on a terminal, timestamped otherwise."""
+    if _WORDING:
+        message = _WORDING[0](message)
     if _LIVE:
         _LIVE[-1].console.print(message, markup=False, highlight=False)
     elif enabled():

@@ -73,8 +73,9 @@ class Recipe(TrainingSettings):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"recipe {name} must be an integer ≥ 0, got {value!r}")
-        if not (isinstance(self.fid_temperature, int | float) and self.fid_temperature > 0):
-            raise ConfigError(f"recipe fid_temperature must be positive, got "
+        if not (isinstance(self.fid_temperature, int | float)
+                and 0 < self.fid_temperature < float("inf")):
+            raise ConfigError(f"recipe fid_temperature must be a positive number, got "
                               f"{self.fid_temperature!r}")
         super().check_settings()
 

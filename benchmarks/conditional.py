@@ -32,8 +32,8 @@ import digits_classifiers as dc  # noqa: E402
 
 import attnflow_zoo as az  # noqa: E402
 from attnflow_zoo.data.quantize import from_model_space  # noqa: E402
-from attnflow_zoo.evaluation.scores import bayes_accuracy  # noqa: E402
 from attnflow_zoo.hub import resolve_checkpoint  # noqa: E402
+from attnflow_zoo.metrics import bayes_accuracy  # noqa: E402
 
 
 @torch.no_grad()

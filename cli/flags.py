@@ -1,6 +1,7 @@
 """Library messages in the CLI's words: the library names an argument in backticks
 (`batch_size`, `out_dir`); the command that ran has a flag for it (--batch-size, --out). The one
-translation, made where ``main`` catches a library error (STYLE.md rule 9)."""
+translation, made where ``main`` catches a library error and for the library's notes
+(``progress.word_notes``) while a command runs (STYLE.md rule 9)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import click
 ARGUMENTS = {
     "allow_changes": "override", "batch_size": None, "compile": None, "conditional": None,
     "dataset": None, "device": None, "dry_run": None, "fullscale": None, "grad_clip": None,
-    "guidance": None, "image_size": None, "in_channels": None, "keep_checkpoints": "keep_last",
-    "limit": None, "lr": None, "metrics": None, "model": None, "out_dir": "out", "paths": "image",
+    "guidance": None, "image_size": None, "in_channels": None, "inception_weights": None,
+    "keep_checkpoints": "keep_last", "limit": None, "lr": None, "metrics": None,
+    "minutes": None, "model": None, "out_dir": "out", "paths": "image",
     "precision": None, "repo_id": "repo", "resume": None, "settings": None, "split": None,
     "steps": None, "until": None, "validation": None, "which": "label",
 }

@@ -90,15 +90,32 @@ def _network_error(err: BaseException) -> bool:
         err, (ConnectionError, TimeoutError))
 
 
+def _in_flags(message: str) -> str:
+    """A library message (an error or a note) in the words of the command that runs."""
+    return in_flags(message, command_of(typer.main.get_command(app), sys.argv[1:]))
+
+
 def main() -> None:
-    """Run the app; expected failures become one line on stderr (see the module docstring)."""
+    """Run the app; expected failures become one line on stderr (see the module docstring).
+    The library's errors and notes name its arguments: they are said in the command's flags."""
+    from attnflow_zoo.progress import word_notes
+
+    word_notes(_in_flags)
+    try:
+        code = _run()
+    finally:
+        word_notes(None)
+    sys.exit(code)
+
+
+def _run() -> int:
+    """``app`` with its expected failures said in one line (``_fail`` exits); its exit status."""
     from attnflow_zoo.errors import AttnFlowError
 
     try:
         code = app(standalone_mode=False)
     except AttnFlowError as err:
-        command = command_of(typer.main.get_command(app), sys.argv[1:])
-        _fail(in_flags(str(err), command), getattr(err, "exit_code", 1))
+        _fail(_in_flags(str(err)), getattr(err, "exit_code", 1))
     except typer.TyperException as err:  # typer's click: usage errors and friends
         ctx = getattr(err, "ctx", None)
         if type(err).__name__ == "NoArgsIsHelpError":  # `attnflow train` alone: its help
@@ -113,4 +130,4 @@ def main() -> None:
             raise
         _fail(f"cannot reach the Hugging Face Hub ({type(err).__name__}: {err}); check the "
               "network, or work offline with local folders (HF_HUB_OFFLINE=1)", 1)
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0

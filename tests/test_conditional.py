@@ -494,7 +494,7 @@ def test_class_log_likelihoods_are_log_p_at_every_class(couplings: bool) -> None
 
 
 def test_bayes_accuracy_is_the_argmax_of_the_class_likelihoods() -> None:
-    from attnflow_zoo.evaluation.scores import bayes_accuracy
+    from attnflow_zoo.metrics import bayes_accuracy
 
     model = _model("attnflow_imap_cond_tiny", torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -559,7 +559,8 @@ def test_evaluate_reports_bayes_accuracy(tmp_path: Path) -> None:
     """``evaluate_checkpoint`` of a class-conditional model: its Bayes-rule accuracy on the
     split, the number ``bayes_accuracy`` gives with the same noise; none for an unconditional
     model."""
-    from attnflow_zoo.evaluation.scores import bayes_accuracy, evaluate_checkpoint
+    from attnflow_zoo.evaluation.scores import evaluate_checkpoint
+    from attnflow_zoo.metrics import bayes_accuracy
 
     model = _model("attnflow_imap_cond_tiny", torch.float32, in_channels=1, image_size=32,
                    num_classes=10, data_init=False)

@@ -156,7 +156,7 @@ def test_limit_is_a_seeded_random_subset_not_the_first_files(mnist_folder, tmp_p
 def test_resizing_is_said_not_silent(mnist_folder, tmp_path, capsys):
     datasets.load_images(mnist_folder, "test", image_size=32, limit=10, cache_dir=tmp_path)
     first = capsys.readouterr().err
-    assert "28×28 zero-padded to 32×32" in first and "--image-size" in first
+    assert "28×28 zero-padded to 32×32" in first and "`image_size`" in first
     datasets.load_images(mnist_folder, "test", image_size=32, limit=10, cache_dir=tmp_path)
     assert "zero-padded" in capsys.readouterr().err  # said again when read from the cache
     datasets.load_images(mnist_folder, "test", image_size=14, limit=10, cache_dir=tmp_path)

@@ -214,7 +214,7 @@ def test_missing_weights_say_how_to_get_them(hub_dir: Path, monkeypatch) -> None
         fid.load_inception()
     msg = str(err.value)
     assert "\n" not in msg
-    for part in (fid.INCEPTION_WEIGHTS_URL, "--inception-weights",
+    for part in (fid.INCEPTION_WEIGHTS_URL, "`inception_weights`",
                  fid.INCEPTION_ENV_VAR, str(fid.inception_weights_cache())):
         assert part in msg
     with pytest.raises(ConfigError, match="not available offline"):  # download=False: same
@@ -223,8 +223,21 @@ def test_missing_weights_say_how_to_get_them(hub_dir: Path, monkeypatch) -> None
     monkeypatch.setenv(fid.INCEPTION_ENV_VAR, str(hub_dir / "missing.pth"))
     with pytest.raises(ConfigError, match=r"missing.pth not found \(from \$ATTNFLOW_INCEPTION"):
         fid.load_inception()
-    with pytest.raises(ConfigError, match=r"not found \(from --inception-weights\)"):
+    with pytest.raises(ConfigError, match=r"not found \(from `inception_weights`\)"):
         fid.load_inception(hub_dir / "also-missing.pth")
+
+
+def test_the_commands_say_the_weights_flag(hub_dir: Path, tmp_path: Path) -> None:
+    """The library names its argument (`inception_weights`); a command says its flag, before
+    it opens the checkpoint."""
+    from _cli import run_cli
+
+    evaluate = ["evaluate", "--checkpoint", tmp_path / "no-run", "--dataset", "mnist", "--fid",
+                "--device", "cpu"]
+    code, _, err = run_cli(evaluate)
+    assert code == 1 and "not available offline" in err and "--inception-weights" in err, err
+    code, _, err = run_cli([*evaluate, "--inception-weights", hub_dir / "also-missing.pth"])
+    assert code == 1 and "not found (from --inception-weights)" in err, err
 
 
 def _file_with_sha(path: Path, data: bytes) -> tuple[Path, str]:

@@ -149,8 +149,18 @@ def test_a_second_run_goes_to_a_new_folder(tmp_path: Path, monkeypatch: pytest.M
 def test_a_budget_that_is_not_a_positive_time_is_refused(minutes: float, tmp_path: Path) -> None:
     from attnflow_zoo.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--minutes must be a positive number"):
+    with pytest.raises(ConfigError, match="`minutes` must be a positive number"):
         quickstart.quickstart(minutes=minutes, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_says_the_budget_in_its_flag(tmp_path: Path) -> None:
+    """The library names its argument (`minutes`); the command says its flag."""
+    from _cli import run_cli
+
+    code, _, err = run_cli(["quickstart", "--minutes", 0, "--out", tmp_path / "run",
+                            "--device", "cpu"])
+    assert code == 1 and "--minutes must be a positive number" in err, err
     assert not (tmp_path / "run").exists()
 
 

@@ -70,7 +70,7 @@ def test_resume_refuses_changes_unless_overridden(mnist_folder, tmp_path, capsys
     ({"seed": 0}, {"seed": 1}, ("seed",), "another seed would train on validation images"),
     ({"validation": 0.02}, {"validation": 0.1}, (), "carved out"),
     ({"lr": 1.0, "ema_decay": 0.9}, {"lr": 2.0, "ema_decay": None}, ("lr",),
-     "--override ema_decay"),
+     "`allow_changes` ema_decay"),
     ({"dataset": "/a"}, {"dataset": "/b"}, ("dataset",), ["dataset"]),
     ({"lr": 1.0}, {"lr": 1.0}, ("nosuch",), "no such setting"),
 ])

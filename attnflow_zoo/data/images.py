@@ -91,7 +91,7 @@ def resize_note(sizes: set[tuple[int, int]], image_size: int | None) -> str:
         else:
             done.append(f"{h}×{w} zero-padded to {s}×{s}")
     more = f" (and {len(sizes) - 3} more sizes)" if len(sizes) > 3 else ""
-    return (f"images of {'; '.join(done)}{more} to fit the model; pass --image-size to train "
+    return (f"images of {'; '.join(done)}{more} to fit the model; pass `image_size` to train "
             "at another size")
 
 

@@ -109,8 +109,8 @@ def resolve_inception_weights(path: str | os.PathLike[str] | None = None, *,
     cached = inception_weights_cache()
     how = (f"download {INCEPTION_WEIGHTS_URL} (sha256 {INCEPTION_WEIGHTS_SHA256[:8]}…; "
            f"pytorch-fid's {PYTORCH_FID_WEIGHTS_FILE} is the same file) and pass it with "
-           f"--inception-weights PATH or ${INCEPTION_ENV_VAR}, or put it at {cached}")
-    for value, source in ((path, "--inception-weights"),
+           f"`inception_weights` or ${INCEPTION_ENV_VAR}, or put it at {cached}")
+    for value, source in ((path, "`inception_weights`"),
                           (os.environ.get(INCEPTION_ENV_VAR), f"${INCEPTION_ENV_VAR}")):
         if value:
             p = Path(value).expanduser()

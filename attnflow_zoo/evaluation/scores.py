@@ -17,57 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from ..checkpoint import Checkpoint
 from ..core import resolve_device
 from ..data import datasets
 from ..data.labels import labels_for
-from ..errors import ConfigError, DataError, check_positive_int
+from ..errors import DataError, check_positive_int
 from ..factory import load_checkpoint
 from ..hub import open_checkpoint
-from ..metrics import evaluate_bpd
-from ..progress import progress
+from ..metrics import classify, mean_bpd
 from . import results
 from .fid import dataset_statistics, fid_from_model, load_inception, resolve_inception_weights
 from .sampling import check_request
 
-
-@torch.no_grad()
-def bayes_accuracy(model: nn.Module, images_u8: Tensor, labels: Tensor, batch_size: int = 256,
-                   generator: torch.Generator | None = None,
-                   show_progress: bool | None = None) -> dict[str, Any]:
-    """Bayes-rule classification by a class-conditional model: ŷ = argmax_y log p(x | y) over
-    its K classes (a uniform p(y)), every y scored on the same dequantised x (one noise draw
-    per image from ``generator``); SPEC §7.
-
-    Returns ``accuracy`` (the share of ŷ = ``labels``), ``predicted_counts`` (how often each
-    class was predicted, K ints: a model that ignores its class predicts one or two) and
-    ``num_images``. Images N×C×H×W uint8, labels (N,) int64.
-    """
-    k = model.num_classes
-    if k < 2:
-        raise ConfigError("Bayes-rule accuracy needs a class-conditional model (num_classes ≥ "
-                          f"2), this one has {k} classes")
-    check_positive_int("batch_size", batch_size)
-    was_training = model.training
-    model.eval()
-    predicted = []
-    try:
-        with progress("classify", total=len(images_u8), show=show_progress) as advance:
-            for start in range(0, len(images_u8), batch_size):
-                x = model.to_model_space(images_u8[start:start + batch_size], generator)
-                scores = (model.class_log_likelihoods(x)
-                          if hasattr(model, "class_log_likelihoods")
-                          else torch.stack([model.log_density(x, y) for y in range(k)], 1))
-                predicted.append(scores.argmax(1).cpu())
-                advance(len(x))
-    finally:
-        model.train(was_training)
-    pred = torch.cat(predicted)
-    return {"accuracy": float((pred == labels.cpu()).double().mean()),
-            "predicted_counts": torch.bincount(pred, minlength=k).tolist(),
-            "num_images": len(pred)}
 
 def standard_fid(model: Any, dataset: str | os.PathLike[str], *, num_samples: int = 50_000,
                  temperature: float = 1.0, reference_split: str = "train",
@@ -136,12 +98,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str] | Checkpoint,
                         show_progress: bool | None = None) -> dict[str, Any]:
     """Held-out bits/dim of a checkpoint (``evaluate_bpd``, noise seeded ``seed``: the numbers
     ``fit`` logs with the same seed and batch size), a class-conditional model's
-    ``bayes_accuracy`` (the same noise) and, with ``fid``, ``standard_fid``.
+    ``metrics.bayes_accuracy`` (the same noise) and, with ``fid``, ``standard_fid``.
 
     ``checkpoint``: a local folder, a Hub repo id or an open ``Checkpoint``. ``split`` defaults
     to the dataset's held-out split (``datasets.heldout_split``). Returns the metrics schema of
     ``evaluation.results`` (what ``attnflow push --metrics`` takes). Bad settings, a device
-    the machine lacks and missing FID weights are refused before any work.
+    the machine lacks and missing FID weights are refused before any work; then the names are
+    resolved once and ``score_checkpoint`` does the work.
     """
     dev = resolve_device(device)
     for name, value in (("batch_size", batch_size), ("limit", limit)):
@@ -150,18 +113,38 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str] | Checkpoint,
     if fid:
         check_request(num_samples, temperature, batch_size)
         if not random_inception:
-            resolve_inception_weights(inception_weights)
-    ckpt = open_checkpoint(checkpoint)
-    model = load_checkpoint(ckpt).to(dev)
+            inception_weights = resolve_inception_weights(inception_weights)
     split = split or datasets.heldout_split(dataset)
     if split is None:
         raise DataError(f"{dataset} has no held-out split (test, valid or validation); "
                         "pass `split`")
+    return score_checkpoint(
+        open_checkpoint(checkpoint), dataset, split, device=dev, batch_size=batch_size,
+        seed=seed, limit=limit, num_fid=num_samples if fid else 0, temperature=temperature,
+        fid_reference_split=fid_reference_split, fid_reference_limit=fid_reference_limit,
+        inception_weights=inception_weights, random_inception=random_inception,
+        statistics_out=statistics_out, show_progress=show_progress)
+
+
+def score_checkpoint(ckpt: Checkpoint, dataset: str | os.PathLike[str], split: str, *,
+                     device: torch.device, batch_size: int = 256, seed: int = 0,
+                     limit: int | None = None, num_fid: int = 0, temperature: float = 1.0,
+                     fid_reference_split: str = "train", fid_reference_limit: int | None = None,
+                     inception_weights: str | os.PathLike[str] | None = None,
+                     random_inception: bool = False,
+                     statistics_out: str | os.PathLike[str] | None = None,
+                     show_progress: bool | None = None) -> dict[str, Any]:
+    """``evaluate_checkpoint``'s scores of an open checkpoint on ``split``, with settings its
+    caller checked once (``evaluate_checkpoint``, ``reproduce``): ``device`` resolved,
+    ``batch_size`` and ``limit`` positive, ``num_fid`` FID samples (0: no FID) at a positive
+    ``temperature``, ``inception_weights`` the verified file (``resolve_inception_weights``)
+    unless ``random_inception``. Returns the metrics schema of ``evaluation.results``.
+    """
+    model = load_checkpoint(ckpt).to(device)
     images, labels = datasets.load_labelled(dataset, split, model.input_shape, limit=limit)
     labels = labels_for(model.num_classes, labels, f"{dataset} ({split})")
-    g = torch.Generator(device=dev).manual_seed(seed)
-    bpd = evaluate_bpd(model, images, batch_size, g, show_progress=show_progress,
-                       labels=labels)
+    g = torch.Generator(device=device).manual_seed(seed)
+    bpd = mean_bpd(model, images, batch_size, g, show_progress=show_progress, labels=labels)
     result: dict[str, Any] = {
         "format": results.FORMAT, "dataset": datasets.dataset_label(dataset), "split": split,
         "step": ckpt.step, "bpd": bpd, "bpd_estimator": "single-sample",
@@ -169,12 +152,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str] | Checkpoint,
     if model.noise_std > 0:
         result["bpd_noise_std"] = model.noise_std
     if labels is not None:
-        g = torch.Generator(device=dev).manual_seed(seed)
-        bayes = bayes_accuracy(model, images, labels, batch_size, g, show_progress=show_progress)
+        g = torch.Generator(device=device).manual_seed(seed)
+        bayes = classify(model, images, labels, batch_size, g, show_progress)
         result.update(bayes_accuracy=bayes["accuracy"], bayes_num_images=bayes["num_images"])
-    if fid:
+    if num_fid:
         result.update(standard_fid(
-            model, dataset, num_samples=num_samples, temperature=temperature,
+            model, dataset, num_samples=num_fid, temperature=temperature,
             reference_split=fid_reference_split, reference_limit=fid_reference_limit, seed=seed,
             inception_weights=inception_weights, random_inception=random_inception,
             statistics_out=statistics_out))

@@ -153,14 +153,15 @@ def card_preset(preset: str | None, payload: dict[str, Any]) -> str | None:
     return preset
 
 
-def card_metrics(ckpt: Checkpoint, metrics: dict[str, Any] | None
-                 ) -> tuple[dict[str, Any], list[str]]:
+def card_metrics(ckpt: Checkpoint, metrics: dict[str, Any] | None,
+                 run_metrics: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
     """(the metrics a card of ``ckpt`` shows, notes on what was left off).
 
     Given ``metrics`` are checked (``results.check_metrics``) and must score this checkpoint:
     a ``step`` other than the checkpoint's is a ``ConfigError``. Without them, the run's own
-    ``metrics.json`` (beside the checkpoint or in its run folder) is used when it scores this
-    checkpoint's step, and left off with a note when it scores another.
+    scores (``run_metrics``, else the ``metrics.json`` beside the checkpoint or in its run
+    folder) are shown as ``results.publishable`` allows when they score this checkpoint's
+    step, and left off with a note when they score another.
     """
     step, directory = ckpt.step, ckpt.directory
     if metrics is not None:
@@ -170,24 +171,32 @@ def card_metrics(ckpt: Checkpoint, metrics: dict[str, Any] | None
                               f"is step {step}; score this checkpoint (evaluate it as JSON) "
                               "or leave the metrics out")
         return metrics, []
+    if run_metrics is not None:
+        return _run_scores(run_metrics, step, "the run's metrics")
     for folder in (directory, directory.parent):
         path = folder / results.METRICS_NAME
         if path.is_file():
-            found = results.load_metrics(path)
-            if found.get("step") is not None and step is not None and found["step"] != step:
-                return {}, [f"{path} scores step {found['step']}, not this checkpoint's step "
-                            f"{step}; its numbers are not shown"]
-            return results.publishable(found)
+            return _run_scores(results.load_metrics(path), step, str(path))
     return {}, []
+
+
+def _run_scores(found: dict[str, Any], step: int | None, source: str
+                ) -> tuple[dict[str, Any], list[str]]:
+    """``card_metrics`` of a run's own scores (from ``source``)."""
+    if found.get("step") is not None and step is not None and found["step"] != step:
+        return {}, [f"{source} scores step {found['step']}, not this checkpoint's step "
+                    f"{step}; its numbers are not shown"]
+    return results.publishable(found)
 
 
 def make_card(ckpt: Checkpoint, recipe: Recipe | None, repo_id: str = PLACEHOLDER_REPO, *,
               metrics: dict[str, Any] | None = None, left_out: list[str] | None = None,
-              preset: str | None = None) -> Any:
+              preset: str | None = None, run_metrics: dict[str, Any] | None = None) -> Any:
     """The model card (``huggingface_hub.ModelCard``) of an open checkpoint: its config.json, its
     run record (``run.json``, if training wrote one), its entry's ``recipe`` and ``metrics``
-    (the schema of ``evaluation.results``; default: the run's own ``metrics.json``,
-    ``card_metrics``). ``preset``: the entry it shows (default: the checkpoint's own).
+    (the schema of ``evaluation.results``; default: the run's own scores, ``run_metrics`` or
+    its ``metrics.json``, ``card_metrics``). ``preset``: the entry it shows (default: the
+    checkpoint's own).
 
     What the card states must hold for the checkpoint: ``repo_id`` must be a valid repo id and
     ``metrics`` possible and of its step; anything else is a ``ConfigError`` /
@@ -195,7 +204,7 @@ def make_card(ckpt: Checkpoint, recipe: Recipe | None, repo_id: str = PLACEHOLDE
     """
     if repo_id != PLACEHOLDER_REPO:
         check_repo_id(repo_id)
-    shown, notes = card_metrics(ckpt, metrics)
+    shown, notes = card_metrics(ckpt, metrics, run_metrics)
     return render_card(architecture=ckpt.architecture, config=ckpt.payload["config"],
                        preset=preset or ckpt.preset, repo_id=repo_id, metrics=shown,
                        run=ckpt.run, recipe=card_recipe(recipe, ckpt.run),

@@ -176,10 +176,9 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], allow: Iterable
         if {"steps", "epochs"} & set(refused):
             detail += " (the learning-rate schedule is fitted to the run's length: its cosine or "\
                       "its warm-up, cut to the length, would change)"
-        # The CLI's words: tests/test_run_folder pins them on this library call.
-        flags = " ".join(f"--override {k}" for k in refused)
+        allowing = " ".join(f"`allow_changes` {k}" for k in refused)
         raise ConfigError(f"`resume` would change the run's {detail}; keep the run's settings, "
-                          f"or pass {flags} to change them from the resumed step on")
+                          f"or pass {allowing} to change them from the resumed step on")
     return allowed
 
 

@@ -53,7 +53,7 @@ from ..data import datasets
 from ..data.augment import augment
 from ..data.labels import labels_for
 from ..errors import CheckpointError, DataError, TrainingError
-from ..metrics import evaluate_bpd
+from ..metrics import mean_bpd
 from ..models.conditioning import training_labels
 from ..progress import clock, note, progress
 from ..resources import rebalance
@@ -452,8 +452,8 @@ class _Run:
         if images is None:
             return None
         g = torch.Generator(device=self.dev).manual_seed(self.config.eval_seed)
-        return evaluate_bpd(of, images, self.config.eval_batch_size, g, show_progress=False,
-                            labels=labels)
+        return mean_bpd(of, images, self.config.eval_batch_size, g, show_progress=False,
+                        labels=labels)
 
     def evaluate(self) -> float | None:
         """Validation bits/dim (choosing ``best/``) and a sample grid, on rank 0."""

@@ -101,7 +101,7 @@ def quickstart(preset: str = DEFAULT_PRESET, *, minutes: float = DEFAULT_MINUTES
     """
     say = log or (lambda _line: None)
     if not (isinstance(minutes, (int, float)) and 0 < minutes < float("inf")):
-        raise ConfigError(f"--minutes must be a positive number, got {minutes}")
+        raise ConfigError(f"`minutes` must be a positive number, got {minutes}")
     began = time.monotonic()
     out = run_folder(out_dir, resume)
     # Logged every LOG_EVERY steps: a loaded CPU may make only dozens of steps in the budget,

@@ -28,12 +28,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import checkpoint
 from .._io import atomic_write_text
 from ..checkpoint import Checkpoint
+from ..core import resolve_device
 from ..data import datasets
-from ..errors import ConfigError, check_choice
+from ..errors import ConfigError, DataError, check_choice, check_positive_int
 from ..evaluation import results, scores
+from ..evaluation.fid import resolve_inception_weights
 from ..publishing import publish
 from ..registry import Recipe
 from ..training import recipes, train_preset
@@ -81,7 +85,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 @dataclass
 class _Job:
     """What ``reproduce`` works on, resolved once at its top: the entry's plan, the data, the
-    run folder with its stage record, the options of the later stages and what was done."""
+    run folder with its stage record, the options of the later stages (checked; the device and
+    the FID Inception weight file resolved) and what was done."""
 
     plan: recipes.Plan
     dataset: str | os.PathLike[str]
@@ -93,7 +98,7 @@ class _Job:
     fid_reference_limit: int | None
     inception_weights: str | os.PathLike[str] | None
     random_inception: bool
-    device: str
+    device: torch.device
     show_progress: bool | None
     say: Callable[[str], None]
     main: bool
@@ -104,14 +109,25 @@ class _Job:
         return self.plan.recipe  # type: ignore[return-value]  # _prepare checks it is there
 
 
+def _check_options(options: dict[str, Any]) -> None:
+    """The caller's settings, checked once before any work (the stages take them as they are;
+    the recipe checked its own)."""
+    if options["until"] is not None:
+        check_choice("`until`", options["until"], STAGES)
+    if options["repo_id"] is not None:
+        publish.check_repo_id(options["repo_id"])
+    for name in ("limit", "eval_limit", "fid_reference_limit"):
+        if options[name] is not None:
+            check_positive_int(f"`{name}`", options[name])
+    if options["fid_samples"] not in (None, 0):
+        check_positive_int("`fid_samples`", options["fid_samples"])
+
+
 def _prepare(preset: str, **options: Any) -> _Job:
     """Every check before work, and the names resolved once: the entry into its plan, the data,
-    the run folder and its stage record."""
-    until, repo_id = options["until"], options["repo_id"]
-    if until is not None:
-        check_choice("`until`", until, STAGES)
-    if repo_id is not None:
-        publish.check_repo_id(repo_id)
+    the run folder and its stage record, the device and the FID Inception weight file."""
+    _check_options(options)
+    device = resolve_device(options["device"])
     plan = recipes.plan(preset, model_overrides=options["model_overrides"],
                         **(options["overrides"] or {}))
     if plan.recipe is None:
@@ -125,13 +141,15 @@ def _prepare(preset: str, **options: Any) -> _Job:
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(preset)
     main = DistContext.from_env().is_main
     fid_samples = options["fid_samples"]
+    num_fid = (plan.recipe.fid_num_samples if fid_samples is None else fid_samples) or 0
+    weights = options["inception_weights"]
+    if num_fid and not options["random_inception"] and main and options["until"] != "train":
+        weights = resolve_inception_weights(weights)  # missing weights: said before training
     return _Job(
         plan, dataset, run_dir, StageRecord(run_dir / STATE_NAME, STAGES, write=main),
         options["limit"] if options["limit"] is not None else plan.recipe.train_limit,
-        options["eval_limit"],
-        (plan.recipe.fid_num_samples if fid_samples is None else fid_samples) or 0,
-        options["fid_reference_limit"], options["inception_weights"],
-        options["random_inception"], options["device"], options["show_progress"],
+        options["eval_limit"], num_fid, options["fid_reference_limit"], weights,
+        options["random_inception"], device, options["show_progress"],
         options["log"] or (lambda _line: None), main, ReproduceResult(run_dir))
 
 
@@ -180,6 +198,9 @@ def evaluate(job: _Job, ckpt: Checkpoint) -> dict[str, Any]:
     """Stage 2: held-out bits/dim and the standard FID into ``metrics.json``."""
     recipe, dataset = job.recipe, job.dataset
     split = recipe.eval_split if datasets.dataset_spec(dataset) else datasets.heldout_split(dataset)
+    if split is None:
+        raise DataError(f"{dataset} has no held-out split (test, valid or validation) to score "
+                        "the run on; pass a `dataset` that has one, or `until` train")
     weights = job.inception_weights
     inputs = {"checkpoint": ckpt.name, "split": split, "eval_limit": job.eval_limit,
               "fid_samples": job.num_fid, "fid_temperature": recipe.fid_temperature,
@@ -193,12 +214,13 @@ def evaluate(job: _Job, ckpt: Checkpoint) -> dict[str, Any]:
         job.say(f"evaluate: done ({path.name}), skipped")
         job.result.skipped.append("evaluate")
         return results.load_metrics(path)
-    job.say(f"evaluate: {split} bits/dim"
-            + (f" + FID of {job.num_fid} samples" if job.num_fid else ""))
-    metrics = scores.evaluate_checkpoint(
-        ckpt, dataset, split, limit=job.eval_limit, device=job.device, fid=bool(job.num_fid),
-        num_samples=job.num_fid, temperature=recipe.fid_temperature,
-        fid_reference_split=recipe.fid_reference_split,
+    fid = f" + FID of {job.num_fid} samples" if job.num_fid else ""
+    if job.num_fid and job.random_inception:
+        fid += " (random Inception weights: a pipeline test, kept off the card)"
+    job.say(f"evaluate: {split} bits/dim{fid}")
+    metrics = scores.score_checkpoint(
+        ckpt, dataset, split, device=job.device, limit=job.eval_limit, num_fid=job.num_fid,
+        temperature=recipe.fid_temperature, fid_reference_split=recipe.fid_reference_split,
         fid_reference_limit=job.fid_reference_limit, inception_weights=weights,
         random_inception=job.random_inception,
         statistics_out=job.run_dir / "fid" / f"reference-{recipe.fid_reference_split}.npz",
@@ -220,11 +242,8 @@ def card(job: _Job, ckpt: Checkpoint, metrics: dict[str, Any], repo_id: str | No
         job.say(f"card: done ({path.name}), skipped")
         job.result.skipped.append("card")
         return path.read_text(encoding="utf-8")
-    shown, left_out = results.publishable(metrics)
-    for note in left_out:
-        job.say(f"card: not shown: {note}")
     text = str(publish.make_card(ckpt, job.plan.entry.recipe, repo_id or publish.PLACEHOLDER_REPO,
-                                 metrics=shown, left_out=left_out))
+                                 run_metrics=metrics))
     atomic_write_text(path, text)
     job.state.record("card", inputs, True, card=path.name)
     job.result.ran.append("card")
