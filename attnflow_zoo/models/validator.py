@@ -53,8 +53,9 @@ class InvertibilityValidatorConfig:
 class InvertibilityValidator(nn.Module, ZooHubMixin):
     """x ↦ y = u + g(u), u = squeeze₂(x): B×C×H×W -> B×4C×(H/2)×(W/2) (Zha et al. §5.1).
 
-    ``inverse`` runs the attention's fixed-point inverse then un-squeezes; what it achieved is in
-    ``last_inverse_info``. ``jacobian_norm`` measures ‖J_g‖₂ per image by power iteration.
+    ``inverse`` runs the attention's fixed-point inverse then un-squeezes; ``inverse_with_info``
+    also returns what the iteration achieved. ``jacobian_norm`` measures ‖J_g‖₂ per image by
+    power iteration.
     """
 
     #: It takes no labels (every zoo model says how many classes it is conditioned on).
@@ -83,16 +84,18 @@ class InvertibilityValidator(nn.Module, ZooHubMixin):
 
     def inverse(self, y: Tensor, max_iter: int | None = None, tol: float | None = None,
                 init: Tensor | None = None) -> Tensor:
-        """x from y by fixed-point iteration (defaults from the config); ``init`` (an image
-        batch like x) continues an earlier run instead of starting at x_0 = y."""
-        init_u = None if init is None else self.squeeze(init)[0]
-        return self.squeeze.inverse(self.attention.inverse(y, max_iter=max_iter, tol=tol,
-                                                           init=init_u))
+        """x from y by fixed-point iteration (``inverse_with_info`` without its record)."""
+        return self.inverse_with_info(y, max_iter, tol, init)[0]
 
-    @property
-    def last_inverse_info(self) -> InverseInfo | None:
-        """Iterations, residual and convergence of the last ``inverse``."""
-        return self.attention.last_inverse_info
+    def inverse_with_info(self, y: Tensor, max_iter: int | None = None,
+                          tol: float | None = None, init: Tensor | None = None
+                          ) -> tuple[Tensor, InverseInfo]:
+        """(x, iterations, residual and convergence of the run): x from y by fixed-point
+        iteration (defaults from the config); ``init`` (an image batch like x) continues an
+        earlier run instead of starting at x_0 = y."""
+        init_u = None if init is None else self.squeeze(init)[0]
+        u, info = self.attention.inverse_with_info(y, max_iter=max_iter, tol=tol, init=init_u)
+        return self.squeeze.inverse(u), info
 
     def jacobian_norm(self, x: Tensor, num_iterations: int = 20,
                       generator: torch.Generator | None = None) -> Tensor:
