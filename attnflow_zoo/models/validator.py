@@ -10,15 +10,14 @@ of the attention's invertibility, not a density model.
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import ConfigError
-from ..hub import ZooHubMixin
 from ..layers.reshape import Squeeze
 from ..layers.residual import InverseInfo
 from ..layers.residual_attention import KINDS, ResidualAttention
 from ..registry import Recipe, register_preset
-from .base import image_hw
+from .base import ZooModel, image_hw
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class InvertibilityValidatorConfig:
             object.__setattr__(self, "image_size", image_hw(self.image_size))
 
 
-class InvertibilityValidator(nn.Module, ZooHubMixin):
+class InvertibilityValidator(ZooModel):
     """x ↦ y = u + g(u), u = squeeze₂(x): B×C×H×W -> B×4C×(H/2)×(W/2) (Zha et al. §5.1).
 
     ``inverse`` runs the attention's fixed-point inverse then un-squeezes; ``inverse_with_info``
@@ -61,11 +60,11 @@ class InvertibilityValidator(nn.Module, ZooHubMixin):
     #: It takes no labels (every zoo model says how many classes it is conditioned on).
     num_classes = 0
 
-    def __init__(self, config: InvertibilityValidatorConfig) -> None:
-        super().__init__()
+    def __init__(self, config: InvertibilityValidatorConfig, *, preset: str | None = None
+                 ) -> None:
+        super().__init__(config, preset=preset)
         if config.kind not in KINDS:
             raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {config.kind!r}")
-        self.config = config
         self.squeeze = Squeeze(2)
         self.attention = ResidualAttention(
             4 * config.in_channels, config.kind, lipschitz=config.lipschitz, gate=config.gate,
