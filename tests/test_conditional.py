@@ -22,7 +22,6 @@ from attnflow_zoo.testing import check_invertible, check_logdet, perturb_paramet
 from attnflow_zoo.training import fit
 from attnflow_zoo.training.config import TrainConfig
 
-az.list_models()  # registers the presets
 # AttnFlow's (the class-conditional TarFlow is checked in test_tarflow.py and test_zoo.py).
 COND_TINY = [n for n in az.list_models("*_tiny")
              if getattr(registry.preset_config(n), "num_classes", 0)

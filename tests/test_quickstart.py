@@ -156,9 +156,8 @@ def test_a_budget_that_is_not_a_positive_time_is_refused(minutes: float, tmp_pat
 
 _EPOCH_ENTRY = '''
 import dataclasses, sys
-from attnflow_zoo import factory, registry
+from attnflow_zoo import factory, registry  # factory registers the presets
 from attnflow_zoo.models.attnflow import AttnFlow
-factory.list_models()
 tiny = registry.get_entry("marflow_tiny")
 recipe = dataclasses.replace(registry.get_entry("marflow_mnist_small").recipe, batch_size=16,
                              warmup_images=16)
