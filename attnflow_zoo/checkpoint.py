@@ -440,8 +440,7 @@ class Checkpoint:
                 f"{self.architecture}.from_pretrained")
         config = config_from_dict(cls.config_type(),  # type: ignore[attr-defined]
                                   self.payload["config"], self.directory / CONFIG_NAME)
-        model = cls(config)
-        model.zoo_preset = self.preset
+        model = cls(config, preset=self.preset)
         load_weights_strict(model, self.directory / WEIGHTS_NAME, map_location)
         return model
 

@@ -35,17 +35,15 @@ def list_models(pattern: str = "*") -> list[str]:
 def create_model(name: str, **overrides: Any) -> Any:
     """Build preset ``name`` with config ``overrides`` (unknown keys are a ``ConfigError``).
 
-    The model remembers its preset (``model.zoo_preset``), which ``save_pretrained`` writes into
-    ``config.json`` so that a checkpoint finds its model card.
+    The model is built with its preset's name (``model.zoo_preset``), which ``save_pretrained``
+    writes into ``config.json`` so that a checkpoint finds its model card.
     """
     return build_model(registry.get_entry(name), **overrides)
 
 
 def build_model(entry: registry.ModelEntry, **overrides: Any) -> Any:
     """The model of a registry entry already looked up, with config ``overrides``."""
-    model = entry.model_cls(registry.entry_config(entry, **overrides))
-    model.zoo_preset = entry.name
-    return model
+    return entry.model_cls(registry.entry_config(entry, **overrides), preset=entry.name)
 
 
 def load_model(repo_id_or_path: str | os.PathLike[str] | checkpoint.Checkpoint, *,

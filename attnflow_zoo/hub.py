@@ -38,11 +38,10 @@ class ZooHubMixin(
     task).
 
     The class's constructor takes one config dataclass, ``__init__(self, config: <Arch>Config)``
-    (or set the class attribute ``config_class``). ``zoo_preset`` (set by ``create_model``) is
-    saved in ``config.json`` so that a checkpoint knows which model card is its own.
+    (or set the class attribute ``config_class``). The model's ``zoo_preset`` (the preset it
+    was built with, ``models.base.ZooModel``) is saved in ``config.json`` so that a checkpoint
+    knows which model card is its own.
     """
-
-    zoo_preset: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

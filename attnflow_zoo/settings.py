@@ -113,10 +113,28 @@ class TrainingSettings:
 
 def legacy_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Recorded or given settings in today's names: an older run's ``amp`` (CUDA autocast,
-    "none" = fp32) becomes ``precision``."""
+    "none" = fp32) becomes ``precision``, its ``validation`` the split it meant
+    (``validation_split``)."""
     out = dict(settings)
     if "amp" in out:
         amp = out.pop("amp")
         if amp is not None:
             out.setdefault("precision", _AMP_TO_PRECISION.get(amp, amp))
+    if "validation" in out:
+        for key, value in validation_split(out.pop("validation")).items():
+            out.setdefault(key, value)
     return out
+
+
+def validation_split(validation: float) -> dict[str, Any]:
+    """A validation split given as one number (an older run's ``validation``, the CLI's
+    option) as ``TrainConfig``'s fields: a fraction below 1 (0: none) is
+    ``validation_fraction``, a whole number from 1 up ``validation_images``."""
+    number = isinstance(validation, int | float) and not isinstance(validation, bool)
+    if not (number and math.isfinite(validation) and validation >= 0) or (
+            validation >= 1 and validation != int(validation)):
+        raise ConfigError(f"`validation` must be a fraction in [0, 1) or a whole number of "
+                          f"images ≥ 1, got {validation!r}")
+    if validation < 1:
+        return {"validation_fraction": float(validation), "validation_images": None}
+    return {"validation_images": int(validation)}

@@ -149,9 +149,9 @@ def train_config(family: Family, images: int, seed: int):
     if images % batch:
         raise SystemExit(f"--images {images} is not a multiple of {family.label}'s batch {batch}")
     return recipes.config_from_recipe(
-        recipes.apply_overrides(recipe, {"steps": images // batch}), seed=seed, validation=0,
-        eval_every=None, checkpoint_every=images // batch, keep_checkpoints=1,
-        log_every=max(1, images // batch // 5))
+        recipes.apply_overrides(recipe, {"steps": images // batch}), seed=seed,
+        validation_fraction=0, eval_every=None, checkpoint_every=images // batch,
+        keep_checkpoints=1, log_every=max(1, images // batch // 5))
 
 
 class Peer(nn.Module):

@@ -33,8 +33,8 @@ class ToyFlowConfig:
 class ToyFlow(FlowModel):
     """z = f(x) with f = (ActNorm → InvConv1x1 → AffineCoupling)^K ∘ Squeeze; N(0, I) prior."""
 
-    def __init__(self, config: ToyFlowConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ToyFlowConfig, *, preset: str | None = None) -> None:
+        super().__init__(config, preset=preset)
         c = config.in_channels * 4
         g = torch.Generator().manual_seed(0)
         steps = []

@@ -264,7 +264,7 @@ def test_training_checkpoints_carry_no_card_that_denies_their_run_json(tmp_path:
 
     out = tmp_path / "run"
     resolved = plan("attnflow_imap_tiny", model_overrides={"in_channels": 1}, steps=2,
-                    batch_size=8, validation=0, eval_every=None)
+                    batch_size=8, validation_fraction=0, eval_every=None)
     train_preset(resolved, "digits", out_dir=out, limit=16, eval_limit=8, show_progress=False)
     for folder in (out / "step-0000002", out / "best"):
         if (folder / "README.md").exists():

@@ -105,7 +105,7 @@ def test_fit_with_compile_equals_eager(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.manual_seed(0)
         model = az.create_model("marflow_tiny", **MICRO)
         config = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, log_every=1,
-                             validation=0, max_shift=1, flip=False, compile=flag)
+                             validation_fraction=0, max_shift=1, flip=False, compile=flag)
         result = fit(model, images, config, device="cpu")
         losses[flag] = [r["train_bpd"] for r in result.history if "train_bpd" in r]
     assert len(compiled) == 1 and len(losses[True]) == 3

@@ -22,7 +22,6 @@ from attnflow_zoo.testing import check_invertible, check_logdet, perturb_paramet
 from attnflow_zoo.training import fit
 from attnflow_zoo.training.config import TrainConfig
 
-az.list_models()  # registers the presets
 # AttnFlow's (the class-conditional TarFlow is checked in test_tarflow.py and test_zoo.py).
 COND_TINY = [n for n in az.list_models("*_tiny")
              if getattr(registry.preset_config(n), "num_classes", 0)
@@ -233,7 +232,7 @@ def test_fit_refuses_labels_it_cannot_use(tmp_path: Path,
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     folder = _flat_folder(tmp_path / "flat")
     model = az.create_model("attnflow_imap_cond_tiny", in_channels=1)
-    config = TrainConfig(steps=1, batch_size=8, validation=0, augment=False)
+    config = TrainConfig(steps=1, batch_size=8, validation_fraction=0, augment=False)
     assert datasets.count_classes(folder) == 0
     with pytest.raises(DataError, match="has no labels"):
         fit(model, folder, config, show_progress=False)
@@ -253,8 +252,8 @@ def test_fit_trains_on_the_labels() -> None:
     before = model.class_embedding.table.weight.detach().clone()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8)
-    result = fit(model, images, TrainConfig(steps=2, batch_size=8, validation=8, ema_decay=None,
-                                            warmup_steps=0),
+    result = fit(model, images, TrainConfig(steps=2, batch_size=8, validation_images=8,
+                                            ema_decay=None, warmup_steps=0),
                  eval_data=images[:8], train_labels=torch.arange(24) % 3,
                  eval_labels=torch.arange(8) % 3, show_progress=False)
     assert math.isfinite(result.eval_bpd) and math.isfinite(result.val_bpd)
@@ -444,7 +443,7 @@ def test_fit_drops_labels_to_the_null_class() -> None:
     shift_before = model.class_shifts[0].table.detach().clone()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (24, 1, 8, 8), generator=g, dtype=torch.uint8)
-    fit(model, images, TrainConfig(steps=2, batch_size=8, validation=0, ema_decay=None,
+    fit(model, images, TrainConfig(steps=2, batch_size=8, validation_fraction=0, ema_decay=None,
                                    warmup_steps=0, augment=False),
         train_labels=torch.arange(24) % 3, show_progress=False)
     after = model.class_embedding.table.weight

@@ -45,6 +45,25 @@ def test_save_writes_envelope_and_only_safetensors(ckpt: Path) -> None:
     assert not list(ckpt.glob("*.bin")) and not list(ckpt.glob("*.pt"))
 
 
+def test_the_preset_is_built_in_saved_and_loaded(tmp_path: Path) -> None:
+    model = ToyFlow(ToyFlowConfig(), preset="toy_preset")
+    assert model.zoo_preset == "toy_preset" and ToyFlow(ToyFlowConfig()).zoo_preset is None
+    with pytest.raises(AttributeError):
+        model.zoo_preset = "another"  # what the model was built with, not a setting
+    model.save_pretrained(tmp_path / "named")
+    assert json.loads((tmp_path / "named" / "config.json").read_text())["preset"] == "toy_preset"
+    assert az.load_model(tmp_path / "named").zoo_preset == "toy_preset"
+    assert ToyFlow.from_pretrained(tmp_path / "named").zoo_preset == "toy_preset"
+
+
+def test_older_config_without_a_preset_key_loads_without_one(ckpt: Path) -> None:
+    payload = json.loads((ckpt / "config.json").read_text())
+    del payload["preset"]  # written before config.json recorded the preset
+    (ckpt / "config.json").write_text(json.dumps(payload))
+    loaded = az.load_model(ckpt)
+    assert type(loaded) is ToyFlow and loaded.zoo_preset is None
+
+
 @pytest.mark.parametrize("loader", ["class", "load_model"])
 def test_round_trip_identical(trained: ToyFlow, ckpt: Path, loader: str,
                               gen: torch.Generator) -> None:

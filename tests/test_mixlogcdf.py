@@ -3,6 +3,7 @@ against an independent high-precision reference, the bisection's residual and wa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from decimal import Decimal, localcontext
@@ -12,6 +13,7 @@ import torch
 
 from attnflow_zoo.errors import ConfigError, ShapeError
 from attnflow_zoo.layers.mixlogcdf import (
+    BisectionInfo,
     BisectionNotConvergedWarning,
     MixLogCDFCoupling,
     init_mixture,
@@ -67,9 +69,10 @@ def test_round_trip_float64() -> None:
     layer = _layer(4)
     _assert_nontrivial(layer, x)
     check_invertible(layer, x, atol=1e-8)
-    assert layer.last_inverse_residual is not None
-    assert float(layer.last_inverse_residual) < 1e-8
-    assert layer.last_inverse_iterations is not None and layer.last_inverse_iterations <= 100
+    _, info = layer.inverse_with_info(layer(x)[0])
+    assert info.residual is not None
+    assert float(info.residual) < 1e-8
+    assert info.iterations is not None and info.iterations <= 100
 
 
 def test_round_trip_float32_level_size() -> None:
@@ -265,15 +268,28 @@ def test_inverse_records_residual_and_warns_when_not_converged() -> None:
     z, _ = layer(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error", BisectionNotConvergedWarning)
-        layer.inverse(z)
-    converged = float(layer.last_inverse_residual)  # type: ignore[arg-type]
+        _, info = layer.inverse_with_info(z)
+    converged = float(info.residual)
     assert converged < 1e-8
     with pytest.warns(BisectionNotConvergedWarning, match="bisection stopped after 3"):
-        x_rough = layer.inverse(z, max_iter=3)
+        x_rough, info = layer.inverse_with_info(z, max_iter=3)
     assert issubclass(BisectionNotConvergedWarning, RuntimeWarning)
-    assert layer.last_inverse_iterations == 3
-    assert float(layer.last_inverse_residual) > 1e-3  # type: ignore[arg-type]
+    assert info.iterations == 3
+    assert float(info.residual) > 1e-3
     assert (x_rough - x).abs().max() > 1e-3
+
+
+def test_inverse_returns_its_record_and_leaves_the_layer_as_it_was() -> None:
+    layer = _layer(4)
+    z, _ = layer(_x((2, 4, 4, 4)))
+    before = dict(vars(layer))
+    x_rec, info = layer.inverse_with_info(z)
+    assert vars(layer) == before  # no record of the call is left on the layer
+    assert torch.equal(layer.inverse(z), x_rec)
+    assert isinstance(info, BisectionInfo) and 0 < info.iterations <= layer.inverse_max_iter
+    assert info.residual.dim() == 0 and float(info.residual) < 1e-8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.iterations = 0  # type: ignore[misc]
 
 
 def test_inverse_warns_on_non_finite_latent() -> None:

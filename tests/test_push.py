@@ -305,7 +305,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("trained") / "run"
     resolved = plan(E2E_PRESET, model_overrides={"in_channels": 1}, steps=2, batch_size=8,
-                    validation=0, eval_every=None)
+                    validation_fraction=0, eval_every=None)
     train_preset(resolved, "digits", out_dir=out, limit=32, eval_limit=8, show_progress=False)
     return out
 

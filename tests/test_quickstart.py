@@ -166,9 +166,8 @@ def test_the_command_says_the_budget_in_its_flag(tmp_path: Path) -> None:
 
 _EPOCH_ENTRY = '''
 import dataclasses, sys
-from attnflow_zoo import factory, registry
+from attnflow_zoo import factory, registry  # factory registers the presets
 from attnflow_zoo.models.attnflow import AttnFlow
-factory.list_models()
 tiny = registry.get_entry("marflow_tiny")
 recipe = dataclasses.replace(registry.get_entry("marflow_mnist_small").recipe, batch_size=16,
                              warmup_images=16)

@@ -73,12 +73,24 @@ def test_inverse_float32_where_contractive(kind: str, lipschitz: str, gen: torch
     y = layer.residual(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error", InverseNotConvergedWarning)
-        x_rec = layer.inverse(y)
-    info = layer.last_inverse_info
+        x_rec, info = layer.inverse_with_info(y)
     assert info is not None and info.converged
     assert info.iterations < layer.inverse_max_iter  # stopped as soon as converged
     assert info.residual <= layer.inverse_tol
     assert (x_rec - x).abs().max().item() <= 1e-5
+
+
+def test_inverse_returns_its_record_and_leaves_the_layer_as_it_was(gen: torch.Generator
+                                                                   ) -> None:
+    layer = _layer("dot", "certified", channels=12)
+    x = torch.rand(2, 12, 6, 6, generator=gen) - 0.5
+    y = layer.residual(x)
+    before = dict(vars(layer))
+    x_rec, info = layer.inverse_with_info(y)
+    assert vars(layer) == before  # no record of the call is left on the layer
+    assert torch.equal(layer.inverse(y), x_rec)
+    assert info.converged and info.residual_per_sample.shape == (2,)
+    assert info.residual == float(info.residual_per_sample.max())
 
 
 @pytest.mark.parametrize("kind", ["dot", "concat"])
@@ -89,8 +101,7 @@ def test_faithful_non_contractive_inverse_warns(kind: str, gen: torch.Generator)
     x = torch.rand(2, 12, 6, 6, generator=gen) - 0.5
     assert layer.jacobian_norm(x, 30).max() > 1
     with pytest.warns(InverseNotConvergedWarning, match="did not converge"):
-        layer.inverse(layer.residual(x), max_iter=20)
-    info = layer.last_inverse_info
+        _, info = layer.inverse_with_info(layer.residual(x), max_iter=20)
     assert info is not None and not info.converged and info.iterations == 20
 
 

@@ -38,7 +38,7 @@ def _images(n: int = 16) -> torch.Tensor:
 
 
 def _config(**kw: object) -> TrainConfig:
-    base = dict(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, log_every=3, validation=0,
+    base = dict(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, log_every=3, validation_fraction=0,
                 max_shift=1, flip=False, ema_decay=0.9)
     return TrainConfig(**{**base, **kw})
 

@@ -19,6 +19,7 @@ from attnflow_zoo.errors import CheckpointError, ConfigError, TrainingError
 from attnflow_zoo.hub import resolve_checkpoint
 from attnflow_zoo.metrics import evaluate_bpd
 from attnflow_zoo.training import TrainConfig, fit
+from attnflow_zoo.training.config import check_resume
 
 
 def _glow(hidden_channels: int = 16) -> ToyFlow:
@@ -184,6 +185,41 @@ def test_config_rejects_nonsense():
         with pytest.raises(ConfigError, match="max_seconds"):
             TrainConfig(steps=10, max_seconds=seconds)
     assert TrainConfig(**TrainConfig(steps=3).to_dict()) == TrainConfig(steps=3)
+
+
+@pytest.mark.parametrize(("old", "fraction", "images", "count"), [
+    (0.02, 0.02, None, 20), (0.5, 0.5, None, 500), (0, 0.0, None, 0), (20, 0.02, 20, 20),
+    (1, 0.02, 1, 1), (20.0, 0.02, 20, 20)])
+def test_validation_is_a_fraction_or_a_count_and_older_runs_keep_their_split(old, fraction,
+                                                                            images, count):
+    """An older run's one-number ``validation`` (a fraction below 1, a count from 1 up) reads
+    as the split it meant; each field has one unit."""
+    config = TrainConfig.from_dict({"steps": 3, "validation": old})
+    assert (config.validation_fraction, config.validation_images) == (fraction, images)
+    assert config.validation_count(1000) == count
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    saved = {"steps": 3, "validation": old}
+    assert check_resume(saved, config.to_dict()) == []
+    other = {"validation_images": count + 1} if images else {"validation_fraction": 0.25}
+    with pytest.raises(ConfigError, match="carved out"):
+        check_resume(saved, config.replace(**other).to_dict())
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"validation_fraction": 1.0}, "validation_fraction must be a fraction in \\[0, 1\\)"),
+    ({"validation_fraction": 20}, "give a number of images as validation_images"),
+    ({"validation_fraction": -0.1}, "validation_fraction"),
+    ({"validation_fraction": float("nan")}, "validation_fraction"),
+    ({"validation_images": -1}, "validation_images must be a whole number ≥ 0"),
+    ({"validation_images": 2.5}, "validation_images must be a whole number ≥ 0"),
+    ({"validation": 1.5}, "`validation` must be a fraction in \\[0, 1\\) or a whole number"),
+    ({"validation": -1}, "`validation` must be"),
+    ({"validation": float("inf")}, "`validation` must be"),
+])
+def test_validation_rejects_nonsense_in_one_line(settings, match):
+    with pytest.raises(ConfigError, match=match) as caught:
+        TrainConfig.from_dict({"steps": 3, **settings})
+    assert "\n" not in str(caught.value)
 
 
 _WORKER = textwrap.dedent("""

@@ -43,8 +43,8 @@ def test_save_load_identical_outputs_and_round_trip(name: str, tmp_path) -> None
     with torch.no_grad():
         y = model(x)
         assert torch.equal(y, loaded(x))
-        x_rec = loaded.inverse(y)
-    assert loaded.last_inverse_info.converged
+        x_rec, info = loaded.inverse_with_info(y)
+    assert info.converged
     assert (x_rec - x).abs().max() <= 1e-5
 
 

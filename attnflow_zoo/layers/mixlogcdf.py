@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,16 @@ _LN2 = math.log(2.0)
 
 class BisectionNotConvergedWarning(RuntimeWarning):
     """The bisection inverse of a MixLogCDF coupling stopped at its iteration limit."""
+
+
+@dataclass(frozen=True)
+class BisectionInfo:
+    """What one bisection inverse achieved (``MixLogCDFCoupling.inverse_with_info``):
+    ``iterations`` run and ``residual`` = max |logit F(x̂_a) − u| (a 0-dim tensor on the
+    input's device, so reading it is the caller's host sync)."""
+
+    iterations: int
+    residual: Tensor
 
 
 # --- the mixture of logistics --------------------------------------------------------------------
@@ -249,9 +260,8 @@ class MixLogCDFCoupling(InvertibleModule):
     host; it runs that many, at most ``inverse_max_iter``, and warns with
     ``BisectionNotConvergedWarning`` unless every final bracket is ≤ tol·max(1, |x̂_a|) (the
     relative part is for |x̂_a| > 1, where the float grid ends the halving).
-    ``last_inverse_residual`` holds max |logit F(x̂_a) − u| of the last call (a 0-dim tensor)
-    and ``last_inverse_iterations`` the iterations run. The inverse is not differentiable
-    through the bisection.
+    ``inverse_with_info`` also returns the iterations run and max |logit F(x̂_a) − u|
+    (``BisectionInfo``). The inverse is not differentiable through the bisection.
 
     At init (``head_init="fixed"``, the SPEC's "start near the identity" Decision) the head's
     weights are zero (weight-norm gains g = 0), so a = 0, b = 0 and the mixture is the same
@@ -321,8 +331,6 @@ class MixLogCDFCoupling(InvertibleModule):
         self.rescale = nn.Parameter(torch.ones(self.num_a, 1, 1))
         if head_init == "fixed":
             self._init_head(init_spread)
-        self.last_inverse_residual: Tensor | None = None
-        self.last_inverse_iterations: int | None = None
 
     @torch.no_grad()
     def _init_head(self, spread: float) -> None:
@@ -365,8 +373,13 @@ class MixLogCDFCoupling(InvertibleModule):
 
     def inverse(self, z: Tensor, max_iter: int | None = None,
                 tol: float | None = None) -> Tensor:
-        """x from z (layout as in the class docstring); ``max_iter``/``tol`` override the
-        layer's bisection settings for this call."""
+        """x from z (``inverse_with_info`` without its record)."""
+        return self.inverse_with_info(z, max_iter, tol)[0]
+
+    def inverse_with_info(self, z: Tensor, max_iter: int | None = None,
+                          tol: float | None = None) -> tuple[Tensor, BisectionInfo]:
+        """(x, what the bisection achieved): x from z (layout as in the class docstring);
+        ``max_iter``/``tol`` override the layer's bisection settings for this call."""
         self._check(z)
         if self.swap:
             x_b, y_a = z[:, : self.num_b], z[:, self.num_b :]
@@ -380,11 +393,11 @@ class MixLogCDFCoupling(InvertibleModule):
         with torch.no_grad():
             a, b, log_w, mu, log_s = self.mixture_params(x_b)
             u = y_a * torch.exp(-a) - b
-            x_a = self._bisect(u, log_w, mu, log_s, max_iter, tol)
-        return torch.cat([x_a, x_b], 1)
+            x_a, info = self._bisect(u, log_w, mu, log_s, max_iter, tol)
+        return torch.cat([x_a, x_b], 1), info
 
     def _bisect(self, u: Tensor, log_w: Tensor, mu: Tensor, log_s: Tensor, max_iter: int,
-                tol: float) -> Tensor:
+                tol: float) -> tuple[Tensor, BisectionInfo]:
         s = torch.exp(log_s)
         inv_s = torch.exp(-log_s)
         span = 20.0 * s.sum(1)
@@ -403,15 +416,14 @@ class MixLogCDFCoupling(InvertibleModule):
             lo = torch.where(above, lo, mid)
         x = 0.5 * (lo + hi)
         residual = (_logit_cdf(x, log_w, mu, inv_s)[0] - u).abs()
-        self.last_inverse_residual = (residual.max() if residual.numel()
-                                      else residual.new_zeros(())).detach()
-        self.last_inverse_iterations = steps
+        info = BisectionInfo(steps, (residual.max() if residual.numel()
+                                     else residual.new_zeros(())).detach())
         excess = ((hi - lo) / x.abs().clamp(min=1.0)).max() if u.numel() else x.new_zeros(())
         if not float(excess) <= tol:
             warnings.warn(
                 f"MixLogCDFCoupling: bisection stopped after {steps} iterations with bracket "
                 f"width {float(excess):.3e} (relative to max(1, |x|)) > tol {tol:.1e}, residual "
-                f"{float(self.last_inverse_residual):.3e} in logit F; raise max_iter (limit "
+                f"{float(info.residual):.3e} in logit F; raise max_iter (limit "
                 f"{max_iter}), or check the latent for non-finite values",
-                BisectionNotConvergedWarning, stacklevel=3)
-        return x
+                BisectionNotConvergedWarning, stacklevel=4)
+        return x, info

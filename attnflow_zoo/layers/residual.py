@@ -1,8 +1,9 @@
 """Residual flow layers y = x + g(x) (i-ResNet, Behrmann et al. 2019): the shared machinery.
 
 A subclass implements only the branch ``g``. This base gives the Banach fixed-point inverse
-(with a recorded residual, never silent when it fails), the log-determinant estimators of
-``attnflow_zoo.logdet_estimators`` and a power-iteration estimate of ‖J_g‖₂.
+(``inverse_with_info`` returns what it achieved; never silent when it fails), the
+log-determinant estimators of ``attnflow_zoo.logdet_estimators`` and a power-iteration estimate
+of ‖J_g‖₂.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ class InverseNotConvergedWarning(RuntimeWarning):
     """The fixed-point inverse of a residual layer stopped at its iteration limit."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class InverseInfo:
-    """What the last fixed-point inverse achieved.
+    """What one fixed-point inverse achieved (``ResidualLayer.inverse_with_info`` returns it).
 
     ``residual`` is max_i ‖x_t + g(x_t) − y‖_∞ at the last iterate checked (= ‖x_{t+1} − x_t‖_∞;
     the error of the returned x is at most L/(1 − L) times it when Lip(g) ≤ L < 1).
@@ -71,7 +72,6 @@ class ResidualLayer(InvertibleModule):
         self.stop_probability = stop_probability
         self.inverse_max_iter = inverse_max_iter
         self.inverse_tol = inverse_tol
-        self.last_inverse_info: InverseInfo | None = None
 
     def branch(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
         """g(x), same shape as x."""
@@ -121,10 +121,17 @@ class ResidualLayer(InvertibleModule):
         """y = x + g(x) without a log-determinant."""
         return x + self.branch(x)
 
-    @torch.no_grad()
     def inverse(self, z: Tensor, max_iter: int | None = None, tol: float | None = None,
                 init: Tensor | None = None) -> Tensor:
-        """x with x + g(x) = z by fixed-point iteration; the outcome is in ``last_inverse_info``.
+        """x with x + g(x) = z by fixed-point iteration (``inverse_with_info`` without the
+        record of what the iteration achieved)."""
+        return self.inverse_with_info(z, max_iter, tol, init)[0]
+
+    @torch.no_grad()
+    def inverse_with_info(self, z: Tensor, max_iter: int | None = None,
+                          tol: float | None = None, init: Tensor | None = None
+                          ) -> tuple[Tensor, InverseInfo]:
+        """(x, what the iteration achieved): x with x + g(x) = z by fixed-point iteration.
 
         Converges (geometrically, rate Lip(g)) whenever g is a contraction. A run that hits
         ``max_iter`` warns with the residual it reached. ``init`` replaces x_0 = z (e.g. to
@@ -146,15 +153,14 @@ class ResidualLayer(InvertibleModule):
                     break
         worst = float(residual.max()) if residual.numel() else 0.0
         converged = bool((residual <= tol).all())
-        self.last_inverse_info = InverseInfo(iterations, worst, converged, tol, max_iter,
-                                             residual.detach().cpu())
         if not converged:
             warnings.warn(
                 f"{type(self).__name__}: fixed-point inverse did not converge in {max_iter} "
                 f"iterations (residual {worst:.3e} > tol {tol:.1e}); the branch is probably not "
                 "a contraction on these inputs (check jacobian_norm) — the result is inaccurate",
                 InverseNotConvergedWarning, stacklevel=2)
-        return x
+        return x, InverseInfo(iterations, worst, converged, tol, max_iter,
+                              residual.detach().cpu())
 
     def jacobian_norm(self, x: Tensor, num_iterations: int = 20,
                       generator: torch.Generator | None = None) -> Tensor:

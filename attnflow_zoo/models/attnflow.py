@@ -264,8 +264,8 @@ class AttnFlow(ClassConditionalFlow, LatentsMixin, FlowModel):
         config: the architecture (``AttnFlowConfig``).
     """
 
-    def __init__(self, config: AttnFlowConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: AttnFlowConfig, *, preset: str | None = None) -> None:
+        super().__init__(config, preset=preset)
         cfg = config
         c, size = cfg.in_channels, cfg.image_size
         self.levels = nn.ModuleList()

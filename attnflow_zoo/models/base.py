@@ -26,7 +26,29 @@ def image_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(h), int(w))
 
 
-class FlowModel(nn.Module, ZooHubMixin):
+class ZooModel(nn.Module, ZooHubMixin):
+    """A zoo model: a module built from one config dataclass and, when the zoo built it, the
+    name of its preset.
+
+    ``ZooModel(config, preset=None)``: ``preset`` is the zoo entry the model is built from
+    (``factory.create_model`` gives it; loading gives the checkpoint's, from its
+    ``config.json``) and is saved with the model. A subclass takes ``(config, *, preset=None)``
+    and passes both on.
+    """
+
+    def __init__(self, config: object, *, preset: str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self._preset = preset
+
+    @property
+    def zoo_preset(self) -> str | None:
+        """The zoo entry the model was built from; None: built from a bare config. Fixed at
+        construction (the checkpoint it saves names the same model card)."""
+        return self._preset
+
+
+class FlowModel(ZooModel):
     """Base of every zoo density model: an 8-bit image model on the Hub.
 
     The model's input space is x = x̃ − 0.5 ∈ [−0.5, 0.5) where x̃ ∈ [0, 1)^D is the uniformly
@@ -35,7 +57,7 @@ class FlowModel(nn.Module, ZooHubMixin):
 
     Subclasses take one frozen config dataclass (annotate the ``config`` argument with its type
     so the Hub mixin can rebuild it from ``config.json``) with ``image_size`` and
-    ``in_channels``, and implement:
+    ``in_channels``, and the preset's name (``ZooModel``), and implement:
 
     - ``forward(x) -> (z, logdet)`` and ``inverse(z) -> x`` over the whole model, with the
       factored-out latents kept in ``z`` so that ``inverse(forward(x)[0]) == x``;
@@ -52,10 +74,6 @@ class FlowModel(nn.Module, ZooHubMixin):
     """
 
     config: object
-
-    def __init__(self, config: object) -> None:
-        super().__init__()
-        self.config = config
 
     # --- to implement --------------------------------------------------------------------
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface

@@ -100,8 +100,8 @@ class ResFlow(FlowModel):
     latents and the last activation; p(z) = N(μ, diag σ²) with learned μ, log σ.
     """
 
-    def __init__(self, config: ResFlowConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ResFlowConfig, *, preset: str | None = None) -> None:
+        super().__init__(config, preset=preset)
         if config.attention not in (*KINDS, "none"):
             raise ConfigError(f"attention must be one of {', '.join(KINDS)} or none, "
                               f"got {config.attention!r}")

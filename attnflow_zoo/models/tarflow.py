@@ -126,8 +126,8 @@ class TarFlow(FlowModel):
         config: the architecture (``TarFlowConfig``).
     """
 
-    def __init__(self, config: TarFlowConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: TarFlowConfig, *, preset: str | None = None) -> None:
+        super().__init__(config, preset=preset)
         cfg = config
         self.blocks = nn.ModuleList(
             TarFlowBlock(cfg.token_dim, cfg.num_tokens, cfg.width, cfg.layers_per_block,

@@ -10,15 +10,14 @@ of the attention's invertibility, not a density model.
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import ConfigError
-from ..hub import ZooHubMixin
 from ..layers.reshape import Squeeze
 from ..layers.residual import InverseInfo
 from ..layers.residual_attention import KINDS, ResidualAttention
 from ..registry import Recipe, register_preset
-from .base import image_hw
+from .base import ZooModel, image_hw
 
 
 @dataclass(frozen=True)
@@ -50,21 +49,22 @@ class InvertibilityValidatorConfig:
             object.__setattr__(self, "image_size", image_hw(self.image_size))
 
 
-class InvertibilityValidator(nn.Module, ZooHubMixin):
+class InvertibilityValidator(ZooModel):
     """x ↦ y = u + g(u), u = squeeze₂(x): B×C×H×W -> B×4C×(H/2)×(W/2) (Zha et al. §5.1).
 
-    ``inverse`` runs the attention's fixed-point inverse then un-squeezes; what it achieved is in
-    ``last_inverse_info``. ``jacobian_norm`` measures ‖J_g‖₂ per image by power iteration.
+    ``inverse`` runs the attention's fixed-point inverse then un-squeezes; ``inverse_with_info``
+    also returns what the iteration achieved. ``jacobian_norm`` measures ‖J_g‖₂ per image by
+    power iteration.
     """
 
     #: It takes no labels (every zoo model says how many classes it is conditioned on).
     num_classes = 0
 
-    def __init__(self, config: InvertibilityValidatorConfig) -> None:
-        super().__init__()
+    def __init__(self, config: InvertibilityValidatorConfig, *, preset: str | None = None
+                 ) -> None:
+        super().__init__(config, preset=preset)
         if config.kind not in KINDS:
             raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {config.kind!r}")
-        self.config = config
         self.squeeze = Squeeze(2)
         self.attention = ResidualAttention(
             4 * config.in_channels, config.kind, lipschitz=config.lipschitz, gate=config.gate,
@@ -83,16 +83,18 @@ class InvertibilityValidator(nn.Module, ZooHubMixin):
 
     def inverse(self, y: Tensor, max_iter: int | None = None, tol: float | None = None,
                 init: Tensor | None = None) -> Tensor:
-        """x from y by fixed-point iteration (defaults from the config); ``init`` (an image
-        batch like x) continues an earlier run instead of starting at x_0 = y."""
-        init_u = None if init is None else self.squeeze(init)[0]
-        return self.squeeze.inverse(self.attention.inverse(y, max_iter=max_iter, tol=tol,
-                                                           init=init_u))
+        """x from y by fixed-point iteration (``inverse_with_info`` without its record)."""
+        return self.inverse_with_info(y, max_iter, tol, init)[0]
 
-    @property
-    def last_inverse_info(self) -> InverseInfo | None:
-        """Iterations, residual and convergence of the last ``inverse``."""
-        return self.attention.last_inverse_info
+    def inverse_with_info(self, y: Tensor, max_iter: int | None = None,
+                          tol: float | None = None, init: Tensor | None = None
+                          ) -> tuple[Tensor, InverseInfo]:
+        """(x, iterations, residual and convergence of the run): x from y by fixed-point
+        iteration (defaults from the config); ``init`` (an image batch like x) continues an
+        earlier run instead of starting at x_0 = y."""
+        init_u = None if init is None else self.squeeze(init)[0]
+        u, info = self.attention.inverse_with_info(y, max_iter=max_iter, tol=tol, init=init_u)
+        return self.squeeze.inverse(u), info
 
     def jacobian_norm(self, x: Tensor, num_iterations: int = 20,
                       generator: torch.Generator | None = None) -> Tensor:

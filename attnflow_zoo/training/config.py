@@ -32,9 +32,11 @@ class TrainConfig(TrainingSettings):
         log_every: log training metrics every this many steps.
         eval_every: validation bits/dim (and a sample grid) every this many steps and at the
             end; None: only at the end. The held-out (test) split is scored at the end only.
-        validation: the validation split carved out of the training images (seeded by ``seed``):
-            a fraction in (0, 1) or a count ≥ 1 of images, 0 for none. It picks the ``best``
-            checkpoint; the held-out split never does.
+        validation_fraction: the validation split carved out of the training images (seeded
+            by ``seed``), as a fraction of them in [0, 1) (at least one image when > 0; 0: no
+            split). It picks the ``best`` checkpoint; the held-out split never does.
+        validation_images: the split as a number of images ≥ 0 instead (0: no split); None:
+            ``validation_fraction`` decides.
         eval_batch_size: batch size of the held-out evaluation (part of its noise stream).
         eval_seed: seed of the held-out evaluation's dequantisation noise.
         seed: seed of shuffling, augmentation and dequantisation noise.
@@ -47,7 +49,9 @@ class TrainConfig(TrainingSettings):
             checkpoint and ``run.json`` (status finished, ``stop_reason`` "max_seconds").
             None: no budget.
 
-    An older run's ``amp`` (CUDA autocast) is read as ``precision`` (``from_dict``).
+    An older run's ``amp`` (CUDA autocast) is read as ``precision``, and its ``validation`` (a
+    fraction below 1, a count from 1 up) as these two fields (``from_dict``,
+    ``settings.validation_split``).
     """
 
     warmup_steps: int = 200
@@ -57,7 +61,8 @@ class TrainConfig(TrainingSettings):
     keep_checkpoints: int = 2
     log_every: int = 50
     eval_every: int | None = None
-    validation: float = 0.02
+    validation_fraction: float = 0.02
+    validation_images: int | None = None
     eval_batch_size: int = 256
     eval_seed: int = 0
     seed: int = 0
@@ -76,14 +81,22 @@ class TrainConfig(TrainingSettings):
         for name in ("warmup_steps", "min_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if not (math.isfinite(self.validation) and self.validation >= 0) or (
-                self.validation >= 1 and self.validation != int(self.validation)):
-            raise ConfigError(f"validation must be a fraction in (0, 1), a whole count ≥ 1 or 0, "
-                              f"got {self.validation}")
+        self._check_validation()
         if self.max_seconds is not None and not (math.isfinite(self.max_seconds)
                                                  and self.max_seconds > 0):
             raise ConfigError(f"max_seconds must be a positive number of seconds (or None), got "
                               f"{self.max_seconds}")
+
+    def _check_validation(self) -> None:
+        fraction, images = self.validation_fraction, self.validation_images
+        if not (isinstance(fraction, int | float) and not isinstance(fraction, bool)
+                and 0 <= fraction < 1):
+            raise ConfigError(f"validation_fraction must be a fraction in [0, 1), got "
+                              f"{fraction!r}; give a number of images as validation_images")
+        if images is not None and not (isinstance(images, int) and not isinstance(images, bool)
+                                       and images >= 0):
+            raise ConfigError(f"validation_images must be a whole number ≥ 0 (or None), got "
+                              f"{images!r}")
 
     def total_steps(self, num_train: int) -> int:
         """The run's length in optimizer steps on ``num_train`` training images: ``steps``, or
@@ -94,11 +107,11 @@ class TrainConfig(TrainingSettings):
 
     def validation_count(self, num_images: int) -> int:
         """How many of ``num_images`` training images the validation split takes."""
-        if self.validation == 0:
+        if self.validation_images is not None:
+            return self.validation_images
+        if self.validation_fraction == 0:
             return 0
-        if self.validation < 1:
-            return max(1, round(self.validation * num_images))
-        return int(self.validation)
+        return max(1, round(self.validation_fraction * num_images))
 
     @classmethod
     def from_dict(cls, settings: dict[str, Any]) -> TrainConfig:
@@ -128,14 +141,16 @@ def check_device(config: TrainConfig, device: torch.device) -> None:
 RESUME_FREE = frozenset({"steps", "epochs", "total_steps", "checkpoint_every",
                          "keep_checkpoints", "log_every", "eval_every", "max_nonfinite",
                          "eval_limit", "max_seconds", "compile"})
+_CARVED = ("the validation images were carved out of the training images, so another split "
+           "would train on them")
 #: Settings a resumed run can never change, and why.
 RESUME_LOCKED = {
     "batch_size": "step s trains on images s·B … (s+1)·B of its epoch's shuffle, so another "
                   "batch size would re-show some images and skip others",
     "seed": "the seed draws the validation split out of the training images, so another seed "
             "would train on validation images",
-    "validation": "the validation images were carved out of the training images, so another "
-                  "split would train on them",
+    "validation_fraction": _CARVED,
+    "validation_images": _CARVED,
 }
 
 

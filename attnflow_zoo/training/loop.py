@@ -140,7 +140,7 @@ def fit(model: nn.Module, train_data: Tensor | str | os.PathLike[str], config: T
     Args:
         model: the model; trained in place (its raw, non-EMA weights).
         train_data: uint8 images N×C×H×W, or a dataset name/folder (its train split; held-out
-            data then defaults to its held-out split). ``config.validation`` images are carved
+            data then defaults to its held-out split). ``config.validation_count`` images are carved
             out of it (seeded) to choose ``best/``.
         config: the ``TrainConfig``.
         eval_data: uint8 held-out images, scored at the end only (never used to choose).

@@ -61,10 +61,6 @@ class Plan:
         return tuple(factory.meta_build(self.entry.model_cls, registry.entry_config(
             self.entry, **self.model_overrides)).input_shape)
 
-    def with_config(self, **changes: Any) -> Plan:
-        """The plan with ``TrainConfig`` fields changed (checked again)."""
-        return dataclasses.replace(self, config=self.config.replace(**changes))
-
 
 def plan(preset: str, *, world_size: int | None = None,
          model_overrides: dict[str, Any] | None = None, **overrides: Any) -> Plan:

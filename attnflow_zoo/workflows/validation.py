@@ -223,9 +223,8 @@ def _invert(model: InvertibilityValidator, x_test: Tensor, batch_size: int, coun
                 if done[b] >= max_iter or bool((residuals[b] <= tol).all()):
                     continue
                 init = None if current[b] is None else current[b].to(device)
-                current[b] = model.inverse(y, max_iter=max_iter - done[b], init=init).cpu()
-                info = model.last_inverse_info
-                assert info is not None
+                x, info = model.inverse_with_info(y, max_iter=max_iter - done[b], init=init)
+                current[b] = x.cpu()
                 residuals[b] = info.residual_per_sample
                 done[b] += info.iterations
         seconds += time.perf_counter() - start
