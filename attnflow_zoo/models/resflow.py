@@ -35,7 +35,10 @@ class ResFlowConfig:
         num_scales, blocks_per_scale, hidden_channels: 3, 16, 512 on CIFAR-10 (the paper).
         coeff: soft spectral-norm target c of the block convolutions (0.9).
         attention: dot | embedded | gaussian | concat | none, after the first scale's blocks.
-        attention_lipschitz: "faithful" or "certified" (see ``ResidualAttention``).
+        attention_lipschitz: "certified" (Lip(g) ≤ 0.9 on every input, so the block inverts and
+            its log-det series converges) or "faithful" (the published branch, for
+            reproduction: at random initialisation dot and concat are not contractive, and a
+            density model built with them is not invertible); see ``ResidualAttention``.
         logdet: "series" (the paper: power series, biased), "roulette" (unbiased) or "exact"
             (brute-force Jacobians; tests / tiny models).
         num_series_terms, num_probes: of the estimators (5 terms, 1 probe).
@@ -52,7 +55,7 @@ class ResFlowConfig:
     hidden_channels: int = 512
     coeff: float = 0.9
     attention: str = "concat"
-    attention_lipschitz: str = "faithful"
+    attention_lipschitz: str = "certified"
     logdet: str = "series"
     num_series_terms: int = 5
     num_probes: int = 1
@@ -273,13 +276,13 @@ IRESNET_RECIPE = Recipe(
 @register_model(ResFlow, recipe=IRESNET_RECIPE)
 def resflow_concat_cifar10() -> ResFlowConfig:
     """i-ResNet (3×16 blocks, 512 channels) + concat residual attention, CIFAR-10 (Zha et al.)."""
-    return ResFlowConfig(attention="concat")
+    return ResFlowConfig(attention="concat", attention_lipschitz="certified")
 
 
 @register_model(ResFlow, recipe=IRESNET_RECIPE)
 def resflow_dot_cifar10() -> ResFlowConfig:
     """i-ResNet (3×16 blocks, 512 channels) + dot residual attention, CIFAR-10 (Zha et al.)."""
-    return ResFlowConfig(attention="dot")
+    return ResFlowConfig(attention="dot", attention_lipschitz="certified")
 
 
 @register_model(ResFlow, recipe=TINY_RECIPE)
