@@ -143,9 +143,13 @@ def test_ctrl_c_stops_a_long_command_within_seconds(tiny: Path, tmp_path: Path,
                                                     command: str) -> None:
     args, started = _commands(tiny, tmp_path)[command]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The command as a terminal starts it: with Ctrl-C's default action. A suite started in
+    # the background (`pytest ... &` in a script) has SIGINT ignored, and a child inherits
+    # that; Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-c", "from attnflow_cli.main import main; main()",
                              *args], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(240, proc.kill)  # a command that never says it started
     watchdog.start()
     seen = []
