@@ -139,19 +139,26 @@ def load_digits() -> tuple[Tensor, Tensor]:
     return train, test
 
 
+def family_recipe(family: Family, **changes: Any):
+    """The recipe of the family's recipe preset with its overrides (and ``changes``)."""
+    from attnflow_zoo import registry
+
+    recipe = registry.get_entry(family.recipe_preset).recipe
+    return recipe.replace(**{**family.recipe_overrides, **changes})
+
+
 def train_config(family: Family, images: int, seed: int):
     """The family's recipe as a ``TrainConfig``, its steps set by the image budget."""
     from attnflow_zoo.training import recipes
 
-    recipe = recipes.apply_overrides(recipes.recipe_of(family.recipe_preset),
-                                     family.recipe_overrides)
+    recipe = family_recipe(family)
     batch = recipe.batch_size
     if images % batch:
         raise SystemExit(f"--images {images} is not a multiple of {family.label}'s batch {batch}")
     return recipes.config_from_recipe(
-        recipes.apply_overrides(recipe, {"steps": images // batch}), seed=seed,
-        validation_fraction=0, eval_every=None, checkpoint_every=images // batch,
-        keep_checkpoints=1, log_every=max(1, images // batch // 5))
+        recipe.replace(steps=images // batch), seed=seed, validation_fraction=0,
+        eval_every=None, checkpoint_every=images // batch, keep_checkpoints=1,
+        log_every=max(1, images // batch // 5))
 
 
 class Peer(nn.Module):
@@ -357,9 +364,7 @@ def run_one(key: str, seed: int, args: argparse.Namespace) -> dict:
 def _recipe_text(family: Family, steps: int) -> str:
     from attnflow_zoo.training import recipes
 
-    recipe = recipes.apply_overrides(recipes.recipe_of(family.recipe_preset),
-                                     {**family.recipe_overrides, "steps": steps})
-    return f"{family.recipe_preset}'s: " + recipes.summary(recipe)
+    return f"{family.recipe_preset}'s: " + recipes.summary(family_recipe(family, steps=steps))
 
 
 # --- speed ---------------------------------------------------------------------------------------
