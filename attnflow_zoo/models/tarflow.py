@@ -353,39 +353,46 @@ TARFLOW_IMAGENET64_RECIPE = _adamw(
     warmup_images=1_281_167, batch_size=256, epochs=100)
 
 
+#: What every zoo preset sets beyond ml-tarflow's architecture: a soft cap c = 4 on the blocks'
+#: log-scales (every inverse step amplifies by less than e^4 ≈ 55, as the other families'
+#: bounds). The head bias keeps the default zero init (every block the identity at init): with
+#: the bound it trained better than ml-tarflow's (README, "TarFlow against the real ml-tarflow").
+_ZOO_CHOICES: dict[str, object] = {"log_scale_bound": 4.0}
+
+
 @register_model(TarFlow, recipe=TARFLOW_TINY_RECIPE)
 def tarflow_tiny() -> TarFlowConfig:
     """TarFlow, tiny: 3×8×8, P=2 (16 tokens of 12), width 16, 2 blocks × 2 layers (tests)."""
     return TarFlowConfig(image_size=8, in_channels=3, patch_size=2, width=16, num_blocks=2,
-                         layers_per_block=2, head_dim=8, expansion=2)
+                         layers_per_block=2, head_dim=8, expansion=2, **_ZOO_CHOICES)
 
 
 @register_model(TarFlow, recipe=TARFLOW_DIGITS_RECIPE)
 def tarflow_digits() -> TarFlowConfig:
     """TarFlow on the embedded digits 1×32×32: P=4 (64 tokens), width 128, 4 blocks × 2 layers."""
     return TarFlowConfig(image_size=32, in_channels=1, patch_size=4, width=128, num_blocks=4,
-                         layers_per_block=2, head_dim=32)
+                         layers_per_block=2, head_dim=32, **_ZOO_CHOICES)
 
 
 @register_model(TarFlow, recipe=TARFLOW_CIFAR10_SMALL_RECIPE)
 def tarflow_cifar10_small() -> TarFlowConfig:
     """TarFlow on CIFAR-10 32×32, small: P=2 (256 tokens), width 256, 4 blocks × 4 layers."""
     return TarFlowConfig(image_size=32, in_channels=3, patch_size=2, width=256, num_blocks=4,
-                         layers_per_block=4)
+                         layers_per_block=4, **_ZOO_CHOICES)
 
 
 @register_model(TarFlow, recipe=TARFLOW_CIFAR10_RECIPE)
 def tarflow_cifar10() -> TarFlowConfig:
     """TarFlow on CIFAR-10 32×32: the paper's ImageNet-64 shape (P=2, width 768, 8 × 8)."""
     return TarFlowConfig(image_size=32, in_channels=3, patch_size=2, width=768, num_blocks=8,
-                         layers_per_block=8)
+                         layers_per_block=8, **_ZOO_CHOICES)
 
 
 @register_model(TarFlow, recipe=TARFLOW_IMAGENET64_RECIPE)
 def tarflow_imagenet64() -> TarFlowConfig:
     """TarFlow on ImageNet 64×64 (the paper's bits/dim model): P=2, width 768, 8 blocks × 8."""
     return TarFlowConfig(image_size=64, in_channels=3, patch_size=2, width=768, num_blocks=8,
-                         layers_per_block=8)
+                         layers_per_block=8, **_ZOO_CHOICES)
 
 
 # Class-conditional sample-quality entries: Gaussian noise augmentation (in the zoo's model
