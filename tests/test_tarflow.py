@@ -211,7 +211,7 @@ def test_checkpoint_without_the_bound_key_loads_unbounded_bit_for_bit(tmp_path) 
     import warnings
 
     assert az.TarFlowConfig().log_scale_bound is None
-    old = _model(dtype=torch.float32, scale=0.1, log_scale_bound=None)
+    old = _model(dtype=torch.float32, scale=0.05, log_scale_bound=None)
     old.save_pretrained(tmp_path)
     cfg_path = tmp_path / "config.json"
     payload = json.loads(cfg_path.read_text())
