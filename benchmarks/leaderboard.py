@@ -35,7 +35,7 @@ Every finished run is appended to ``--log`` (JSON lines) at once, so a killed ru
         --log runs/leaderboard.jsonl --marscf-dir ../mar-scf --mltarflow-dir ../ml-tarflow \\
         --sample-quality benchmarks/sample_quality.py          # the README's leaderboard
     OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --families tarflow mltarflow \\
-        tarflow_peerinit --images 12800 --seeds 0 1 2 3 4 --rounds 0 \\
+        tarflow_uniform tarflow_main --images 12800 --seeds 0 1 2 3 4 5 6 --rounds 0 \\
         --log runs/tarflow_vs_peer.jsonl                       # issue 21 5(c), longer
     python benchmarks/leaderboard.py --from-log runs/leaderboard.jsonl
 """
@@ -120,6 +120,16 @@ FAMILIES: dict[str, Family] = {
         note="their Model at tarflow_digits' shape (their MetaBlock given head_dim 32 at build "
              "time); FD of their trained weights converted by `attnflow convert`'s "
              "convert_ml_tarflow (log-density difference in the row); issue 21 5(c)"),
+    "tarflow_main": Family(
+        "TarFlow with main's defaults before the bound", "zoo", "tarflow_digits",
+        {"log_scale_bound": None, "head_bias_init": "zero"}, diagnostic=True,
+        note="the digits preset as it was before log_scale_bound and head_bias_init: unbounded "
+             "log-scales, zero head bias (every block the identity at init); issue 21 5(c)"),
+    "tarflow_uniform": Family(
+        "TarFlow, bounded, ml-tarflow's head-bias init", "zoo", "tarflow_digits",
+        {"head_bias_init": "uniform"}, diagnostic=True,
+        note="the digits preset (its log-scale bound) with ml-tarflow's initialisation: the same "
+             "seed draws ml-tarflow's initial weights; issue 21 5(c)"),
     "tarflow_peerinit": Family(
         "TarFlow from ml-tarflow's initialisation", "zoo", "tarflow_digits", init_from="mltarflow",
         diagnostic=True,
@@ -139,19 +149,26 @@ def load_digits() -> tuple[Tensor, Tensor]:
     return train, test
 
 
+def family_recipe(family: Family, **changes: Any):
+    """The recipe of the family's recipe preset with its overrides (and ``changes``)."""
+    from attnflow_zoo import registry
+
+    recipe = registry.get_entry(family.recipe_preset).recipe
+    return recipe.replace(**{**family.recipe_overrides, **changes})
+
+
 def train_config(family: Family, images: int, seed: int):
     """The family's recipe as a ``TrainConfig``, its steps set by the image budget."""
     from attnflow_zoo.training import recipes
 
-    recipe = recipes.apply_overrides(recipes.recipe_of(family.recipe_preset),
-                                     family.recipe_overrides)
+    recipe = family_recipe(family)
     batch = recipe.batch_size
     if images % batch:
         raise SystemExit(f"--images {images} is not a multiple of {family.label}'s batch {batch}")
     return recipes.config_from_recipe(
-        recipes.apply_overrides(recipe, {"steps": images // batch}), seed=seed,
-        validation_fraction=0, eval_every=None, checkpoint_every=images // batch,
-        keep_checkpoints=1, log_every=max(1, images // batch // 5))
+        recipe.replace(steps=images // batch), seed=seed, validation_fraction=0,
+        eval_every=None, checkpoint_every=images // batch, keep_checkpoints=1,
+        log_every=max(1, images // batch // 5))
 
 
 class Peer(nn.Module):
@@ -357,9 +374,7 @@ def run_one(key: str, seed: int, args: argparse.Namespace) -> dict:
 def _recipe_text(family: Family, steps: int) -> str:
     from attnflow_zoo.training import recipes
 
-    recipe = recipes.apply_overrides(recipes.recipe_of(family.recipe_preset),
-                                     {**family.recipe_overrides, "steps": steps})
-    return f"{family.recipe_preset}'s: " + recipes.summary(recipe)
+    return f"{family.recipe_preset}'s: " + recipes.summary(family_recipe(family, steps=steps))
 
 
 # --- speed ---------------------------------------------------------------------------------------
@@ -520,7 +535,7 @@ def tarflow_vs_peer(rows: list[dict]) -> str:
     initialisation against theirs)."""
     theirs = {r["seed"]: r["held_out_bpd"] for r in rows if r["family"] == "mltarflow"}
     lines = []
-    for key in ("tarflow", "tarflow_peerinit"):
+    for key in ("tarflow", "tarflow_uniform", "tarflow_main", "tarflow_peerinit"):
         ours = {r["seed"]: r["held_out_bpd"] for r in rows if r["family"] == key}
         seeds = sorted(set(ours) & set(theirs))
         if len(seeds) < 2:
@@ -588,8 +603,9 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> None:
         rows, timing_event, _ = read_log(args.log)
         done = {(r["family"], r["seed"]) for r in rows}
         timed = timing_event is not None
-    cost = {"marscf": 9, "resflow": 5, "mltarflow": 3, "tarflow": 3, "itrans": 2, "imap": 1.5,
-            "marflow": 1}  # longest first: the two job slots end together
+    # longest first: the two job slots end together
+    cost = {"marscf": 9, "resflow": 5, "mltarflow": 3, "tarflow": 3, "tarflow_main": 3,
+            "tarflow_uniform": 3, "itrans": 2, "imap": 1.5, "marflow": 1}
     jobs = [(k, s) for s in args.seeds for k in args.families if (k, s) not in done]
     jobs.sort(key=lambda j: -cost.get(j[0], 1))
     if args.rounds and not timed:

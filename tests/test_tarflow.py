@@ -200,3 +200,36 @@ def test_class_conditional_guidance_and_label_dropout() -> None:
     no_null = _model("tarflow_cond_tiny", class_dropout=0.0)
     with pytest.raises(ConfigError, match="label dropout"):
         no_null.generate(2, y=1, guidance=2.0)
+
+
+def test_checkpoint_without_the_bound_key_loads_unbounded_bit_for_bit(tmp_path) -> None:
+    """A config.json from before ``log_scale_bound`` and ``head_bias_init`` (and any converted
+    ml-tarflow weights) meant ml-tarflow's unbounded log-scales: it loads as None, and density
+    and samples are the saved model's bit for bit. The same weights under the preset's bound
+    compute something else (so the comparison can fail)."""
+    import json
+    import warnings
+
+    assert az.TarFlowConfig().log_scale_bound is None
+    old = _model(dtype=torch.float32, scale=0.05, log_scale_bound=None)
+    old.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    payload = json.loads(cfg_path.read_text())
+    for key in ("log_scale_bound", "head_bias_init"):
+        del payload["config"][key]
+    cfg_path.write_text(json.dumps(payload))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = az.load_model(tmp_path).eval()
+    assert loaded.config.log_scale_bound is None and loaded.config.head_bias_init == "zero"
+    bounded = az.create_model("tarflow_tiny").eval()
+    assert bounded.config.log_scale_bound == 4.0
+    bounded.load_state_dict(old.state_dict())
+    x = _x(old, 3).float()
+    g = torch.Generator()
+    with torch.no_grad():
+        assert torch.equal(loaded.log_density(x), old.log_density(x))
+        samples = old.generate(3, generator=g.manual_seed(0))
+        assert torch.isfinite(samples).all()
+        assert torch.equal(loaded.generate(3, generator=g.manual_seed(0)), samples)
+        assert not torch.equal(bounded.log_density(x), old.log_density(x))

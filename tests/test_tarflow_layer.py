@@ -3,11 +3,15 @@ token order, the cached inverse equal to the cache-free one (guidance included),
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from attnflow_zoo.errors import ShapeError
+from attnflow_zoo.core import soft_cap
+from attnflow_zoo.errors import ConfigError, ShapeError
 from attnflow_zoo.layers.tarflow import Guidance, TarFlowBlock
 from attnflow_zoo.precision import autocast_for
 from attnflow_zoo.testing import (
@@ -22,13 +26,19 @@ T, D, W = 5, 3, 16
 
 
 def _block(reverse: bool = False, affine: bool = True, dtype: torch.dtype = torch.float64,
-           seed: int = 0) -> TarFlowBlock:
+           seed: int = 0, bound: float | None = None) -> TarFlowBlock:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         block = TarFlowBlock(D, T, W, num_layers=2, head_dim=8, expansion=2, reverse=reverse,
-                             affine=affine)
+                             affine=affine, log_scale_bound=bound)
     perturb_parameters(block, 0.05, torch.Generator().manual_seed(seed + 1))
     return block.to(dtype).eval()
+
+
+#: A bound small enough that the soft cap bends the perturbed blocks' log-scales (a raw a
+#: of 0.05 is capped to 0.0381): the checks below then test the bounded map, not the identity
+#: of the cap on a ≤ 0.
+BOUND = 0.05
 
 
 def _tokens(b: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> Tensor:
@@ -53,11 +63,25 @@ class _Flat(nn.Module):
 CASES = [(False, True), (True, True), (False, False)]
 
 
+def _raw_scale_shift(block: TarFlowBlock, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(raw a, b) of the head, shifted one token, computed here without ``scale_shift``: the
+    unbounded map as ml-tarflow writes it."""
+    h = block.proj_in(block.permute(x)) + block.positions()
+    for layer in block.layers:
+        h = layer(h)
+    out = F.pad(block.proj_out(h)[:, :-1], (0, 0, 1, 0))
+    return out[..., :D], out[..., D:]
+
+
 @pytest.mark.parametrize(("reverse", "affine"), CASES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_round_trip_and_logdet(reverse: bool, affine: bool, batch: int) -> None:
-    block = _block(reverse, affine)
+@pytest.mark.parametrize("bound", [None, BOUND])
+def test_round_trip_and_logdet(reverse: bool, affine: bool, batch: int,
+                               bound: float | None) -> None:
+    block = _block(reverse, affine, bound=bound)
     x = _tokens(batch)
+    if bound is not None and affine:  # the cap is active: some raw a lies well above c/2
+        assert _raw_scale_shift(block, x)[0].max() > bound
     check_invertible(block, x)
     check_invertible(block.float(), x.float(), atol=1e-5)
     block.double()
@@ -91,8 +115,10 @@ def test_jacobian_is_block_triangular_in_token_order(reverse: bool) -> None:
 
 
 @pytest.mark.parametrize(("reverse", "affine"), CASES)
-def test_cached_inverse_equals_cache_free_inverse(reverse: bool, affine: bool) -> None:
-    block = _block(reverse, affine)
+@pytest.mark.parametrize("bound", [None, BOUND])
+def test_cached_inverse_equals_cache_free_inverse(reverse: bool, affine: bool,
+                                                  bound: float | None) -> None:
+    block = _block(reverse, affine, bound=bound)
     z = _tokens(3, seed=5)
     context = torch.randn(3, W, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     null = torch.randn(3, W, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
@@ -179,3 +205,63 @@ def test_attention_maps_are_causal_in_the_block_order() -> None:
         upper = torch.ones(T, T, dtype=torch.bool).triu(1)
         future = upper.T if reverse else upper
         assert maps[0][:, future].abs().max() == 0
+
+
+def test_unbounded_block_is_ml_tarflows_map_bit_for_bit() -> None:
+    """``log_scale_bound`` None: (a, b) are the head's raw output and z = (u − b)·exp(−a),
+    logdet = −Σa exactly (torch.equal); the bound changes a (so the comparison can fail)."""
+    x = _tokens(3, seed=12)
+    for reverse in (False, True):
+        block = _block(reverse)
+        a, b = _raw_scale_shift(block, x)
+        got_a, got_b = block.conditioner(block.permute(x))
+        assert torch.equal(got_a, a) and torch.equal(got_b, b)
+        z, logdet = block(x)
+        assert torch.equal(z, block.permute((block.permute(x) - b) * torch.exp(-a)))
+        assert torch.equal(logdet, -a.contiguous().sum((1, 2)))
+        bounded = _block(reverse, bound=BOUND)
+        capped, _ = bounded.conditioner(bounded.permute(x))
+        assert torch.equal(capped, soft_cap(a, BOUND)) and not torch.equal(capped, a)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_bounded_inverse_stays_finite_for_an_adversarial_head(reverse: bool) -> None:
+    """A head whose log-scale output is huge (bias +200, weights ×100): the unbounded inverse
+    overflows in float32 (exp(a) > 3.4e38, and a grows with the tokens it produced), while every
+    bounded step amplifies z by at most e^c: the result is finite and each token's
+    |u_t − b_t| ≤ e^c·|z_t|."""
+    z = _tokens(64, torch.float32, seed=13) * 3
+    results = {}
+    for bound in (None, 4.0):
+        block = _block(reverse, dtype=torch.float32, bound=bound)
+        with torch.no_grad():
+            block.proj_out.weight[:D].mul_(100.0)
+            block.proj_out.bias[:D].fill_(200.0)
+        results[bound] = block.inverse(z), block
+    assert not torch.isfinite(results[None][0]).all()
+    x, block = results[4.0]
+    assert torch.isfinite(x).all()
+    u = block.permute(x)
+    a, b = block.conditioner(u)
+    assert a.max() <= 4.0  # = c where tanh rounds to 1 in float32
+    assert ((u - b).abs() <= math.exp(4.0) * block.permute(z).abs() * (1 + 1e-5)).all()
+
+
+def test_bound_and_head_bias_init_are_checked_and_the_init_draws_with_the_weights() -> None:
+    """Both head-bias inits draw the same weights from one seed (the bias is drawn by
+    nn.Linear either way): they differ in the head bias only, zero or U(±1/√W)."""
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ConfigError, match="log_scale_bound"):
+            TarFlowBlock(D, T, W, num_layers=1, head_dim=8, log_scale_bound=bad)
+    with pytest.raises(ConfigError, match="head_bias_init"):
+        TarFlowBlock(D, T, W, num_layers=1, head_dim=8, head_bias_init="normal")
+    blocks = {}
+    for init in ("zero", "uniform"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(5)
+            blocks[init] = TarFlowBlock(D, T, W, num_layers=1, head_dim=8, head_bias_init=init)
+    zero, uniform = (blocks[k].state_dict() for k in ("zero", "uniform"))
+    assert [k for k in zero if not torch.equal(zero[k], uniform[k])] == ["proj_out.bias"]
+    bias = uniform["proj_out.bias"]
+    assert torch.equal(zero["proj_out.bias"], torch.zeros_like(bias))
+    assert 0 < bias.abs().max() <= W ** -0.5 and bias.abs().min() > 0

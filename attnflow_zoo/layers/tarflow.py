@@ -14,7 +14,17 @@ log-determinant. ``forward`` is one parallel pass (a causal mask); ``inverse`` r
 by token, u_t = z_t ⊙ exp(a_t) + b_t, each step one token's pass through the transformer
 (``tarflow_step.TokenStep``) with the keys and values of the earlier tokens read from a
 preallocated ``KVCache`` (no module holds sampling state; the cache is an argument). W_out
-starts at zero, so every block starts as the identity.
+starts at zero; its bias at zero too (every block starts as the identity) or, as ml-tarflow
+leaves it, at PyTorch's default U(±1/√W) (``head_bias_init``).
+
+**Decision** (``log_scale_bound`` c): ml-tarflow's a is unbounded (c = None, the default of
+this class), and in the inverse it feeds back on itself: u_t = z_t·exp(a_t) + b_t enters the
+residual stream of the next token's pass linearly (W_in u_t; no norm after the last layer), so
+a_{t+1} can grow with u_t, and u_{t+1} with exp(a_{t+1}): nothing keeps a sample finite. With
+c > 0, a = ``core.soft_cap``(raw, c) < c (raw ≤ 0 as it is, c·tanh(raw/c) above), one rule
+(``tarflow_step.scale_shift``) for the parallel pass, both inverses and the log-determinant:
+every inverse step amplifies z_t by at most e^c, which breaks the loop; where a ≤ 0 or a ≪ c
+the map is ml-tarflow's.
 
 Guidance (``Guidance``) mixes, at each inverse step, the (a, b) of this pass with those of a
 second, unguided pass: a ← a + w(a − a_u), b ← b + w(b − b_u), the unguided pass running with
@@ -31,11 +41,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core import ConditionalInvertibleModule
-from ..errors import ConfigError, ShapeError
+from ..core import ConditionalInvertibleModule, check_bound
+from ..errors import ConfigError, ShapeError, check_choice
 from ..guidance import guide
 from ..precision import compute_dtype, full_precision, upcast
 from .tarflow_step import TokenStep, scale_shift
+
+#: How the output head's bias starts: "zero" (every block the identity) or "uniform"
+#: (PyTorch's default U(±1/√W), drawn with the rest of the weights: ml-tarflow's init).
+HEAD_BIAS_INITS = ("zero", "uniform")
 
 
 class KVCache:
@@ -180,6 +194,10 @@ class TarFlowBlock(ConditionalInvertibleModule):
         reverse: π reverses the token order (ml-tarflow: every odd block).
         affine: a non-zero log-scale a (ml-tarflow's "nvp"); False: a = 0, a shift only
             (volume preserving).
+        log_scale_bound: c of the soft-capped log-scale a < c (module doc), or None for
+            ml-tarflow's unbounded a.
+        head_bias_init: ``HEAD_BIAS_INITS``: "zero" (identity at init) or "uniform" (the
+            bias keeps nn.Linear's draw, as in ml-tarflow; W_out is zero either way).
 
     Context: an optional B×W vector added to every token's input embedding (a class
     embedding); for each context the block is a bijection.
@@ -187,8 +205,11 @@ class TarFlowBlock(ConditionalInvertibleModule):
 
     def __init__(self, token_dim: int, num_tokens: int, width: int, num_layers: int,
                  head_dim: int = 64, expansion: int = 4, reverse: bool = False,
-                 affine: bool = True) -> None:
+                 affine: bool = True, log_scale_bound: float | None = None,
+                 head_bias_init: str = "zero") -> None:
         super().__init__()
+        check_bound("log_scale_bound", log_scale_bound)
+        check_choice("head_bias_init", head_bias_init, HEAD_BIAS_INITS)
         if num_tokens < 2 or token_dim < 1 or num_layers < 1:
             raise ConfigError(f"a TarFlow block needs ≥ 2 tokens, token_dim ≥ 1 and ≥ 1 layer; "
                               f"got T={num_tokens}, d={token_dim}, {num_layers} layers")
@@ -196,6 +217,7 @@ class TarFlowBlock(ConditionalInvertibleModule):
         self.num_tokens = num_tokens
         self.reverse = reverse
         self.affine = affine
+        self.log_scale_bound = log_scale_bound
         self.proj_in = nn.Linear(token_dim, width)
         # Scaled in place: on the meta device an out-of-place product runs a Python kernel
         # whose first use imports torch._dynamo (seconds, in `attnflow models`).
@@ -203,8 +225,12 @@ class TarFlowBlock(ConditionalInvertibleModule):
         self.layers = nn.ModuleList(TransformerLayer(width, head_dim, expansion)
                                     for _ in range(num_layers))
         self.proj_out = nn.Linear(width, token_dim * (2 if affine else 1))
-        nn.init.zeros_(self.proj_out.weight)  # identity at init: a = b = 0
-        nn.init.zeros_(self.proj_out.bias)
+        nn.init.zeros_(self.proj_out.weight)  # (a, b) = the bias at init
+        if head_bias_init == "zero":  # identity at init: a = b = 0
+            nn.init.zeros_(self.proj_out.bias)
+
+    def extra_repr(self) -> str:
+        return f"log_scale_bound={self.log_scale_bound}"
 
     # --- shared pieces ----------------------------------------------------------------------
     def permute(self, x: Tensor) -> Tensor:
@@ -222,7 +248,7 @@ class TarFlowBlock(ConditionalInvertibleModule):
 
     def _scale_shift(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """(a, b) of the head's output for the NEXT token, in float32 (float64 models: 64)."""
-        return scale_shift(upcast(self.proj_out(h)), self.affine)
+        return scale_shift(upcast(self.proj_out(h)), self.affine, self.log_scale_bound)
 
     def conditioner(self, u: Tensor, context: Tensor | None = None,
                     temperature: float = 1.0) -> tuple[Tensor, Tensor]:

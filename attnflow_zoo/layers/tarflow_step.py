@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..core import soft_cap
 from ..precision import upcast
 
 
@@ -47,13 +48,16 @@ def _linear(module: torch.nn.Linear) -> tuple[Tensor, Tensor]:
     return module.bias, module.weight.t()
 
 
-def scale_shift(out: Tensor, affine: bool) -> tuple[Tensor, Tensor]:
+def scale_shift(out: Tensor, affine: bool, bound: float | None = None
+                ) -> tuple[Tensor, Tensor]:
     """(a, b) of a block's head output (…×2d: a then b; …×d and a = 0 for a volume-preserving
-    block), as views."""
+    block). With ``bound`` c the log-scale is soft-capped above, a = ``core.soft_cap``(raw, c)
+    (raw where raw ≤ 0, c·tanh(raw/c) above: a < c, so the inverse's exp(a) < e^c for any
+    input); ``bound`` None: a = raw, ml-tarflow's map (both halves are then views)."""
     if not affine:
         return torch.zeros_like(out), out
     d = out.shape[-1] // 2
-    return out[..., :d], out[..., d:]
+    return soft_cap(out[..., :d], bound), out[..., d:]
 
 
 def _norm(module: torch.nn.LayerNorm) -> tuple[Tensor, Tensor, float]:
@@ -82,6 +86,7 @@ class TokenStep:
         self.shape = (batch, heads, head_dim)
         self.scale = head_dim ** -0.5 / temperature
         self.affine = block.affine
+        self.bound = block.log_scale_bound
         self.embeddings = embeddings.unbind(0)
         self.proj_in = _linear(block.proj_in)
         self.layers = [
@@ -118,7 +123,7 @@ class TokenStep:
         h = self._attend(h, last, t)
         bias, w_out, w_fold = self.head
         out = upcast(torch.addmm(torch.addmm(bias, h, w_out), self._hidden(h, last), w_fold))
-        return scale_shift(out, self.affine)
+        return scale_shift(out, self.affine, self.bound)
 
     def _attend(self, h: Tensor, w: _LayerWeights, t: int) -> Tensor:
         """h + W_o·attention(LN₁(h)) at token t, writing its key and value into the cache."""

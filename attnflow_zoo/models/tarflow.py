@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from ..core import diag_normal_logpdf, randn_like_on
-from ..errors import ConfigError, ShapeError
+from ..core import check_bound, diag_normal_logpdf, randn_like_on
+from ..errors import ConfigError, ShapeError, check_choice
 from ..layers.reshape import patchify, unpatchify
-from ..layers.tarflow import Guidance, TarFlowBlock
+from ..layers.tarflow import HEAD_BIAS_INITS, Guidance, TarFlowBlock
 from ..registry import Recipe, register_model
 from .base import FlowModel, check_noise_std
 from .conditioning import ClassEmbedding, null_labels
@@ -55,6 +55,14 @@ class TarFlowConfig:
             trains on each label replaced by the learned "no class" row K with probability p
             (ml-tarflow's ``drop_label``, 0.1 in its README), so ``generate(..., guidance=w)``
             can guide; 0: no "no class" row, no classifier-free guidance.
+        log_scale_bound: c of every block's soft-capped log-scale, a = c·tanh(raw/c) where
+            raw > 0 (raw ≤ 0 as it is): each inverse step amplifies by less than e^c for any
+            input. None (the default: ml-tarflow's unbounded a) is what converted ml-tarflow
+            weights and checkpoints written before the key existed load as; the zoo's presets
+            set one. A Decision, see ``layers.tarflow``.
+        head_bias_init: the blocks' output-head bias at init, "zero" (default: every block the
+            identity) or "uniform" (PyTorch's U(±1/√width), drawn from the RNG that draws the
+            other weights: ml-tarflow's init, so a seed gives ml-tarflow's initial weights).
         noise_std: σ of the Gaussian noise the checkpoint was trained with, in model-space
             units (0: uniform dequantisation, a likelihood checkpoint; > 0: a sample-quality
             checkpoint whose bits/dim is not a discrete-data bits/dim). Set by training
@@ -74,6 +82,8 @@ class TarFlowConfig:
     data_scale: float = 2.0
     num_classes: int = 0
     class_dropout: float = 0.1
+    log_scale_bound: float | None = None
+    head_bias_init: str = "zero"
     noise_std: float = 0.0
 
     def __post_init__(self) -> None:
@@ -98,6 +108,8 @@ class TarFlowConfig:
         if self.num_classes < 0 or not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"num_classes must be ≥ 0 and class_dropout in [0, 1), got "
                               f"{self.num_classes} and {self.class_dropout!r}")
+        check_bound("log_scale_bound", self.log_scale_bound)
+        check_choice("head_bias_init", self.head_bias_init, HEAD_BIAS_INITS)
         check_noise_std(self.noise_std)
 
     @property
@@ -131,7 +143,8 @@ class TarFlow(FlowModel):
         cfg = config
         self.blocks = nn.ModuleList(
             TarFlowBlock(cfg.token_dim, cfg.num_tokens, cfg.width, cfg.layers_per_block,
-                         cfg.head_dim, cfg.expansion, reverse=k % 2 == 1, affine=cfg.affine)
+                         cfg.head_dim, cfg.expansion, reverse=k % 2 == 1, affine=cfg.affine,
+                         log_scale_bound=cfg.log_scale_bound, head_bias_init=cfg.head_bias_init)
             for k in range(cfg.num_blocks))
         self.prior_log_std = (nn.Parameter(torch.zeros(cfg.num_tokens, cfg.token_dim))
                               if cfg.prior == "learned" else None)
@@ -340,39 +353,46 @@ TARFLOW_IMAGENET64_RECIPE = _adamw(
     warmup_images=1_281_167, batch_size=256, epochs=100)
 
 
+#: What every zoo preset sets beyond ml-tarflow's architecture: a soft cap c = 4 on the blocks'
+#: log-scales (every inverse step amplifies by less than e^4 ≈ 55, as the other families'
+#: bounds). The head bias keeps the default zero init (every block the identity at init): with
+#: the bound it trained better than ml-tarflow's (README, "TarFlow against the real ml-tarflow").
+_ZOO_CHOICES: dict[str, object] = {"log_scale_bound": 4.0}
+
+
 @register_model(TarFlow, recipe=TARFLOW_TINY_RECIPE)
 def tarflow_tiny() -> TarFlowConfig:
     """TarFlow, tiny: 3×8×8, P=2 (16 tokens of 12), width 16, 2 blocks × 2 layers (tests)."""
     return TarFlowConfig(image_size=8, in_channels=3, patch_size=2, width=16, num_blocks=2,
-                         layers_per_block=2, head_dim=8, expansion=2)
+                         layers_per_block=2, head_dim=8, expansion=2, **_ZOO_CHOICES)
 
 
 @register_model(TarFlow, recipe=TARFLOW_DIGITS_RECIPE)
 def tarflow_digits() -> TarFlowConfig:
     """TarFlow on the embedded digits 1×32×32: P=4 (64 tokens), width 128, 4 blocks × 2 layers."""
     return TarFlowConfig(image_size=32, in_channels=1, patch_size=4, width=128, num_blocks=4,
-                         layers_per_block=2, head_dim=32)
+                         layers_per_block=2, head_dim=32, **_ZOO_CHOICES)
 
 
 @register_model(TarFlow, recipe=TARFLOW_CIFAR10_SMALL_RECIPE)
 def tarflow_cifar10_small() -> TarFlowConfig:
     """TarFlow on CIFAR-10 32×32, small: P=2 (256 tokens), width 256, 4 blocks × 4 layers."""
     return TarFlowConfig(image_size=32, in_channels=3, patch_size=2, width=256, num_blocks=4,
-                         layers_per_block=4)
+                         layers_per_block=4, **_ZOO_CHOICES)
 
 
 @register_model(TarFlow, recipe=TARFLOW_CIFAR10_RECIPE)
 def tarflow_cifar10() -> TarFlowConfig:
     """TarFlow on CIFAR-10 32×32: the paper's ImageNet-64 shape (P=2, width 768, 8 × 8)."""
     return TarFlowConfig(image_size=32, in_channels=3, patch_size=2, width=768, num_blocks=8,
-                         layers_per_block=8)
+                         layers_per_block=8, **_ZOO_CHOICES)
 
 
 @register_model(TarFlow, recipe=TARFLOW_IMAGENET64_RECIPE)
 def tarflow_imagenet64() -> TarFlowConfig:
     """TarFlow on ImageNet 64×64 (the paper's bits/dim model): P=2, width 768, 8 blocks × 8."""
     return TarFlowConfig(image_size=64, in_channels=3, patch_size=2, width=768, num_blocks=8,
-                         layers_per_block=8)
+                         layers_per_block=8, **_ZOO_CHOICES)
 
 
 # Class-conditional sample-quality entries: Gaussian noise augmentation (in the zoo's model
