@@ -247,6 +247,31 @@ def test_bounded_inverse_stays_finite_for_an_adversarial_head(reverse: bool) -> 
     assert ((u - b).abs() <= math.exp(4.0) * block.permute(z).abs() * (1 + 1e-5)).all()
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_guided_bounded_inverse_multiplies_by_at_most_e_to_the_bound(cached: bool) -> None:
+    """Guidance mixes a + w(a − a_u): each pass's a is below c, their mix need not be. The
+    guided step caps the mix as well, so every token still has |u_t − b_t| ≤ e^c·|z_t| with
+    (a_t, b_t) the mixed pair (recomputed here from the tokens the inverse produced)."""
+    bound, weight = 0.3, 8.0
+    block = _block(True, bound=bound)
+    with torch.no_grad():
+        block.proj_out.weight[:D].mul_(20.0)
+    z = _tokens(4, seed=14) * 3
+    guidance = Guidance(weight, attention_temperature=3.0)
+    inverse = block.inverse if cached else block.inverse_uncached
+    x = inverse(z, guidance=guidance)
+    u = block.permute(x)
+    a_g, b_g = block.conditioner(u)
+    a_u, b_u = block.conditioner(u, None, 3.0)
+    mixed_a = soft_cap(a_g + weight * (a_g - a_u), bound)
+    mixed_b = b_g + weight * (b_g - b_u)
+    assert torch.isfinite(x).all()
+    torch.testing.assert_close(u[:, 1:], block.permute(z)[:, 1:] * torch.exp(mixed_a[:, 1:])
+                               + mixed_b[:, 1:], rtol=1e-9, atol=1e-9)
+    assert ((u - mixed_b)[:, 1:].abs()
+            <= math.exp(bound) * block.permute(z)[:, 1:].abs() * (1 + 1e-9)).all()
+
+
 def test_bound_and_head_bias_init_are_checked_and_the_init_draws_with_the_weights() -> None:
     """Both head-bias inits draw the same weights from one seed (the bias is drawn by
     nn.Linear either way): they differ in the head bias only, zero or U(±1/√W)."""

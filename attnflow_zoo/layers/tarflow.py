@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core import ConditionalInvertibleModule, check_bound
+from ..core import ConditionalInvertibleModule, check_bound, soft_cap
 from ..errors import ConfigError, ShapeError, check_choice
 from ..guidance import guide
 from ..precision import compute_dtype, full_precision, upcast
@@ -302,6 +302,7 @@ class TarFlowBlock(ConditionalInvertibleModule):
             if unguided is not None:
                 a, b = guide((a, b), unguided(tokens[t], t),
                              guidance.weight_at(t + 1, self.num_tokens))
+                a = soft_cap(a, self.log_scale_bound)  # the mix may leave (−∞, c): bound it
             tokens.append(torch.addcmul(b, given[t + 1], torch.exp(a)))
         return tokens
 
@@ -342,6 +343,7 @@ class TarFlowBlock(ConditionalInvertibleModule):
                 a_u, b_u = (p[:, t] for p in self.conditioner(
                     known, guidance.context, guidance.attention_temperature))
                 a, b = guide((a, b), (a_u, b_u), guidance.weight_at(t, self.num_tokens))
+                a = soft_cap(a, self.log_scale_bound)
             tokens.append(v[:, t] * torch.exp(a) + b)
         return self.permute(torch.stack(tokens, 1))
 
