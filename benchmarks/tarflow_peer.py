@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import math
@@ -248,6 +249,13 @@ class _Contenders:
             self.fns["ours-plain-train-fp32"] = self._plain_step(ours, adamw(ours))
         self.fns["theirs-sample"] = lambda: _no_grad(lambda: theirs.reverse(self.noise.clone()))
         self.fns["ours-sample"] = lambda: _no_grad(lambda: ours.decode(self.noise.clone()))
+        if "ours-sample-bounded" in names:  # the same weights under the preset's log-scale bound
+            bounded = az.TarFlow(dataclasses.replace(ours.config,
+                                                     log_scale_bound=config.log_scale_bound))
+            bounded.load_state_dict(ours.state_dict())
+            bounded = bounded.to(device).eval()
+            self.fns["ours-sample-bounded"] = \
+                lambda: _no_grad(lambda: bounded.decode(self.noise.clone()))
         self.fns = {k: v for k, v in self.fns.items() if k in names}
 
     def _their_step(self, theirs: nn.Module, opt: torch.optim.Optimizer, precision: str
@@ -293,9 +301,11 @@ def _no_grad(fn: Callable[[], object]) -> object:
 PAIRS = [("train fp32", "ours-train-fp32", "theirs-train-fp32"),
          ("train bf16 (ours) / fp32 (theirs)", "ours-train-bf16", "theirs-train-fp32"),
          ("train bf16 / bf16", "ours-train-bf16", "theirs-train-bf16"),
-         ("sample fp32", "ours-sample", "theirs-sample")]
+         ("sample fp32", "ours-sample", "theirs-sample"),
+         ("sample fp32, ours with the preset's log-scale bound", "ours-sample-bounded",
+          "theirs-sample")]
 NAMES = ["theirs-train-fp32", "ours-train-fp32", "theirs-train-bf16", "ours-train-bf16",
-         "theirs-sample", "ours-sample"]
+         "theirs-sample", "ours-sample", "ours-sample-bounded"]
 
 
 def speed(tf: types.ModuleType, which: str, rounds: int, device: torch.device
@@ -360,7 +370,8 @@ def speed_table(which: str, times: dict[str, list[float]], mem: dict[str, dict])
     print("| | theirs, s | ours, s | ours/theirs | target |")
     print("|---|---|---|---|---|")
     targets = {"train fp32": "≤ 1.0", "train bf16 (ours) / fp32 (theirs)": "≤ 0.7",
-               "sample fp32": "≤ 0.5", "train bf16 / bf16": "-"}
+               "sample fp32": "≤ 0.5", "train bf16 / bf16": "-",
+               "sample fp32, ours with the preset's log-scale bound": "-"}
     for label, mine, their in PAIRS:
         ratio = [a / b for a, b in zip(times[mine], times[their], strict=True)]
         print(f"| {label} | {statistics.median(times[their]):.3f} | "
