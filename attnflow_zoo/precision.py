@@ -14,7 +14,7 @@ stay float64):
   under bf16 is good to ~1e-3 (tests/test_precision.py), not 1e-6;
 - iTrans's softmax, A·X₂ and its log-determinant (the LU runs in float64 in any case);
 - iMap's gate (cheap; its inverse recomputes it from an input equal only up to rounding);
-- on the CPU, TarFlow's causal attention (softmax(QKᵀ)V, its inputs upcast): PyTorch's bf16
+- on the CPU, softmax(QKᵀ)V of TarFlow's causal attention (``attention``): PyTorch's bf16
   attention kernels for the CPU are slower than its float32 ones (README, "TarFlow"); on
   CUDA it runs in the autocast dtype;
 - the conv-LSTM's cell state c and its gate nonlinearities (low-precision gate *convolutions*
@@ -32,6 +32,7 @@ import contextlib
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from .errors import ConfigError, check_choice
 from .settings import PRECISIONS
@@ -86,3 +87,13 @@ def compute_dtype(like: Tensor) -> torch.dtype:
             torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return like.dtype
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> Tensor:
+    """softmax(QKᵀ·scale)V (``F.scaled_dot_product_attention`` with ``kwargs``) under the rule:
+    in the autocast dtype on CUDA; on the CPU in float32 (inputs upcast, autocast off there),
+    since PyTorch's bf16 attention kernels for the CPU are slower than its float32 ones."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with full_precision(q):
+        return F.scaled_dot_product_attention(upcast(q), upcast(k), upcast(v), **kwargs)

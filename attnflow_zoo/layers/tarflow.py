@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from ..core import ConditionalInvertibleModule, check_bound, soft_cap
 from ..errors import ConfigError, ShapeError, check_choice
 from ..guidance import guide
-from ..precision import compute_dtype, full_precision, upcast
+from ..precision import attention, compute_dtype, upcast
 from .tarflow_step import TokenStep, scale_shift
 
 #: How the output head's bias starts: "zero" (every block the identity) or "uniform"
@@ -134,14 +134,7 @@ class CausalSelfAttention(nn.Module):
         """B×T×W -> B×T×W, every token at once (causal)."""
         b, t, width = h.shape
         q, k, v = self.heads(h)
-        if h.device.type == "cpu":  # float32 attention there (precision's rule, CPU)
-            with full_precision(h):
-                o = F.scaled_dot_product_attention(upcast(q), upcast(k), upcast(v),
-                                                   is_causal=True,
-                                                   scale=self.head_dim ** -0.5 / temperature)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               scale=self.head_dim ** -0.5 / temperature)
+        o = attention(q, k, v, is_causal=True, scale=self.head_dim ** -0.5 / temperature)
         return self.proj(o.transpose(1, 2).reshape(b, t, width))
 
     def weights(self, h: Tensor, temperature: float = 1.0) -> Tensor:
@@ -300,11 +293,17 @@ class TarFlowBlock(ConditionalInvertibleModule):
         for t in range(self.num_tokens - 1):
             a, b = step(tokens[t], t)
             if unguided is not None:
-                a, b = guide((a, b), unguided(tokens[t], t),
-                             guidance.weight_at(t + 1, self.num_tokens))
-                a = soft_cap(a, self.log_scale_bound)  # the mix may leave (−∞, c): bound it
+                a, b = self._guided((a, b), unguided(tokens[t], t),
+                                    guidance.weight_at(t + 1, self.num_tokens))
             tokens.append(torch.addcmul(b, given[t + 1], torch.exp(a)))
         return tokens
+
+    def _guided(self, ab: tuple[Tensor, Tensor], ab_unguided: tuple[Tensor, Tensor],
+                weight: float) -> tuple[Tensor, Tensor]:
+        """The guided (a, b) of one inverse step: ``guide``'s mix, its a capped again by the
+        bound (each pass's a is below c, their mix a + w(a − a_u) need not be)."""
+        a, b = guide(ab, ab_unguided, weight)
+        return soft_cap(a, self.log_scale_bound), b
 
     def _step_inputs(self, context: Tensor | None) -> Tensor:
         """What each step adds to W_in u_t: the position embeddings (and the context), T×W
@@ -342,8 +341,7 @@ class TarFlowBlock(ConditionalInvertibleModule):
             if guided:
                 a_u, b_u = (p[:, t] for p in self.conditioner(
                     known, guidance.context, guidance.attention_temperature))
-                a, b = guide((a, b), (a_u, b_u), guidance.weight_at(t, self.num_tokens))
-                a = soft_cap(a, self.log_scale_bound)
+                a, b = self._guided((a, b), (a_u, b_u), guidance.weight_at(t, self.num_tokens))
             tokens.append(v[:, t] * torch.exp(a) + b)
         return self.permute(torch.stack(tokens, 1))
 
