@@ -113,8 +113,8 @@ class TrainingSettings:
 
 def legacy_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Recorded or given settings in today's names: an older run's ``amp`` (CUDA autocast,
-    "none" = fp32) becomes ``precision``, its ``validation`` the split it meant
-    (``validation_split``)."""
+    "none" = fp32) becomes ``precision``; a one-number ``validation`` (an older run's, or the
+    CLI's option) the split it means (``validation_split``)."""
     out = dict(settings)
     if "amp" in out:
         amp = out.pop("amp")

@@ -127,7 +127,7 @@ def train(
     `torchrun --nproc_per_node G` it trains on G GPUs.
     """
     from attnflow_zoo.resources import use_threads
-    from attnflow_zoo.settings import legacy_settings, validation_split
+    from attnflow_zoo.settings import legacy_settings
     from attnflow_zoo.training import TrainingInterrupted, train_preset
     from attnflow_zoo.training.recipes import plan
     from attnflow_zoo.training.run import default_run_dir
@@ -140,10 +140,9 @@ def train(
              "checkpoint_every": checkpoint_every,
              "log_every": log_every, "eval_every": eval_every,
              "eval_batch_size": eval_batch_size, "seed": seed, "compile": compile,
-             "precision": precision, "amp": amp, "keep_checkpoints": keep_last}
+             "precision": precision, "amp": amp, "keep_checkpoints": keep_last,
+             "validation": validation}  # one number: a fraction below 1 or a count of images
     settings = legacy_settings({k: v for k, v in given.items() if v is not None})
-    if validation is not None:  # one number: a fraction below 1 or a count of images
-        settings.update(validation_split(validation))
     if ema_decay is not None:
         settings["ema_decay"] = ema_decay or None  # 0 disables the EMA
     resolved = plan(model, model_overrides=overrides, **settings)
