@@ -119,6 +119,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def on_build_device(t: Tensor) -> Tensor:
+    """``t`` moved to the device modules are being built on (``torch.get_default_device()``;
+    the meta device inside ``factory.meta_build``).
+
+    Constant buffers and initial factors are formed on the CPU and moved with this: the same
+    values wherever a model is built, and on the meta device no out-of-place op runs one of
+    torch's Python meta kernels (the first of which imports torch._dynamo: seconds of
+    ``attnflow models``)."""
+    return t.to(torch.get_default_device())
+
+
 def randn_like_on(shape: tuple[int, ...], like: Tensor,
                   generator: torch.Generator | None = None) -> Tensor:
     """N(0, 1) noise of ``shape`` on ``like``'s device and dtype, drawn on the generator's own

@@ -37,8 +37,9 @@ class ZooHubMixin(
     own, and a class-conditional model none (the Hub has no class-conditional image generation
     task).
 
-    The class's constructor takes one config dataclass, ``__init__(self, config: <Arch>Config)``
-    (or set the class attribute ``config_class``). The model's ``zoo_preset`` (the preset it
+    The class's constructor takes one config dataclass and the preset's name,
+    ``__init__(self, config: <Arch>Config, *, preset: str | None = None)`` (or set the class
+    attribute ``config_class``). The model's ``zoo_preset`` (the preset it
     was built with, ``models.base.ZooModel``) is saved in ``config.json`` so that a checkpoint
     knows which model card is its own.
     """

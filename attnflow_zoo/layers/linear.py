@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core import InvertibleModule
+from ..core import InvertibleModule, on_build_device
 from ..precision import full_precision
 
 
@@ -25,22 +25,19 @@ class InvConv1x1(InvertibleModule):
     def __init__(self, num_channels: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         c = num_channels
-        # The initial factors are computed on the CPU in float64 and then put on the default
-        # device: the same values wherever the model is built, and on the meta device (where
-        # `attnflow models` counts parameters) no decomposition runs through Python.
-        on = torch.get_default_device()
+        # The initial factors are computed on the CPU in float64 (``on_build_device``).
         cpu = {"device": "cpu"}
         rand = torch.randn(c, c, generator=generator, dtype=torch.float64, **cpu)
         p, lower, upper = torch.linalg.lu(torch.linalg.qr(rand)[0])
         s = torch.diagonal(upper)
         row, col = torch.arange(c, **cpu)[:, None], torch.arange(c, **cpu)
-        self.register_buffer("perm", p.float().to(on))
-        self.register_buffer("sign_s", torch.sign(s).float().to(on))
-        self.register_buffer("lower_mask", (row > col).float().to(on))
-        self.register_buffer("eye", (row == col).float().to(on))
-        self.lower = nn.Parameter(lower.float().to(on))
-        self.upper = nn.Parameter(torch.where(row < col, upper, 0.0).float().to(on))
-        self.log_s = nn.Parameter(torch.log(torch.abs(s)).float().to(on))
+        self.register_buffer("perm", on_build_device(p.float()))
+        self.register_buffer("sign_s", on_build_device(torch.sign(s).float()))
+        self.register_buffer("lower_mask", on_build_device((row > col).float()))
+        self.register_buffer("eye", on_build_device((row == col).float()))
+        self.lower = nn.Parameter(on_build_device(lower.float()))
+        self.upper = nn.Parameter(on_build_device(torch.where(row < col, upper, 0.0).float()))
+        self.log_s = nn.Parameter(on_build_device(torch.log(torch.abs(s)).float()))
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         lower = self.lower * self.lower_mask + self.eye

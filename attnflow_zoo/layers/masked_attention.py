@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core import InvertibleModule, check_bound, soft_cap
+from ..core import InvertibleModule, check_bound, on_build_device, soft_cap
 from ..errors import ConfigError, ShapeError, check_choice
 from ..precision import full_precision, upcast
 from .reshape import patchify, unpatchify
@@ -56,13 +56,11 @@ def checkerboard_mask(num_channels: int, height: int, width: int, parity: int = 
         raise ConfigError(f"mask parity must be 0 or 1, got {parity!r}")
     if min(num_channels, height, width) < 1:
         raise ConfigError(f"mask shape must be positive, got {num_channels}×{height}×{width}")
-    # Formed on the CPU and moved: an arange on the meta device (a preset built for its
-    # shapes) runs a Python decomposition whose first use imports torch._dynamo.
-    c = torch.arange(num_channels, device="cpu").view(-1, 1, 1)
-    i = torch.arange(height, device="cpu").view(1, -1, 1)
+    c = torch.arange(num_channels, device="cpu").view(-1, 1, 1)  # on the CPU, then moved
+    i = torch.arange(height, device="cpu").view(1, -1, 1)        # (``core.on_build_device``)
     j = torch.arange(width, device="cpu").view(1, 1, -1)
-    return ((c + i + j + parity) % 2).to(device=device or torch.get_default_device(),
-                                         dtype=dtype or torch.get_default_dtype())
+    mask = ((c + i + j + parity) % 2).to(dtype or torch.get_default_dtype())
+    return on_build_device(mask) if device is None else mask.to(device)
 
 
 def _check_shape(x: Tensor, shape: tuple[int, int, int], layer: str) -> None:
@@ -146,12 +144,12 @@ class IMap(InvertibleModule):
         self.parity = parity
         self.mixing = mixing
         mask = checkerboard_mask(num_channels, height, width, parity, device="cpu")
-        here = torch.get_default_device()  # counted on the CPU: see checkerboard_mask
-        self.register_buffer("mask", mask.to(here), persistent=False)
+        self.register_buffer("mask", on_build_device(mask), persistent=False)
         # Per-pixel count of unmasked channels and per-channel count of masked pixels: the
         # logdet weights, which differ from C/2 and H·W/2 when C or H·W is odd.
-        self.register_buffer("num_unmasked", (1 - mask).sum(0).to(here), persistent=False)
-        self.register_buffer("num_masked", mask.sum((1, 2)).to(here), persistent=False)
+        self.register_buffer("num_unmasked", on_build_device((1 - mask).sum(0)),
+                             persistent=False)
+        self.register_buffer("num_masked", on_build_device(mask.sum((1, 2))), persistent=False)
         num_mix = height * width if mixing == "spatial" else num_channels
         self.weight = nn.Parameter(torch.zeros((num_mix, num_mix) if mixing == "spatial"
                                                else (num_mix,)))
@@ -366,8 +364,8 @@ class ITrans(InvertibleModule):
         self.register_buffer("unmasked_index", order[:, : self.half_dim].contiguous(),
                              persistent=False)
         num_tokens = token_mask.shape[0]
-        eye = torch.eye(num_tokens, device="cpu")  # made on the CPU: see checkerboard_mask
-        self.register_buffer("eye", eye.to(torch.get_default_device()), persistent=False)
+        self.register_buffer("eye", on_build_device(torch.eye(num_tokens, device="cpu")),
+                             persistent=False)
         self.query = nn.Conv2d(num_channels, num_channels, 1, bias=False)
         self.key = nn.Conv2d(num_channels, num_channels, 1, bias=False)
         self.log_temperature = nn.Parameter(torch.tensor(0.5 * math.log(dim)))
